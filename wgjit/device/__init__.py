@@ -1,0 +1,80 @@
+"""The device room: one small interface to a WireGuard device, one backend per implementation.
+
+Backends: `uapi` (wireguard-go and other userspace implementations, via the UAPI unix socket)
+and, later, `netlink` (kernel WireGuard). Backends change one peer at a time (or a batch of
+removals) and never replace the whole peer list. Nothing here knows about stores or policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from wgjit.addr import Endpoint, IPNetwork
+from wgjit.keys import PresharedKey, PrivateKey, PublicKey
+
+
+class DeviceError(Exception):
+    """A device operation failed; the message names the interface and the operation."""
+
+
+class DeviceNotFound(DeviceError):
+    """The interface does not exist or is not a WireGuard device this backend can reach."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerState:
+    public_key: PublicKey
+    endpoint: Endpoint | None = None
+    allowed_ips: tuple[IPNetwork, ...] = ()
+    last_handshake: float | None = None  # unix seconds; None if never
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+    persistent_keepalive: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceState:
+    name: str
+    private_key: PrivateKey | None
+    listen_port: int
+    peers: dict[PublicKey, PeerState] = field(default_factory=dict)
+
+    @property
+    def public_key(self) -> PublicKey | None:
+        return self.private_key.public_key() if self.private_key else None
+
+
+@dataclass(frozen=True, slots=True)
+class PeerConfig:
+    """One peer change, explicit like wgctrl-go's PeerConfig.
+
+    Fields left as None are not touched. `allowed_ips`, when given, replaces that peer's list.
+    `update_only` makes the change a no-op if the peer is not on the device.
+    """
+
+    public_key: PublicKey
+    endpoint: Endpoint | None = None
+    allowed_ips: tuple[IPNetwork, ...] | None = None
+    preshared_key: PresharedKey | None = None
+    persistent_keepalive: int | None = None
+    update_only: bool = False
+
+
+class Device(Protocol):
+    name: str
+
+    def read(self) -> DeviceState:
+        """The device's keys, port and all peers."""
+        ...
+
+    def set_peer(self, config: PeerConfig) -> None:
+        """Add or update one peer; other peers are untouched."""
+        ...
+
+    def remove_peers(self, keys: Iterable[PublicKey]) -> None:
+        """Remove these peers in as few operations as the backend allows; absent keys are ignored."""
+        ...
+
+    def close(self) -> None: ...
