@@ -7,9 +7,11 @@ by public key, advances the anti-replay high-water mark atomically, and exposes 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from types import TracebackType
+from typing import Protocol, Self
 
 from wgjit.addr import IPNetwork
 from wgjit.keys import PresharedKey, PublicKey
@@ -27,6 +29,29 @@ class DuplicatePeer(StoreError):
 
 class UnknownPeer(StoreError):
     pass
+
+
+class InvalidPeerName(StoreError):
+    pass
+
+
+class ChangeFeedExpired(StoreError):
+    """A change-feed cursor can no longer be followed: the changes after it were pruned (the
+    reader fell more than a day behind) or the store was replaced. Resynchronise: take
+    `change_cursor()`, then `lookup()` every key you hold."""
+
+
+PEER_NAME_CHARS = "letters, digits, '.', '_', '@' and '-'"
+_PEER_NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
+
+
+def validate_peer_name(name: str) -> str:
+    """Return `name` if it is 1-64 of [A-Za-z0-9._@-]; raise InvalidPeerName otherwise."""
+    if not isinstance(name, str) or not _PEER_NAME.fullmatch(name):
+        raise InvalidPeerName(
+            f"invalid peer name {name!r}: use 1-64 characters, only {PEER_NAME_CHARS}"
+        )
+    return name
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +85,7 @@ class Store(Protocol):
         allowed_ips: tuple[IPNetwork, ...],
         preshared_key: PresharedKey | None = None,
     ) -> Peer:
-        """Raises DuplicatePeer if the name or the key exists."""
+        """Raises DuplicatePeer if the name or the key exists, InvalidPeerName for a bad name."""
         ...
 
     def get_peer(self, name: str) -> Peer | None: ...
@@ -72,7 +97,7 @@ class Store(Protocol):
     def list_peers(self) -> list[Peer]: ...
 
     def revoke(self, name: str) -> Peer:
-        """Mark revoked; raises UnknownPeer."""
+        """Mark revoked (revoking twice is fine); raises UnknownPeer."""
         ...
 
     def remove(self, name: str) -> Peer:
@@ -94,14 +119,31 @@ class Store(Protocol):
 
     def changes_since(self, cursor: int) -> tuple[list[PublicKey], int]:
         """Public keys of peers added, changed, revoked or removed after `cursor` (deduplicated),
-        and the new cursor. Cheap when nothing changed: the gateway calls it every ~0.5 s."""
+        and the new cursor. Cheap when nothing changed: the gateway calls it every ~0.5 s.
+        Handshake bookkeeping (advance_handshake, record_handshakes) is not a change.
+        Raises ChangeFeedExpired if `cursor` can no longer be followed (see there)."""
         ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Idempotent; any later call raises StoreError."""
+        ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Closes the store."""
+        ...
 
 
 def open_store(url: str) -> Store:
-    """Open a store by URL: `sqlite:///abs/path.db`, `sqlite:relative.db` or a plain path."""
+    """Open a store by URL: `sqlite:///abs/path.db`, `sqlite:relative.db` or a plain path.
+
+    Raises StoreError (with a one-line reason) if it cannot be opened or created."""
     from wgjit.store.sqlite import SQLiteStore, path_from_url
 
     if url.startswith(("postgres://", "postgresql://")):

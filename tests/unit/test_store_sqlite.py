@@ -1,0 +1,577 @@
+"""SQLite store: peers, anti-replay marks, change feed, migrations, files and errors."""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from wgjit.addr import parse_networks
+from wgjit.keys import PresharedKey, PrivateKey, PublicKey
+from wgjit.store import (
+    ChangeFeedExpired,
+    DuplicatePeer,
+    Handshake,
+    InvalidPeerName,
+    StoreError,
+    UnknownPeer,
+    open_store,
+)
+from wgjit.store import sqlite as sqlite_mod
+from wgjit.store.sqlite import LOOKUP_SQL, MIGRATIONS, SQLiteStore, path_from_url
+
+NETS = parse_networks("100.65.0.2/32,fd00:65::2/128")
+
+
+def tai64n(seconds: int, nanos: int = 0) -> bytes:
+    return struct.pack(">QI", 2**62 + seconds, nanos)
+
+
+def new_key() -> PublicKey:
+    return PrivateKey.generate().public_key()
+
+
+def raw(path: Path) -> sqlite3.Connection:
+    """A plain connection, as another process (or an administrator) would have."""
+    return sqlite3.connect(path, isolation_level=None, timeout=5)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "peers.db"
+
+
+@pytest.fixture
+def store(db: Path) -> Iterator[SQLiteStore]:
+    with SQLiteStore(db) as s:
+        yield s
+
+
+# -- peers ---------------------------------------------------------------------------------------
+
+
+def test_add_get_lookup_list(store: SQLiteStore) -> None:
+    ka, kb = new_key(), new_key()
+    before = time.time()
+    a = store.add_peer("alice", ka, NETS)
+    store.add_peer("bob", kb, parse_networks("100.65.0.3/32"))
+    assert a.name == "alice" and a.public_key == ka and a.allowed_ips == NETS
+    assert not a.revoked and a.preshared_key is None
+    assert a.last_seen is None and a.handshake_hwm is None
+    assert before <= a.created_at == a.updated_at <= time.time()
+
+    assert store.get_peer("alice") == a
+    assert store.lookup(ka) == a
+    assert store.lookup(new_key()) is None
+    assert store.get_peer("carol") is None
+    assert [p.name for p in store.list_peers()] == ["alice", "bob"]
+    assert store.list_peers()[1].public_key == kb
+
+
+def test_list_sorted_by_name_and_empty(store: SQLiteStore) -> None:
+    assert store.list_peers() == []
+    for name in ["zed", "alice", "mike"]:
+        store.add_peer(name, new_key(), NETS)
+    assert [p.name for p in store.list_peers()] == ["alice", "mike", "zed"]
+
+
+def test_no_allowed_ips_round_trips(store: SQLiteStore) -> None:
+    k = new_key()
+    store.add_peer("empty", k, ())
+    peer = store.lookup(k)
+    assert peer is not None and peer.allowed_ips == ()
+
+
+def test_preshared_key_round_trips(store: SQLiteStore, db: Path) -> None:
+    psk = PresharedKey.generate()
+    k = new_key()
+    store.add_peer("alice", k, NETS, psk)
+    with SQLiteStore(db) as other:
+        peer = other.lookup(k)
+    assert peer is not None and peer.preshared_key == psk
+    assert peer.preshared_key.raw == psk.raw
+
+
+def test_duplicate_name(store: SQLiteStore) -> None:
+    store.add_peer("alice", new_key(), NETS)
+    cursor = store.change_cursor()
+    with pytest.raises(DuplicatePeer, match=r"^peer 'alice' already exists$"):
+        store.add_peer("alice", new_key(), NETS)
+    assert len(store.list_peers()) == 1
+    assert store.change_cursor() == cursor  # the failed insert left no trace
+
+
+def test_duplicate_key(store: SQLiteStore) -> None:
+    k = new_key()
+    store.add_peer("bob", k, NETS)
+    with pytest.raises(DuplicatePeer) as e:
+        store.add_peer("alice", k, NETS)
+    assert str(e.value) == f"public key {k.short()}... is already used by peer 'bob'"
+    assert store.get_peer("alice") is None
+
+
+@pytest.mark.parametrize("name", ["a", "A" * 64, "alice@laptop.example-1_x", "-", "1.2"])
+def test_valid_names(store: SQLiteStore, name: str) -> None:
+    assert store.add_peer(name, new_key(), NETS).name == name
+
+
+@pytest.mark.parametrize(
+    "name", ["", "a" * 65, "with space", "tab\t", "new\nline", "sl/ash", "ünï", "a'b", "a,b"]
+)
+def test_invalid_names(store: SQLiteStore, name: str) -> None:
+    with pytest.raises(InvalidPeerName, match=r"letters, digits, '\.', '_', '@' and '-'"):
+        store.add_peer(name, new_key(), NETS)
+    assert issubclass(InvalidPeerName, StoreError)
+    assert store.list_peers() == []
+
+
+def test_revoke(store: SQLiteStore) -> None:
+    k = new_key()
+    added = store.add_peer("alice", k, NETS)
+    revoked = store.revoke("alice")
+    assert revoked.revoked and revoked.updated_at >= added.updated_at
+    assert revoked.created_at == added.created_at
+    again = store.revoke("alice")  # idempotent
+    assert again == revoked
+    peer = store.lookup(k)
+    assert peer is not None and peer.revoked
+
+
+def test_revoke_and_remove_unknown(store: SQLiteStore) -> None:
+    with pytest.raises(UnknownPeer, match=r"^no peer named 'ghost'$"):
+        store.revoke("ghost")
+    with pytest.raises(UnknownPeer, match=r"^no peer named 'ghost'$"):
+        store.remove("ghost")
+    assert store.change_cursor() == 0
+
+
+def test_remove(store: SQLiteStore) -> None:
+    k = new_key()
+    added = store.add_peer("alice", k, NETS)
+    assert store.remove("alice") == added
+    assert store.lookup(k) is None and store.get_peer("alice") is None
+    with pytest.raises(UnknownPeer):
+        store.remove("alice")
+    store.add_peer("alice", k, NETS)  # name and key are free again
+
+
+def test_lookup_is_an_indexed_point_query(store: SQLiteStore, db: Path) -> None:
+    plan = " ".join(
+        str(row[-1]) for row in raw(db).execute("EXPLAIN QUERY PLAN " + LOOKUP_SQL, (b"x" * 32,))
+    )
+    assert "SEARCH peers USING INDEX peers_by_key (public_key=?)" in plan
+
+
+# -- handshakes ----------------------------------------------------------------------------------
+
+
+def test_advance_handshake_is_monotonic(store: SQLiteStore) -> None:
+    k = new_key()
+    store.add_peer("alice", k, NETS)
+    assert store.advance_handshake(Handshake(k, tai64n(1000, 500), 10.0))
+    assert not store.advance_handshake(Handshake(k, tai64n(1000, 500), 11.0))  # equal: replay
+    assert not store.advance_handshake(Handshake(k, tai64n(1000, 499), 12.0))  # lower
+    assert not store.advance_handshake(Handshake(k, tai64n(999, 10**9 - 1), 12.0))
+    peer = store.lookup(k)
+    assert peer is not None and peer.handshake_hwm == tai64n(1000, 500) and peer.last_seen == 10.0
+
+    assert store.advance_handshake(Handshake(k, tai64n(1000, 501), 13.0))  # higher
+    assert store.advance_handshake(Handshake(k, tai64n(1001, 0), 14.0))
+    peer = store.lookup(k)
+    assert peer is not None and peer.handshake_hwm == tai64n(1001, 0) and peer.last_seen == 14.0
+    assert peer.updated_at == peer.created_at  # bookkeeping is not an administrative change
+
+
+def test_advance_handshake_unknown_key_and_bad_timestamp(store: SQLiteStore) -> None:
+    assert not store.advance_handshake(Handshake(new_key(), tai64n(1), 1.0))
+    k = new_key()
+    store.add_peer("alice", k, NETS)
+    with pytest.raises(ValueError, match="12 bytes"):
+        store.advance_handshake(Handshake(k, b"short", 1.0))
+
+
+def test_advance_handshake_is_atomic_across_threads_and_connections(db: Path) -> None:
+    k = new_key()
+    stores = [SQLiteStore(db), SQLiteStore(db)]
+    stores[0].add_peer("alice", k, NETS)
+    wins: list[int] = []
+    lock = threading.Lock()
+
+    def race(s: SQLiteStore) -> None:
+        for t in range(200):
+            if s.advance_handshake(Handshake(k, tai64n(t), float(t))):
+                with lock:
+                    wins.append(t)
+
+    threads = [threading.Thread(target=race, args=(stores[i % 2],)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s in stores:
+        s.close()
+    assert len(wins) == len(set(wins))  # no timestamp accepted twice
+    assert max(wins) == 199
+
+
+def test_record_handshakes_batch(store: SQLiteStore) -> None:
+    ka, kb, kc = new_key(), new_key(), new_key()
+    store.add_peer("a", ka, NETS)
+    store.add_peer("b", kb, NETS)
+    store.add_peer("c", kc, NETS)
+    assert store.advance_handshake(Handshake(kc, tai64n(500), 5.0))
+    cursor = store.change_cursor()
+    store.record_handshakes(
+        h
+        for h in [
+            Handshake(ka, tai64n(100), 1.0),
+            Handshake(kb, tai64n(200), 2.0),
+            Handshake(ka, tai64n(300), 3.0),
+            Handshake(ka, tai64n(250), 4.0),  # lower than the one before: ignored
+            Handshake(kc, tai64n(400), 6.0),  # lower than the stored mark: ignored
+            Handshake(new_key(), tai64n(1), 7.0),  # unknown key: ignored
+        ]
+    )
+    store.record_handshakes([])
+    marks = {p.name: (p.handshake_hwm, p.last_seen) for p in store.list_peers()}
+    assert marks == {
+        "a": (tai64n(300), 3.0),
+        "b": (tai64n(200), 2.0),
+        "c": (tai64n(500), 5.0),
+    }
+    assert store.changes_since(cursor) == ([], cursor)
+
+
+# -- change feed ---------------------------------------------------------------------------------
+
+
+def test_change_feed(store: SQLiteStore) -> None:
+    assert store.change_cursor() == 0
+    assert store.changes_since(0) == ([], 0)
+    ka, kb = new_key(), new_key()
+
+    store.add_peer("alice", ka, NETS)
+    keys, c1 = store.changes_since(0)
+    assert keys == [ka] and c1 == store.change_cursor() > 0
+    assert store.changes_since(c1) == ([], c1)
+
+    store.add_peer("bob", kb, NETS)
+    store.revoke("alice")
+    keys, c2 = store.changes_since(c1)
+    assert keys == [kb, ka] and c2 > c1
+
+    store.revoke("alice")  # already revoked: nothing changed
+    store.advance_handshake(Handshake(kb, tai64n(5), 1.0))
+    store.record_handshakes([Handshake(kb, tai64n(6), 2.0)])
+    assert store.changes_since(c2) == ([], c2)
+
+    store.remove("bob")
+    keys, c3 = store.changes_since(c2)
+    assert keys == [kb] and c3 > c2
+
+    # deduplicated, ordered by latest change; an old cursor sees everything since then
+    keys, c = store.changes_since(0)
+    assert sorted(k.raw for k in keys) == sorted([ka.raw, kb.raw]) and c == c3
+    assert keys == [ka, kb]
+
+
+def test_change_feed_direct_updates(store: SQLiteStore, db: Path) -> None:
+    """Triggers, not the Python code, feed the feed: edits by other tools are seen too."""
+    k, k2 = new_key(), new_key()
+    store.add_peer("alice", k, NETS)
+    c = store.change_cursor()
+    conn = raw(db)
+    conn.execute("UPDATE peers SET last_seen = 5, handshake_hwm = zeroblob(12)")
+    assert store.changes_since(c) == ([], c)
+    conn.execute("UPDATE peers SET allowed_ips = '10.0.0.0/8'")
+    keys, c = store.changes_since(c)
+    assert keys == [k]
+    conn.execute("UPDATE peers SET allowed_ips = '10.0.0.0/8'")  # same value: no change
+    assert store.changes_since(c) == ([], c)
+    conn.execute("UPDATE peers SET public_key = ?", (k2.raw,))  # both keys are affected
+    keys, c = store.changes_since(c)
+    assert set(keys) == {k, k2}
+
+
+def test_change_feed_pruning(store: SQLiteStore, db: Path) -> None:
+    for i in range(3):
+        store.add_peer(f"p{i}", new_key(), NETS)
+    stale = store.change_cursor() - 2  # a reader that saw only the first change
+    conn = raw(db)
+    conn.execute("UPDATE peer_changes SET at = at - 2 * 86400")  # age them past retention
+    current = store.change_cursor()
+    k = new_key()
+    store.add_peer("fresh", k, NETS)  # a write prunes opportunistically
+    assert conn.execute("SELECT count(*) FROM peer_changes").fetchone()[0] == 1
+    # a reader that keeps up misses nothing; the cursor never goes back
+    assert store.changes_since(current) == ([k], current + 1)
+    assert store.change_cursor() == current + 1
+    # a reader a day behind is told, not silently fed an incomplete list
+    with pytest.raises(ChangeFeedExpired, match="pruned"):
+        store.changes_since(stale)
+    with pytest.raises(ChangeFeedExpired, match="ahead"):
+        store.changes_since(current + 5)
+
+
+def test_pruning_keeps_recent_entries(store: SQLiteStore, db: Path) -> None:
+    store.add_peer("old", new_key(), NETS)
+    store.add_peer("recent", new_key(), NETS)
+    conn = raw(db)
+    conn.execute("UPDATE peer_changes SET at = at - 2 * 86400 WHERE seq = 1")
+    # a clock step back: a later entry looks old, but it follows a recent one, so it stays
+    store.add_peer("clock-stepped", new_key(), NETS)
+    conn.execute("UPDATE peer_changes SET at = at - 2 * 86400 WHERE seq = 3")
+    store.revoke("old")
+    seqs = [r[0] for r in conn.execute("SELECT seq FROM peer_changes ORDER BY seq")]
+    assert seqs == [2, 3, 4]
+    keys, _ = store.changes_since(1)
+    assert len(keys) == 3
+
+
+def test_two_stores_see_each_others_writes(db: Path) -> None:
+    """The CLI and a running gateway: separate connections to one file."""
+    with SQLiteStore(db) as gateway, SQLiteStore(db) as cli:
+        cursor = gateway.change_cursor()
+        k = new_key()
+        cli.add_peer("alice", k, NETS)
+        peer = gateway.lookup(k)
+        assert peer is not None and peer.name == "alice"
+        keys, cursor = gateway.changes_since(cursor)
+        assert keys == [k]
+        assert gateway.advance_handshake(Handshake(k, tai64n(10), 1.0))
+        cli_view = cli.get_peer("alice")
+        assert cli_view is not None and cli_view.handshake_hwm == tai64n(10)
+        cli.revoke("alice")
+        keys, cursor = gateway.changes_since(cursor)
+        assert keys == [k]
+        peer = gateway.lookup(k)
+        assert peer is not None and peer.revoked
+
+
+def test_open_store_urls(tmp_path: Path) -> None:
+    with open_store(f"sqlite://{tmp_path}/a.db") as s:
+        s.add_peer("alice", new_key(), NETS)
+    with open_store(str(tmp_path / "a.db")) as s:
+        assert [p.name for p in s.list_peers()] == ["alice"]
+    with pytest.raises(StoreError, match="PostgreSQL"):
+        open_store("postgres://db/wgjit")
+
+
+# -- URLs ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "path"),
+    [
+        ("sqlite:///var/lib/wgjit/peers.db", "/var/lib/wgjit/peers.db"),
+        ("sqlite:////var/lib/wgjit/peers.db", "/var/lib/wgjit/peers.db"),
+        ("sqlite:peers.db", "peers.db"),
+        ("sqlite:data/peers.db", "data/peers.db"),
+        ("sqlite:/abs/peers.db", "/abs/peers.db"),
+        ("/var/lib/wgjit/peers.db", "/var/lib/wgjit/peers.db"),
+        ("peers.db", "peers.db"),
+        ("  ./peers.db\n", "peers.db"),
+    ],
+)
+def test_path_from_url(url: str, path: str) -> None:
+    assert path_from_url(url) == Path(path)
+
+
+def test_path_from_url_expands_home(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", "/home/op")
+    assert path_from_url("sqlite:~/peers.db") == Path("/home/op/peers.db")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "",
+        "sqlite:",
+        "sqlite://",
+        "sqlite://peers.db",
+        "sqlite:///",
+        "sqlite:///x.db?mode=ro",
+        "mysql://db/wgjit",
+        "postgresql://db/wgjit",
+        "file:///x.db",
+    ],
+)
+def test_path_from_url_refuses(url: str) -> None:
+    with pytest.raises(StoreError) as e:
+        path_from_url(url)
+    msg = str(e.value)
+    assert repr(url) in msg and "sqlite:///ABSOLUTE/PATH.db" in msg and "\n" not in msg
+
+
+# -- files, schema, errors -----------------------------------------------------------------------
+
+
+def test_file_and_directory_modes(db: Path, store: SQLiteStore) -> None:
+    store.add_peer("alice", new_key(), NETS, PresharedKey.generate())
+    assert stat.S_IMODE(db.stat().st_mode) == 0o600
+    assert stat.S_IMODE(db.parent.stat().st_mode) == 0o700
+    for side in db.parent.iterdir():  # -wal and -shm hold the same secrets
+        assert stat.S_IMODE(side.stat().st_mode) == 0o600, side
+
+
+def test_pragmas(store: SQLiteStore, db: Path) -> None:
+    conn = store._conn
+    assert conn is not None
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
+    assert raw(db).execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+
+
+def test_unwritable_location(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    target = blocker / "sub" / "peers.db"
+    with pytest.raises(StoreError) as e:
+        SQLiteStore(target)
+    assert str(e.value) == (
+        f"store {target} is not writable: {blocker} is not a directory;"
+        " choose another with --store or WGJIT_STORE"
+    )
+    with pytest.raises(StoreError, match="is not writable"):
+        open_store(f"sqlite://{blocker}/peers.db")
+
+
+def test_directory_as_store(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="is a directory"):
+        SQLiteStore(tmp_path)
+
+
+def test_relative_path_is_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with open_store("sqlite:rel/peers.db") as s:
+        assert isinstance(s, SQLiteStore) and s.path == tmp_path / "rel" / "peers.db"
+    assert (tmp_path / "rel" / "peers.db").is_file()
+
+
+def test_migrates_an_empty_database(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    conn = raw(empty)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 0
+    with SQLiteStore(empty) as s:
+        s.add_peer("alice", new_key(), NETS)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) >= 1
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"peers", "peer_changes"} <= tables
+
+
+def test_upgrade_runs_new_steps_in_one_transaction(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    SQLiteStore(db).close()
+    v = len(MIGRATIONS)
+    conn = raw(db)
+    # a failing step leaves the database exactly as it was
+    broken = [*MIGRATIONS, ("ALTER TABLE peers ADD COLUMN note TEXT", "THIS IS NOT SQL")]
+    monkeypatch.setattr(sqlite_mod, "MIGRATIONS", broken)
+    with pytest.raises(StoreError, match=f"upgrade its schema from version {v} to {v + 1}"):
+        SQLiteStore(db)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == v
+    assert "note" not in {r[1] for r in conn.execute("PRAGMA table_info(peers)")}
+
+    good = [*MIGRATIONS, ("ALTER TABLE peers ADD COLUMN note TEXT",)]
+    monkeypatch.setattr(sqlite_mod, "MIGRATIONS", good)
+    with SQLiteStore(db) as s:
+        s.add_peer("alice", new_key(), NETS)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == v + 1
+    assert "note" in {r[1] for r in conn.execute("PRAGMA table_info(peers)")}
+
+
+def test_refuses_a_newer_schema(db: Path) -> None:
+    SQLiteStore(db).close()
+    raw(db).execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    with pytest.raises(StoreError, match="created by a newer wgjit"):
+        SQLiteStore(db)
+
+
+def test_refuses_foreign_databases(tmp_path: Path) -> None:
+    other = tmp_path / "other.db"
+    raw(other).execute("CREATE TABLE invoices (id INTEGER)")
+    with pytest.raises(StoreError, match=r"other tables \(invoices\), not a wgjit store"):
+        SQLiteStore(other)
+    assert raw(other).execute("PRAGMA user_version").fetchone()[0] == 0
+
+    app = tmp_path / "app.db"
+    raw(app).execute("PRAGMA application_id = 1234")
+    with pytest.raises(StoreError, match="another application"):
+        SQLiteStore(app)
+
+
+def test_corrupted_file(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not an sqlite database, not at all" * 100)
+    with pytest.raises(StoreError, match="is damaged or not a wgjit store") as e:
+        SQLiteStore(junk)
+    assert "\n" not in str(e.value)
+
+
+def test_busy_database(db: Path) -> None:
+    with SQLiteStore(db, busy_timeout=0.1) as s:
+        k = new_key()
+        s.add_peer("alice", k, NETS)
+        holder = raw(db)
+        holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        try:
+            with pytest.raises(StoreError, match="is busy: another process kept it locked"):
+                s.add_peer("bob", new_key(), NETS)
+            with pytest.raises(StoreError, match="is busy"):
+                s.advance_handshake(Handshake(k, tai64n(1), 1.0))
+            assert s.lookup(k) is not None  # readers are not blocked (WAL)
+            assert s.changes_since(0)[0] == [k]
+        finally:
+            holder.execute("ROLLBACK")
+        s.add_peer("bob", new_key(), NETS)  # and the store is usable again
+
+
+def test_disk_full(store: SQLiteStore) -> None:
+    conn = store._conn
+    assert conn is not None
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages}")
+    with pytest.raises(StoreError, match="disk full"):
+        for i in range(1000):
+            store.add_peer(f"p{i}", new_key(), NETS, PresharedKey.generate())
+    assert not conn.in_transaction
+
+
+def test_closed_store_and_context_manager(db: Path) -> None:
+    with SQLiteStore(db) as s:
+        pass
+    with pytest.raises(StoreError, match="is closed"):
+        s.list_peers()
+    s.close()  # idempotent
+
+
+def test_threads_share_one_store(store: SQLiteStore) -> None:
+    errors: list[BaseException] = []
+
+    def work(n: int) -> None:
+        try:
+            for i in range(25):
+                k = new_key()
+                store.add_peer(f"t{n}-{i}", k, NETS)
+                assert store.lookup(k) is not None
+                store.advance_handshake(Handshake(k, tai64n(i), 1.0))
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(store.list_peers()) == 200
+    assert len(store.changes_since(0)[0]) == 200

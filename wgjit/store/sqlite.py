@@ -1,0 +1,501 @@
+"""SQLite peer store: one file shared by the CLI and running gateways (WAL, busy timeout,
+atomic anti-replay marks, a trigger-fed change feed, versioned schema migrations).
+It makes no policy decisions and never lets a sqlite3 exception escape: failures are StoreError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Self
+
+from wgjit.addr import InvalidAddress, IPNetwork, format_networks, parse_network
+from wgjit.keys import InvalidKey, PresharedKey, PublicKey
+from wgjit.store import (
+    ChangeFeedExpired,
+    DuplicatePeer,
+    Handshake,
+    Peer,
+    StoreError,
+    UnknownPeer,
+    validate_peer_name,
+)
+
+BUSY_TIMEOUT_S: Final = 5.0
+# change-feed entries older than this are pruned (gateways poll every second or so)
+CHANGE_RETENTION_S: Final = 86400.0
+APPLICATION_ID: Final = 0x776A6974  # "wjit" in PRAGMA application_id marks our files
+TAI64N_LEN: Final = 12
+
+URL_FORMS: Final = "sqlite:///ABSOLUTE/PATH.db, sqlite:RELATIVE/PATH.db or a plain file path"
+_HINT: Final = "choose another with --store or WGJIT_STORE"
+_OTHER_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+# current time as a Unix timestamp, computed by SQLite (sqlite 3.40 has no unixepoch('subsec'))
+_NOW_SQL: Final = "((julianday('now') - 2440587.5) * 86400.0)"
+
+# Each step is a list of statements run in order; the schema version (PRAGMA user_version) is
+# the number of steps applied. Never edit a released step: append a new one.
+MIGRATIONS: list[tuple[str, ...]] = [
+    # 1: peers with unique name and key (the key index makes lookup a point query), the change
+    #    feed and the triggers that fill it. Handshake bookkeeping (last_seen, handshake_hwm)
+    #    changes on every handshake and deliberately produces no feed entry.
+    (
+        """CREATE TABLE peers (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL,
+            public_key BLOB NOT NULL CHECK (length(public_key) = 32),
+            allowed_ips TEXT NOT NULL,
+            preshared_key BLOB CHECK (preshared_key IS NULL OR length(preshared_key) = 32),
+            revoked INTEGER NOT NULL DEFAULT 0 CHECK (revoked IN (0, 1)),
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            last_seen REAL,
+            handshake_hwm BLOB CHECK (handshake_hwm IS NULL OR length(handshake_hwm) = 12)
+        )""",
+        "CREATE UNIQUE INDEX peers_by_name ON peers (name)",
+        "CREATE UNIQUE INDEX peers_by_key ON peers (public_key)",
+        """CREATE TABLE peer_changes (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            public_key BLOB NOT NULL,
+            at REAL NOT NULL
+        )""",
+        f"""CREATE TRIGGER peers_feed_insert AFTER INSERT ON peers BEGIN
+            INSERT INTO peer_changes (public_key, at) VALUES (new.public_key, {_NOW_SQL});
+        END""",
+        f"""CREATE TRIGGER peers_feed_update
+            AFTER UPDATE OF name, allowed_ips, preshared_key, revoked, public_key ON peers
+            WHEN old.name IS NOT new.name
+              OR old.allowed_ips IS NOT new.allowed_ips
+              OR old.preshared_key IS NOT new.preshared_key
+              OR old.revoked IS NOT new.revoked
+              OR old.public_key IS NOT new.public_key
+        BEGIN
+            INSERT INTO peer_changes (public_key, at)
+                SELECT old.public_key, {_NOW_SQL} WHERE old.public_key IS NOT new.public_key;
+            INSERT INTO peer_changes (public_key, at) VALUES (new.public_key, {_NOW_SQL});
+        END""",
+        f"""CREATE TRIGGER peers_feed_delete AFTER DELETE ON peers BEGIN
+            INSERT INTO peer_changes (public_key, at) VALUES (old.public_key, {_NOW_SQL});
+        END""",
+    ),
+]
+
+_COLUMNS: Final = (
+    "name, public_key, allowed_ips, preshared_key, revoked, created_at, updated_at, last_seen,"
+    " handshake_hwm"
+)
+LOOKUP_SQL: Final = f"SELECT {_COLUMNS} FROM peers WHERE public_key = ?"
+_BY_NAME_SQL: Final = f"SELECT {_COLUMNS} FROM peers WHERE name = ?"
+# one statement: check-and-advance is atomic (TAI64N timestamps compare bytewise, as BLOBs do)
+_ADVANCE_SQL: Final = (
+    "UPDATE peers SET handshake_hwm = ?, last_seen = ?"
+    " WHERE public_key = ? AND (handshake_hwm IS NULL OR handshake_hwm < ?)"
+)
+_LAST_SEQ_SQL: Final = (
+    "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'peer_changes'), 0)"
+)
+# Prune only a prefix of the feed (by seq) that is entirely older than the cutoff, so the
+# retained entries are always a contiguous range [first, last]; a reader whose cursor is below
+# first-1 is detected (ChangeFeedExpired) instead of silently missing changes. The scan walks
+# only the entries it deletes (plus one), so it is cheap on every administrative write.
+_PRUNE_SQL: Final = (
+    "DELETE FROM peer_changes WHERE seq < coalesce("
+    "(SELECT seq FROM peer_changes WHERE at >= ? ORDER BY seq LIMIT 1),"
+    " (SELECT seq FROM sqlite_sequence WHERE name = 'peer_changes') + 1)"
+)
+
+# primary result codes (sqlite3.Error.sqlite_errorcode & 0xFF)
+_SQLITE_PERM, _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY = 3, 5, 6, 8
+_SQLITE_IOERR, _SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_CANTOPEN = 10, 11, 13, 14
+_SQLITE_AUTH, _SQLITE_NOTADB = 23, 26
+
+
+def path_from_url(url: str) -> Path:
+    """The database file a store URL names.
+
+    Accepted forms (surrounding whitespace is ignored, `~` is expanded):
+      `sqlite:///var/lib/wgjit/peers.db`  absolute path (file-URL style: three slashes)
+      `sqlite:peers.db`, `sqlite:data/peers.db`, `sqlite:/abs/peers.db`  path as written
+      `/var/lib/wgjit/peers.db`, `peers.db`  a plain path (no scheme)
+    `sqlite://peers.db` (two slashes) is refused: in URL syntax `peers.db` would be a host, and
+    SQLAlchemy reads `sqlite:///x` as relative while we read it as absolute, so guessing could
+    silently pick the wrong file. Query strings (`?...`) are refused for the same reason; the
+    path is used literally (no percent-decoding). Other schemes raise StoreError.
+    """
+    text = url.strip()
+    if text.startswith("sqlite:"):
+        rest = text[len("sqlite:") :]
+        if rest.startswith("//"):
+            rest = rest[2:]
+            if not rest.startswith("/"):
+                raise StoreError(
+                    f"store URL {url!r} is ambiguous: use sqlite:///ABSOLUTE/PATH.db for an"
+                    f" absolute path or sqlite:RELATIVE/PATH.db for a relative one"
+                )
+            rest = "/" + rest.lstrip("/")
+        if not rest or rest.endswith("/"):
+            raise StoreError(f"store URL {url!r} names no file; use {URL_FORMS}")
+        if "?" in rest or "#" in rest:
+            raise StoreError(
+                f"store URL {url!r} has query parameters, which are not supported; use {URL_FORMS}"
+            )
+        return Path(rest).expanduser()
+    if not text or _OTHER_SCHEME.match(text):
+        raise StoreError(f"unsupported store URL {url!r}; use {URL_FORMS}")
+    return Path(text).expanduser()
+
+
+class SQLiteStore:
+    """The Store protocol on one SQLite file. Thread-safe (one connection behind a lock);
+    several processes may open the same file at once."""
+
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = BUSY_TIMEOUT_S):
+        self.path = Path(os.path.abspath(Path(path).expanduser()))
+        self.busy_timeout = busy_timeout
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._prepare_file()
+        try:
+            conn = sqlite3.connect(
+                self.path,
+                timeout=busy_timeout,
+                isolation_level=None,  # autocommit; transactions are explicit BEGIN ... COMMIT
+                check_same_thread=False,  # shared by a gateway's threads, serialised by _lock
+            )
+        except sqlite3.Error as e:
+            raise self._error(e, "open it") from e
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000):d}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")  # durable enough in WAL mode, and fast
+            self._migrate(conn)
+        except sqlite3.Error as e:
+            conn.close()
+            raise self._error(e, "open it") from e
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._lock:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({str(self.path)!r})"
+
+    # -- peers --------------------------------------------------------------------------------
+
+    def add_peer(
+        self,
+        name: str,
+        public_key: PublicKey,
+        allowed_ips: tuple[IPNetwork, ...],
+        preshared_key: PresharedKey | None = None,
+    ) -> Peer:
+        validate_peer_name(name)
+        nets = tuple(allowed_ips)
+        now = time.time()
+        with self._write(f"add peer {name!r}") as conn:
+            if conn.execute("SELECT 1 FROM peers WHERE name = ?", (name,)).fetchone():
+                raise DuplicatePeer(f"peer {name!r} already exists")
+            row = conn.execute(
+                "SELECT name FROM peers WHERE public_key = ?", (public_key.raw,)
+            ).fetchone()
+            if row:
+                raise DuplicatePeer(
+                    f"public key {public_key.short()}... is already used by peer {row[0]!r}"
+                )
+            conn.execute(
+                "INSERT INTO peers (name, public_key, allowed_ips, preshared_key, revoked,"
+                " created_at, updated_at) VALUES (?, ?, ?, ?, 0, ?, ?)",
+                (
+                    name,
+                    public_key.raw,
+                    format_networks(nets),
+                    preshared_key.raw if preshared_key else None,
+                    now,
+                    now,
+                ),
+            )
+            self._prune(conn, now)
+        return Peer(name, public_key, nets, preshared_key, False, now, now)
+
+    def get_peer(self, name: str) -> Peer | None:
+        with self._op(f"read peer {name!r}") as conn:
+            row = conn.execute(_BY_NAME_SQL, (name,)).fetchone()
+        return self._peer(row) if row else None
+
+    def lookup(self, public_key: PublicKey) -> Peer | None:
+        with self._op("look up a peer") as conn:
+            row = conn.execute(LOOKUP_SQL, (public_key.raw,)).fetchone()
+        return self._peer(row) if row else None
+
+    def list_peers(self) -> list[Peer]:
+        with self._op("list peers") as conn:
+            rows = conn.execute(f"SELECT {_COLUMNS} FROM peers ORDER BY name").fetchall()
+        return [self._peer(r) for r in rows]
+
+    def revoke(self, name: str) -> Peer:
+        now = time.time()
+        with self._write(f"revoke peer {name!r}") as conn:
+            cur = conn.execute(
+                "UPDATE peers SET revoked = 1, updated_at = ? WHERE name = ? AND revoked = 0",
+                (now, name),
+            )
+            row = conn.execute(_BY_NAME_SQL, (name,)).fetchone()
+            if row is None:
+                raise UnknownPeer(f"no peer named {name!r}")
+            if cur.rowcount:
+                self._prune(conn, now)
+        return self._peer(row)
+
+    def remove(self, name: str) -> Peer:
+        now = time.time()
+        with self._write(f"remove peer {name!r}") as conn:
+            row = conn.execute(_BY_NAME_SQL, (name,)).fetchone()
+            if row is None:
+                raise UnknownPeer(f"no peer named {name!r}")
+            conn.execute("DELETE FROM peers WHERE name = ?", (name,))
+            self._prune(conn, now)
+        return self._peer(row)
+
+    # -- handshakes -----------------------------------------------------------------------------
+
+    def advance_handshake(self, hs: Handshake) -> bool:
+        ts = _timestamp(hs)
+        with self._op("record a handshake") as conn:
+            cur = conn.execute(_ADVANCE_SQL, (ts, hs.seen_at, hs.public_key.raw, ts))
+            return cur.rowcount == 1
+
+    def record_handshakes(self, handshakes: Iterable[Handshake]) -> None:
+        params = [(_timestamp(h), h.seen_at, h.public_key.raw, _timestamp(h)) for h in handshakes]
+        if not params:
+            return
+        with self._write(f"record {len(params)} handshakes") as conn:
+            conn.executemany(_ADVANCE_SQL, params)
+
+    # -- change feed ----------------------------------------------------------------------------
+
+    def change_cursor(self) -> int:
+        # the highest seq ever assigned (kept by AUTOINCREMENT even after pruning), not max(seq)
+        with self._op("read the change feed") as conn:
+            return int(conn.execute(_LAST_SEQ_SQL).fetchone()[0])
+
+    def changes_since(self, cursor: int) -> tuple[list[PublicKey], int]:
+        cursor = max(cursor, 0)
+        with self._read("read the change feed") as conn:
+            last = int(conn.execute(_LAST_SEQ_SQL).fetchone()[0])
+            if cursor == last:
+                return [], cursor
+            if cursor > last:
+                raise ChangeFeedExpired(
+                    f"change cursor {cursor} is ahead of store {self.path} (at {last}): the"
+                    " store was replaced or restored; resynchronise"
+                )
+            # seqs are assigned in commit order and only a prefix is ever pruned, so the feed
+            # is complete after `cursor` exactly when the oldest retained entry is <= cursor+1
+            first = conn.execute("SELECT min(seq) FROM peer_changes").fetchone()[0]
+            oldest = last + 1 if first is None else int(first)
+            if oldest > cursor + 1:
+                raise ChangeFeedExpired(
+                    f"changes after cursor {cursor} in store {self.path} were pruned (kept"
+                    f" {CHANGE_RETENTION_S / 3600:g} h); resynchronise"
+                )
+            rows = conn.execute(
+                "SELECT public_key, max(seq) AS s FROM peer_changes WHERE seq > ?"
+                " GROUP BY public_key ORDER BY s",
+                (cursor,),
+            ).fetchall()
+        return [PublicKey(bytes(k)) for k, _ in rows], last
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _prepare_file(self) -> None:
+        """Create the parent directory (0700) and the file (0600: it holds preshared keys)."""
+        p = self.path
+        try:
+            if p.is_dir():
+                raise StoreError(
+                    f"store {p} is a directory; give a file path like {p / 'peers.db'}"
+                )
+            ancestor = p.parent
+            while not ancestor.exists() and ancestor != ancestor.parent:
+                ancestor = ancestor.parent
+            if not ancestor.is_dir():
+                raise self._not_writable(f"{ancestor} is not a directory")
+            p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            reason = e.strerror or str(e)
+            if e.filename and os.fspath(e.filename) != str(p):
+                reason = f"{e.filename}: {reason}"
+            raise self._not_writable(reason) from e
+        os.close(fd)
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Bring the schema to len(MIGRATIONS), all steps in one transaction."""
+        target = len(MIGRATIONS)
+        app_id = int(conn.execute("PRAGMA application_id").fetchone()[0])
+        if app_id not in (0, APPLICATION_ID):
+            raise StoreError(
+                f"store {self.path} is an SQLite database of another application"
+                f" (application_id {app_id:#x}); {_HINT}"
+            )
+        version = self._version(conn, target)
+        if version == target:
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = self._version(conn, target)  # another process may have just migrated
+            if version == 0:
+                foreign = [
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT name FROM sqlite_master"
+                        " WHERE type = 'table' AND name NOT LIKE 'sqlite^_%' ESCAPE '^'"
+                    )
+                ]
+                if foreign:
+                    raise StoreError(
+                        f"store {self.path} is an SQLite database with other tables"
+                        f" ({', '.join(sorted(foreign))}), not a wgjit store; {_HINT}"
+                    )
+            try:
+                for step in MIGRATIONS[version:]:
+                    for statement in step:
+                        conn.execute(statement)
+            except sqlite3.Error as e:
+                raise self._error(
+                    e, f"upgrade its schema from version {version} to {target}"
+                ) from e
+            conn.execute(f"PRAGMA user_version = {target:d}")
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID:d}")
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
+
+    def _version(self, conn: sqlite3.Connection, target: int) -> int:
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if version > target:
+            raise StoreError(
+                f"store {self.path} was created by a newer wgjit (schema version {version}; this"
+                f" version knows up to {target}); upgrade wgjit or {_HINT}"
+            )
+        return version
+
+    def _prune(self, conn: sqlite3.Connection, now: float) -> None:
+        conn.execute(_PRUNE_SQL, (now - CHANGE_RETENTION_S,))
+
+    @contextlib.contextmanager
+    def _op(self, what: str) -> Iterator[sqlite3.Connection]:
+        """Hold the lock; turn sqlite3 errors into StoreError; roll back on any failure."""
+        with self._lock:
+            conn = self._conn
+            if conn is None:
+                raise StoreError(f"store {self.path} is closed (cannot {what})")
+            try:
+                yield conn
+            except sqlite3.Error as e:
+                _rollback(conn)
+                raise self._error(e, what) from e
+            except BaseException:
+                _rollback(conn)
+                raise
+
+    @contextlib.contextmanager
+    def _write(self, what: str) -> Iterator[sqlite3.Connection]:
+        # IMMEDIATE takes the write lock up front (waiting up to busy_timeout), so a transaction
+        # that reads and then writes never fails half-way on a lock upgrade
+        with self._op(what) as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            yield conn
+            conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def _read(self, what: str) -> Iterator[sqlite3.Connection]:
+        """Several reads from one consistent snapshot."""
+        with self._op(what) as conn:
+            conn.execute("BEGIN")
+            yield conn
+            conn.execute("COMMIT")
+
+    def _peer(self, row: tuple[Any, ...]) -> Peer:
+        name, key, ips, psk, revoked, created, updated, seen, hwm = row
+        try:
+            return Peer(
+                name=name,
+                public_key=PublicKey(bytes(key)),
+                allowed_ips=tuple(parse_network(n) for n in ips.split(",") if n),
+                preshared_key=PresharedKey(bytes(psk)) if psk is not None else None,
+                revoked=bool(revoked),
+                created_at=float(created),
+                updated_at=float(updated),
+                last_seen=float(seen) if seen is not None else None,
+                handshake_hwm=bytes(hwm) if hwm is not None else None,
+            )
+        except (InvalidKey, InvalidAddress, TypeError, ValueError, AttributeError) as e:
+            raise StoreError(f"store {self.path} has an invalid row for peer {name!r}: {e}") from e
+
+    def _not_writable(self, reason: str) -> StoreError:
+        return StoreError(f"store {self.path} is not writable: {reason}; {_HINT}")
+
+    def _error(self, e: sqlite3.Error, what: str) -> StoreError:
+        """One clear line for a failed sqlite3 call."""
+        code = int(getattr(e, "sqlite_errorcode", 0) or 0) & 0xFF
+        p, reason = self.path, str(e)
+        if code in (_SQLITE_BUSY, _SQLITE_LOCKED):
+            return StoreError(
+                f"store {p} is busy: another process kept it locked for over"
+                f" {self.busy_timeout:g} s (could not {what}); try again"
+            )
+        if code == _SQLITE_FULL:
+            return StoreError(f"store {p}: could not {what}: disk full ({reason}); free space")
+        if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+            return StoreError(
+                f"store {p} is damaged or not a wgjit store ({reason}); restore it from a"
+                f" backup or {_HINT}"
+            )
+        if code in (_SQLITE_READONLY, _SQLITE_CANTOPEN, _SQLITE_PERM, _SQLITE_AUTH):
+            return self._not_writable(reason)
+        if code == _SQLITE_IOERR:
+            return StoreError(f"store {p}: I/O error, could not {what} ({reason})")
+        return StoreError(f"store {p}: could not {what}: {reason}")
+
+
+def _timestamp(hs: Handshake) -> bytes:
+    ts = bytes(hs.timestamp)
+    if len(ts) != TAI64N_LEN:
+        raise ValueError(f"handshake timestamp must be {TAI64N_LEN} bytes (TAI64N), got {len(ts)}")
+    return ts
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
