@@ -13,7 +13,12 @@ import os
 from typing import Self
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PrivateFormat, PublicFormat, NoEncryption
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+)
 
 KEY_LEN = 32
 
@@ -38,11 +43,13 @@ class _Key:
             raw = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
             raise InvalidKey(
-                f"{cls._kind} {text[:8]!r}... is not valid base64 (expected 44 characters like `wg genkey` prints)"
+                f"{cls._kind} {text[:8]!r}... is not valid base64 "
+                "(expected 44 characters, as `wg genkey` prints)"
             ) from None
         if len(raw) != KEY_LEN or len(text) != 44:
             raise InvalidKey(
-                f"{cls._kind} must decode to {KEY_LEN} bytes (44 base64 characters), got {len(raw)} bytes"
+                f"{cls._kind} must be {KEY_LEN} bytes (44 base64 characters), "
+                f"got {len(raw)} bytes"
             )
         return cls(raw)
 
@@ -65,7 +72,7 @@ class _Key:
         return self._raw.hex()
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other._raw == self._raw  # type: ignore[attr-defined]
+        return type(other) is type(self) and other._raw == self._raw
 
     def __hash__(self) -> int:
         return hash((type(self).__name__, self._raw))

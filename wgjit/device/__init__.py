@@ -74,7 +74,25 @@ class Device(Protocol):
         ...
 
     def remove_peers(self, keys: Iterable[PublicKey]) -> None:
-        """Remove these peers in as few operations as the backend allows; absent keys are ignored."""
+        """Remove these peers in as few operations as possible; absent keys are ignored."""
         ...
 
     def close(self) -> None: ...
+
+
+BACKENDS = ("auto", "uapi")
+
+
+def open_device(ifname: str, backend: str = "auto") -> Device:
+    """Open `ifname` with the named backend; `auto` picks UAPI when a userspace socket exists."""
+    from wgjit.device.uapi import UAPIDevice, uapi_socket_path
+
+    if backend not in BACKENDS:
+        raise DeviceError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto" and not uapi_socket_path(ifname).exists():
+        raise DeviceNotFound(
+            f"interface {ifname!r} has no userspace WireGuard socket at "
+            f"{uapi_socket_path(ifname)}; start it with `wireguard-go {ifname}` "
+            "(kernel WireGuard needs the netlink backend, not in this version)"
+        )
+    return UAPIDevice(ifname)

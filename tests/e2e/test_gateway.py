@@ -1,0 +1,249 @@
+"""End to end on real wireguard-go: a `wgjit gateway` process in a namespace, stock clients.
+
+One lab (namespaces, wireguard-go processes) per module; each test starts its own gateway
+process on its own SQLite store and begins with an empty device.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from wgjit.addr import Endpoint
+from wgjit.lab import Client, GatewayProcess, Host, Lab, wait_for
+
+pytestmark = pytest.mark.netns
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    with Lab() as lb:
+        lb.add_gateway()
+        for _ in range(3):
+            lb.add_client()
+        lb.add_client(v6=True)
+        yield lb
+
+
+@pytest.fixture
+def store_url(tmp_path: Path, lab: Lab) -> Iterator[str]:
+    gw = lab.gateway
+    assert gw is not None
+    for key in gw.peers():  # every test starts with an empty device
+        gw.wg("set", gw.ifname, "peer", key, "remove")
+    for c in lab.clients:
+        c.connect_to(gw)
+    yield f"sqlite:///{tmp_path / 'peers.db'}"
+
+
+def wgjit(store_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "wgjit", "--store", store_url, *args],
+        capture_output=True,
+        text=True,
+    )
+
+
+def add(store_url: str, name: str, c: Client) -> None:
+    r = wgjit(store_url, "peer", "add", name, "--allowed-ips", f"{c.tunnel_ip}/32",
+              "--public-key", c.public_key.b64())  # fmt: skip
+    assert r.returncode == 0, r.stderr
+
+
+def gw_host(lab: Lab) -> Host:
+    assert lab.gateway is not None
+    return lab.gateway
+
+
+def client_endpoint(c: Client) -> str:
+    port = c.wg("show", c.ifname, "listen-port").strip()
+    return f"[{c.underlay_v6}]:{port}" if c.use_v6 else f"{c.underlay_v4}:{port}"
+
+
+@pytest.fixture
+def gateway(lab: Lab, store_url: str) -> Iterator[GatewayProcess]:
+    g = lab.start_gateway(store_url)
+    yield g
+    assert g.stop() == 0, "gateway did not stop cleanly:\n" + "\n".join(g.lines[-20:])
+
+
+def test_unknown_until_knock(lab: Lab, store_url: str, gateway: GatewayProcess) -> None:
+    gw = gw_host(lab)
+    alice = lab.clients[0]
+    add(store_url, "alice", alice)
+    assert gw.peers() == {}, "the gateway must start with no peers"
+    rtt = alice.ping(gw.tunnel_ip, timeout=4)
+    print(f"\nfirst ping to first reply through a JIT-installed peer: {rtt} ms")
+    assert rtt is not None and rtt < 1000, f"first ping took {rtt} ms (client retry is 5 s)"
+    peers = gw.peers()
+    assert alice.public_key.b64() in peers
+    assert peers[alice.public_key.b64()]["endpoint"] == client_endpoint(alice)
+    assert peers[alice.public_key.b64()]["keepalive"] == "off", "role inversion left a keepalive"
+    ev = gateway.wait_event("install", peer="alice")
+    assert ev["endpoint"] == client_endpoint(alice)
+
+
+def test_ipv6_client_installed_same_way(lab: Lab, store_url: str, gateway: GatewayProcess) -> None:
+    gw = gw_host(lab)
+    dave = lab.clients[3]
+    assert dave.use_v6
+    add(store_url, "dave", dave)
+    rtt = dave.ping(gw.tunnel_ip, timeout=4)
+    assert rtt is not None and rtt < 1000
+    endpoint = gw.peers()[dave.public_key.b64()]["endpoint"]
+    assert Endpoint.parse(endpoint).host.version == 6
+    assert endpoint == client_endpoint(dave)
+
+
+def test_unknown_never_installed_revoked_evicted(
+    lab: Lab, store_url: str, gateway: GatewayProcess
+) -> None:
+    gw = gw_host(lab)
+    alice, bob = lab.clients[0], lab.clients[1]
+    add(store_url, "alice", alice)
+    # bob is not in the store
+    assert bob.ping(gw.tunnel_ip, timeout=1) is None
+    gateway.wait_event("reject", reason="unknown", key=bob.public_key.short())
+    assert bob.public_key.b64() not in gw.peers()
+
+    assert alice.ping(gw.tunnel_ip, timeout=4) is not None
+    r = wgjit(store_url, "peer", "revoke", "alice")
+    assert r.returncode == 0, r.stderr
+    t0 = time.monotonic()
+    wait_for("alice evicted", lambda: alice.public_key.b64() not in gw.peers(), timeout=2.0)
+    print(f"\nrevocation reached the device after {(time.monotonic() - t0) * 1000:.0f} ms")
+    gateway.wait_event("evict", peer="alice", reason="revoked")
+    # alice knocks again with a fresh session: refused, never reinstalled
+    alice.connect_to(gw)
+    assert alice.ping(gw.tunnel_ip, timeout=1) is None
+    gateway.wait_event("reject", reason="revoked", peer="alice")
+    assert alice.public_key.b64() not in gw.peers()
+
+
+def test_idle_eviction_and_reinstall(lab: Lab, store_url: str) -> None:
+    gw = gw_host(lab)
+    alice = lab.clients[0]
+    add(store_url, "alice", alice)
+    g = lab.start_gateway(
+        store_url, "--idle-timeout", "2", "--sweep-interval", "0.3", "--testing-short-timers"
+    )
+    try:
+        assert any("never use in production" in line for line in g.lines)
+        assert alice.ping(gw.tunnel_ip, timeout=4) is not None
+        assert alice.public_key.b64() in gw.peers()
+        g.wait_event("evict", timeout=6, peer="alice", reason="idle")
+        assert alice.public_key.b64() not in gw.peers()
+        alice.connect_to(gw)  # the client's session has expired by the time it is evicted
+        rtt = alice.ping(gw.tunnel_ip, timeout=4)
+        assert rtt is not None and rtt < 1000
+        assert len(g.events("install", peer="alice")) == 2
+    finally:
+        assert g.stop() == 0
+
+
+CAPTURE_ONE = """
+import sys
+from wgjit.capture.afpacket import PacketCapture
+import select
+with PacketCapture(51820) as cap:
+    print("ready", flush=True)
+    while True:
+        select.select([cap], [], [], 5)
+        for k in cap.recv_batch():
+            print(k.payload.hex(), flush=True)
+            sys.exit(0)
+"""
+
+SEND = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.sendto(bytes.fromhex(sys.argv[1]), (sys.argv[2], 51820))
+"""
+
+
+def test_replayed_initiation_after_eviction_is_refused(lab: Lab, store_url: str) -> None:
+    gw = gw_host(lab)
+    alice, mallory = lab.clients[0], lab.clients[2]
+    add(store_url, "alice", alice)
+    sniffer = subprocess.Popen(
+        ["ip", "netns", "exec", gw.ns, sys.executable, "-c", CAPTURE_ONE],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert sniffer.stdout is not None
+    assert sniffer.stdout.readline().strip() == "ready"
+    g = lab.start_gateway(
+        store_url, "--idle-timeout", "1", "--sweep-interval", "0.3", "--testing-short-timers"
+    )
+    try:
+        assert alice.ping(gw.tunnel_ip, timeout=4) is not None
+        captured = sniffer.stdout.readline().strip()
+        sniffer.wait(5)
+        assert len(bytes.fromhex(captured)) == 148
+        g.wait_event("evict", timeout=6, peer="alice", reason="idle")
+        # the attacker re-sends alice's captured initiation from another address
+        mallory.run(sys.executable, "-c", SEND, captured, gw.underlay_v4)
+        ev = g.wait_event("reject", reason="replay", peer="alice")
+        assert ev["source"].startswith(mallory.underlay_v4 + ":")
+        assert alice.public_key.b64() not in gw.peers()
+    finally:
+        sniffer.kill()
+        assert g.stop() == 0
+
+
+def test_reconcile_on_restart(lab: Lab, store_url: str) -> None:
+    gw = gw_host(lab)
+    alice, bob = lab.clients[0], lab.clients[1]
+    add(store_url, "alice", alice)
+    add(store_url, "bob", bob)
+    g = lab.start_gateway(store_url)
+    assert alice.ping(gw.tunnel_ip, timeout=4) is not None
+    assert bob.ping(gw.tunnel_ip, timeout=4) is not None
+    assert g.stop() == 0
+    # while the gateway is down: bob is revoked, and someone adds a peer by hand
+    assert wgjit(store_url, "peer", "revoke", "bob").returncode == 0
+    stranger = "8Yb6mTzXbbo6ReSCzJCVrPDkB4SWDHlg5wmGsZMBhUg="
+    gw.wg("set", gw.ifname, "peer", stranger, "allowed-ips", "100.65.0.99/32")
+    assert {alice.public_key.b64(), bob.public_key.b64(), stranger} <= set(gw.peers())
+    g = lab.start_gateway(store_url)
+    try:
+        ev = g.wait_event("reconcile")
+        assert (ev["kept"], ev["removed"]) == ("1", "2")
+        assert set(gw.peers()) == {alice.public_key.b64()}
+        assert alice.ping(gw.tunnel_ip, timeout=2) is not None  # kept peer undisturbed
+    finally:
+        assert g.stop() == 0
+
+
+JUNK = """
+import os, socket, sys
+dst = (sys.argv[1], 51820)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+t1 = b"\\x01\\x00\\x00\\x00"
+junk = [b"", b"\\x01", t1 + bytes(144), t1 + os.urandom(144), t1 + os.urandom(143),
+        b"\\x02" + bytes(91), os.urandom(1400)]
+for i in range(200):
+    s.sendto(junk[i % len(junk)], dst)
+"""
+
+
+def test_malformed_packets_do_not_disturb(
+    lab: Lab, store_url: str, gateway: GatewayProcess
+) -> None:
+    gw = gw_host(lab)
+    alice, mallory = lab.clients[0], lab.clients[2]
+    add(store_url, "alice", alice)
+    mallory.run(sys.executable, "-c", JUNK, gw.underlay_v4)
+    assert gateway.proc.poll() is None
+    rtt = alice.ping(gw.tunnel_ip, timeout=4)
+    assert rtt is not None and rtt < 1000
+    assert set(gw.peers()) == {alice.public_key.b64()}
+    gateway.proc.send_signal(signal.SIGUSR1)
+    stats = gateway.wait_event("stats")
+    # 2 of the 7 junk shapes pass the capture filter: 57 datagrams, identical ones deduplicated
+    assert int(stats.get("bad_mac1", "0")) + int(stats.get("duplicate", "0")) >= 57, stats

@@ -1,0 +1,232 @@
+"""Gateway policy with a fake device and a real SQLite store: every admission rule, no sockets."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable
+from dataclasses import replace
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+from wgjit.addr import Endpoint, parse_networks
+from wgjit.capture.packet import Knock
+from wgjit.device import DeviceState, PeerConfig, PeerState
+from wgjit.events import EventLog, parse_logfmt
+from wgjit.gateway.core import ConfigError, Gateway, GatewayConfig
+from wgjit.handshake import Responder, Timestamp, build_initiation
+from wgjit.keys import PrivateKey, PublicKey
+from wgjit.store import Store, open_store
+
+SRC = Endpoint.parse("198.18.0.11:40000")
+DST = Endpoint.parse("198.18.0.1:51820")
+
+
+class FakeDevice:
+    """Records calls; keeps peers like a WireGuard device would."""
+
+    name = "wgfake0"
+
+    def __init__(self, private_key: PrivateKey) -> None:
+        self.private_key = private_key
+        self.peers: dict[PublicKey, PeerState] = {}
+        self.calls: list[PeerConfig] = []
+
+    def read(self) -> DeviceState:
+        return DeviceState(self.name, self.private_key, 51820, dict(self.peers))
+
+    def set_peer(self, config: PeerConfig) -> None:
+        self.calls.append(config)
+        old = self.peers.get(config.public_key)
+        if old is None:
+            if config.update_only:
+                return
+            old = PeerState(config.public_key)
+        self.peers[config.public_key] = replace(
+            old,
+            endpoint=config.endpoint or old.endpoint,
+            allowed_ips=config.allowed_ips if config.allowed_ips is not None else old.allowed_ips,
+            persistent_keepalive=(
+                config.persistent_keepalive
+                if config.persistent_keepalive is not None
+                else old.persistent_keepalive
+            ),
+        )
+
+    def remove_peers(self, keys: Iterable[PublicKey]) -> None:
+        for k in keys:
+            self.peers.pop(k, None)
+
+    def close(self) -> None:
+        pass
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Env(NamedTuple):
+    g: Gateway
+    dev: FakeDevice
+    store: Store
+    gw_key: PrivateKey
+    out: io.StringIO
+    clock: Clock
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Env:
+    gw_key = PrivateKey.generate()
+    dev = FakeDevice(gw_key)
+    store = open_store(str(tmp_path / "peers.db"))
+    out = io.StringIO()
+    clock = Clock()
+    g = Gateway(
+        dev,
+        store,
+        GatewayConfig(idle_timeout=300, sweep_interval=15),
+        EventLog(out),
+        Responder(gw_key),
+        clock=clock,
+        wall=clock,
+    )
+    g.start()
+    return Env(g, dev, store, gw_key, out, clock)
+
+
+def knock(payload: bytes, at: float, source: Endpoint = SRC) -> Knock:
+    return Knock(source=source, destination=DST, payload=payload, ifindex=2, received_at=at)
+
+
+def initiation(client: PrivateKey, gw: PrivateKey, t: float) -> bytes:
+    return build_initiation(client, gw.public_key(), timestamp=Timestamp.from_unix(t))
+
+
+def events(out: io.StringIO, name: str) -> list[dict[str, str]]:
+    return [e for e in map(parse_logfmt, out.getvalue().splitlines()) if e["event"] == name]
+
+
+def test_known_peer_installed_with_endpoint_and_no_keepalive_left(env: Env) -> None:
+    g, dev, store, gw_key, out, clock = env
+    c = PrivateKey.generate()
+    store.add_peer("alice", c.public_key(), parse_networks("100.65.0.11/32"))
+    assert g.handle(knock(initiation(c, gw_key, 1e9), clock.t)) == "installed"
+    ps = dev.peers[c.public_key()]
+    assert ps.endpoint == SRC
+    assert ps.allowed_ips == parse_networks("100.65.0.11/32")
+    assert ps.persistent_keepalive == 0
+    # role inversion: keepalive switched on with the install, then off
+    assert [cfg.persistent_keepalive for cfg in dev.calls] == [1, 0]
+    assert events(out, "install")[0]["peer"] == "alice"
+    # the store remembers the accepted timestamp
+    peer = store.lookup(c.public_key())
+    assert peer is not None and peer.handshake_hwm == Timestamp.from_unix(1e9).raw
+
+
+def test_duplicate_and_already_installed(env: Env) -> None:
+    g, dev, store, gw_key, out, clock = env
+    c = PrivateKey.generate()
+    store.add_peer("alice", c.public_key(), parse_networks("100.65.0.11/32"))
+    pkt = initiation(c, gw_key, 1e9)
+    assert g.handle(knock(pkt, clock.t)) == "installed"
+    assert g.handle(knock(pkt, clock.t)) == "duplicate"  # same datagram seen on a 2nd interface
+    assert g.handle(knock(initiation(c, gw_key, 1e9 + 5), clock.t)) == "already_installed"
+    assert len(dev.calls) == 2
+
+
+def test_unknown_revoked_forged_malformed_never_touch_device(env: Env) -> None:
+    g, dev, store, gw_key, out, clock = env
+    unknown = PrivateKey.generate()
+    revoked = PrivateKey.generate()
+    store.add_peer("bob", revoked.public_key(), parse_networks("100.65.0.12/32"))
+    store.revoke("bob")
+    assert g.handle(knock(initiation(unknown, gw_key, 1e9), clock.t)) == "unknown"
+    # the second knock of an unknown key is answered from the negative cache
+    assert g.handle(knock(initiation(unknown, gw_key, 1e9 + 1), clock.t)) == "negative_cached"
+    assert g.handle(knock(initiation(revoked, gw_key, 1e9), clock.t)) == "revoked"
+    other_gw = PrivateKey.generate()
+    assert g.handle(knock(initiation(unknown, other_gw, 1e9), clock.t)) == "bad_mac1"
+    assert g.handle(knock(b"\x01\x00\x00\x00" + bytes(144), clock.t)) == "bad_mac1"
+    assert g.handle(knock(b"\x01garbage", clock.t)) == "malformed"
+    assert dev.calls == []
+    reasons = {e["reason"] for e in events(out, "reject")}
+    assert {"unknown", "revoked"} <= reasons
+
+
+def test_negative_cache_cleared_when_peer_added(env: Env) -> None:
+    g, dev, store, gw_key, out, clock = env
+    c = PrivateKey.generate()
+    assert g.handle(knock(initiation(c, gw_key, 1e9), clock.t)) == "unknown"
+    store.add_peer("late", c.public_key(), parse_networks("100.65.0.13/32"))
+    g.poll_changes()
+    assert g.handle(knock(initiation(c, gw_key, 1e9 + 1), clock.t)) == "installed"
+
+
+def test_replay_after_eviction_refused(env: Env) -> None:
+    g, dev, store, gw_key, out, clock = env
+    c = PrivateKey.generate()
+    store.add_peer("alice", c.public_key(), parse_networks("100.65.0.11/32"))
+    first = initiation(c, gw_key, 1e9)
+    assert g.handle(knock(first, clock.t)) == "installed"
+    later = initiation(c, gw_key, 1e9 + 120)  # a rekey while installed
+    assert g.handle(knock(later, clock.t)) == "already_installed"
+    clock.t += 400
+    g.sweep()
+    assert c.public_key() not in dev.peers
+    assert events(out, "evict")[-1]["reason"] == "idle"
+    other = Endpoint.parse("198.18.0.66:1234")
+    for old in (first, later):  # both were seen; both are replays now
+        clock.t += 20  # past the duplicate window
+        assert g.handle(knock(old, clock.t, other)) == "replay"
+    assert c.public_key() not in dev.peers
+    assert g.handle(knock(initiation(c, gw_key, 1e9 + 500), clock.t)) == "installed"
+
+
+def test_revocation_evicts_installed_peer(env: Env) -> None:
+    g, dev, store, gw_key, out, clock = env
+    c = PrivateKey.generate()
+    store.add_peer("alice", c.public_key(), parse_networks("100.65.0.11/32"))
+    g.handle(knock(initiation(c, gw_key, 1e9), clock.t))
+    store.revoke("alice")
+    g.poll_changes()
+    assert c.public_key() not in dev.peers
+    assert events(out, "evict")[-1] == {**events(out, "evict")[-1], "reason": "revoked"}
+
+
+def test_reconcile_removes_what_store_does_not_allow(tmp_path: Path) -> None:
+    gw_key = PrivateKey.generate()
+    dev = FakeDevice(gw_key)
+    store = open_store(str(tmp_path / "p.db"))
+    keep, revoked, stranger = (PrivateKey.generate().public_key() for _ in range(3))
+    store.add_peer("keep", keep, parse_networks("100.65.0.2/32"))
+    store.add_peer("rev", revoked, parse_networks("100.65.0.3/32"))
+    store.revoke("rev")
+    for k in (keep, revoked, stranger):
+        dev.peers[k] = PeerState(k)
+    g = Gateway(dev, store, GatewayConfig(), EventLog(io.StringIO()), Responder(gw_key))
+    g.start()
+    assert set(dev.peers) == {keep}
+    assert set(g.installed) == {keep}
+
+
+def test_per_source_rate_limit(env: Env) -> None:
+    g, dev, store, gw_key, out, clock = env
+    c = PrivateKey.generate()
+    outcomes = [g.handle(knock(initiation(c, gw_key, 1e9 + i), clock.t)) for i in range(40)]
+    assert outcomes.count("rate_limited") == 20
+    assert outcomes.count("unknown") + outcomes.count("negative_cached") == 20
+
+
+def test_short_timers_need_explicit_testing_flag() -> None:
+    with pytest.raises(ConfigError, match="--idle-timeout"):
+        GatewayConfig(idle_timeout=60).validate()
+    warnings = GatewayConfig(
+        idle_timeout=5, sweep_interval=0.2, testing_short_timers=True
+    ).validate()
+    assert any("never use in production" in w for w in warnings)
+    assert GatewayConfig().validate() == []

@@ -1,0 +1,3 @@
+from wgjit.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The capture room: where handshake initiations come from (AF_PACKET + classic BPF)."""

@@ -1,0 +1,265 @@
+"""Command line: parses arguments, calls the store/device/gateway layers, prints results.
+
+No policy lives here. Every expected failure becomes one line `wgjit: error: ...` on stderr and
+exit status 1 (2 for usage errors), with the store unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from wgjit import __version__
+from wgjit.addr import InvalidAddress, format_networks, parse_networks
+from wgjit.device import BACKENDS, DeviceError, open_device
+from wgjit.events import EventLog
+from wgjit.gateway.core import (
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_SWEEP_INTERVAL,
+    ConfigError,
+    GatewayConfig,
+)
+from wgjit.keys import InvalidKey, PresharedKey, PrivateKey, PublicKey
+from wgjit.store import DEFAULT_STORE_URL, Peer, Store, StoreError, open_store
+
+
+class CLIError(Exception):
+    pass
+
+
+def _store(args: argparse.Namespace) -> Store:
+    return open_store(args.store)
+
+
+def _peer_dict(p: Peer) -> dict[str, Any]:
+    return {
+        "name": p.name,
+        "public_key": p.public_key.b64(),
+        "allowed_ips": [str(n) for n in p.allowed_ips],
+        "preshared_key": p.preshared_key is not None,
+        "revoked": p.revoked,
+        "created_at": p.created_at,
+        "updated_at": p.updated_at,
+        "last_seen": p.last_seen,
+    }
+
+
+def _client_config(
+    private: PrivateKey,
+    peer: Peer,
+    gateway_key: str,
+    endpoint: str,
+    client_allowed_ips: str,
+) -> str:
+    lines = [
+        "[Interface]",
+        f"PrivateKey = {private.b64()}",
+        f"Address = {format_networks(peer.allowed_ips).replace(',', ', ')}",
+        "",
+        "[Peer]",
+        f"PublicKey = {gateway_key}",
+    ]
+    if peer.preshared_key is not None:
+        lines.append(f"PresharedKey = {peer.preshared_key.b64()}")
+    lines += [f"Endpoint = {endpoint}", f"AllowedIPs = {client_allowed_ips}"]
+    return "\n".join(lines) + "\n"
+
+
+def cmd_peer_add(args: argparse.Namespace) -> int:
+    nets = parse_networks(args.allowed_ips)
+    private = None
+    if args.public_key:
+        public = PublicKey.from_b64(args.public_key)
+    else:
+        private = PrivateKey.generate()
+        public = private.public_key()
+    gateway_key = None
+    if private is not None:
+        # resolve everything the client config needs before writing to the store
+        if args.gateway_public_key:
+            gateway_key = PublicKey.from_b64(args.gateway_public_key).b64()
+        elif args.interface:
+            dev = open_device(args.interface)
+            try:
+                gateway_key = str(dev.read().public_key)
+            finally:
+                dev.close()
+    psk = PresharedKey.generate() if args.preshared_key else None
+    with _store(args) as store:
+        peer = store.add_peer(args.name, public, nets, psk)
+    if private is None:
+        print(f"added peer {peer.name} ({public.b64()}) allowed-ips {format_networks(nets)}")
+        return 0
+    if gateway_key is None:
+        print(
+            "wgjit: note: gateway public key unknown; pass --interface IFNAME or "
+            "--gateway-public-key KEY to fill it in",
+            file=sys.stderr,
+        )
+        gateway_key = "<gateway public key: wg show IFNAME public-key>"
+    conf = _client_config(private, peer, gateway_key, args.endpoint, args.client_allowed_ips)
+    print(f"# wg-quick config for peer {peer.name}; the private key is not stored anywhere else")
+    print(conf, end="")
+    if args.qr:
+        import segno
+
+        segno.make(conf, error="l").terminal(compact=True)
+    return 0
+
+
+def cmd_peer_list(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        peers = store.list_peers()
+    if args.json:
+        print(json.dumps([_peer_dict(p) for p in peers], indent=2))
+        return 0
+    if not peers:
+        print("no peers")
+        return 0
+    w = max(4, *(len(p.name) for p in peers))
+    print(f"{'NAME':<{w}}  {'PUBLIC KEY':<44}  {'STATE':<7}  ALLOWED IPS")
+    for p in peers:
+        state = "revoked" if p.revoked else "active"
+        print(
+            f"{p.name:<{w}}  {p.public_key.b64():<44}  {state:<7}  {format_networks(p.allowed_ips)}"
+        )
+    return 0
+
+
+def _get(store: Store, name: str) -> Peer:
+    p = store.get_peer(name)
+    if p is None:
+        raise CLIError(f"no peer named {name!r} (see `wgjit peer list`)")
+    return p
+
+
+def cmd_peer_show(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        p = _get(store, args.name)
+    d = _peer_dict(p)
+    if args.json:
+        print(json.dumps(d, indent=2))
+    else:
+        for k, v in d.items():
+            print(f"{k}: {', '.join(v) if isinstance(v, list) else v}")
+    return 0
+
+
+def cmd_peer_revoke(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        p = store.revoke(args.name)
+    print(f"revoked peer {p.name}; running gateways drop it within seconds")
+    return 0
+
+
+def cmd_peer_remove(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        p = store.remove(args.name)
+    print(f"removed peer {p.name}")
+    return 0
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from wgjit.gateway.run import serve
+
+    config = GatewayConfig(
+        idle_timeout=args.idle_timeout,
+        sweep_interval=args.sweep_interval,
+        testing_short_timers=args.testing_short_timers,
+    )
+    config.validate()  # fail before touching the device
+    log = EventLog(fmt=args.log_format, debug=args.debug)
+    store = _store(args)
+    device = open_device(args.interface, args.backend)
+    try:
+        return serve(device, store, config, log, capture_interface=args.capture_interface)
+    finally:
+        device.close()
+        store.close()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from wgjit.demo import run_demo
+
+    return run_demo(connects=args.connects)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="wgjit", description="Just-in-time WireGuard peers: install a peer when it knocks."
+    )
+    p.add_argument("--version", action="version", version=f"wgjit {__version__}")
+    p.add_argument(
+        "--store",
+        default=os.environ.get("WGJIT_STORE", DEFAULT_STORE_URL),
+        help=f"store URL (env WGJIT_STORE; default {DEFAULT_STORE_URL})",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    peer = sub.add_parser("peer", help="manage peers in the store")
+    psub = peer.add_subparsers(dest="peer_command", required=True, metavar="ACTION")
+    add = psub.add_parser("add", help="add a peer (generates a key and client config if none)")
+    add.add_argument("name")
+    add.add_argument("--allowed-ips", required=True, help="CIDR[,CIDR...] routed to this peer")
+    add.add_argument("--public-key", help="the peer's public key (base64); omit to generate")
+    add.add_argument("--preshared-key", action="store_true", help="generate a preshared key")
+    add.add_argument("--endpoint", default="<gateway address>:51820",
+                     help="gateway HOST:PORT for the generated client config")  # fmt: skip
+    add.add_argument("--interface", help="read the gateway public key from this interface")
+    add.add_argument("--gateway-public-key", help="gateway public key for the client config")
+    add.add_argument("--client-allowed-ips", default="0.0.0.0/0, ::/0",
+                     help="AllowedIPs in the generated client config")  # fmt: skip
+    add.add_argument("--qr", action="store_true", help="also print the config as a QR code")
+    add.set_defaults(func=cmd_peer_add)
+    ls = psub.add_parser("list", help="list peers")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_peer_list)
+    show = psub.add_parser("show", help="show one peer")
+    show.add_argument("name")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=cmd_peer_show)
+    rv = psub.add_parser("revoke", help="revoke a peer; gateways evict it")
+    rv.add_argument("name")
+    rv.set_defaults(func=cmd_peer_revoke)
+    rm = psub.add_parser("remove", help="delete a peer from the store")
+    rm.add_argument("name")
+    rm.set_defaults(func=cmd_peer_remove)
+
+    gw = sub.add_parser("gateway", help="run the JIT gateway on a WireGuard interface")
+    gw.add_argument("--interface", "-i", required=True, help="configured WireGuard interface")
+    gw.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT,
+                    help="evict peers with no handshake for this many seconds "
+                         f"(default {DEFAULT_IDLE_TIMEOUT:g}, minimum 180)")  # fmt: skip
+    gw.add_argument("--sweep-interval", type=float, default=DEFAULT_SWEEP_INTERVAL,
+                    help=f"seconds between idle sweeps (default {DEFAULT_SWEEP_INTERVAL:g})",
+                    )  # fmt: skip
+    gw.add_argument("--testing-short-timers", action="store_true",
+                    help="TESTING ONLY: allow timers below production minimums")  # fmt: skip
+    gw.add_argument("--backend", choices=BACKENDS, default="auto")
+    gw.add_argument("--capture-interface", help="capture on this interface only (default all)")
+    gw.add_argument("--log-format", choices=("text", "json"), default="text")
+    gw.add_argument("--debug", action="store_true", help="also log malformed packets")
+    gw.set_defaults(func=cmd_gateway)
+
+    demo = sub.add_parser("demo", help="live demo in throwaway network namespaces")
+    demo.add_argument("--connects", type=int, default=20,
+                      help="connects per latency measurement (default 20)")  # fmt: skip
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc: int = args.func(args)
+        return rc
+    except (CLIError, StoreError, DeviceError, ConfigError, InvalidKey, InvalidAddress) as e:
+        print(f"wgjit: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,1 @@
+"""The gateway room: admission policy (core), its building blocks (limits), its loop (run)."""

@@ -1,0 +1,110 @@
+"""Small, bounded, clock-injected building blocks of the gateway's admission policy.
+
+TTL sets (duplicate suppression, negative cache) and token-bucket rate limiters. They take the
+current time as an argument, so tests drive them without sleeping; they never do I/O.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+
+
+class TTLSet(Generic[K]):
+    """Remembers keys for `ttl` seconds; at most `capacity` keys (oldest forgotten first)."""
+
+    def __init__(self, ttl: float, capacity: int) -> None:
+        self.ttl = ttl
+        self.capacity = capacity
+        self._expiry: OrderedDict[K, float] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._expiry)
+
+    def contains(self, key: K, now: float) -> bool:
+        exp = self._expiry.get(key)
+        if exp is None:
+            return False
+        if exp <= now:
+            del self._expiry[key]
+            return False
+        return True
+
+    def add(self, key: K, now: float) -> None:
+        self._expiry[key] = now + self.ttl
+        self._expiry.move_to_end(key)
+        self._trim(now)
+
+    def seen(self, key: K, now: float) -> bool:
+        """True if `key` is remembered; otherwise remember it and return False."""
+        if self.contains(key, now):
+            return True
+        self.add(key, now)
+        return False
+
+    def discard(self, key: K) -> None:
+        self._expiry.pop(key, None)
+
+    def clear(self) -> None:
+        self._expiry.clear()
+
+    def _trim(self, now: float) -> None:
+        # insertion order == expiry order (constant ttl), so expired keys sit at the front
+        while self._expiry:
+            k, exp = next(iter(self._expiry.items()))
+            if exp > now and len(self._expiry) <= self.capacity:
+                break
+            del self._expiry[k]
+
+
+@dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    updated: float
+
+    def spend(self, now: float, rate: float, burst: float) -> bool:
+        self.tokens = min(burst, self.tokens + max(0.0, now - self.updated) * rate)
+        self.updated = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class TokenBucket:
+    """`rate` tokens per second, up to `burst` saved. `allow(now)` spends one if it can."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._b: _Bucket | None = None
+
+    def allow(self, now: float) -> bool:
+        if self._b is None:
+            self._b = _Bucket(self.burst, now)
+        return self._b.spend(now, self.rate, self.burst)
+
+
+class KeyedRateLimiter(Generic[K]):
+    """One token bucket per key (e.g. source IP), bounded: idle keys are forgotten."""
+
+    def __init__(self, rate: float, burst: float, capacity: int = 65536) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.capacity = capacity
+        self._buckets: OrderedDict[K, _Bucket] = OrderedDict()
+
+    def allow(self, key: K, now: float) -> bool:
+        b = self._buckets.get(key)
+        if b is None:
+            b = _Bucket(self.burst, now)
+            self._buckets[key] = b
+            if len(self._buckets) > self.capacity:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(key)
+        return b.spend(now, self.rate, self.burst)
