@@ -1,0 +1,340 @@
+"""Parse and authenticate WireGuard handshake initiations as the responder (and build them).
+
+Sans-IO: bytes in, a verified (public key, timestamp, sender index) or a HandshakeError out. It
+must not do I/O, keep per-peer state beyond a bounded DH cache, or decide who may connect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import os
+import struct
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import ClassVar
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from wgjit.keys import InvalidKey, PrivateKey, PublicKey
+
+# --- Protocol constants -------------------------------------------------------------------------
+# Message type and size: WireGuard whitepaper §5.4.2, kernel drivers/net/wireguard/messages.h
+# (MESSAGE_HANDSHAKE_INITIATION, struct message_handshake_initiation).
+MESSAGE_INITIATION = 1
+INITIATION_SIZE = 148
+# Noise protocol name, WireGuard identifier and MAC labels: whitepaper §5.4, kernel noise.c and
+# cookie.c (handshake_name, identifier_name, mac1_key_label, cookie_key_label).
+CONSTRUCTION = b"Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s"
+IDENTIFIER = b"WireGuard v1 zx2c4 Jason@zx2c4.com"
+LABEL_MAC1 = b"mac1----"
+LABEL_COOKIE = b"cookie--"  # mac2 (cookie) key label; listed for completeness, mac2 is not checked
+# Field offsets of the initiation (struct message_handshake_initiation, all little-endian):
+# type(1) reserved(3) sender_index(4) ephemeral(32) static(32+16) timestamp(12+16) mac1 mac2
+OFF_SENDER_INDEX = 4
+OFF_EPHEMERAL = 8
+OFF_STATIC = 40
+OFF_TIMESTAMP = 88
+OFF_MAC1 = 116
+OFF_MAC2 = 132
+MAC_SIZE = 16  # keyed BLAKE2s-128 (whitepaper §5.4.4)
+# TAI64N (whitepaper §5.4.2, https://cr.yp.to/libtai/tai64.html): 8-byte big-endian seconds
+# offset by 2^62 + 10, then 4-byte big-endian nanoseconds. The kernel (noise.c) and wireguard-go
+# (tai64n.go) clear the low 24 bits of the nanoseconds so timestamps leak less timing.
+TIMESTAMP_SIZE = 12
+TAI64_BASE = (1 << 62) + 10
+TIMESTAMP_NANOS_MASK = ~0xFFFFFF
+
+_HEADER = bytes((MESSAGE_INITIATION, 0, 0, 0))
+_ZERO_NONCE = bytes(12)  # AEAD nonce: 4 zero bytes ‖ counter 0 as 64-bit little-endian
+_ONE = b"\x01"
+_TWO = b"\x02"
+_TAI64N = struct.Struct(">QI")
+_INDEX = struct.Struct("<I")
+
+
+# --- Errors -------------------------------------------------------------------------------------
+class HandshakeError(Exception):
+    """A packet is not an authentic initiation for this gateway. `reason` is a stable label."""
+
+    reason: ClassVar[str] = "handshake"
+
+
+class Malformed(HandshakeError):
+    """Wrong length, wrong message type or non-zero reserved bytes."""
+
+    reason = "malformed"
+
+
+class BadMac1(HandshakeError):
+    """mac1 does not match: not addressed to this gateway's public key, or corrupted."""
+
+    reason = "bad_mac1"
+
+
+class BadStatic(HandshakeError):
+    """The encrypted static key does not decrypt (or a key is a low-order point)."""
+
+    reason = "bad_static"
+
+
+class BadTimestamp(HandshakeError):
+    """The timestamp does not decrypt: the sender lacks the claimed static private key."""
+
+    reason = "forged"
+
+
+# --- Primitives (HASH, MAC, HMAC, KDF as in whitepaper §5.4) ------------------------------------
+def _hash(a: bytes, b: bytes) -> bytes:
+    """HASH(a ‖ b) = BLAKE2s-256."""
+    h = hashlib.blake2s(a)
+    h.update(b)
+    return h.digest()
+
+
+def _hmac(key: bytes, data: bytes) -> bytes:
+    """HMAC-BLAKE2s-256. RFC 2104 over BLAKE2s's 64-byte block, like the kernel's blake2s_hmac."""
+    return hmac.digest(key, data, hashlib.blake2s)
+
+
+def _kdf2(key: bytes, data: bytes) -> tuple[bytes, bytes]:
+    """KDF2(key, data) -> (t1, t2): the next chaining key and an AEAD key."""
+    t0 = _hmac(key, data)
+    t1 = _hmac(t0, _ONE)
+    return t1, _hmac(t0, t1 + _TWO)
+
+
+def _mac(key: bytes, data: bytes) -> bytes:
+    """MAC(key, data) = keyed BLAKE2s with a 16-byte digest."""
+    return hashlib.blake2s(data, key=key, digest_size=MAC_SIZE).digest()
+
+
+# Gateway-independent start of the handshake: Ci = HASH(construction), HASH(Ci ‖ identifier).
+_CK0 = hashlib.blake2s(CONSTRUCTION).digest()
+_H_ID = _hash(_CK0, IDENTIFIER)
+
+
+def _initial_hash(responder: PublicKey) -> bytes:
+    return _hash(_H_ID, responder.raw)
+
+
+def _mac1_key(responder: PublicKey) -> bytes:
+    return _hash(LABEL_MAC1, responder.raw)
+
+
+# --- Values ---------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True, order=True)
+class Timestamp:
+    """A TAI64N timestamp as carried in an initiation; orders like the numbers it encodes."""
+
+    raw: bytes
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.raw, bytes) or len(self.raw) != TIMESTAMP_SIZE:
+            raise ValueError(f"a TAI64N timestamp is {TIMESTAMP_SIZE} bytes")
+
+    @classmethod
+    def _from_parts(cls, seconds: int, nanos: int) -> Timestamp:
+        tai = TAI64_BASE + seconds
+        if not 0 <= tai < 1 << 64:
+            raise ValueError("time out of TAI64 range")
+        return cls(_TAI64N.pack(tai, min(nanos, 999_999_999) & TIMESTAMP_NANOS_MASK))
+
+    @classmethod
+    def from_unix(cls, t: float) -> Timestamp:
+        """The timestamp a WireGuard client would send at Unix time `t` (~16.8 ms granularity)."""
+        if not math.isfinite(t):
+            raise ValueError("time must be finite")
+        seconds = math.floor(t)
+        return cls._from_parts(seconds, int((t - seconds) * 1e9))
+
+    @classmethod
+    def now(cls) -> Timestamp:
+        seconds, nanos = divmod(time.time_ns(), 1_000_000_000)
+        return cls._from_parts(seconds, nanos)
+
+    def to_unix(self) -> float:
+        tai: int
+        nanos: int
+        tai, nanos = _TAI64N.unpack(self.raw)
+        return (tai - TAI64_BASE) + nanos / 1e9
+
+
+@dataclass(frozen=True, slots=True)
+class Initiation:
+    """The fields of a handshake initiation, split but not checked beyond type and size."""
+
+    sender_index: int
+    ephemeral: bytes
+    encrypted_static: bytes
+    encrypted_timestamp: bytes
+    mac1: bytes
+    mac2: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Verified:
+    """An authenticated initiation: the sender holds the private key of `public_key`."""
+
+    public_key: PublicKey
+    timestamp: Timestamp
+    sender_index: int
+
+
+def _check_header(packet: bytes) -> bytes:
+    """The packet as bytes if its size, type and reserved bytes are right; else Malformed."""
+    if type(packet) is not bytes:
+        if not isinstance(packet, bytearray | memoryview):
+            raise Malformed("not a byte string")
+        packet = bytes(packet)
+    if len(packet) != INITIATION_SIZE:
+        raise Malformed(f"initiation is {INITIATION_SIZE} bytes, got {len(packet)}")
+    if packet[:4] != _HEADER:
+        if packet[0] != MESSAGE_INITIATION:
+            raise Malformed(f"message type {packet[0]}, expected {MESSAGE_INITIATION}")
+        raise Malformed("reserved bytes are not zero")
+    return packet
+
+
+def parse_initiation(packet: bytes) -> Initiation:
+    """Split a 148-byte initiation into its fields. Raises Malformed."""
+    return _split(_check_header(packet))
+
+
+def _split(packet: bytes) -> Initiation:
+    return Initiation(
+        sender_index=int.from_bytes(packet[OFF_SENDER_INDEX:OFF_EPHEMERAL], "little"),
+        ephemeral=packet[OFF_EPHEMERAL:OFF_STATIC],
+        encrypted_static=packet[OFF_STATIC:OFF_TIMESTAMP],
+        encrypted_timestamp=packet[OFF_TIMESTAMP:OFF_MAC1],
+        mac1=packet[OFF_MAC1:OFF_MAC2],
+        mac2=packet[OFF_MAC2:INITIATION_SIZE],
+    )
+
+
+# --- Responder ----------------------------------------------------------------------------------
+class Responder:
+    """Authenticates initiations addressed to one gateway key (whitepaper §5.4.2, responder side).
+
+    Caches DH(gateway, initiator static) per initiator key in a bounded LRU: like the kernel's
+    precomputed static-static, it never changes for a peer. Only keys whose timestamp decrypted
+    are cached, so forged initiations cannot evict real peers. Not thread-safe for concurrent
+    verify() calls beyond what the GIL gives (races can only cost a cache entry, never a result).
+    """
+
+    __slots__ = ("_cache", "_cache_size", "_h0", "_mac1", "_private", "_public")
+
+    def __init__(self, private_key: PrivateKey, static_cache_size: int = 65536) -> None:
+        if static_cache_size < 0:
+            raise ValueError("static_cache_size must be >= 0")
+        self._private = private_key
+        self._public = private_key.public_key()
+        self._h0 = _initial_hash(self._public)
+        # Keyed once; each check copies the state instead of re-keying.
+        self._mac1 = hashlib.blake2s(key=_mac1_key(self._public), digest_size=MAC_SIZE)
+        self._cache: OrderedDict[bytes, bytes] = OrderedDict()
+        self._cache_size = static_cache_size
+
+    @property
+    def public_key(self) -> PublicKey:
+        return self._public
+
+    def _mac1_ok(self, packet: bytes) -> bool:
+        h = self._mac1.copy()
+        h.update(packet[:OFF_MAC1])
+        return hmac.compare_digest(h.digest(), packet[OFF_MAC1:OFF_MAC2])
+
+    def check_mac1(self, packet: bytes) -> None:
+        """Cheap pre-filter (no DH): raises Malformed or BadMac1 unless mac1 is for this key."""
+        packet = _check_header(packet)
+        if not self._mac1_ok(packet):
+            raise BadMac1("mac1 does not match this gateway's key")
+
+    def verify(self, packet: bytes) -> Verified:
+        """Authenticate an initiation; at most two X25519 operations, one for a cached peer."""
+        packet = _check_header(packet)
+        if not self._mac1_ok(packet):
+            raise BadMac1("mac1 does not match this gateway's key")
+        msg = _split(packet)
+
+        # C = KDF1(C, Epub_i); H = HASH(H ‖ Epub_i)
+        ck = _hmac(_hmac(_CK0, msg.ephemeral), _ONE)
+        h = _hash(self._h0, msg.ephemeral)
+        # C, k = KDF2(C, DH(Spriv_r, Epub_i)); Spub_i = AEAD-decrypt(k, 0, static, H)
+        try:
+            es = self._private.exchange(msg.ephemeral)
+        except InvalidKey:
+            raise BadStatic("low-order ephemeral key") from None
+        ck, key = _kdf2(ck, es)
+        try:
+            static = ChaCha20Poly1305(key).decrypt(_ZERO_NONCE, msg.encrypted_static, h)
+        except InvalidTag:
+            raise BadStatic("encrypted static key does not decrypt") from None
+        h = _hash(h, msg.encrypted_static)
+        # C, k = KDF2(C, DH(Spriv_r, Spub_i)); timestamp = AEAD-decrypt(k, 0, timestamp, H)
+        ss = self._cache.get(static)
+        cached = ss is not None
+        if ss is None:
+            try:
+                ss = self._private.exchange(static)
+            except InvalidKey:
+                raise BadStatic("low-order static key") from None
+        _, key = _kdf2(ck, ss)
+        try:
+            stamp = ChaCha20Poly1305(key).decrypt(_ZERO_NONCE, msg.encrypted_timestamp, h)
+        except InvalidTag:
+            raise BadTimestamp("timestamp does not decrypt: sender lacks the static key") from None
+        self._remember(static, ss, cached)
+        return Verified(PublicKey(static), Timestamp(stamp), msg.sender_index)
+
+    def _remember(self, static: bytes, ss: bytes, cached: bool) -> None:
+        cache = self._cache
+        try:
+            if cached:
+                cache.move_to_end(static)
+            elif self._cache_size:
+                cache[static] = ss
+                if len(cache) > self._cache_size:
+                    cache.popitem(last=False)
+        except KeyError:  # another thread evicted it meanwhile; the cache is only an optimisation
+            pass
+
+
+# --- Initiator (tests, load generation) ----------------------------------------------------------
+def build_initiation(
+    initiator: PrivateKey,
+    responder: PublicKey,
+    *,
+    timestamp: Timestamp | None = None,
+    sender_index: int | None = None,
+    ephemeral: PrivateKey | None = None,
+) -> bytes:
+    """A 148-byte initiation as a WireGuard client sends it (mac2 zero: no cookie).
+
+    Defaults: the current time, a random sender index and a fresh ephemeral key.
+    """
+    if sender_index is None:
+        sender_index = int.from_bytes(os.urandom(4), "little")
+    elif not 0 <= sender_index < 1 << 32:
+        raise ValueError("sender_index must fit in 32 bits")
+    if ephemeral is None:
+        ephemeral = PrivateKey.generate()
+    if timestamp is None:
+        timestamp = Timestamp.now()
+    epub = ephemeral.public_key().raw
+
+    ck = _hmac(_hmac(_CK0, epub), _ONE)
+    h = _hash(_initial_hash(responder), epub)
+    ck, key = _kdf2(ck, ephemeral.exchange(responder))
+    encrypted_static = ChaCha20Poly1305(key).encrypt(_ZERO_NONCE, initiator.public_key().raw, h)
+    h = _hash(h, encrypted_static)
+    _, key = _kdf2(ck, initiator.exchange(responder))
+    encrypted_timestamp = ChaCha20Poly1305(key).encrypt(_ZERO_NONCE, timestamp.raw, h)
+
+    body = b"".join(
+        (_HEADER, _INDEX.pack(sender_index), epub, encrypted_static, encrypted_timestamp)
+    )
+    return body + _mac(_mac1_key(responder), body) + bytes(MAC_SIZE)
