@@ -1,0 +1,103 @@
+"""Parse a captured IPv4/IPv6 packet into a Knock: who sent a handshake initiation, to where.
+
+Sans-IO and total: any bytes give a Knock or None, never an exception. Does not authenticate.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from dataclasses import dataclass
+
+from wgjit.addr import Endpoint, IPAddress
+from wgjit.capture.bpf import (
+    INITIATION_UDP_LENGTH,
+    IPPROTO_UDP,
+    IPV6_HEADER_SIZE,
+    UDP_HEADER_SIZE,
+)
+
+INITIATION_PREFIX = b"\x01\x00\x00\x00"
+
+
+@dataclass(frozen=True, slots=True)
+class Knock:
+    """One captured handshake initiation (unauthenticated: anyone can send one)."""
+
+    source: Endpoint
+    destination: Endpoint
+    payload: bytes  # the 148-byte WireGuard message
+    ifindex: int  # interface it arrived on (0 if unknown)
+    received_at: float  # time.monotonic() when it was read
+
+
+def parse_knock(
+    data: bytes, *, ifindex: int = 0, received_at: float = 0.0, port: int | None = None
+) -> Knock | None:
+    """The Knock in `data` (starting at the IP header), or None if it is not exactly one.
+
+    None unless `data` is an IPv4 or IPv6 packet (by its version nibble; IPv4 unfragmented, IPv6
+    with UDP directly after the fixed header), with consistent lengths, carrying a UDP datagram
+    with a 148-byte payload starting 01 00 00 00, ports nonzero, and (if `port` is given) sent
+    to `port`. Trailing bytes after the datagram are ignored; checksums are not checked (a
+    packet captured before checksum offload may carry a partial one).
+    """
+    if not data:
+        return None
+    version = data[0] >> 4
+    if version == 4:
+        parsed = _ipv4(data)
+    elif version == 6:
+        parsed = _ipv6(data)
+    else:
+        return None
+    if parsed is None:
+        return None
+    src, dst, udp = parsed
+    # _ipv4/_ipv6 guarantee len(data) >= udp + 8 + 148
+    sport, dport, length = _UDP.unpack_from(data, udp)
+    if length != INITIATION_UDP_LENGTH or sport == 0 or dport == 0:
+        return None
+    if port is not None and dport != port:
+        return None
+    payload = bytes(data[udp + UDP_HEADER_SIZE : udp + INITIATION_UDP_LENGTH])
+    if not payload.startswith(INITIATION_PREFIX):
+        return None
+    return Knock(
+        source=Endpoint(src, sport),
+        destination=Endpoint(dst, dport),
+        payload=payload,
+        ifindex=ifindex,
+        received_at=received_at,
+    )
+
+
+_Parsed = tuple[IPAddress, IPAddress, int]  # source, destination, offset of the UDP header
+_IPV4 = struct.Struct("!BxHxxHxB2x4s4s")  # version+IHL, total length, flags+offset, protocol
+_IPV6 = struct.Struct("!4xHB1x16s16s")  # payload length, next header
+_UDP = struct.Struct("!HHH")  # source port, destination port, length
+
+
+def _ipv4(data: bytes) -> _Parsed | None:
+    if len(data) < _IPV4.size:
+        return None
+    vihl, total, frag, proto, src, dst = _IPV4.unpack_from(data)
+    ihl = (vihl & 0x0F) * 4
+    if ihl < _IPV4.size or frag & 0x3FFF or proto != IPPROTO_UDP:
+        return None
+    end = ihl + INITIATION_UDP_LENGTH
+    # the datagram must fit both the IP total length and the bytes we have (the capture may
+    # have cut trailing bytes beyond the datagram, so len(data) may be less than `total`)
+    if total < end or len(data) < end:
+        return None
+    return ipaddress.IPv4Address(src), ipaddress.IPv4Address(dst), ihl
+
+
+def _ipv6(data: bytes) -> _Parsed | None:
+    if len(data) < IPV6_HEADER_SIZE + INITIATION_UDP_LENGTH:
+        return None
+    plen, next_header, src, dst = _IPV6.unpack_from(data)
+    # payload length 0 would mean a jumbogram, which needs an extension header anyway
+    if next_header != IPPROTO_UDP or plen < INITIATION_UDP_LENGTH:
+        return None
+    return ipaddress.IPv6Address(src), ipaddress.IPv6Address(dst), IPV6_HEADER_SIZE
