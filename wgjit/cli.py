@@ -15,6 +15,7 @@ from typing import Any
 
 from wgjit import __version__
 from wgjit.addr import InvalidAddress, format_networks, parse_networks
+from wgjit.capture.afpacket import CaptureError
 from wgjit.device import BACKENDS, DeviceError, open_device
 from wgjit.events import EventLog
 from wgjit.gateway.core import (
@@ -23,6 +24,7 @@ from wgjit.gateway.core import (
     ConfigError,
     GatewayConfig,
 )
+from wgjit.gateway.run import GatewayError
 from wgjit.keys import InvalidKey, PresharedKey, PrivateKey, PublicKey
 from wgjit.store import DEFAULT_STORE_URL, Peer, Store, StoreError, open_store
 
@@ -258,7 +260,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         rc: int = args.func(args)
         return rc
-    except (CLIError, StoreError, DeviceError, ConfigError, InvalidKey, InvalidAddress) as e:
+    except (
+        CLIError,
+        StoreError,
+        DeviceError,
+        ConfigError,
+        InvalidKey,
+        InvalidAddress,
+        GatewayError,
+        CaptureError,
+    ) as e:
         print(f"wgjit: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

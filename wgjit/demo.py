@@ -13,8 +13,7 @@ import time
 from pathlib import Path
 
 from wgjit.addr import parse_networks
-from wgjit.keys import PrivateKey
-from wgjit.lab import Client, GatewayProcess, Host, Lab, LabError, wait_for
+from wgjit.lab import GatewayProcess, Host, Lab, LabError, measure_connects, summary, wait_for
 from wgjit.store import open_store
 
 DEMO_IDLE_TIMEOUT = 6.0
@@ -39,50 +38,6 @@ def _peer_table(gw: Host, names: dict[str, str]) -> None:
         hs = int(p["latest_handshake"])
         ago = f"handshake {now - hs:.0f}s ago" if hs else "no handshake yet"
         _say(f"        {names.get(key, key[:8]):<8} endpoint {p['endpoint']:<22} {ago}")
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100)."""
-    s = sorted(values)
-    k = max(0, min(len(s) - 1, round(q / 100 * len(s) + 0.5) - 1))
-    return s[k]
-
-
-def measure_connects(
-    client: Client, gw: Host, store_url: str, n: int, jit: bool, prefix: str
-) -> list[float]:
-    """First-ping latency (ms) over `n` fresh connects. JIT: a new stored key each time, so
-    the gateway installs it on the knock. Pre-installed: one stored key already on the device,
-    the client's session dropped before each connect."""
-    results: list[float] = []
-    store = open_store(store_url)
-    try:
-        if not jit:
-            key = PrivateKey.generate()
-            store.add_peer(f"{prefix}-pre", key.public_key(), parse_networks(client.tunnel_ip))
-            gw.wg("set", gw.ifname, "peer", key.public_key().b64(), "allowed-ips",
-                  f"{client.tunnel_ip}/32")  # fmt: skip
-            client.set_private_key(key)
-        for i in range(n):
-            if jit:
-                key = PrivateKey.generate()
-                store.add_peer(f"{prefix}-{i}", key.public_key(), parse_networks(client.tunnel_ip))
-                client.set_private_key(key)
-            client.connect_to(gw)
-            rtt = client.ping(gw.tunnel_ip, timeout=7)
-            if rtt is None:
-                raise LabError(f"connect {i} ({'JIT' if jit else 'pre-installed'}) got no reply")
-            results.append(rtt)
-    finally:
-        store.close()
-    return results
-
-
-def summary(values: list[float]) -> str:
-    return (
-        f"median {statistics.median(values):6.1f} ms   p99 {percentile(values, 99):6.1f} ms"
-        f"   (n={len(values)})"
-    )
 
 
 def run_demo(connects: int = 20) -> int:

@@ -216,6 +216,16 @@ def _split(packet: bytes) -> Initiation:
 
 
 # --- Responder ----------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """An initiation whose static key is decrypted but not yet authenticated."""
+
+    public_key: PublicKey  # claimed, not proven
+    message: Initiation
+    chaining_key: bytes
+    hash: bytes
+
+
 class Responder:
     """Authenticates initiations addressed to one gateway key (whitepaper §5.4.2, responder side).
 
@@ -255,6 +265,13 @@ class Responder:
 
     def verify(self, packet: bytes) -> Verified:
         """Authenticate an initiation; at most two X25519 operations, one for a cached peer."""
+        return self.authenticate(self.open_static(packet))
+
+    def open_static(self, packet: bytes) -> Opened:
+        """First half of verify(): mac1 and one X25519 reveal the key the sender *claims*.
+
+        Lets the caller drop keys it does not know before paying the second X25519; the
+        claim proves nothing until authenticate() succeeds."""
         packet = _check_header(packet)
         if not self._mac1_ok(packet):
             raise BadMac1("mac1 does not match this gateway's key")
@@ -274,6 +291,12 @@ class Responder:
         except InvalidTag:
             raise BadStatic("encrypted static key does not decrypt") from None
         h = _hash(h, msg.encrypted_static)
+        return Opened(PublicKey(static), msg, ck, h)
+
+    def authenticate(self, opened: Opened) -> Verified:
+        """Second half of verify(): the static·static DH (cached per peer) and the timestamp.
+        Success proves the sender holds the private key of `opened.public_key`."""
+        static = opened.public_key.raw
         # C, k = KDF2(C, DH(Spriv_r, Spub_i)); timestamp = AEAD-decrypt(k, 0, timestamp, H)
         ss = self._cache.get(static)
         cached = ss is not None
@@ -282,13 +305,15 @@ class Responder:
                 ss = self._private.exchange(static)
             except InvalidKey:
                 raise BadStatic("low-order static key") from None
-        _, key = _kdf2(ck, ss)
+        _, key = _kdf2(opened.chaining_key, ss)
         try:
-            stamp = ChaCha20Poly1305(key).decrypt(_ZERO_NONCE, msg.encrypted_timestamp, h)
+            stamp = ChaCha20Poly1305(key).decrypt(
+                _ZERO_NONCE, opened.message.encrypted_timestamp, opened.hash
+            )
         except InvalidTag:
             raise BadTimestamp("timestamp does not decrypt: sender lacks the static key") from None
         self._remember(static, ss, cached)
-        return Verified(PublicKey(static), Timestamp(stamp), msg.sender_index)
+        return Verified(opened.public_key, Timestamp(stamp), opened.message.sender_index)
 
     def _remember(self, static: bytes, ss: bytes, cached: bool) -> None:
         cache = self._cache

@@ -48,8 +48,7 @@ class _Key:
             ) from None
         if len(raw) != KEY_LEN or len(text) != 44:
             raise InvalidKey(
-                f"{cls._kind} must be {KEY_LEN} bytes (44 base64 characters), "
-                f"got {len(raw)} bytes"
+                f"{cls._kind} must be {KEY_LEN} bytes (44 base64 characters), got {len(raw)} bytes"
             )
         return cls(raw)
 

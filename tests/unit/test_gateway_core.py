@@ -10,12 +10,13 @@ from typing import NamedTuple
 
 import pytest
 
+from tests.wgref import reference_initiation
 from wgjit.addr import Endpoint, parse_networks
 from wgjit.capture.packet import Knock
 from wgjit.device import DeviceState, PeerConfig, PeerState
 from wgjit.events import EventLog, parse_logfmt
 from wgjit.gateway.core import ConfigError, Gateway, GatewayConfig
-from wgjit.handshake import Responder, Timestamp, build_initiation
+from wgjit.handshake import Opened, Responder, Timestamp, Verified, build_initiation
 from wgjit.keys import PrivateKey, PublicKey
 from wgjit.store import Store, open_store
 
@@ -230,3 +231,34 @@ def test_short_timers_need_explicit_testing_flag() -> None:
     ).validate()
     assert any("never use in production" in w for w in warnings)
     assert GatewayConfig().validate() == []
+
+
+def test_forged_initiation_refused_and_does_not_poison_the_victim(env: Env) -> None:
+    g, dev, store, gw_key, out, clock = env
+    victim, attacker = PrivateKey.generate(), PrivateKey.generate()
+    store.add_peer("alice", victim.public_key(), parse_networks("100.65.0.11/32"))
+    ts = Timestamp.from_unix(1e9).raw
+    forged = reference_initiation(victim.public_key(), attacker, gw_key.public_key(), timestamp=ts)
+    assert g.handle(knock(forged, clock.t)) == "forged"
+    assert dev.calls == []
+    assert events(out, "reject")[-1]["reason"] == "forged"
+    # the victim's own knock right after is not held back by any cache
+    assert g.handle(knock(initiation(victim, gw_key, 1e9 + 1), clock.t)) == "installed"
+
+
+def test_unknown_key_costs_no_second_dh(env: Env) -> None:
+    """A made-up key is refused after decrypting the static key, before authenticating."""
+    g, dev, store, gw_key, out, clock = env
+    attacker = PrivateKey.generate()
+    claimed = PrivateKey.generate().public_key()
+    authenticated = []
+
+    class Counting(Responder):
+        def authenticate(self, opened: Opened) -> Verified:
+            authenticated.append(opened.public_key)
+            return super().authenticate(opened)
+
+    g.responder = Counting(gw_key)
+    pkt = reference_initiation(claimed, attacker, gw_key.public_key())
+    assert g.handle(knock(pkt, clock.t)) == "unknown"
+    assert authenticated == []

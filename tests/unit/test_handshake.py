@@ -1,23 +1,23 @@
 """wgjit.handshake: round trips, every rejection reason, real wireguard-go initiations, fuzzing.
 
 The forged-initiation test needs an initiator that lies about its static key, so this file has
-its own small initiator (`_initiation`) written from the whitepaper with hashlib/hmac directly;
+an independent initiator (tests/wgref.py) written from the whitepaper with hashlib/hmac directly;
 it doubles as an independent check of build_initiation.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
 import json
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.wgref import mac1 as _mac1
+from tests.wgref import reference_initiation
+from tests.wgref import with_mac1 as _with_mac1
 from wgjit.handshake import (
     INITIATION_SIZE,
     BadMac1,
@@ -46,33 +46,6 @@ EPHEMERAL = PrivateKey.from_hex("d0" + "44" * 30 + "7a")
 LOW_ORDER = bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800")
 
 
-# --- an independent initiator, straight from the whitepaper §5.4.2 ------------------------------
-def _h(*parts: bytes) -> bytes:
-    return hashlib.blake2s(b"".join(parts)).digest()
-
-
-def _hmac(key: bytes, data: bytes) -> bytes:
-    return hmac.new(key, data, hashlib.blake2s).digest()
-
-
-def _kdf(key: bytes, data: bytes, n: int) -> list[bytes]:
-    t0, out, prev = _hmac(key, data), [], b""
-    for i in range(1, n + 1):
-        prev = _hmac(t0, prev + bytes([i]))
-        out.append(prev)
-    return out
-
-
-def _mac1(responder: PublicKey, body: bytes) -> bytes:
-    key = _h(b"mac1----", responder.raw)
-    return hashlib.blake2s(body, key=key, digest_size=16).digest()
-
-
-def _with_mac1(packet: bytes, responder: PublicKey) -> bytes:
-    """Recompute mac1 after tampering, so the packet gets past the cheap check."""
-    return packet[:116] + _mac1(responder, packet[:116]) + packet[132:]
-
-
 def _initiation(
     claimed_static: PublicKey,
     ss_key: PrivateKey,
@@ -82,23 +55,9 @@ def _initiation(
     timestamp: bytes = b"\x40" + bytes(11),
     index: int = 7,
 ) -> bytes:
-    """An initiation claiming `claimed_static`, with the static-static DH done with `ss_key`.
-
-    Honest when ss_key is the private key of claimed_static; forged otherwise.
-    """
-    nonce = bytes(12)
-    c = _h(b"Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s")
-    h = _h(_h(c, b"WireGuard v1 zx2c4 Jason@zx2c4.com"), responder.raw)
-    epub = ephemeral.public_key().raw
-    (c,) = _kdf(c, epub, 1)
-    h = _h(h, epub)
-    c, k = _kdf(c, ephemeral.exchange(responder), 2)
-    static = ChaCha20Poly1305(k).encrypt(nonce, claimed_static.raw, h)
-    h = _h(h, static)
-    c, k = _kdf(c, ss_key.exchange(responder), 2)
-    stamp = ChaCha20Poly1305(k).encrypt(nonce, timestamp, h)
-    body = b"\x01\x00\x00\x00" + index.to_bytes(4, "little") + epub + static + stamp
-    return body + _mac1(responder, body) + bytes(16)
+    return reference_initiation(
+        claimed_static, ss_key, responder, ephemeral=ephemeral, timestamp=timestamp, index=index
+    )
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,9 @@
 `Gateway` receives knocks (already captured) and clock readings, and drives a Device and a Store
 through their small interfaces. It owns no socket and no timer: `wgjit.gateway.run` feeds it.
 Order on the hot path, cheapest first: own-interface and duplicate drops, global rate limit,
-mac1, per-source rate limit, DH + decryption, installed-set check, negative cache, store lookup,
-anti-replay (atomic in the store), install, handshake completion.
+mac1, per-source rate limit, static-key decryption (1 DH), negative cache and store lookup for
+keys not installed, authentication (static DH, cached per peer, + timestamp), anti-replay
+(atomic in the store), install, handshake completion.
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ class GatewayConfig:
     sweep_interval: float = DEFAULT_SWEEP_INTERVAL
     change_poll_interval: float = 0.5  # revocations must reach the device within ~2 s
     negative_cache_ttl: float = 30.0
-    duplicate_ttl: float = 10.0
+    # the same datagram crossing several interfaces (bridge port, bridge) arrives within
+    # microseconds; a short window also lets a replay be seen (and logged) as a replay
+    duplicate_ttl: float = 2.0
     per_source_rate: float = 20.0  # like the kernel's handshake limiter: 20/s per source IP
     per_source_burst: float = 20.0
     global_rate: float = 5000.0
@@ -150,24 +153,33 @@ class Gateway:
         if not self._per_source.allow(knock.source.host, now):
             return "rate_limited"
         try:
-            v = self.responder.verify(knock.payload)
+            opened = self.responder.open_static(knock.payload)
         except HandshakeError as e:
             self._reject(e.reason, knock.source)
             return e.reason
-
-        inst = self.installed.get(v.public_key)
+        key = opened.public_key  # claimed; proven only by authenticate()
+        inst = self.installed.get(key)
+        peer = None
+        if inst is None:
+            # unknown keys are dropped before the second X25519: a flood of made-up keys
+            # costs one DH each, and a negatively cached key costs no store query
+            if self._negative.contains(key, now):
+                return "negative_cached"
+            peer = self.store.lookup(key)
+            if peer is None or peer.revoked:
+                reason = "unknown" if peer is None else "revoked"
+                self._negative.add(key, now)
+                self._reject(reason, knock.source, key, peer.name if peer else None)
+                return reason
+        try:
+            v = self.responder.authenticate(opened)
+        except HandshakeError as e:
+            self._reject(e.reason, knock.source, key, inst.name if inst else None)
+            return e.reason
         if inst is not None:
             self._note_handshake(inst, v)
             return "already_installed"
-        if self._negative.contains(v.public_key, now):
-            return "negative_cached"
-
-        peer = self.store.lookup(v.public_key)
-        if peer is None or peer.revoked:
-            reason = "unknown" if peer is None else "revoked"
-            self._negative.add(v.public_key, now)
-            self._reject(reason, knock.source, v.public_key, peer.name if peer else None)
-            return reason
+        assert peer is not None
         if peer.handshake_hwm is not None and v.timestamp.raw <= peer.handshake_hwm:
             self._reject("replay", knock.source, v.public_key, peer.name)
             return "replay"
