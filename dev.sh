@@ -58,7 +58,7 @@ case "$cmd" in
         exec "$VENV/bin/wgjit" demo "$@" ;;
     test)
         need_root; setup_apt; setup_venv
-        "$VENV/bin/ruff" check wgjit tests
+        "$VENV/bin/ruff" check wgjit tests benchmarks
         "$VENV/bin/mypy"
         exec "$VENV/bin/python" -m pytest "$@" ;;
     *)

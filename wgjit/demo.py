@@ -89,7 +89,36 @@ def _demo(lab: Lab, store_url: str, connects: int, total: int) -> int:
              f"{ev.get('took_ms')} ms from endpoint {ev.get('endpoint')}")  # fmt: skip
     _peer_table(gw, names)
 
-    _step(5, total, f"First-ping latency, {connects} fresh connects each (same run)")
+    _step(5, total, "Refusals: an unknown key never reaches the kernel")
+    rtt = mallory.ping(gw.tunnel_ip, timeout=2)
+    ev = g.wait_event("reject", reason="unknown")
+    _say(f"      mallory ping: {'no reply' if rtt is None else rtt}; gateway: reject "
+         f"reason={ev['reason']} key={ev.get('key')} source={ev.get('source')}")  # fmt: skip
+    _say(f"      mallory on the device: {mallory.public_key.b64() in gw.peers()}")
+
+    _step(6, total, "Revocation and idle eviction")
+    bob.connect_to(gw)  # a fresh session: bob knocks and is installed again if idle-evicted
+    bob.ping(gw.tunnel_ip, timeout=2)
+    t0 = time.monotonic()
+    with open_store(store_url) as store:
+        store.revoke("bob")
+    g.wait_event("evict", peer="bob", reason="revoked")
+    _say(f"      wgjit peer revoke bob -> evicted from the device after "
+         f"{(time.monotonic() - t0) * 1000:.0f} ms")  # fmt: skip
+    bob.connect_to(gw)  # bob knocks again with a new session
+    rtt = bob.ping(gw.tunnel_ip, timeout=1)
+    ev = g.wait_event("reject", peer="bob", reason="revoked")
+    _say(f"      bob knocks again: {'no reply' if rtt is None else 'reply!'}; gateway: reject "
+         f"reason={ev['reason']} peer=bob")  # fmt: skip
+    _say(f"      waiting for dave to be idle for {DEMO_IDLE_TIMEOUT:g}s ...")
+    g.wait_event("evict", timeout=DEMO_IDLE_TIMEOUT + 10, peer="dave", reason="idle")
+    _say("      dave evicted (idle); his next knock installs him again:")
+    dave.connect_to(gw)  # as if his session had expired
+    _say(f"      dave first reply after {dave.ping(gw.tunnel_ip, timeout=7)} ms")
+    wait_for("dave back on the device", lambda: dave.public_key.b64() in gw.peers())
+    _peer_table(gw, names)
+
+    _step(7, total, f"First-ping latency, {connects} fresh connects each (same run)")
     _say("      (without wgjit's handshake completion a new peer waits for the client's 5 s retry)")
     pre = measure_connects(alice, gw, store_url, connects, jit=False, prefix="bench")
     jit = measure_connects(alice, gw, store_url, connects, jit=True, prefix="bench")
@@ -98,28 +127,6 @@ def _demo(lab: Lab, store_url: str, connects: int, total: int) -> int:
     _say(f"      JIT / pre-installed median ratio: "
          f"{statistics.median(jit) / statistics.median(pre):.2f}x")  # fmt: skip
 
-    _step(6, total, "Refusals: an unknown key never reaches the kernel")
-    rtt = mallory.ping(gw.tunnel_ip, timeout=2)
-    ev = g.wait_event("reject", reason="unknown")
-    _say(f"      mallory ping: {'no reply' if rtt is None else rtt}; gateway: reject "
-         f"reason={ev['reason']} key={ev.get('key')} source={ev.get('source')}")  # fmt: skip
-    _say(f"      mallory on the device: {mallory.public_key.b64() in gw.peers()}")
-
-    _step(7, total, "Revocation and idle eviction")
-    t0 = time.monotonic()
-    with open_store(store_url) as store:
-        store.revoke("bob")
-    g.wait_event("evict", peer="bob", reason="revoked")
-    _say(f"      wgjit peer revoke bob -> evicted from the device after "
-         f"{(time.monotonic() - t0) * 1000:.0f} ms")  # fmt: skip
-    _say(f"      bob pings again: {'no reply' if bob.ping(gw.tunnel_ip, 1) is None else 'reply!'}")
-    _say(f"      waiting for dave to be idle for {DEMO_IDLE_TIMEOUT:g}s ...")
-    g.wait_event("evict", timeout=DEMO_IDLE_TIMEOUT + 10, peer="dave", reason="idle")
-    _say("      dave evicted (idle); his next knock installs him again:")
-    dave.connect_to(gw)  # as if his session had expired
-    _say(f"      dave first reply after {dave.ping(gw.tunnel_ip, timeout=7)} ms")
-    wait_for("dave back on the device", lambda: dave.public_key.b64() in gw.peers())
-    _peer_table(gw, names)
     _stop(g)
     _say("\nDone; removing the lab's namespaces and processes.")
     return 0

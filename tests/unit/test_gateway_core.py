@@ -117,12 +117,19 @@ def test_known_peer_installed_with_endpoint_and_no_keepalive_left(env: Env) -> N
     c = PrivateKey.generate()
     store.add_peer("alice", c.public_key(), parse_networks("100.65.0.11/32"))
     assert g.handle(knock(initiation(c, gw_key, 1e9), clock.t)) == "installed"
+    assert [cfg.persistent_keepalive for cfg in dev.calls] == [None]
+    # role inversion waits until the device has had time to see the client's initiation
+    assert g.next_completion() == clock.t + g.config.invert_delay
+    g.complete_due(clock.t)
+    assert len(dev.calls) == 1
+    g.complete_due(clock.t + g.config.invert_delay)
+    assert g.next_completion() is None
     ps = dev.peers[c.public_key()]
     assert ps.endpoint == SRC
     assert ps.allowed_ips == parse_networks("100.65.0.11/32")
     assert ps.persistent_keepalive == 0
     # role inversion: keepalive switched on with the install, then off
-    assert [cfg.persistent_keepalive for cfg in dev.calls] == [1, 0]
+    assert [cfg.persistent_keepalive for cfg in dev.calls] == [None, 1, 0]
     assert events(out, "install")[0]["peer"] == "alice"
     # the store remembers the accepted timestamp
     peer = store.lookup(c.public_key())
@@ -137,7 +144,7 @@ def test_duplicate_and_already_installed(env: Env) -> None:
     assert g.handle(knock(pkt, clock.t)) == "installed"
     assert g.handle(knock(pkt, clock.t)) == "duplicate"  # same datagram seen on a 2nd interface
     assert g.handle(knock(initiation(c, gw_key, 1e9 + 5), clock.t)) == "already_installed"
-    assert len(dev.calls) == 2
+    assert len(dev.calls) == 1
 
 
 def test_unknown_revoked_forged_malformed_never_touch_device(env: Env) -> None:

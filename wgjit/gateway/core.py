@@ -11,7 +11,7 @@ keys not installed, authentication (static DH, cached per peer, + timestamp), an
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -32,6 +32,10 @@ DEFAULT_SWEEP_INTERVAL = 15.0
 MIN_SWEEP_INTERVAL = 1.0
 
 
+# outcomes that are normal or too frequent for a line each at info level
+_QUIET = frozenset({"duplicate", "rate_limited", "negative_cached", "already_installed"})
+
+
 class ConfigError(ValueError):
     """A gateway setting is out of range; the message names the option and the fix."""
 
@@ -49,6 +53,8 @@ class GatewayConfig:
     per_source_burst: float = 20.0
     global_rate: float = 5000.0
     global_burst: float = 1000.0
+    # how long after a knock the gateway initiates back (see Gateway.complete_due)
+    invert_delay: float = 0.005
     testing_short_timers: bool = False
 
     def validate(self) -> list[str]:
@@ -108,6 +114,7 @@ class Gateway:
         self._per_source: KeyedRateLimiter[object] = KeyedRateLimiter(
             c.per_source_rate, c.per_source_burst
         )
+        self._completions: deque[tuple[float, PublicKey]] = deque()
         self._reject_log = TokenBucket(20.0, 50.0)  # bound log volume under attack
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -134,6 +141,8 @@ class Gateway:
             outcome = "install_failed"
             self.log.error("install_failed", source=str(knock.source), error=str(e))
         self.counters[outcome] += 1
+        if outcome in _QUIET:
+            self.log.debug("knock", outcome=outcome, source=str(knock.source))
         return outcome
 
     def _handle(self, knock: Knock) -> str:
@@ -186,7 +195,7 @@ class Gateway:
         if not self.store.advance_handshake(Handshake(v.public_key, v.timestamp.raw, self.wall())):
             self._reject("replay", knock.source, v.public_key, peer.name)
             return "replay"
-        self._install(peer, knock.source)
+        self._install(peer, knock.source, now)
         self.installed[v.public_key] = Installed(peer.name, self.wall(), hwm=v.timestamp.raw)
         self.log.info(
             "install",
@@ -197,20 +206,42 @@ class Gateway:
         )
         return "installed"
 
-    def _install(self, peer: Peer, endpoint: Endpoint) -> None:
-        # Role inversion: a persistent keepalive on a peer with no session makes the device
-        # initiate a handshake to the captured endpoint at once; clearing it right after
-        # leaves no keepalive behind (the staged keepalive still drives the handshake).
+    def _install(self, peer: Peer, endpoint: Endpoint, received_at: float) -> None:
         self.device.set_peer(
             PeerConfig(
                 peer.public_key,
                 endpoint=endpoint,
                 allowed_ips=peer.allowed_ips,
                 preshared_key=peer.preshared_key,
-                persistent_keepalive=1,
             )
         )
-        self.device.set_peer(PeerConfig(peer.public_key, persistent_keepalive=0, update_only=True))
+        self._completions.append((received_at + self.config.invert_delay, peer.public_key))
+
+    def next_completion(self) -> float | None:
+        """When complete_due() next has work (monotonic), or None."""
+        return self._completions[0][0] if self._completions else None
+
+    def complete_due(self, now: float) -> None:
+        """Role inversion for installs whose initiation the device has had time to see.
+
+        The device may still have the client's first initiation queued when the peer lands;
+        it then answers it itself. If the gateway's own initiation reached the client before
+        that answer, each side would overwrite the other's handshake state and both would
+        fail until the client's 5 s retry. Waiting `invert_delay` after the knock lets the
+        device finish with the client's initiation first; an inversion after a completed
+        handshake is harmless (one spare handshake).
+
+        A persistent keepalive switched on for a peer with no session makes the device send
+        a keepalive, which needs a handshake: the device initiates to the captured endpoint.
+        Switching it off right after leaves no keepalive behind; the initiation is already
+        on its way (a single transaction setting 1 then 0 would send nothing).
+        """
+        while self._completions and self._completions[0][0] <= now:
+            _, key = self._completions.popleft()
+            if key not in self.installed:
+                continue
+            self.device.set_peer(PeerConfig(key, persistent_keepalive=1, update_only=True))
+            self.device.set_peer(PeerConfig(key, persistent_keepalive=0, update_only=True))
 
     def _note_handshake(self, inst: Installed, v: Verified) -> None:
         ts = v.timestamp.raw

@@ -90,7 +90,8 @@ def serve(
             next_poll = time.monotonic() + config.change_poll_interval
             next_sweep = time.monotonic() + config.sweep_interval
             while not stop:
-                timeout = max(0.0, min(next_poll, next_sweep) - time.monotonic())
+                due = min(next_poll, next_sweep, gw.next_completion() or next_poll)
+                timeout = max(0.0, due - time.monotonic())
                 for key, _ in sel.select(timeout):
                     if key.data == "wake":
                         with contextlib.suppress(BlockingIOError):
@@ -99,6 +100,7 @@ def serve(
                     for knock in cap.recv_batch():
                         _guarded(log, "handle", gw.handle, knock)
                 now = time.monotonic()
+                _guarded(log, "complete", gw.complete_due, now)
                 if now >= next_poll:
                     _guarded(log, "poll_changes", gw.poll_changes)
                     next_poll = now + config.change_poll_interval
