@@ -269,3 +269,14 @@ def test_unknown_key_costs_no_second_dh(env: Env) -> None:
     pkt = reference_initiation(claimed, attacker, gw_key.public_key())
     assert g.handle(knock(pkt, clock.t)) == "unknown"
     assert authenticated == []
+
+
+def test_store_changes_pushed_only_when_they_change_the_device(env: Env) -> None:
+    g, dev, store, gw_key, out, clock = env
+    a, b = PrivateKey.generate(), PrivateKey.generate()
+    store.add_peer("a", a.public_key(), parse_networks("100.65.0.11/32"))
+    g.handle(knock(initiation(a, gw_key, 1e9), clock.t))
+    store.add_peer("b", b.public_key(), parse_networks("100.65.0.12/32"))
+    calls = len(dev.calls)
+    g.poll_changes()  # a's own insert and b's are in the feed: nothing to push
+    assert len(dev.calls) == calls

@@ -15,13 +15,13 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from wgjit.addr import Endpoint
+from wgjit.addr import Endpoint, IPNetwork
 from wgjit.capture.packet import Knock
 from wgjit.device import Device, DeviceError, DeviceState, PeerConfig
 from wgjit.events import EventLog
 from wgjit.gateway.limits import KeyedRateLimiter, TokenBucket, TTLSet
 from wgjit.handshake import HandshakeError, Responder, Verified
-from wgjit.keys import PublicKey
+from wgjit.keys import PresharedKey, PublicKey
 from wgjit.store import ChangeFeedExpired, Handshake, Peer, Store, StoreError
 
 # WireGuard's REJECT_AFTER_TIME (messages.h): a session older than this is dead, so evicting a
@@ -88,6 +88,9 @@ class GatewayConfig:
 class Installed:
     name: str
     installed_at: float  # wall clock
+    # what the device was given, so a store change is pushed only if it changes something
+    allowed_ips: tuple[IPNetwork, ...]
+    preshared_key: PresharedKey | None
     hwm: bytes | None = None  # newest timestamp known to the store
     pending: Handshake | None = None  # newer timestamp seen, not yet written
 
@@ -196,7 +199,9 @@ class Gateway:
             self._reject("replay", knock.source, v.public_key, peer.name)
             return "replay"
         self._install(peer, knock.source, now)
-        self.installed[v.public_key] = Installed(peer.name, self.wall(), hwm=v.timestamp.raw)
+        self.installed[v.public_key] = Installed(
+            peer.name, self.wall(), peer.allowed_ips, peer.preshared_key, hwm=v.timestamp.raw
+        )
         self.log.info(
             "install",
             peer=peer.name,
@@ -312,7 +317,10 @@ class Gateway:
             peer = self.store.lookup(key)
             if peer is None or peer.revoked:
                 gone.append((key, inst.name, "removed" if peer is None else "revoked"))
-            else:
+            elif (
+                set(peer.allowed_ips) != set(inst.allowed_ips)
+                or peer.preshared_key != inst.preshared_key
+            ):
                 self.device.set_peer(
                     PeerConfig(
                         key,
@@ -321,6 +329,8 @@ class Gateway:
                         update_only=True,
                     )
                 )
+                inst.allowed_ips, inst.preshared_key = peer.allowed_ips, peer.preshared_key
+                self.log.info("update", peer=peer.name, key=key.short())
         if gone:
             self.device.remove_peers(k for k, _, _ in gone)
             for key, name, reason in gone:
@@ -341,7 +351,11 @@ class Gateway:
                 bad.append((key, peer.name if peer else "-"))
                 continue
             self.installed[key] = Installed(
-                peer.name, ps.last_handshake or wall, hwm=peer.handshake_hwm
+                peer.name,
+                ps.last_handshake or wall,
+                ps.allowed_ips,
+                peer.preshared_key,
+                hwm=peer.handshake_hwm,
             )
         if bad:
             self.device.remove_peers(k for k, _ in bad)

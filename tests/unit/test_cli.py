@@ -1,0 +1,123 @@
+"""The CLI as an operator meets it: outputs, and one clear error line for every bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from wgjit.cli import main
+from wgjit.keys import PrivateKey
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "peers.db"
+    monkeypatch.setenv("WGJIT_STORE", f"sqlite:///{path}")
+    return path
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def listing(capsys: pytest.CaptureFixture[str]) -> list[dict[str, object]]:
+    rc, out, _ = run(capsys, "peer", "list", "--json")
+    assert rc == 0
+    result: list[dict[str, object]] = json.loads(out)
+    return result
+
+
+def test_add_with_key_list_show_revoke_remove(
+    store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = PrivateKey.generate().public_key().b64()
+    rc, out, _ = run(capsys, "peer", "add", "laptop", "--allowed-ips", "100.65.0.2/32,fd65::2/128",
+                     "--public-key", key)  # fmt: skip
+    assert rc == 0 and "laptop" in out
+    peers = listing(capsys)
+    assert peers == [
+        {
+            **peers[0],
+            "name": "laptop",
+            "public_key": key,
+            "allowed_ips": ["100.65.0.2/32", "fd65::2/128"],
+            "revoked": False,
+        }
+    ]
+    rc, out, _ = run(capsys, "peer", "show", "laptop")
+    assert rc == 0 and key in out
+    assert run(capsys, "peer", "revoke", "laptop")[0] == 0
+    assert listing(capsys)[0]["revoked"] is True
+    assert run(capsys, "peer", "remove", "laptop")[0] == 0
+    assert listing(capsys) == []
+
+
+def test_add_without_key_prints_a_client_config(
+    store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gw = PrivateKey.generate().public_key().b64()
+    rc, out, _ = run(capsys, "peer", "add", "phone", "--allowed-ips", "100.65.0.3/32",
+                     "--gateway-public-key", gw, "--endpoint", "vpn.example.net:51820",
+                     "--preshared-key", "--qr")  # fmt: skip
+    assert rc == 0
+    conf = dict(
+        line.split(" = ", 1) for line in out.splitlines() if " = " in line and line[0] != "#"
+    )
+    priv = PrivateKey.from_b64(conf["PrivateKey"])
+    assert conf["Address"] == "100.65.0.3/32"
+    assert conf["PublicKey"] == gw
+    assert conf["Endpoint"] == "vpn.example.net:51820"
+    assert "PresharedKey" in conf
+    assert listing(capsys)[0]["public_key"] == priv.public_key().b64()
+    assert "█" in out or "▀" in out  # the QR code
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["peer", "add", "x", "--allowed-ips", "100.65.0.2/32", "--public-key", "nope"],
+         "public key"),
+        (["peer", "add", "x", "--allowed-ips", "100.65.0.1/24"], "did you mean 100.65.0.0/24"),
+        (["peer", "add", "x", "--allowed-ips", "banana"], "not a valid CIDR"),
+        (["peer", "add", "bad name!", "--allowed-ips", "100.65.0.9/32"], "name"),
+        (["peer", "add", "a", "--allowed-ips", "100.65.0.9/32"], "already exists"),
+        (["peer", "revoke", "ghost"], "ghost"),
+        (["peer", "remove", "ghost"], "ghost"),
+        (["peer", "show", "ghost"], "ghost"),
+        (["gateway", "--interface", "wjnosuchif0"], "wjnosuchif0"),
+        (["gateway", "--interface", "wg0", "--idle-timeout", "60"], "--idle-timeout"),
+    ],
+)  # fmt: skip
+def test_bad_input_one_line_error_store_unchanged(
+    store: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    key = PrivateKey.generate().public_key().b64()
+    assert run(capsys, "peer", "add", "a", "--allowed-ips", "100.65.0.8/32",
+               "--public-key", key)[0] == 0  # fmt: skip
+    before = listing(capsys)
+    rc, out, err = run(capsys, *argv)
+    assert rc == 1
+    assert err.count("\n") == 1 and err.startswith("wgjit: error: "), err
+    assert message in err
+    assert listing(capsys) == before
+
+
+def test_unwritable_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    rc, _, err = run(capsys, "--store", f"sqlite:///{blocker}/sub/peers.db", "peer", "list")
+    assert rc == 1
+    assert err.count("\n") == 1 and "not writable" in err and "--store" in err
+
+
+def test_duplicate_key_names_the_owner(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    key = PrivateKey.generate().public_key().b64()
+    assert run(capsys, "peer", "add", "a", "--allowed-ips", "100.65.0.8/32",
+               "--public-key", key)[0] == 0  # fmt: skip
+    rc, _, err = run(capsys, "peer", "add", "b", "--allowed-ips", "100.65.0.9/32",
+                     "--public-key", key)  # fmt: skip
+    assert rc == 1 and "'a'" in err
