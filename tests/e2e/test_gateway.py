@@ -84,7 +84,11 @@ def test_unknown_until_knock(lab: Lab, store_url: str, gateway: GatewayProcess) 
     peers = gw.peers()
     assert alice.public_key.b64() in peers
     assert peers[alice.public_key.b64()]["endpoint"] == client_endpoint(alice)
-    assert peers[alice.public_key.b64()]["keepalive"] == "off", "role inversion left a keepalive"
+    wait_for(
+        "role inversion to leave no keepalive",
+        lambda: gw.peers()[alice.public_key.b64()]["keepalive"] == "off",
+        timeout=2,
+    )
     ev = gateway.wait_event("install", peer="alice")
     assert ev["endpoint"] == client_endpoint(alice)
 
