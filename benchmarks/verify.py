@@ -17,6 +17,8 @@ from collections.abc import Callable
 from wgjit.handshake import HandshakeError, Responder, Timestamp, build_initiation
 from wgjit.keys import PrivateKey
 
+ROUNDS = 5
+
 
 def rate(fn: Callable[[int], object], items: int, seconds: float) -> float:
     done = 0
@@ -30,7 +32,7 @@ def rate(fn: Callable[[int], object], items: int, seconds: float) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--seconds", type=float, default=5.0, help="per row, over all rounds")
     s = ap.parse_args().seconds
     gw = PrivateKey.generate()
     clients = [PrivateKey.generate() for _ in range(2000)]
