@@ -1,4 +1,5 @@
-"""SQLite store: peers, anti-replay marks, change feed, migrations, files and errors."""
+"""Stores: peers, anti-replay marks, change feed and presence on both backends (SQLite and
+PostgreSQL); migrations, files and errors of the SQLite backend."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,11 +20,14 @@ from wgjit.store import (
     DuplicatePeer,
     Handshake,
     InvalidPeerName,
+    Store,
     StoreError,
     UnknownPeer,
     open_store,
 )
 from wgjit.store import sqlite as sqlite_mod
+from wgjit.store.postgres import MIGRATIONS as PG_MIGRATIONS
+from wgjit.store.postgres import PostgresStore
 from wgjit.store.sqlite import LOOKUP_SQL, MIGRATIONS, SQLiteStore, path_from_url
 
 NETS = parse_networks("100.65.0.2/32,fd00:65::2/128")
@@ -47,8 +51,30 @@ def db(tmp_path: Path) -> Path:
     return tmp_path / "state" / "peers.db"
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def open_same(request: pytest.FixtureRequest, db: Path) -> Iterator[Callable[[], Store]]:
+    """Opens another connection to one store (per test) of each backend, as another process
+    (the CLI, a second gateway) would; closes them all afterwards."""
+    opened: list[Store] = []
+    url = f"sqlite://{db}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
+
+    def make() -> Store:
+        s = open_store(url)
+        opened.append(s)
+        return s
+
+    yield make
+    for s in opened:
+        s.close()
+
+
 @pytest.fixture
-def store(db: Path) -> Iterator[SQLiteStore]:
+def store(open_same: Callable[[], Store]) -> Store:
+    return open_same()
+
+
+@pytest.fixture
+def sqlite_store(db: Path) -> Iterator[SQLiteStore]:
     with SQLiteStore(db) as s:
         yield s
 
@@ -56,7 +82,7 @@ def store(db: Path) -> Iterator[SQLiteStore]:
 # -- peers ---------------------------------------------------------------------------------------
 
 
-def test_add_get_lookup_list(store: SQLiteStore) -> None:
+def test_add_get_lookup_list(store: Store) -> None:
     ka, kb = new_key(), new_key()
     before = time.time()
     a = store.add_peer("alice", ka, NETS)
@@ -74,31 +100,31 @@ def test_add_get_lookup_list(store: SQLiteStore) -> None:
     assert store.list_peers()[1].public_key == kb
 
 
-def test_list_sorted_by_name_and_empty(store: SQLiteStore) -> None:
+def test_list_sorted_by_name_and_empty(store: Store) -> None:
     assert store.list_peers() == []
     for name in ["zed", "alice", "mike"]:
         store.add_peer(name, new_key(), NETS)
     assert [p.name for p in store.list_peers()] == ["alice", "mike", "zed"]
 
 
-def test_no_allowed_ips_round_trips(store: SQLiteStore) -> None:
+def test_no_allowed_ips_round_trips(store: Store) -> None:
     k = new_key()
     store.add_peer("empty", k, ())
     peer = store.lookup(k)
     assert peer is not None and peer.allowed_ips == ()
 
 
-def test_preshared_key_round_trips(store: SQLiteStore, db: Path) -> None:
+def test_preshared_key_round_trips(store: Store, open_same: Callable[[], Store]) -> None:
     psk = PresharedKey.generate()
     k = new_key()
     store.add_peer("alice", k, NETS, psk)
-    with SQLiteStore(db) as other:
+    with open_same() as other:
         peer = other.lookup(k)
     assert peer is not None and peer.preshared_key == psk
     assert peer.preshared_key.raw == psk.raw
 
 
-def test_duplicate_name(store: SQLiteStore) -> None:
+def test_duplicate_name(store: Store) -> None:
     store.add_peer("alice", new_key(), NETS)
     cursor = store.change_cursor()
     with pytest.raises(DuplicatePeer, match=r"^peer 'alice' already exists$"):
@@ -107,7 +133,7 @@ def test_duplicate_name(store: SQLiteStore) -> None:
     assert store.change_cursor() == cursor  # the failed insert left no trace
 
 
-def test_duplicate_key(store: SQLiteStore) -> None:
+def test_duplicate_key(store: Store) -> None:
     k = new_key()
     store.add_peer("bob", k, NETS)
     with pytest.raises(DuplicatePeer) as e:
@@ -117,21 +143,21 @@ def test_duplicate_key(store: SQLiteStore) -> None:
 
 
 @pytest.mark.parametrize("name", ["a", "A" * 64, "alice@laptop.example-1_x", "-", "1.2"])
-def test_valid_names(store: SQLiteStore, name: str) -> None:
+def test_valid_names(store: Store, name: str) -> None:
     assert store.add_peer(name, new_key(), NETS).name == name
 
 
 @pytest.mark.parametrize(
     "name", ["", "a" * 65, "with space", "tab\t", "new\nline", "sl/ash", "ünï", "a'b", "a,b"]
 )
-def test_invalid_names(store: SQLiteStore, name: str) -> None:
+def test_invalid_names(store: Store, name: str) -> None:
     with pytest.raises(InvalidPeerName, match=r"letters, digits, '\.', '_', '@' and '-'"):
         store.add_peer(name, new_key(), NETS)
     assert issubclass(InvalidPeerName, StoreError)
     assert store.list_peers() == []
 
 
-def test_revoke(store: SQLiteStore) -> None:
+def test_revoke(store: Store) -> None:
     k = new_key()
     added = store.add_peer("alice", k, NETS)
     revoked = store.revoke("alice")
@@ -143,7 +169,7 @@ def test_revoke(store: SQLiteStore) -> None:
     assert peer is not None and peer.revoked
 
 
-def test_revoke_and_remove_unknown(store: SQLiteStore) -> None:
+def test_revoke_and_remove_unknown(store: Store) -> None:
     with pytest.raises(UnknownPeer, match=r"^no peer named 'ghost'$"):
         store.revoke("ghost")
     with pytest.raises(UnknownPeer, match=r"^no peer named 'ghost'$"):
@@ -151,7 +177,7 @@ def test_revoke_and_remove_unknown(store: SQLiteStore) -> None:
     assert store.change_cursor() == 0
 
 
-def test_remove(store: SQLiteStore) -> None:
+def test_remove(store: Store) -> None:
     k = new_key()
     added = store.add_peer("alice", k, NETS)
     assert store.remove("alice") == added
@@ -161,7 +187,7 @@ def test_remove(store: SQLiteStore) -> None:
     store.add_peer("alice", k, NETS)  # name and key are free again
 
 
-def test_lookup_is_an_indexed_point_query(store: SQLiteStore, db: Path) -> None:
+def test_lookup_is_an_indexed_point_query(sqlite_store: SQLiteStore, db: Path) -> None:
     plan = " ".join(
         str(row[-1]) for row in raw(db).execute("EXPLAIN QUERY PLAN " + LOOKUP_SQL, (b"x" * 32,))
     )
@@ -171,7 +197,7 @@ def test_lookup_is_an_indexed_point_query(store: SQLiteStore, db: Path) -> None:
 # -- handshakes ----------------------------------------------------------------------------------
 
 
-def test_advance_handshake_is_monotonic(store: SQLiteStore) -> None:
+def test_advance_handshake_is_monotonic(store: Store) -> None:
     k = new_key()
     store.add_peer("alice", k, NETS)
     assert store.advance_handshake(Handshake(k, tai64n(1000, 500), 10.0))
@@ -188,7 +214,7 @@ def test_advance_handshake_is_monotonic(store: SQLiteStore) -> None:
     assert peer.updated_at == peer.created_at  # bookkeeping is not an administrative change
 
 
-def test_advance_handshake_unknown_key_and_bad_timestamp(store: SQLiteStore) -> None:
+def test_advance_handshake_unknown_key_and_bad_timestamp(store: Store) -> None:
     assert not store.advance_handshake(Handshake(new_key(), tai64n(1), 1.0))
     k = new_key()
     store.add_peer("alice", k, NETS)
@@ -196,14 +222,16 @@ def test_advance_handshake_unknown_key_and_bad_timestamp(store: SQLiteStore) -> 
         store.advance_handshake(Handshake(k, b"short", 1.0))
 
 
-def test_advance_handshake_is_atomic_across_threads_and_connections(db: Path) -> None:
+def test_advance_handshake_is_atomic_across_threads_and_connections(
+    open_same: Callable[[], Store],
+) -> None:
     k = new_key()
-    stores = [SQLiteStore(db), SQLiteStore(db)]
+    stores = [open_same(), open_same()]
     stores[0].add_peer("alice", k, NETS)
     wins: list[int] = []
     lock = threading.Lock()
 
-    def race(s: SQLiteStore) -> None:
+    def race(s: Store) -> None:
         for t in range(200):
             if s.advance_handshake(Handshake(k, tai64n(t), float(t))):
                 with lock:
@@ -220,7 +248,7 @@ def test_advance_handshake_is_atomic_across_threads_and_connections(db: Path) ->
     assert max(wins) == 199
 
 
-def test_record_handshakes_batch(store: SQLiteStore) -> None:
+def test_record_handshakes_batch(store: Store) -> None:
     ka, kb, kc = new_key(), new_key(), new_key()
     store.add_peer("a", ka, NETS)
     store.add_peer("b", kb, NETS)
@@ -251,7 +279,7 @@ def test_record_handshakes_batch(store: SQLiteStore) -> None:
 # -- change feed ---------------------------------------------------------------------------------
 
 
-def test_change_feed(store: SQLiteStore) -> None:
+def test_change_feed(store: Store) -> None:
     assert store.change_cursor() == 0
     assert store.changes_since(0) == ([], 0)
     ka, kb = new_key(), new_key()
@@ -281,62 +309,62 @@ def test_change_feed(store: SQLiteStore) -> None:
     assert keys == [ka, kb]
 
 
-def test_change_feed_direct_updates(store: SQLiteStore, db: Path) -> None:
+def test_change_feed_direct_updates(sqlite_store: SQLiteStore, db: Path) -> None:
     """Triggers, not the Python code, feed the feed: edits by other tools are seen too."""
     k, k2 = new_key(), new_key()
-    store.add_peer("alice", k, NETS)
-    c = store.change_cursor()
+    sqlite_store.add_peer("alice", k, NETS)
+    c = sqlite_store.change_cursor()
     conn = raw(db)
     conn.execute("UPDATE peers SET last_seen = 5, handshake_hwm = zeroblob(12)")
-    assert store.changes_since(c) == ([], c)
+    assert sqlite_store.changes_since(c) == ([], c)
     conn.execute("UPDATE peers SET allowed_ips = '10.0.0.0/8'")
-    keys, c = store.changes_since(c)
+    keys, c = sqlite_store.changes_since(c)
     assert keys == [k]
     conn.execute("UPDATE peers SET allowed_ips = '10.0.0.0/8'")  # same value: no change
-    assert store.changes_since(c) == ([], c)
+    assert sqlite_store.changes_since(c) == ([], c)
     conn.execute("UPDATE peers SET public_key = ?", (k2.raw,))  # both keys are affected
-    keys, c = store.changes_since(c)
+    keys, c = sqlite_store.changes_since(c)
     assert set(keys) == {k, k2}
 
 
-def test_change_feed_pruning(store: SQLiteStore, db: Path) -> None:
+def test_change_feed_pruning(sqlite_store: SQLiteStore, db: Path) -> None:
     for i in range(3):
-        store.add_peer(f"p{i}", new_key(), NETS)
-    stale = store.change_cursor() - 2  # a reader that saw only the first change
+        sqlite_store.add_peer(f"p{i}", new_key(), NETS)
+    stale = sqlite_store.change_cursor() - 2  # a reader that saw only the first change
     conn = raw(db)
     conn.execute("UPDATE peer_changes SET at = at - 2 * 86400")  # age them past retention
-    current = store.change_cursor()
+    current = sqlite_store.change_cursor()
     k = new_key()
-    store.add_peer("fresh", k, NETS)  # a write prunes opportunistically
+    sqlite_store.add_peer("fresh", k, NETS)  # a write prunes opportunistically
     assert conn.execute("SELECT count(*) FROM peer_changes").fetchone()[0] == 1
     # a reader that keeps up misses nothing; the cursor never goes back
-    assert store.changes_since(current) == ([k], current + 1)
-    assert store.change_cursor() == current + 1
+    assert sqlite_store.changes_since(current) == ([k], current + 1)
+    assert sqlite_store.change_cursor() == current + 1
     # a reader a day behind is told, not silently fed an incomplete list
     with pytest.raises(ChangeFeedExpired, match="pruned"):
-        store.changes_since(stale)
+        sqlite_store.changes_since(stale)
     with pytest.raises(ChangeFeedExpired, match="ahead"):
-        store.changes_since(current + 5)
+        sqlite_store.changes_since(current + 5)
 
 
-def test_pruning_keeps_recent_entries(store: SQLiteStore, db: Path) -> None:
-    store.add_peer("old", new_key(), NETS)
-    store.add_peer("recent", new_key(), NETS)
+def test_pruning_keeps_recent_entries(sqlite_store: SQLiteStore, db: Path) -> None:
+    sqlite_store.add_peer("old", new_key(), NETS)
+    sqlite_store.add_peer("recent", new_key(), NETS)
     conn = raw(db)
     conn.execute("UPDATE peer_changes SET at = at - 2 * 86400 WHERE seq = 1")
     # a clock step back: a later entry looks old, but it follows a recent one, so it stays
-    store.add_peer("clock-stepped", new_key(), NETS)
+    sqlite_store.add_peer("clock-stepped", new_key(), NETS)
     conn.execute("UPDATE peer_changes SET at = at - 2 * 86400 WHERE seq = 3")
-    store.revoke("old")
+    sqlite_store.revoke("old")
     seqs = [r[0] for r in conn.execute("SELECT seq FROM peer_changes ORDER BY seq")]
     assert seqs == [2, 3, 4]
-    keys, _ = store.changes_since(1)
+    keys, _ = sqlite_store.changes_since(1)
     assert len(keys) == 3
 
 
-def test_two_stores_see_each_others_writes(db: Path) -> None:
-    """The CLI and a running gateway: separate connections to one file."""
-    with SQLiteStore(db) as gateway, SQLiteStore(db) as cli:
+def test_two_stores_see_each_others_writes(open_same: Callable[[], Store]) -> None:
+    """The CLI and a running gateway: separate connections to one store."""
+    with open_same() as gateway, open_same() as cli:
         cursor = gateway.change_cursor()
         k = new_key()
         cli.add_peer("alice", k, NETS)
@@ -359,8 +387,17 @@ def test_open_store_urls(tmp_path: Path) -> None:
         s.add_peer("alice", new_key(), NETS)
     with open_store(str(tmp_path / "a.db")) as s:
         assert [p.name for p in s.list_peers()] == ["alice"]
-    with pytest.raises(StoreError, match="PostgreSQL"):
-        open_store("postgres://db/wgjit")
+    with pytest.raises(StoreError, match=r"cannot reach the database .*check the server") as e:
+        open_store("postgres:///wgjit?host=/nonexistent-socket-dir&password=hunter2")
+    assert "hunter2" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_postgres_url_schemes(pg_url: str) -> None:
+    with open_store(pg_url.replace("postgresql://", "postgres://", 1)) as s:
+        s.add_peer("alice", new_key(), NETS)
+    with open_store(pg_url) as s:
+        assert [p.name for p in s.list_peers()] == ["alice"]
+        assert isinstance(s, PostgresStore) and s.schema_version == len(PG_MIGRATIONS)
 
 
 # -- URLs ----------------------------------------------------------------------------------------
@@ -412,16 +449,16 @@ def test_path_from_url_refuses(url: str) -> None:
 # -- files, schema, errors -----------------------------------------------------------------------
 
 
-def test_file_and_directory_modes(db: Path, store: SQLiteStore) -> None:
-    store.add_peer("alice", new_key(), NETS, PresharedKey.generate())
+def test_file_and_directory_modes(db: Path, sqlite_store: SQLiteStore) -> None:
+    sqlite_store.add_peer("alice", new_key(), NETS, PresharedKey.generate())
     assert stat.S_IMODE(db.stat().st_mode) == 0o600
     assert stat.S_IMODE(db.parent.stat().st_mode) == 0o700
     for side in db.parent.iterdir():  # -wal and -shm hold the same secrets
         assert stat.S_IMODE(side.stat().st_mode) == 0o600, side
 
 
-def test_pragmas(store: SQLiteStore, db: Path) -> None:
-    conn = store._conn
+def test_pragmas(sqlite_store: SQLiteStore, db: Path) -> None:
+    conn = sqlite_store._conn
     assert conn is not None
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
@@ -535,14 +572,14 @@ def test_busy_database(db: Path) -> None:
         s.add_peer("bob", new_key(), NETS)  # and the store is usable again
 
 
-def test_disk_full(store: SQLiteStore) -> None:
-    conn = store._conn
+def test_disk_full(sqlite_store: SQLiteStore) -> None:
+    conn = sqlite_store._conn
     assert conn is not None
     pages = conn.execute("PRAGMA page_count").fetchone()[0]
     conn.execute(f"PRAGMA max_page_count = {pages}")
     with pytest.raises(StoreError, match="disk full"):
         for i in range(1000):
-            store.add_peer(f"p{i}", new_key(), NETS, PresharedKey.generate())
+            sqlite_store.add_peer(f"p{i}", new_key(), NETS, PresharedKey.generate())
     assert not conn.in_transaction
 
 
@@ -554,7 +591,7 @@ def test_closed_store_and_context_manager(db: Path) -> None:
     s.close()  # idempotent
 
 
-def test_threads_share_one_store(store: SQLiteStore) -> None:
+def test_threads_share_one_store(store: Store) -> None:
     errors: list[BaseException] = []
 
     def work(n: int) -> None:
@@ -575,3 +612,179 @@ def test_threads_share_one_store(store: SQLiteStore) -> None:
     assert errors == []
     assert len(store.list_peers()) == 200
     assert len(store.changes_since(0)[0]) == 200
+
+
+# -- presence ------------------------------------------------------------------------------------
+
+
+def test_claim_moves_and_is_announced(store: Store, open_same: Callable[[], Store]) -> None:
+    k, other = new_key(), new_key()
+    store.add_peer("alice", k, NETS)
+    store.add_peer("bob", other, NETS)
+    a, b = store, open_same()  # two gateways
+    a.heartbeat("gw-a")
+    b.heartbeat("gw-b")
+    cursor = a.change_cursor()
+    assert a.claim(k, "gw-a") is None
+    assert a.claim(k, "gw-a") is None  # again: nothing moves
+    peer = b.lookup(k)
+    assert peer is not None and peer.holder == "gw-a"
+    assert a.changes_since(cursor) == ([], cursor)  # a first claim concerns nobody else
+    assert b.claim(k, "gw-b") == "gw-a"
+    keys, cursor = a.changes_since(cursor)
+    assert keys == [k]  # gw-a learns through the feed ...
+    peer = a.lookup(k)
+    assert peer is not None and peer.holder == "gw-b"  # ... that gw-b holds it now
+    a.release([k, other], "gw-a")  # not ours any more: gw-b's claim stays
+    peer = a.lookup(k)
+    assert peer is not None and peer.holder == "gw-b"
+    b.release([k], "gw-b")
+    peer = a.lookup(k)
+    assert peer is not None and peer.holder is None
+    assert a.changes_since(cursor) == ([], cursor)  # releases are not announced
+    with pytest.raises(UnknownPeer):
+        a.claim(new_key(), "gw-a")
+    a.claim(k, "gw-a")
+    a.remove("alice")  # the claim goes with the peer
+    a.add_peer("alice", k, NETS)
+    peer = a.lookup(k)
+    assert peer is not None and peer.holder is None
+
+
+def test_dead_gateways_claims_expire(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    from wgjit.store import postgres as pg_mod
+
+    k = new_key()
+    store.add_peer("alice", k, NETS)
+    store.heartbeat("gw-a")
+    store.claim(k, "gw-a")
+    store.heartbeat("gw-b")
+    peer = store.lookup(k)
+    assert peer is not None and peer.holder == "gw-a"  # alive
+    for mod in (sqlite_mod, pg_mod):
+        monkeypatch.setattr(mod, "PRESENCE_TTL_S", 0.05)
+    deadline = time.monotonic() + 5
+    while True:  # gw-a has stopped beating; gw-b's heartbeats expire it
+        store.heartbeat("gw-b")
+        peer = store.lookup(k)
+        assert peer is not None
+        if peer.holder is None:
+            break
+        assert time.monotonic() < deadline, "gw-a's claim never expired"
+        time.sleep(0.02)
+
+
+# -- bulk ----------------------------------------------------------------------------------------
+
+
+def test_import_peers_is_idempotent(store: Store) -> None:
+    from wgjit.store import Peer
+
+    keys = [new_key() for _ in range(5)]
+    batch = [Peer(f"p{i}", keys[i], NETS) for i in range(5)]
+    store.add_peer("taken", keys[4], NETS)  # p4's key belongs to another peer
+    cursor = store.change_cursor()
+    res = store.import_peers(batch)
+    assert (res.added, res.updated, res.unchanged) == (4, 0, 0)
+    assert res.rejected == [(4, "public key is already used by peer 'taken'")]
+    assert {p.name for p in store.list_peers()} == {"p0", "p1", "p2", "p3", "taken"}
+    keys_changed, cursor = store.changes_since(cursor)
+    assert set(keys_changed) == set(keys[:4])
+    res = store.import_peers(batch[:4])  # re-run: nothing changes, nothing announced
+    assert (res.added, res.updated, res.unchanged, res.rejected) == (0, 0, 4, [])
+    assert store.changes_since(cursor) == ([], cursor)
+    psk = PresharedKey.generate()
+    changed = [
+        Peer("p0", keys[0], parse_networks("10.0.0.1/32"), psk),
+        Peer("p1", keys[1], NETS, revoked=True),
+        Peer("p2", new_key(), NETS),  # same name, another key: refused
+        Peer("p3", keys[3], NETS),
+    ]
+    res = store.import_peers(changed)
+    assert (res.added, res.updated, res.unchanged) == (0, 2, 1)
+    assert res.rejected == [(2, "a peer with this name exists with another public key")]
+    p0, p1 = store.get_peer("p0"), store.get_peer("p1")
+    assert p0 is not None and p0.preshared_key == psk and str(p0.allowed_ips[0]) == "10.0.0.1/32"
+    assert p1 is not None and p1.revoked
+    keys_changed, cursor = store.changes_since(cursor)
+    assert set(keys_changed) == {keys[0], keys[1]}
+    assert store.import_peers([]).added == 0
+
+
+def test_iter_peers_streams_in_name_order(store: Store) -> None:
+    from wgjit.store import Peer
+
+    batch = [Peer(f"n{i:05d}", new_key(), NETS) for i in range(12345)]
+    assert store.import_peers(batch[::-1]).added == len(batch)
+    names = [p.name for p in store.iter_peers()]
+    assert names == [p.name for p in batch]
+
+
+# -- PostgreSQL specifics ------------------------------------------------------------------------
+
+
+def test_postgres_wakeup_fd_and_feed(pg_url: str) -> None:
+    import select
+
+    with open_store(pg_url) as gw, open_store(pg_url) as cli:
+        fd = gw.wakeup_fd()
+        assert fd is not None
+        cursor = gw.change_cursor()
+        assert select.select([fd], [], [], 0)[0] == []
+        k = new_key()
+        cli.add_peer("alice", k, NETS)
+        assert select.select([fd], [], [], 5)[0] == [fd]  # woken by NOTIFY
+        keys, cursor = gw.changes_since(cursor)  # drains the wake-up
+        assert keys == [k]
+        assert gw.wakeup_fd() == fd
+        assert select.select([fd], [], [], 0)[0] == []
+
+
+def test_postgres_feed_pruning_is_detected(pg_url: str) -> None:
+    import psycopg
+
+    with open_store(pg_url) as s:
+        for i in range(3):
+            s.add_peer(f"p{i}", new_key(), NETS)
+        stale = s.change_cursor() - 2
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute("UPDATE peer_changes SET at = at - 2 * 86400")
+        current = s.change_cursor()
+        k = new_key()
+        s.add_peer("fresh", k, NETS)
+        assert s.changes_since(current) == ([k], current + 1)
+        with pytest.raises(ChangeFeedExpired, match="pruned"):
+            s.changes_since(stale)
+        with pytest.raises(ChangeFeedExpired, match="ahead"):
+            s.changes_since(current + 5)
+
+
+def test_postgres_survives_a_server_restart() -> None:
+    import select
+
+    from tests.pgserver import PostgresServer
+
+    with PostgresServer() as srv:
+        url = srv.create_database("restart")
+        with open_store(url) as gw, open_store(url) as cli:
+            k = new_key()
+            cli.add_peer("alice", k, NETS)
+            cursor = gw.change_cursor()
+            assert gw.wakeup_fd() is not None
+            srv.restart()
+            cli.revoke("alice")  # the pool replaces its dead connection
+            # the listener died with the server: the feed itself still has the change
+            keys, cursor = gw.changes_since(cursor)
+            assert keys == [k]
+            peer = gw.lookup(k)
+            assert peer is not None and peer.revoked
+            deadline = time.monotonic() + 5
+            while (fd := gw.wakeup_fd()) is None:  # reconnects (at most once a second)
+                assert time.monotonic() < deadline, "LISTEN connection never came back"
+                time.sleep(0.05)
+            cli.remove("alice")
+            assert select.select([fd], [], [], 5)[0] == [fd]
+            assert gw.changes_since(cursor)[0] == [k]
+        srv.stop()
+        with pytest.raises(StoreError, match="cannot reach the database"):
+            open_store(url)

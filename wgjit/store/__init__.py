@@ -1,15 +1,17 @@
 """The store room: where peers live. One small interface, one backend per database.
 
-Backends: `sqlite` (embedded default) and, later, `postgres`. The store answers point queries
-by public key, advances the anti-replay high-water mark atomically, and exposes a change feed
-(a monotonically increasing cursor) so gateways learn about revocations. No policy here.
+Backends: `sqlite` (embedded default, one host) and `postgresql` (one database shared by many
+gateways). The store answers point queries by public key, advances the anti-replay high-water
+mark atomically, records which gateway holds which peer (presence), and exposes a change feed
+(a monotonically increasing cursor) so gateways learn about revocations and handoffs. No policy
+here.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Protocol, Self
 
@@ -17,6 +19,8 @@ from wgjit.addr import IPNetwork
 from wgjit.keys import PresharedKey, PublicKey
 
 DEFAULT_STORE_URL = "sqlite:///var/lib/wgjit/peers.db"
+# a gateway silent for longer than this (no heartbeat) loses its claims on peers
+PRESENCE_TTL_S = 30.0
 
 
 class StoreError(Exception):
@@ -66,6 +70,19 @@ class Peer:
     last_seen: float | None = None
     # TAI64N (12 bytes) of the newest initiation accepted from this peer; compares bytewise
     handshake_hwm: bytes | None = None
+    # the gateway that last claimed (installed) this peer and is alive, if any
+    holder: str | None = None
+
+
+@dataclass(slots=True)
+class ImportResult:
+    """What `Store.import_peers` did with one batch. `rejected` holds (index in the batch,
+    reason) for rows that were skipped."""
+
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    rejected: list[tuple[int, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +141,35 @@ class Store(Protocol):
         Raises ChangeFeedExpired if `cursor` can no longer be followed (see there)."""
         ...
 
+    def wakeup_fd(self) -> int | None:
+        """A file descriptor that becomes readable when changes_since() may have news (a wake-up
+        only: changes_since() is still the truth, and drains it), or None while there is none:
+        then poll. It may change over time (reconnects); ask again after each changes_since()."""
+        ...
+
+    def claim(self, public_key: PublicKey, gateway_id: str) -> str | None:
+        """Record that `gateway_id` now holds the peer. If another gateway held it, that
+        gateway learns it through the change feed (the key appears, lookup() shows the new
+        holder); returns that previous holder, else None."""
+        ...
+
+    def release(self, public_keys: Iterable[PublicKey], gateway_id: str) -> None:
+        """Drop `gateway_id`'s claims on these peers (claims by other gateways are kept)."""
+        ...
+
+    def heartbeat(self, gateway_id: str) -> None:
+        """Say `gateway_id` is alive; expire the claims of gateways silent for too long."""
+        ...
+
+    def import_peers(self, peers: Sequence[Peer]) -> ImportResult:
+        """Add or update (by name) a batch of peers in one transaction: idempotent. A row whose
+        key belongs to another peer, or whose name exists with another key, is rejected."""
+        ...
+
+    def iter_peers(self) -> Iterator[Peer]:
+        """Every peer ordered by name, streamed (for export of millions of rows)."""
+        ...
+
     def close(self) -> None:
         """Idempotent; any later call raises StoreError."""
         ...
@@ -141,11 +187,15 @@ class Store(Protocol):
 
 
 def open_store(url: str) -> Store:
-    """Open a store by URL: `sqlite:///abs/path.db`, `sqlite:relative.db` or a plain path.
+    """Open a store by URL: `sqlite:///abs/path.db`, `sqlite:relative.db`, a plain path, or
+    `postgresql://...` / `postgres://...` (libpq URI, e.g. `postgresql:///wgjit?host=/run/pg`).
+    Opening applies pending schema migrations.
 
     Raises StoreError (with a one-line reason) if it cannot be opened or created."""
+    if url.strip().startswith(("postgres://", "postgresql://")):
+        from wgjit.store.postgres import PostgresStore
+
+        return PostgresStore(url.strip())
     from wgjit.store.sqlite import SQLiteStore, path_from_url
 
-    if url.startswith(("postgres://", "postgresql://")):
-        raise StoreError("PostgreSQL store is not available in this version; use sqlite:///PATH")
     return SQLiteStore(path_from_url(url))

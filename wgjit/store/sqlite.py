@@ -1,5 +1,6 @@
 """SQLite peer store: one file shared by the CLI and running gateways (WAL, busy timeout,
-atomic anti-replay marks, a trigger-fed change feed, versioned schema migrations).
+atomic anti-replay marks, a trigger-fed change feed, versioned schema migrations, presence for
+gateways on the same host, bulk import).
 It makes no policy decisions and never lets a sqlite3 exception escape: failures are StoreError.
 """
 
@@ -11,7 +12,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self
@@ -19,9 +20,11 @@ from typing import Any, Final, Self
 from wgjit.addr import InvalidAddress, IPNetwork, format_networks, parse_network
 from wgjit.keys import InvalidKey, PresharedKey, PublicKey
 from wgjit.store import (
+    PRESENCE_TTL_S,
     ChangeFeedExpired,
     DuplicatePeer,
     Handshake,
+    ImportResult,
     Peer,
     StoreError,
     UnknownPeer,
@@ -86,11 +89,29 @@ MIGRATIONS: list[tuple[str, ...]] = [
             INSERT INTO peer_changes (public_key, at) VALUES (old.public_key, {_NOW_SQL});
         END""",
     ),
+    # 2: presence (which gateway holds which peer; gateways sharing this file on one host).
+    #    A claim moving to another gateway adds a feed entry, so the old holder learns it.
+    (
+        """CREATE TABLE gateways (
+            gateway_id TEXT PRIMARY KEY,
+            heartbeat_at REAL NOT NULL
+        )""",
+        """CREATE TABLE peer_claims (
+            public_key BLOB PRIMARY KEY,
+            gateway_id TEXT NOT NULL,
+            claimed_at REAL NOT NULL
+        )""",
+        "CREATE INDEX peer_claims_by_gateway ON peer_claims (gateway_id)",
+        """CREATE TRIGGER peers_claims_delete AFTER DELETE ON peers BEGIN
+            DELETE FROM peer_claims WHERE public_key = old.public_key;
+        END""",
+    ),
 ]
 
 _COLUMNS: Final = (
     "name, public_key, allowed_ips, preshared_key, revoked, created_at, updated_at, last_seen,"
-    " handshake_hwm"
+    " handshake_hwm,"
+    " (SELECT gateway_id FROM peer_claims c WHERE c.public_key = peers.public_key)"
 )
 LOOKUP_SQL: Final = f"SELECT {_COLUMNS} FROM peers WHERE public_key = ?"
 _BY_NAME_SQL: Final = f"SELECT {_COLUMNS} FROM peers WHERE name = ?"
@@ -299,7 +320,121 @@ class SQLiteStore:
         with self._write(f"record {len(params)} handshakes") as conn:
             conn.executemany(_ADVANCE_SQL, params)
 
+    def import_peers(self, peers: Sequence[Peer]) -> ImportResult:
+        res = ImportResult()
+        if not peers:
+            return res
+        for p in peers:
+            validate_peer_name(p.name)
+        now = time.time()
+        with self._write(f"import {len(peers)} peers") as conn:
+            new: list[tuple[Any, ...]] = []
+            changed: list[tuple[Any, ...]] = []
+            for i, p in enumerate(peers):
+                ips = format_networks(p.allowed_ips)
+                psk = p.preshared_key.raw if p.preshared_key else None
+                by_key = conn.execute(
+                    "SELECT name FROM peers WHERE public_key = ?", (p.public_key.raw,)
+                ).fetchone()
+                if by_key is not None and by_key[0] != p.name:
+                    res.rejected.append((i, f"public key is already used by peer {by_key[0]!r}"))
+                    continue
+                row = conn.execute(
+                    "SELECT public_key, allowed_ips, preshared_key, revoked FROM peers"
+                    " WHERE name = ?",
+                    (p.name,),
+                ).fetchone()
+                if row is None:
+                    new.append((p.name, p.public_key.raw, ips, psk, int(p.revoked), now, now))
+                elif bytes(row[0]) != p.public_key.raw:
+                    res.rejected.append((i, "a peer with this name exists with another public key"))
+                elif (row[1], row[2], bool(row[3])) != (ips, psk, p.revoked):
+                    changed.append((ips, psk, int(p.revoked), now, p.name))
+                else:
+                    res.unchanged += 1
+            conn.executemany(
+                "INSERT INTO peers (name, public_key, allowed_ips, preshared_key, revoked,"
+                " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                new,
+            )
+            conn.executemany(
+                "UPDATE peers SET allowed_ips = ?, preshared_key = ?, revoked = ?,"
+                " updated_at = ? WHERE name = ?",
+                changed,
+            )
+            res.added, res.updated = len(new), len(changed)
+            self._prune(conn, now)
+        return res
+
+    def iter_peers(self) -> Iterator[Peer]:
+        # pages by name (keyset), so the lock is never held while the caller works
+        after = ""
+        while True:
+            with self._op("list peers") as conn:
+                rows = conn.execute(
+                    f"SELECT {_COLUMNS} FROM peers WHERE name > ? ORDER BY name LIMIT 10000",
+                    (after,),
+                ).fetchall()
+            if not rows:
+                return
+            for r in rows:
+                yield self._peer(r)
+            after = rows[-1][0]
+
+    # -- presence -------------------------------------------------------------------------------
+
+    def claim(self, public_key: PublicKey, gateway_id: str) -> str | None:
+        with self._write("claim a peer") as conn:
+            if (
+                conn.execute(
+                    "SELECT 1 FROM peers WHERE public_key = ?", (public_key.raw,)
+                ).fetchone()
+                is None
+            ):
+                raise UnknownPeer(f"peer {public_key.short()}... is no longer in the store")
+            row = conn.execute(
+                "SELECT gateway_id FROM peer_claims WHERE public_key = ?", (public_key.raw,)
+            ).fetchone()
+            conn.execute(
+                "INSERT OR REPLACE INTO peer_claims (public_key, gateway_id, claimed_at)"
+                " VALUES (?, ?, ?)",
+                (public_key.raw, gateway_id, time.time()),
+            )
+            previous = str(row[0]) if row else None
+            if previous is None or previous == gateway_id:
+                return None
+            conn.execute(
+                f"INSERT INTO peer_changes (public_key, at) VALUES (?, {_NOW_SQL})",
+                (public_key.raw,),
+            )
+            return previous
+
+    def release(self, public_keys: Iterable[PublicKey], gateway_id: str) -> None:
+        params = [(k.raw, gateway_id) for k in public_keys]
+        if params:
+            with self._write("release peers") as conn:
+                conn.executemany(
+                    "DELETE FROM peer_claims WHERE public_key = ? AND gateway_id = ?", params
+                )
+
+    def heartbeat(self, gateway_id: str) -> None:
+        now = time.time()
+        with self._write("record a heartbeat") as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO gateways (gateway_id, heartbeat_at) VALUES (?, ?)",
+                (gateway_id, now),
+            )
+            conn.execute(
+                "DELETE FROM peer_claims WHERE gateway_id IN"
+                " (SELECT gateway_id FROM gateways WHERE heartbeat_at < ?)",
+                (now - PRESENCE_TTL_S,),
+            )
+            conn.execute("DELETE FROM gateways WHERE heartbeat_at < ?", (now - PRESENCE_TTL_S,))
+
     # -- change feed ----------------------------------------------------------------------------
+
+    def wakeup_fd(self) -> int | None:
+        return None  # a file has no way to wake a reader: gateways poll (cheap, ~0.5 s)
 
     def change_cursor(self) -> int:
         # the highest seq ever assigned (kept by AUTOINCREMENT even after pruning), not max(seq)
@@ -446,7 +581,7 @@ class SQLiteStore:
             conn.execute("COMMIT")
 
     def _peer(self, row: tuple[Any, ...]) -> Peer:
-        name, key, ips, psk, revoked, created, updated, seen, hwm = row
+        name, key, ips, psk, revoked, created, updated, seen, hwm, holder = row
         try:
             return Peer(
                 name=name,
@@ -458,6 +593,7 @@ class SQLiteStore:
                 updated_at=float(updated),
                 last_seen=float(seen) if seen is not None else None,
                 handshake_hwm=bytes(hwm) if hwm is not None else None,
+                holder=holder,
             )
         except (InvalidKey, InvalidAddress, TypeError, ValueError, AttributeError) as e:
             raise StoreError(f"store {self.path} has an invalid row for peer {name!r}: {e}") from e

@@ -1,0 +1,686 @@
+"""PostgreSQL peer store: one database shared by the CLI and many gateways on many hosts.
+
+Same Store protocol as the SQLite backend: versioned schema migrations, atomic anti-replay marks
+(one conditional UPDATE), a trigger-fed change feed with a sequence, presence (which gateway
+holds which peer) and bulk import. NOTIFY on the feed is only a wake-up: nothing assumes a
+notification is delivered, readers always read the persistent feed from their cursor.
+It makes no policy decisions and never lets a psycopg exception escape: failures are StoreError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from types import TracebackType
+from typing import Any, Final, Self, TypeVar
+
+import psycopg
+import psycopg_pool
+
+from wgjit.addr import InvalidAddress, IPNetwork, format_networks, parse_network
+from wgjit.keys import InvalidKey, PresharedKey, PublicKey
+from wgjit.store import (
+    PRESENCE_TTL_S,
+    ChangeFeedExpired,
+    DuplicatePeer,
+    Handshake,
+    ImportResult,
+    Peer,
+    StoreError,
+    UnknownPeer,
+    validate_peer_name,
+)
+
+CHANNEL: Final = "wgjit_changes"
+CONNECT_TIMEOUT_S: Final = 5.0
+CHANGE_RETENTION_S: Final = 86400.0
+TAI64N_LEN: Final = 12
+# pg_advisory_xact_lock keys: feed writers are serialised so that sequence numbers are handed
+# out in commit order (a reader never sees seq N+1 committed while N is still in flight)
+_FEED_LOCK: Final = 0x776A6974_0001
+_MIGRATE_LOCK: Final = 0x776A6974_0002
+_HINT: Final = "choose another with --store or WGJIT_STORE"
+
+_T = TypeVar("_T")
+
+# Each step is a list of statements run in order, all steps in one transaction; the schema
+# version (wgjit_schema.version) is the number of steps applied. Never edit a released step.
+MIGRATIONS: list[tuple[str, ...]] = [
+    (
+        """CREATE TABLE peers (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            name text NOT NULL,
+            public_key bytea NOT NULL CHECK (length(public_key) = 32),
+            allowed_ips text NOT NULL,
+            preshared_key bytea CHECK (preshared_key IS NULL OR length(preshared_key) = 32),
+            revoked boolean NOT NULL DEFAULT false,
+            created_at double precision NOT NULL,
+            updated_at double precision NOT NULL,
+            last_seen double precision,
+            handshake_hwm bytea CHECK (handshake_hwm IS NULL OR length(handshake_hwm) = 12)
+        )""",
+        "CREATE UNIQUE INDEX peers_by_name ON peers (name)",
+        "CREATE UNIQUE INDEX peers_by_key ON peers (public_key)",
+        """CREATE TABLE peer_changes (
+            seq bigint PRIMARY KEY,
+            public_key bytea NOT NULL,
+            at double precision NOT NULL DEFAULT extract(epoch FROM clock_timestamp())
+        )""",
+        "CREATE SEQUENCE peer_changes_seq",
+        # entries with seq < pruned_below may have been deleted
+        "CREATE TABLE peer_feed_state (pruned_below bigint NOT NULL)",
+        "INSERT INTO peer_feed_state VALUES (0)",
+        f"""CREATE FUNCTION wgjit_feed(keys bytea[]) RETURNS void LANGUAGE plpgsql AS $$
+        BEGIN
+            IF coalesce(cardinality(keys), 0) = 0 THEN RETURN; END IF;
+            PERFORM pg_advisory_xact_lock({_FEED_LOCK});
+            INSERT INTO peer_changes (seq, public_key)
+                SELECT nextval('peer_changes_seq'), k FROM unnest(keys) AS k;
+            PERFORM pg_notify('{CHANNEL}', '');
+        END $$""",
+        """CREATE FUNCTION wgjit_feed_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM wgjit_feed(ARRAY(SELECT public_key FROM new_rows));
+            RETURN NULL;
+        END $$""",
+        """CREATE FUNCTION wgjit_feed_delete() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM wgjit_feed(ARRAY(SELECT public_key FROM old_rows));
+            RETURN NULL;
+        END $$""",
+        """CREATE FUNCTION wgjit_feed_update() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF old.public_key IS DISTINCT FROM new.public_key THEN
+                PERFORM wgjit_feed(ARRAY[old.public_key, new.public_key]);
+            ELSE
+                PERFORM wgjit_feed(ARRAY[new.public_key]);
+            END IF;
+            RETURN NULL;
+        END $$""",
+        # statement-level for inserts and deletes (bulk imports fire it once per batch)
+        """CREATE TRIGGER peers_feed_insert AFTER INSERT ON peers
+            REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT
+            EXECUTE FUNCTION wgjit_feed_insert()""",
+        """CREATE TRIGGER peers_feed_delete AFTER DELETE ON peers
+            REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT
+            EXECUTE FUNCTION wgjit_feed_delete()""",
+        # handshake bookkeeping (last_seen, handshake_hwm) is not in the column list: no entry
+        """CREATE TRIGGER peers_feed_update
+            AFTER UPDATE OF name, allowed_ips, preshared_key, revoked, public_key ON peers
+            FOR EACH ROW WHEN (
+                (old.name, old.allowed_ips, old.preshared_key, old.revoked, old.public_key)
+                IS DISTINCT FROM
+                (new.name, new.allowed_ips, new.preshared_key, new.revoked, new.public_key))
+            EXECUTE FUNCTION wgjit_feed_update()""",
+        # presence: which gateway holds which peer, and which gateways are alive
+        """CREATE TABLE gateways (
+            gateway_id text PRIMARY KEY,
+            heartbeat_at double precision NOT NULL
+        )""",
+        """CREATE TABLE peer_claims (
+            public_key bytea PRIMARY KEY
+                REFERENCES peers (public_key) ON DELETE CASCADE ON UPDATE CASCADE,
+            gateway_id text NOT NULL,
+            claimed_at double precision NOT NULL
+        )""",
+        "CREATE INDEX peer_claims_by_gateway ON peer_claims (gateway_id)",
+    ),
+]
+
+_NOW: Final = "extract(epoch FROM clock_timestamp())"
+_COLUMNS: Final = (
+    "p.name, p.public_key, p.allowed_ips, p.preshared_key, p.revoked, p.created_at,"
+    " p.updated_at, p.last_seen, p.handshake_hwm, c.gateway_id"
+)
+_FROM: Final = "peers p LEFT JOIN peer_claims c ON c.public_key = p.public_key"
+LOOKUP_SQL: Final = f"SELECT {_COLUMNS} FROM {_FROM} WHERE p.public_key = %s"
+_BY_NAME_SQL: Final = f"SELECT {_COLUMNS} FROM {_FROM} WHERE p.name = %s"
+# one statement: check-and-advance is atomic (bytea compares bytewise, as TAI64N needs); two
+# gateways racing with the same initiation: the row lock makes the second see the new mark
+_ADVANCE_SQL: Final = (
+    "UPDATE peers SET handshake_hwm = %s, last_seen = %s"
+    " WHERE public_key = %s AND (handshake_hwm IS NULL OR handshake_hwm < %s)"
+)
+_LAST_SEQ_SQL: Final = "SELECT coalesce(max(seq), 0) FROM peer_changes"
+_PASSWORD = re.compile(r"(://[^:/?#@]*:)[^@/?#]*@|(password=)[^&\s]*")
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced by `***` (for messages and logs)."""
+    return _PASSWORD.sub(
+        lambda m: (m.group(1) or m.group(2)) + "***" + ("@" if m.group(1) else ""), url
+    )
+
+
+class PostgresStore:
+    """The Store protocol on one PostgreSQL database. Thread-safe (a small connection pool);
+    any number of processes on any number of hosts may share the database."""
+
+    def __init__(self, url: str, *, connect_timeout: float = CONNECT_TIMEOUT_S, max_size: int = 4):
+        self.url = url
+        self.connect_timeout = connect_timeout
+        self._name = redact(url)
+        kwargs: dict[str, Any] = {"autocommit": True, "connect_timeout": int(connect_timeout)}
+        try:
+            with psycopg.connect(url, **kwargs) as conn:
+                self.schema_version = self._migrate(conn)
+        except psycopg.Error as e:
+            raise self._error(e, "open it") from e
+        self._kwargs = kwargs
+        self._pool: psycopg_pool.ConnectionPool[psycopg.Connection[tuple[Any, ...]]] | None
+        self._pool = psycopg_pool.ConnectionPool(
+            url,
+            kwargs=kwargs,
+            min_size=1,
+            max_size=max_size,
+            open=False,
+            timeout=connect_timeout * 2,
+            name="wgjit",
+        )
+        try:
+            self._pool.open(wait=True, timeout=connect_timeout * 2)
+        except psycopg_pool.PoolTimeout as e:
+            self._pool.close()
+            raise StoreError(f"store {self._name}: cannot connect (timed out); {_HINT}") from e
+        self._listen_lock = threading.Lock()
+        self._listener: psycopg.Connection[tuple[Any, ...]] | None = None
+        self._listener_retry_at = 0.0
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        pool, self._pool = self._pool, None
+        with self._listen_lock:
+            listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(psycopg.Error):
+                listener.close()
+        if pool is not None:
+            pool.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({self._name!r})"
+
+    # -- peers --------------------------------------------------------------------------------
+
+    def add_peer(
+        self,
+        name: str,
+        public_key: PublicKey,
+        allowed_ips: tuple[IPNetwork, ...],
+        preshared_key: PresharedKey | None = None,
+    ) -> Peer:
+        validate_peer_name(name)
+        nets = tuple(allowed_ips)
+        now = time.time()
+
+        def op(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+            with conn.transaction():
+                if conn.execute("SELECT 1 FROM peers WHERE name = %s", (name,)).fetchone():
+                    raise DuplicatePeer(f"peer {name!r} already exists")
+                row = conn.execute(
+                    "SELECT name FROM peers WHERE public_key = %s", (public_key.raw,)
+                ).fetchone()
+                if row:
+                    raise DuplicatePeer(
+                        f"public key {public_key.short()}... is already used by peer {row[0]!r}"
+                    )
+                try:
+                    conn.execute(
+                        "INSERT INTO peers (name, public_key, allowed_ips, preshared_key,"
+                        " revoked, created_at, updated_at) VALUES (%s, %s, %s, %s, false, %s, %s)",
+                        (
+                            name,
+                            public_key.raw,
+                            format_networks(nets),
+                            preshared_key.raw if preshared_key else None,
+                            now,
+                            now,
+                        ),
+                    )
+                except psycopg.errors.UniqueViolation as e:  # a concurrent add won the race
+                    raise DuplicatePeer(f"peer {name!r} or its key already exists") from e
+                self._prune(conn)
+
+        self._run(f"add peer {name!r}", op)
+        return Peer(name, public_key, nets, preshared_key, False, now, now)
+
+    def get_peer(self, name: str) -> Peer | None:
+        row = self._run(
+            f"read peer {name!r}", lambda c: c.execute(_BY_NAME_SQL, (name,)).fetchone()
+        )
+        return self._peer(row) if row else None
+
+    def lookup(self, public_key: PublicKey) -> Peer | None:
+        row = self._run(
+            "look up a peer", lambda c: c.execute(LOOKUP_SQL, (public_key.raw,)).fetchone()
+        )
+        return self._peer(row) if row else None
+
+    def list_peers(self) -> list[Peer]:
+        rows = self._run(
+            "list peers",
+            lambda c: c.execute(f"SELECT {_COLUMNS} FROM {_FROM} ORDER BY p.name").fetchall(),
+        )
+        return [self._peer(r) for r in rows]
+
+    def iter_peers(self) -> Iterator[Peer]:
+        pool = self._require_pool("list peers")
+        try:
+            with pool.connection() as conn, conn.transaction():
+                cur = conn.cursor(name="wgjit_export")
+                cur.itersize = 10000
+                cur.execute(f"SELECT {_COLUMNS} FROM {_FROM} ORDER BY p.name")
+                for row in cur:
+                    yield self._peer(row)
+        except psycopg.Error as e:
+            raise self._error(e, "list peers") from e
+
+    def revoke(self, name: str) -> Peer:
+        def op(conn: psycopg.Connection[tuple[Any, ...]]) -> tuple[Any, ...]:
+            with conn.transaction():
+                cur = conn.execute(
+                    "UPDATE peers SET revoked = true, updated_at = %s"
+                    " WHERE name = %s AND NOT revoked",
+                    (time.time(), name),
+                )
+                row = conn.execute(_BY_NAME_SQL, (name,)).fetchone()
+                if row is None:
+                    raise UnknownPeer(f"no peer named {name!r}")
+                if cur.rowcount:
+                    self._prune(conn)
+                return row
+
+        return self._peer(self._run(f"revoke peer {name!r}", op))
+
+    def remove(self, name: str) -> Peer:
+        def op(conn: psycopg.Connection[tuple[Any, ...]]) -> tuple[Any, ...]:
+            with conn.transaction():
+                row = conn.execute(_BY_NAME_SQL + " FOR UPDATE OF p", (name,)).fetchone()
+                if row is None:
+                    raise UnknownPeer(f"no peer named {name!r}")
+                conn.execute("DELETE FROM peers WHERE name = %s", (name,))
+                self._prune(conn)
+                return row
+
+        return self._peer(self._run(f"remove peer {name!r}", op))
+
+    def import_peers(self, peers: Sequence[Peer]) -> ImportResult:
+        result = ImportResult()
+        if not peers:
+            return result
+        for p in peers:
+            validate_peer_name(p.name)
+
+        def op(conn: psycopg.Connection[tuple[Any, ...]]) -> ImportResult:
+            res = ImportResult()
+            now = time.time()
+            with conn.transaction():
+                conn.execute(
+                    "CREATE TEMP TABLE IF NOT EXISTS wgjit_import (i int, name text,"
+                    " public_key bytea, allowed_ips text, preshared_key bytea, revoked boolean)"
+                    " ON COMMIT DELETE ROWS"
+                )
+                with conn.cursor().copy(
+                    "COPY wgjit_import (i, name, public_key, allowed_ips, preshared_key, revoked)"
+                    " FROM STDIN"
+                ) as copy:
+                    for i, p in enumerate(peers):
+                        copy.write_row(
+                            (
+                                i,
+                                p.name,
+                                p.public_key.raw,
+                                format_networks(p.allowed_ips),
+                                p.preshared_key.raw if p.preshared_key else None,
+                                p.revoked,
+                            )
+                        )
+                # rows whose key is another peer's, or whose name has another key
+                for i, other in conn.execute(
+                    "SELECT w.i, p.name FROM wgjit_import w JOIN peers p"
+                    " ON p.public_key = w.public_key AND p.name <> w.name"
+                ):
+                    res.rejected.append((int(i), f"public key is already used by peer {other!r}"))
+                for (i,) in conn.execute(
+                    "SELECT w.i FROM wgjit_import w JOIN peers p"
+                    " ON p.name = w.name AND p.public_key <> w.public_key"
+                ):
+                    res.rejected.append(
+                        (int(i), "a peer with this name exists with another public key")
+                    )
+                if res.rejected:
+                    conn.execute(
+                        "DELETE FROM wgjit_import WHERE i = ANY(%s)",
+                        ([i for i, _ in res.rejected],),
+                    )
+                cur = conn.execute(
+                    "INSERT INTO peers (name, public_key, allowed_ips, preshared_key, revoked,"
+                    " created_at, updated_at)"
+                    " SELECT name, public_key, allowed_ips, preshared_key, revoked, %s, %s"
+                    " FROM wgjit_import ORDER BY i"
+                    " ON CONFLICT (name) DO UPDATE SET allowed_ips = excluded.allowed_ips,"
+                    " preshared_key = excluded.preshared_key, revoked = excluded.revoked,"
+                    " updated_at = excluded.updated_at"
+                    " WHERE (peers.allowed_ips, peers.preshared_key, peers.revoked)"
+                    " IS DISTINCT FROM"
+                    " (excluded.allowed_ips, excluded.preshared_key, excluded.revoked)"
+                    " RETURNING (xmax = 0)",
+                    (now, now),
+                )
+                flags = [bool(r[0]) for r in cur.fetchall()]
+                res.added = sum(flags)
+                res.updated = len(flags) - res.added
+                res.unchanged = len(peers) - len(res.rejected) - len(flags)
+                conn.execute("TRUNCATE wgjit_import")
+                self._prune(conn)
+            res.rejected.sort()
+            return res
+
+        return self._run(f"import {len(peers)} peers", op)
+
+    # -- handshakes -----------------------------------------------------------------------------
+
+    def advance_handshake(self, hs: Handshake) -> bool:
+        ts = _timestamp(hs)
+        cur = self._run(
+            "record a handshake",
+            lambda c: c.execute(_ADVANCE_SQL, (ts, hs.seen_at, hs.public_key.raw, ts)),
+        )
+        return cur.rowcount == 1
+
+    def record_handshakes(self, handshakes: Iterable[Handshake]) -> None:
+        params = [(_timestamp(h), h.seen_at, h.public_key.raw, _timestamp(h)) for h in handshakes]
+        if not params:
+            return
+
+        def op(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+            with conn.transaction(), conn.cursor() as cur:
+                cur.executemany(_ADVANCE_SQL, params)
+
+        self._run(f"record {len(params)} handshakes", op)
+
+    # -- presence -------------------------------------------------------------------------------
+
+    def claim(self, public_key: PublicKey, gateway_id: str) -> str | None:
+        def op(conn: psycopg.Connection[tuple[Any, ...]]) -> str | None:
+            with conn.transaction():
+                cur = conn.execute(
+                    f"INSERT INTO peer_claims (public_key, gateway_id, claimed_at)"
+                    f" VALUES (%s, %s, {_NOW}) ON CONFLICT (public_key) DO NOTHING",
+                    (public_key.raw, gateway_id),
+                )
+                if cur.rowcount == 1:
+                    return None
+                row = conn.execute(
+                    "SELECT gateway_id FROM peer_claims WHERE public_key = %s FOR UPDATE",
+                    (public_key.raw,),
+                ).fetchone()
+                conn.execute(
+                    f"UPDATE peer_claims SET gateway_id = %s, claimed_at = {_NOW}"
+                    " WHERE public_key = %s",
+                    (gateway_id, public_key.raw),
+                )
+                previous = str(row[0]) if row else None
+                if previous is None or previous == gateway_id:
+                    return None
+                conn.execute("SELECT wgjit_feed(ARRAY[%s::bytea])", (public_key.raw,))
+                return previous
+
+        try:
+            return self._run("claim a peer", op)
+        except StoreError as e:
+            if isinstance(e.__cause__, psycopg.errors.ForeignKeyViolation):
+                raise UnknownPeer(f"peer {public_key.short()}... is no longer in the store") from e
+            raise
+
+    def release(self, public_keys: Iterable[PublicKey], gateway_id: str) -> None:
+        keys = [k.raw for k in public_keys]
+        if keys:
+            self._run(
+                "release peers",
+                lambda c: c.execute(
+                    "DELETE FROM peer_claims WHERE public_key = ANY(%s) AND gateway_id = %s",
+                    (keys, gateway_id),
+                ),
+            )
+
+    def heartbeat(self, gateway_id: str) -> None:
+        def op(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+            with conn.transaction():
+                conn.execute(
+                    f"INSERT INTO gateways (gateway_id, heartbeat_at) VALUES (%s, {_NOW})"
+                    f" ON CONFLICT (gateway_id) DO UPDATE SET heartbeat_at = {_NOW}",
+                    (gateway_id,),
+                )
+                dead = [
+                    r[0]
+                    for r in conn.execute(
+                        f"DELETE FROM gateways WHERE heartbeat_at < {_NOW} - %s"
+                        " RETURNING gateway_id",
+                        (PRESENCE_TTL_S,),
+                    )
+                ]
+                if dead:
+                    conn.execute("DELETE FROM peer_claims WHERE gateway_id = ANY(%s)", (dead,))
+
+        self._run("record a heartbeat", op)
+
+    # -- change feed ----------------------------------------------------------------------------
+
+    def change_cursor(self) -> int:
+        return int(self._run("read the change feed", lambda c: _scalar(c, _LAST_SEQ_SQL)))
+
+    def changes_since(self, cursor: int) -> tuple[list[PublicKey], int]:
+        cursor = max(cursor, 0)
+        self._drain_notifications()
+
+        def op(conn: psycopg.Connection[tuple[Any, ...]]) -> tuple[list[PublicKey], int]:
+            # one snapshot for the three reads
+            with conn.transaction():
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                last = int(_scalar(conn, _LAST_SEQ_SQL))
+                if cursor == last:
+                    return [], cursor
+                if cursor > last:
+                    raise ChangeFeedExpired(
+                        f"change cursor {cursor} is ahead of store {self._name} (at {last}):"
+                        " the database was replaced or restored; resynchronise"
+                    )
+                pruned = int(_scalar(conn, "SELECT pruned_below FROM peer_feed_state"))
+                if cursor < pruned - 1:
+                    raise ChangeFeedExpired(
+                        f"changes after cursor {cursor} in store {self._name} were pruned (kept"
+                        f" {CHANGE_RETENTION_S / 3600:g} h); resynchronise"
+                    )
+                rows = conn.execute(
+                    "SELECT public_key, max(seq) AS s FROM peer_changes WHERE seq > %s"
+                    " GROUP BY public_key ORDER BY s",
+                    (cursor,),
+                ).fetchall()
+                return [PublicKey(bytes(k)) for k, _ in rows], last
+
+        return self._run("read the change feed", op)
+
+    def wakeup_fd(self) -> int | None:
+        """The LISTEN connection's socket; (re)connected lazily, at most once a second."""
+        with self._listen_lock:
+            if self._listener is None and self._pool is not None:
+                now = time.monotonic()
+                if now >= self._listener_retry_at:
+                    self._listener_retry_at = now + 1.0
+                    try:
+                        conn = psycopg.connect(self.url, **self._kwargs)
+                        conn.execute(f"LISTEN {CHANNEL}")
+                        self._listener = conn
+                    except psycopg.Error:
+                        self._listener = None
+            return self._listener.fileno() if self._listener is not None else None
+
+    def _drain_notifications(self) -> None:
+        with self._listen_lock:
+            conn = self._listener
+            if conn is None:
+                return
+            try:
+                for _ in conn.notifies(timeout=0):
+                    pass
+            except psycopg.Error:
+                # lost: the caller reads the persistent feed anyway; wakeup_fd() reconnects
+                with contextlib.suppress(psycopg.Error):
+                    conn.close()
+                self._listener = None
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _require_pool(
+        self, what: str
+    ) -> psycopg_pool.ConnectionPool[psycopg.Connection[tuple[Any, ...]]]:
+        pool = self._pool
+        if pool is None:
+            raise StoreError(f"store {self._name} is closed (cannot {what})")
+        return pool
+
+    def _run(self, what: str, fn: Callable[[psycopg.Connection[tuple[Any, ...]]], _T]) -> _T:
+        """Run `fn` on a pooled connection; on a broken connection (server restarted, network
+        cut) try again on a fresh one, a few times, so a gateway rides out a database restart."""
+        pool = self._require_pool(what)
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                with pool.connection() as conn:
+                    return fn(conn)
+            except psycopg.OperationalError as e:
+                if attempts >= 3:
+                    raise self._error(e, what) from e
+                if attempts > 1:
+                    time.sleep(0.05)
+            except psycopg_pool.PoolTimeout as e:
+                raise StoreError(
+                    f"store {self._name}: could not {what}: no connection to the database"
+                    f" within {pool.timeout:g} s; is the server running?"
+                ) from e
+            except psycopg.Error as e:
+                raise self._error(e, what) from e
+
+    def _prune(self, conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+        """Delete a prefix of the feed older than the retention, never the newest entry (it
+        carries the cursor), and remember where the prefix ended."""
+        cur = conn.execute(
+            "WITH bound AS (SELECT coalesce("
+            " (SELECT seq FROM peer_changes WHERE at >= %s ORDER BY seq LIMIT 1),"
+            " (SELECT max(seq) FROM peer_changes)) AS b),"
+            " gone AS (DELETE FROM peer_changes WHERE seq < (SELECT b FROM bound) RETURNING seq)"
+            " SELECT max(seq) FROM gone",
+            (time.time() - CHANGE_RETENTION_S,),
+        )
+        row = cur.fetchone()
+        if row and row[0] is not None:
+            conn.execute(
+                "UPDATE peer_feed_state SET pruned_below = greatest(pruned_below, %s)",
+                (int(row[0]) + 1,),
+            )
+
+    def _migrate(self, conn: psycopg.Connection[tuple[Any, ...]]) -> int:
+        target = len(MIGRATIONS)
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATE_LOCK,))
+            conn.execute("CREATE TABLE IF NOT EXISTS wgjit_schema (version integer NOT NULL)")
+            row = conn.execute("SELECT version FROM wgjit_schema").fetchone()
+            if row is None:
+                foreign = [
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+                        " AND tablename <> 'wgjit_schema'"
+                    )
+                ]
+                if foreign:
+                    raise StoreError(
+                        f"store {self._name} is a database with other tables"
+                        f" ({', '.join(sorted(foreign)[:5])}), not a wgjit store; {_HINT}"
+                    )
+                conn.execute("INSERT INTO wgjit_schema VALUES (0)")
+                version = 0
+            else:
+                version = int(row[0])
+            if version > target:
+                raise StoreError(
+                    f"store {self._name} was created by a newer wgjit (schema version {version};"
+                    f" this version knows up to {target}); upgrade wgjit or {_HINT}"
+                )
+            try:
+                for step in MIGRATIONS[version:]:
+                    for statement in step:
+                        conn.execute(statement)
+            except psycopg.Error as e:
+                raise StoreError(
+                    f"store {self._name}: could not upgrade its schema from version {version}"
+                    f" to {target}: {_first_line(e)}"
+                ) from e
+            conn.execute("UPDATE wgjit_schema SET version = %s", (target,))
+        return target
+
+    def _peer(self, row: tuple[Any, ...]) -> Peer:
+        name, key, ips, psk, revoked, created, updated, seen, hwm, holder = row
+        try:
+            return Peer(
+                name=name,
+                public_key=PublicKey(bytes(key)),
+                allowed_ips=tuple(parse_network(n) for n in ips.split(",") if n),
+                preshared_key=PresharedKey(bytes(psk)) if psk is not None else None,
+                revoked=bool(revoked),
+                created_at=float(created),
+                updated_at=float(updated),
+                last_seen=float(seen) if seen is not None else None,
+                handshake_hwm=bytes(hwm) if hwm is not None else None,
+                holder=holder,
+            )
+        except (InvalidKey, InvalidAddress, TypeError, ValueError, AttributeError) as e:
+            raise StoreError(f"store {self._name} has an invalid row for peer {name!r}: {e}") from e
+
+    def _error(self, e: psycopg.Error, what: str) -> StoreError:
+        """One clear line for a failed psycopg call."""
+        reason = _first_line(e)
+        if isinstance(e, psycopg.OperationalError):
+            return StoreError(
+                f"store {self._name}: could not {what}: cannot reach the database ({reason});"
+                f" check the server and the URL, or {_HINT}"
+            )
+        if isinstance(e, psycopg.errors.InsufficientPrivilege):
+            return StoreError(f"store {self._name}: could not {what}: permission denied ({reason})")
+        return StoreError(f"store {self._name}: could not {what}: {reason}")
+
+
+def _scalar(conn: psycopg.Connection[tuple[Any, ...]], query: Any) -> Any:
+    row = conn.execute(query).fetchone()
+    if row is None:
+        raise StoreError(f"query returned no row: {query}")
+    return row[0]
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _timestamp(hs: Handshake) -> bytes:
+    ts = bytes(hs.timestamp)
+    if len(ts) != TAI64N_LEN:
+        raise ValueError(f"handshake timestamp must be {TAI64N_LEN} bytes (TAI64N), got {len(ts)}")
+    return ts
