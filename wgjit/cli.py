@@ -177,8 +177,17 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     log = EventLog(fmt=args.log_format, debug=args.debug)
     store = _store(args)
     device = open_device(args.interface, args.backend)
+    mode = "none" if args.testing_no_completion else args.mode
     try:
-        return serve(device, store, config, log, capture_interface=args.capture_interface)
+        return serve(
+            device,
+            store,
+            config,
+            log,
+            capture_interface=args.capture_interface,
+            mode=mode,
+            queue_num=args.queue_num,
+        )
     finally:
         device.close()
         store.close()
@@ -241,6 +250,16 @@ def build_parser() -> argparse.ArgumentParser:
                     )  # fmt: skip
     gw.add_argument("--testing-short-timers", action="store_true",
                     help="TESTING ONLY: allow timers below production minimums")  # fmt: skip
+    gw.add_argument("--mode", choices=("auto", "hold", "replay", "invert"), default="auto",
+                    help="how the first handshake completes after an install: hold (NFQUEUE "
+                         "holds the initiation until installed), replay (re-inject it), invert "
+                         "(the gateway initiates back); auto: the first that works, in that "
+                         "order (default)")  # fmt: skip
+    gw.add_argument("--queue-num", type=int, default=None,
+                    help="NFQUEUE number for --mode hold (default: the listen port)")  # fmt: skip
+    gw.add_argument("--testing-no-completion", action="store_true",
+                    help="TESTING ONLY: install peers but do nothing to complete the handshake "
+                         "(the client's own 5 s retry does; for latency comparisons)")  # fmt: skip
     gw.add_argument("--backend", choices=BACKENDS, default="auto")
     gw.add_argument("--capture-interface", help="capture on this interface only (default all)")
     gw.add_argument("--log-format", choices=("text", "json"), default="text")

@@ -390,17 +390,35 @@ def measure_connects(
                 key = PrivateKey.generate()
                 store.add_peer(f"{prefix}-{i}", key.public_key(), parse_networks(client.tunnel_ip))
                 client.set_private_key(key)
-            # WireGuard refuses a peer's initiations closer than 20 ms apart (the kernel's and
-            # wireguard-go's flood limit); real clients never reconnect that fast
-            time.sleep(CONNECT_SPACING)
-            client.connect_to(gw)
-            rtt = client.ping(gw.tunnel_ip, timeout=7)
-            if rtt is None:
-                raise LabError(f"connect {i} ({'JIT' if jit else 'pre-installed'}) got no reply")
-            results.append(rtt)
+            results.append(
+                first_ping(client, gw, what=f"connect {i} ({'JIT' if jit else 'pre-installed'})")
+            )
     finally:
         store.close()
     return results
+
+
+def preinstall(client: Client, gw: Host, store_url: str, name: str) -> None:
+    """Give `client` a new key that is in the store and already on the gateway's device."""
+    key = PrivateKey.generate()
+    with open_store(store_url) as store:
+        store.add_peer(name, key.public_key(), parse_networks(client.tunnel_ip))
+    gw.wg("set", gw.ifname, "peer", key.public_key().b64(), "allowed-ips",
+          f"{client.tunnel_ip}/32")  # fmt: skip
+    client.set_private_key(key)
+
+
+def first_ping(client: Client, gw: Host, what: str = "connect", timeout: float = 7) -> float:
+    """One fresh connect of `client` (its session dropped) with its current key: the first
+    ping's round trip in ms."""
+    # WireGuard refuses a peer's initiations closer than 20 ms apart (the kernel's and
+    # wireguard-go's flood limit); real clients never reconnect that fast
+    time.sleep(CONNECT_SPACING)
+    client.connect_to(gw)
+    rtt = client.ping(gw.tunnel_ip, timeout=timeout)
+    if rtt is None:
+        raise LabError(f"{what} got no reply")
+    return rtt
 
 
 def summary(values: list[float]) -> str:

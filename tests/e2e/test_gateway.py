@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.mode_checks import MODES, check_first_contact, check_refusals
 from wgjit.addr import Endpoint
 from wgjit.lab import Client, GatewayProcess, Host, Lab, wait_for
 
@@ -257,3 +258,63 @@ def test_malformed_packets_do_not_disturb(
     stats = gateway.wait_event("stats")
     # 2 of the 7 junk shapes pass the capture filter: 57 datagrams, identical ones deduplicated
     assert int(stats.get("bad_mac1", "0")) + int(stats.get("duplicate", "0")) >= 57, stats
+
+
+# -- completion modes ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_mode_first_contact(lab: Lab, store_url: str, mode: str, v6: bool) -> None:
+    client = lab.clients[3] if v6 else lab.clients[0]
+    rtt = check_first_contact(lab, store_url, mode, client)
+    print(f"\n{mode} {'IPv6' if v6 else 'IPv4'}: first reply after {rtt} ms")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_mode_refusals(lab: Lab, store_url: str, mode: str) -> None:
+    check_refusals(lab, store_url, mode, lab.clients[0], lab.clients[1])
+
+
+def test_auto_mode_prefers_hold(lab: Lab, store_url: str, gateway: GatewayProcess) -> None:
+    assert gateway.events("ready")[-1]["mode"] == "hold"
+
+
+def own_rules(gw: Host) -> list[str]:
+    return [
+        line
+        for tool in ("iptables", "ip6tables")
+        for line in gw.run(tool, "-w", "-S", "INPUT").splitlines()
+        if f"wgjit-hold {gw.ifname}" in line
+    ]
+
+
+def test_hold_rules_survive_crash_without_duplicates(lab: Lab, store_url: str) -> None:
+    gw = gw_host(lab)
+    alice = lab.clients[0]
+    add(store_url, "alice", alice)
+    assert own_rules(gw) == []
+    g = lab.start_gateway(store_url, "--mode", "hold")
+    rules = own_rules(gw)
+    assert len(rules) == 2 and all("--queue-bypass" in r for r in rules), rules
+    assert alice.ping(gw.tunnel_ip, timeout=4) is not None
+    g.proc.kill()  # a crash: no cleanup
+    g.proc.wait()
+    assert len(own_rules(gw)) == 2
+
+    # --queue-bypass: with nobody on the queue an installed peer still handshakes (a fresh
+    # session per try: a lost first initiation would otherwise wait for the 5 s retry)
+    def reconnects() -> float | None:
+        alice.connect_to(gw)
+        return alice.ping(gw.tunnel_ip, timeout=1)
+
+    wait_for("a handshake through the bypassed queue", reconnects, timeout=10, interval=0.05)
+    g = lab.start_gateway(store_url, "--mode", "hold")
+    try:
+        assert g.wait_event("stale_rules_removed")["count"] == "2"
+        assert len(own_rules(gw)) == 2, own_rules(gw)
+        alice.connect_to(gw)
+        assert alice.ping(gw.tunnel_ip, timeout=4) is not None
+    finally:
+        assert g.stop() == 0
+    assert own_rules(gw) == [], "rules left after a clean stop"

@@ -35,6 +35,26 @@ MIN_SWEEP_INTERVAL = 1.0
 # outcomes that are normal or too frequent for a line each at info level
 _QUIET = frozenset({"duplicate", "rate_limited", "negative_cached", "already_installed"})
 
+# How the handshake is completed after an install (GatewayConfig.completion):
+#   hold   - the initiation waits in an NFQUEUE; the loop releases it once installed
+#   replay - the loop re-injects the captured initiation once installed
+#   invert - the device initiates back to the captured endpoint (complete_due)
+#   none   - nothing: the client's 5 s retry does it (testing/benchmarks only)
+COMPLETIONS = ("hold", "replay", "invert", "none")
+
+# Outcomes whose held initiation is let through to the device (hold mode); everything else
+# (unknown, negatively cached, revoked, forged, replayed, malformed, duplicate, failed install)
+# is dropped. Let through without a judgement: own_interface (it came through the tunnel: not a
+# knock for us) and rate_limited (our limits protect the gateway's CPU; the device checks every
+# initiation itself and has its own limiter, so passing one on admits nobody, while dropping it
+# would let a noisy neighbour behind the same address block installed peers' handshakes).
+ACCEPT_OUTCOMES = frozenset({"installed", "already_installed", "own_interface", "rate_limited"})
+
+
+def release(outcome: str) -> bool:
+    """Whether a held initiation with this outcome goes on to the device (hold mode)."""
+    return outcome in ACCEPT_OUTCOMES
+
 
 class ConfigError(ValueError):
     """A gateway setting is out of range; the message names the option and the fix."""
@@ -55,6 +75,7 @@ class GatewayConfig:
     global_burst: float = 1000.0
     # how long after a knock the gateway initiates back (see Gateway.complete_due)
     invert_delay: float = 0.005
+    completion: str = "invert"  # one of COMPLETIONS
     testing_short_timers: bool = False
 
     def validate(self) -> list[str]:
@@ -81,6 +102,13 @@ class GatewayConfig:
             )
         if self.per_source_rate <= 0 or self.global_rate <= 0:
             raise ConfigError("rate limits must be positive")
+        if self.completion not in COMPLETIONS:
+            raise ConfigError(f"--mode must be one of {', '.join(COMPLETIONS)}")
+        if self.completion == "none":
+            warnings.append(
+                "--testing-no-completion is set: new peers wait for their client's 5 s retry; "
+                "for latency comparisons only, never use in production"
+            )
         return warnings
 
 
@@ -220,7 +248,8 @@ class Gateway:
                 preshared_key=peer.preshared_key,
             )
         )
-        self._completions.append((received_at + self.config.invert_delay, peer.public_key))
+        if self.config.completion == "invert":
+            self._completions.append((received_at + self.config.invert_delay, peer.public_key))
 
     def next_completion(self) -> float | None:
         """When complete_due() next has work (monotonic), or None."""

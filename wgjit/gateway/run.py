@@ -4,11 +4,19 @@ One thread, one selector: knocks are handled as they arrive, the change feed is 
 `change_poll_interval`, idle peers are swept every `sweep_interval`. SIGTERM/SIGINT stop it
 cleanly; SIGUSR1 logs the counters. A bad packet or a failed device/store call is logged and
 counted, never fatal.
+
+The mode (how a handshake is completed after an install) decides the capture source and what
+the loop does with the outcome the policy returns: `hold` reads initiations from an NFQUEUE
+(its own iptables rules, removed on exit) and issues the verdict; `replay` captures on
+AF_PACKET and re-injects an installed peer's initiation; `invert` captures on AF_PACKET and lets
+the policy make the device initiate back. `auto` picks the first that works, in that order.
+The loop decides no verdict itself.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import selectors
 import signal
 import socket
@@ -17,9 +25,13 @@ import traceback
 from types import FrameType
 
 from wgjit.capture.afpacket import PacketCapture
-from wgjit.device import Device, DeviceError
+from wgjit.capture.iptables import QueueRules, RuleError
+from wgjit.capture.nfqueue import NfQueue, QueueError
+from wgjit.capture.packet import Knock
+from wgjit.capture.replay import Reinjector, ReplayError
+from wgjit.device import Device, DeviceError, DeviceState
 from wgjit.events import EventLog
-from wgjit.gateway.core import Gateway, GatewayConfig
+from wgjit.gateway.core import Gateway, GatewayConfig, release
 from wgjit.handshake import Responder
 from wgjit.store import Store, StoreError
 
@@ -34,7 +46,13 @@ def serve(
     config: GatewayConfig,
     log: EventLog,
     capture_interface: str | None = None,
+    mode: str = "auto",
+    queue_num: int | None = None,
 ) -> int:
+    """Run the gateway until SIGTERM/SIGINT. `mode`: auto, hold, replay, invert (or none,
+    for tests); `queue_num` (hold): the NFQUEUE number, default the listen port."""
+    if mode != "auto":
+        config = dataclasses.replace(config, completion=mode)
     for w in config.validate():
         log.warning("config", message=w)
     state = device.read()
@@ -52,8 +70,76 @@ def serve(
         ifindex = socket.if_nametoindex(device.name)
     except OSError:
         ifindex = -1
-    gw = Gateway(device, store, config, log, Responder(state.private_key), ignore_ifindex=ifindex)
-    gw.start()
+    with contextlib.ExitStack() as stack:
+        sources = _open_sources(
+            stack, mode, state.listen_port, queue_num, device.name, capture_interface, log
+        )
+        config = dataclasses.replace(config, completion=sources.mode)
+        gw = Gateway(
+            device, store, config, log, Responder(state.private_key), ignore_ifindex=ifindex
+        )
+        gw.start()
+        return _loop(gw, sources, config, log, device.name, state, capture_interface)
+
+
+@dataclasses.dataclass
+class _Sources:
+    mode: str
+    capture: PacketCapture | None = None
+    queue: NfQueue | None = None
+    reinjector: Reinjector | None = None
+    queue_num: int | None = None
+
+
+def _open_sources(
+    stack: contextlib.ExitStack,
+    mode: str,
+    port: int,
+    queue_num: int | None,
+    ifname: str,
+    capture_interface: str | None,
+    log: EventLog,
+) -> _Sources:
+    """Open what `mode` needs; for `auto`, the first of hold, replay, invert that works."""
+    if mode in ("auto", "hold"):
+        qnum = port if queue_num is None else queue_num
+        try:
+            queue = stack.enter_context(NfQueue(qnum, port))
+            rules = QueueRules(port, qnum, ifname)
+            rules.install()
+            stack.callback(rules.remove)  # runs before the queue is closed
+            if rules.removed_stale:
+                log.warning("stale_rules_removed", count=rules.removed_stale)
+            return _Sources("hold", queue=queue, queue_num=qnum)
+        except (QueueError, RuleError, OSError) as e:
+            if mode == "hold":
+                raise GatewayError(f"--mode hold: {e}") from None
+            log.warning("mode_unavailable", mode="hold", reason=str(e))
+    sources = _Sources(mode)
+    if mode in ("auto", "replay"):
+        try:
+            sources.reinjector = Reinjector()
+            stack.callback(sources.reinjector.close)
+            sources.mode = "replay"
+        except ReplayError as e:
+            if mode == "replay":
+                raise GatewayError(f"--mode replay: {e}") from None
+            log.warning("mode_unavailable", mode="replay", reason=str(e))
+            sources.mode = "invert"
+    sources.capture = stack.enter_context(PacketCapture(port, interface=capture_interface))
+    return sources
+
+
+def _loop(
+    gw: Gateway,
+    sources: _Sources,
+    config: GatewayConfig,
+    log: EventLog,
+    ifname: str,
+    state: DeviceState,
+    capture_interface: str | None,
+) -> int:
+    cap, queue, reinjector = sources.capture, sources.queue, sources.reinjector
 
     stop = False
     dump = False
@@ -74,43 +160,59 @@ def serve(
     }
     sel = selectors.DefaultSelector()
     try:
-        with PacketCapture(state.listen_port, interface=capture_interface) as cap:
+        if cap is not None:
             sel.register(cap.fileno(), selectors.EVENT_READ, "capture")
-            sel.register(wake_r, selectors.EVENT_READ, "wake")
-            log.info(
-                "ready",
-                interface=device.name,
-                public_key=str(state.public_key),
-                listen_port=state.listen_port,
-                mode="invert",
-                idle_timeout=config.idle_timeout,
-                sweep_interval=config.sweep_interval,
-                capture=capture_interface or "all",
+        if queue is not None:
+            sel.register(queue.fileno(), selectors.EVENT_READ, "queue")
+        sel.register(wake_r, selectors.EVENT_READ, "wake")
+        log.info(
+            "ready",
+            interface=ifname,
+            public_key=str(state.public_key),
+            listen_port=state.listen_port,
+            mode=sources.mode,
+            queue=sources.queue_num,
+            idle_timeout=config.idle_timeout,
+            sweep_interval=config.sweep_interval,
+            capture="nfqueue" if queue is not None else capture_interface or "all",
+        )
+        next_poll = time.monotonic() + config.change_poll_interval
+        next_sweep = time.monotonic() + config.sweep_interval
+        while not stop:
+            due = min(
+                next_poll,
+                next_sweep,
+                gw.next_completion() or next_poll,
+                (queue.next_deadline() if queue else None) or next_poll,
             )
-            next_poll = time.monotonic() + config.change_poll_interval
-            next_sweep = time.monotonic() + config.sweep_interval
-            while not stop:
-                due = min(next_poll, next_sweep, gw.next_completion() or next_poll)
-                timeout = max(0.0, due - time.monotonic())
-                for key, _ in sel.select(timeout):
-                    if key.data == "wake":
-                        with contextlib.suppress(BlockingIOError):
-                            wake_r.recv(4096)
-                        continue
+            timeout = max(0.0, due - time.monotonic())
+            for key, _ in sel.select(timeout):
+                if key.data == "wake":
+                    with contextlib.suppress(BlockingIOError):
+                        wake_r.recv(4096)
+                elif key.data == "queue":
+                    assert queue is not None
+                    _release_batch(gw, queue, log)
+                else:
+                    assert cap is not None
                     for knock in cap.recv_batch():
-                        _guarded(log, "handle", gw.handle, knock)
-                now = time.monotonic()
-                _guarded(log, "complete", gw.complete_due, now)
-                if now >= next_poll:
-                    _guarded(log, "poll_changes", gw.poll_changes)
-                    next_poll = now + config.change_poll_interval
-                if now >= next_sweep:
-                    _guarded(log, "sweep", gw.sweep)
-                    next_sweep = now + config.sweep_interval
-                if dump:
-                    dump = False
-                    log.info("stats", **_stats(gw, cap))
-            log.info("stopping", **_stats(gw, cap))
+                        outcome = _handle(gw, log, knock)
+                        if outcome == "installed" and reinjector is not None:
+                            _guarded(log, "replay", reinjector.send, knock)
+            now = time.monotonic()
+            _guarded(log, "complete", gw.complete_due, now)
+            if queue is not None and queue.expire(now):
+                log.warning("held_too_long", released=queue.expired)
+            if now >= next_poll:
+                _guarded(log, "poll_changes", gw.poll_changes)
+                next_poll = now + config.change_poll_interval
+            if now >= next_sweep:
+                _guarded(log, "sweep", gw.sweep)
+                next_sweep = now + config.sweep_interval
+            if dump:
+                dump = False
+                log.info("stats", **_stats(gw, sources))
+        log.info("stopping", **_stats(gw, sources))
     finally:
         sel.close()
         signal.set_wakeup_fd(old_wakeup)
@@ -122,14 +224,42 @@ def serve(
     return 0
 
 
-def _stats(gw: Gateway, cap: PacketCapture) -> dict[str, int]:
-    packets, drops = cap.stats()
-    return {
-        "installed": len(gw.installed),
-        "captured": packets,
-        "capture_drops": drops,
-        **dict(sorted(gw.counters.items())),
-    }
+def _handle(gw: Gateway, log: EventLog, knock: Knock) -> str:
+    """gw.handle(knock); an unexpected error is logged and becomes outcome `error`."""
+    try:
+        return gw.handle(knock)
+    except Exception as e:
+        log.error(
+            "handle_failed",
+            error=f"{type(e).__name__}: {e}",
+            where=traceback.extract_tb(e.__traceback__)[-1].line,
+        )
+        return "error"
+
+
+def _release_batch(gw: Gateway, queue: NfQueue, log: EventLog) -> None:
+    """Handle every queued initiation and give each the verdict its outcome calls for.
+
+    An install's verdict is sent at once (the client is waiting); the others are sent
+    together at the end of the batch."""
+    for held in queue.recv_batch():
+        outcome = _handle(gw, log, held.knock)
+        queue.verdict(held, release(outcome))
+        if outcome == "installed":
+            queue.flush()
+    queue.flush()
+
+
+def _stats(gw: Gateway, sources: _Sources) -> dict[str, int]:
+    out = {"installed": len(gw.installed)}
+    if sources.capture is not None:
+        packets, drops = sources.capture.stats()
+        out.update(captured=packets, capture_drops=drops)
+    if sources.queue is not None:
+        out.update(sources.queue.stats())
+    if sources.reinjector is not None:
+        out.update(replayed=sources.reinjector.sent, replay_errors=sources.reinjector.errors)
+    return {**out, **dict(sorted(gw.counters.items()))}
 
 
 def _guarded(log: EventLog, what: str, fn: object, *args: object) -> None:

@@ -1,0 +1,207 @@
+"""Sans-IO parts of hold and replay: nfnetlink_queue messages, NFQUEUE rules, re-injected
+datagrams, and the policy's verdict for each outcome. No sockets, no privileges."""
+
+from __future__ import annotations
+
+import shlex
+import struct
+import subprocess
+from dataclasses import replace
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests.unit.test_gateway_core import DST, SRC, Env, initiation, knock
+from tests.unit.test_gateway_core import env as env
+from wgjit.addr import Endpoint, parse_networks
+from wgjit.capture import nfqueue as nq
+from wgjit.capture.iptables import QueueRules, own_rules, rule_spec
+from wgjit.capture.packet import parse_knock
+from wgjit.capture.replay import build_datagram, internet_checksum
+from wgjit.gateway.core import Gateway, GatewayConfig, release
+from wgjit.keys import PrivateKey
+
+# -- nfnetlink_queue messages ----------------------------------------------------------------
+
+
+def packet_message(queue: int, packet_id: int, ifindex: int, payload: bytes) -> bytes:
+    """A NFQNL_MSG_PACKET as the kernel sends it (the attributes the client reads, plus one
+    it ignores)."""
+    attrs = (
+        nq._attr(nq.NFQA_PACKET_HDR, struct.pack("!IHB", packet_id, 0x0800, 1))
+        + nq._attr(nq.NFQA_IFINDEX_INDEV, struct.pack("!I", ifindex))
+        + nq._attr(4, bytes(16))  # NFQA_TIMESTAMP
+        + nq._attr(nq.NFQA_PAYLOAD, payload)
+    )
+    return nq._message(nq.NFQNL_MSG_PACKET, 0, 0, queue, attrs, 2)
+
+
+def test_config_and_verdict_messages_layout() -> None:
+    m = nq.config_message(51820, 7, nq.cmd_attr(nq.NFQNL_CFG_CMD_BIND))
+    length, kind, flags, seq, pid = struct.unpack_from("=IHHII", m)
+    assert (length, kind, flags, seq, pid) == (len(m), 0x0302, 0x05, 7, 0)
+    assert m[16:20] == bytes([0, 0]) + struct.pack("!H", 51820)  # family, version, queue (BE)
+    assert m[20:28] == struct.pack("=HH", 8, 1) + bytes([1, 0, 0, 0])  # CFG_CMD bind, pf 0
+    v = nq.verdict_message(3, 0x01020304, accept=True)
+    assert struct.unpack_from("=HH", v, 4) == (0x0301, 0x01)  # verdict, request, no ack
+    assert v[20:32] == struct.pack("=HH", 12, 2) + struct.pack("!II", 1, 0x01020304)
+    assert nq.verdict_message(3, 9, accept=False)[24:28] == bytes(4)  # NF_DROP
+    assert len(nq.params_attr(256)) == 12  # 4 + 5 bytes, padded to 4
+
+
+def test_parse_packets_and_acks_in_one_datagram() -> None:
+    payload = build_datagram(SRC, DST, b"\x01\x00\x00\x00" + bytes(144))
+    ack = struct.pack("=IHHII", 36, nq.NLMSG_ERROR, 0, 5, 0) + struct.pack("=i", 0) + bytes(16)
+    err = struct.pack("=IHHII", 36, nq.NLMSG_ERROR, 0, 6, 0) + struct.pack("=i", -16) + bytes(16)
+    data = packet_message(51820, 42, 7, payload) + ack + err
+    msgs = list(nq.parse_messages(data))
+    assert msgs[0] == nq.QueuedPacket(51820, 42, 7, payload)
+    assert msgs[1:] == [nq.NetlinkError(5, 0), nq.NetlinkError(6, -16)]
+    k = parse_knock(msgs[0].payload, port=51820)  # type: ignore[union-attr]
+    assert k is not None and k.source == SRC and k.destination == DST
+
+
+@given(st.binary(max_size=400))
+def test_parse_messages_is_total(data: bytes) -> None:
+    for m in nq.parse_messages(data):
+        assert isinstance(m, nq.QueuedPacket | nq.NetlinkError)
+
+
+def test_truncated_packet_message_is_cut_not_raised() -> None:
+    m = packet_message(1, 1, 1, bytes(100))
+    for n in range(len(m)):
+        list(nq.parse_messages(m[:n]))
+
+
+# -- re-injected datagrams ---------------------------------------------------------------------
+
+
+def _ones_sum_ok(data: bytes) -> bool:
+    return internet_checksum(data) == 0
+
+
+def test_replayed_datagram_has_valid_checksums_and_parses_back() -> None:
+    payload = initiation(PrivateKey.generate(), PrivateKey.generate(), 1e9)
+    for src, dst in [
+        (SRC, DST),
+        (Endpoint.parse("[fd18::11]:40000"), Endpoint.parse("[fd18::1]:51820")),
+    ]:
+        pkt = build_datagram(src, dst, payload)
+        k = parse_knock(pkt, port=51820)
+        assert k is not None and (k.source, k.destination, k.payload) == (src, dst, payload)
+        s, d = src.host.packed, dst.host.packed
+        if src.host.version == 4:
+            assert len(pkt) == 20 + 8 + 148 and _ones_sum_ok(pkt[:20])
+            udp = pkt[20:]
+            pseudo = s + d + struct.pack("!BBH", 0, 17, len(udp))
+        else:
+            assert len(pkt) == 40 + 8 + 148
+            udp = pkt[40:]
+            pseudo = s + d + struct.pack("!I3xB", len(udp), 17)
+        assert udp[6:8] != b"\x00\x00"
+        assert _ones_sum_ok(pseudo + udp)
+
+
+# -- NFQUEUE rules ---------------------------------------------------------------------------
+
+
+def test_rule_spec_queues_only_initiations_with_bypass() -> None:
+    v4 = rule_spec(51820, 7, "wg0", ipv6=False)
+    v6 = rule_spec(51820, 7, "wg0", ipv6=True)
+    for spec in (v4, v6):
+        assert spec[:4] == ["-p", "udp", "--dport", "51820"]
+        assert spec[-4:] == ["NFQUEUE", "--queue-num", "7", "--queue-bypass"]
+        assert "--queue-bypass" in spec and "wgjit-hold wg0" in spec
+    assert "0x9C" in v4[v4.index("--u32") + 1] and "0x01000000" in v4[v4.index("--u32") + 1]
+    assert v6[v6.index("--u32") + 1].startswith("4>>8&0xFF=0x11")  # no extension headers
+
+
+LISTING = """-P INPUT ACCEPT
+-A INPUT -s 10.0.0.0/8 -j ACCEPT
+-A INPUT -p udp -m udp --dport 51820 -m comment --comment "wgjit-hold wg0" -j NFQUEUE --queue-num 51820 --queue-bypass
+-A INPUT -p udp -m comment --comment "wgjit-hold wg1" -j NFQUEUE --queue-num 1
+-A INPUT -m comment --comment "unbalanced quote
+"""  # noqa: E501
+
+
+def test_own_rules_finds_only_this_interfaces_rules() -> None:
+    rules = own_rules(LISTING, "wg0")
+    assert len(rules) == 1 and rules[0][-1] == "--queue-bypass"
+    assert own_rules(LISTING, "wg2") == []
+
+
+class FakeIptables:
+    """Keeps a rule list per tool like iptables would (insert at 1, -D exact, -S listing)."""
+
+    def __init__(self) -> None:
+        self.rules: dict[str, list[list[str]]] = {"iptables": [], "ip6tables": []}
+
+    def __call__(self, argv: list[str]) -> subprocess.CompletedProcess[str]:
+        tool, rest = argv[0], argv[1:]
+        assert rest[0] == "-w"
+        op, chain, args = rest[1], rest[2], rest[3:]
+        assert chain == "INPUT"
+        rules = self.rules[tool]
+        rc, out = 0, ""
+        if op == "-I":
+            rules.insert(int(args[0]) - 1, args[1:])
+        elif op == "-D":
+            if args in rules:
+                rules.remove(args)
+            else:
+                rc = 1
+        elif op == "-S":
+            out = "-P INPUT ACCEPT\n" + "".join("-A INPUT " + shlex.join(r) + "\n" for r in rules)
+        return subprocess.CompletedProcess(argv, rc, out, "")
+
+
+def test_rules_installed_once_removed_and_never_duplicated_after_a_crash() -> None:
+    ipt = FakeIptables()
+    other = ["-p", "tcp", "-j", "ACCEPT"]
+    ipt.rules["iptables"].append(other)
+    first = QueueRules(51820, 51820, "wg0", run=ipt)
+    first.install()
+    assert [len(r) for r in ipt.rules.values()] == [2, 1]
+    # crash: no remove(); a new run on the same interface replaces, never duplicates
+    second = QueueRules(51820, 51820, "wg0", run=ipt)
+    second.install()
+    assert second.removed_stale == 2
+    assert [len(r) for r in ipt.rules.values()] == [2, 1]
+    # a gateway on another interface keeps its own rules
+    QueueRules(51821, 51821, "wg1", run=ipt).install()
+    second.remove()
+    assert ipt.rules["iptables"][-1] == other
+    assert all("wgjit-hold wg0" not in r for rs in ipt.rules.values() for r in rs)
+    assert [len(r) for r in ipt.rules.values()] == [2, 1]
+
+
+# -- the verdicts the policy's outcomes call for -------------------------------------------------
+
+
+def test_verdicts_for_outcomes() -> None:
+    for accept in ("installed", "already_installed", "own_interface", "rate_limited"):
+        assert release(accept)
+    for drop in ("unknown", "revoked", "forged", "replay", "bad_mac1", "bad_static",
+                 "negative_cached", "duplicate", "install_failed", "error"):  # fmt: skip
+        assert not release(drop)
+
+
+def test_hold_and_replay_installs_schedule_no_role_inversion(env: Env) -> None:
+    for mode in ("hold", "replay", "none"):
+        g = env.g
+        hold = Gateway(
+            env.dev, env.store, replace(g.config, completion=mode), g.log, g.responder,
+            clock=env.clock, wall=env.clock,
+        )  # fmt: skip
+        hold.start()
+        c = PrivateKey.generate()
+        env.store.add_peer(f"p-{mode}", c.public_key(), parse_networks("100.65.0.11/32"))
+        assert hold.handle(knock(initiation(c, env.gw_key, 1e9), env.clock.t)) == "installed"
+        assert hold.next_completion() is None
+        hold.complete_due(env.clock.t + 10)
+        assert all(cfg.persistent_keepalive is None for cfg in env.dev.calls)
+
+
+def test_no_completion_mode_warns() -> None:
+    warnings = GatewayConfig(completion="none").validate()
+    assert any("never use in production" in w for w in warnings)

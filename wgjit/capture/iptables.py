@@ -1,0 +1,133 @@
+"""The gateway's own NFQUEUE rules: one for iptables (IPv4), one for ip6tables (IPv6).
+
+`rule_spec()` builds the rule (sans-IO). `QueueRules` inserts it at the top of the INPUT chain
+and deletes it again, through the iptables commands. Each rule carries a comment naming the
+gateway's interface, so a gateway restarted after a crash first deletes whatever rules a
+previous run on the same interface left (never duplicates them) and never touches other rules.
+
+The rule queues only UDP datagrams to the listen port whose payload is exactly 148 bytes and
+starts with 01 00 00 00 (a handshake initiation), with `--queue-bypass`: while nothing listens
+on the queue, packets pass as if the rule were not there. IPv4: any header length, unfragmented
+only. IPv6: only UDP directly after the fixed 40-byte header; extension headers are NOT
+followed, so an initiation carrying one is not queued (it reaches the device untouched, which
+answers it only if the peer is already installed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+import shutil
+import subprocess
+from collections.abc import Callable
+
+COMMENT_PREFIX = "wgjit-hold"
+CHAIN = "INPUT"
+
+# u32 programs (see iptables-extensions(8), u32): words are read big-endian at byte offsets.
+# IPv4: fragment offset and MF flag zero; UDP length (at IHL+4) 156 = 8 + 148; first payload
+# word (at IHL+8) 01 00 00 00.
+U32_V4 = "4&0x3FFF=0 && 0>>22&0x3C@4>>16=0x9C && 0>>22&0x3C@8=0x01000000"
+# IPv6: next header (byte 6) UDP; UDP length (at 44) 156; first payload word (at 48).
+U32_V6 = "4>>8&0xFF=0x11 && 44>>16=0x9C && 48=0x01000000"
+
+Runner = Callable[[list[str]], "subprocess.CompletedProcess[str]"]
+
+
+class RuleError(RuntimeError):
+    """The rule could not be installed; the message says why."""
+
+
+def comment(interface: str) -> str:
+    return f"{COMMENT_PREFIX} {interface}"
+
+
+def rule_spec(port: int, queue_num: int, interface: str, *, ipv6: bool) -> list[str]:
+    """The rule's match and target, as iptables arguments after `-I CHAIN`."""
+    if not 0 < port <= 0xFFFF or not 0 <= queue_num <= 0xFFFF:
+        raise ValueError(f"bad port {port} or queue number {queue_num}")
+    return [
+        "-p", "udp", "--dport", str(port),
+        "-m", "u32", "--u32", U32_V6 if ipv6 else U32_V4,
+        "-m", "comment", "--comment", comment(interface),
+        "-j", "NFQUEUE", "--queue-num", str(queue_num), "--queue-bypass",
+    ]  # fmt: skip
+
+
+def own_rules(listing: str, interface: str) -> list[list[str]]:
+    """The rules in `iptables -S CHAIN` output that carry this interface's comment, each as
+    the argument list that follows `-A CHAIN` (ready for `-D CHAIN`)."""
+    out: list[list[str]] = []
+    for line in listing.splitlines():
+        try:
+            words = shlex.split(line)
+        except ValueError:
+            continue
+        if len(words) < 2 or words[0] != "-A" or words[1] != CHAIN:
+            continue
+        rest = words[2:]
+        for i, w in enumerate(rest[:-1]):
+            if w == "--comment" and rest[i + 1] == comment(interface):
+                out.append(rest)
+                break
+    return out
+
+
+def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True)
+
+
+class QueueRules:
+    """Installs the IPv4 and IPv6 rules in this network namespace; `remove()` deletes them."""
+
+    def __init__(self, port: int, queue_num: int, interface: str, *, run: Runner = _run) -> None:
+        self.port = port
+        self.queue_num = queue_num
+        self.interface = interface
+        self._run = run
+        self.installed: list[str] = []  # commands whose rule is in place
+        self.removed_stale = 0
+
+    def _tool(self, ipv6: bool) -> str:
+        name = "ip6tables" if ipv6 else "iptables"
+        if self._run is _run and shutil.which(name) is None:
+            raise RuleError(f"{name} not found; install it: apt-get install iptables")
+        return name
+
+    def install(self) -> None:
+        """Remove rules a previous run left, then insert ours (IPv4 and IPv6)."""
+        try:
+            for ipv6 in (False, True):
+                tool = self._tool(ipv6)
+                self.removed_stale += self._remove_own(tool, ipv6)
+                spec = rule_spec(self.port, self.queue_num, self.interface, ipv6=ipv6)
+                p = self._run([tool, "-w", "-I", CHAIN, "1", *spec])
+                if p.returncode != 0:
+                    raise RuleError(f"{tool} could not insert the NFQUEUE rule: {p.stderr.strip()}")
+                self.installed.append(tool)
+        except BaseException:
+            self.remove()
+            raise
+
+    def _remove_own(self, tool: str, ipv6: bool) -> int:
+        removed = 0
+        listing = self._run([tool, "-w", "-S", CHAIN])
+        if listing.returncode == 0:
+            for rest in own_rules(listing.stdout, self.interface):
+                if self._run([tool, "-w", "-D", CHAIN, *rest]).returncode == 0:
+                    removed += 1
+        # `-S` may not show rules of the nf_tables flavour that it cannot translate back:
+        # also delete our exact rule by specification until there is none
+        spec = rule_spec(self.port, self.queue_num, self.interface, ipv6=ipv6)
+        for _ in range(16):
+            if self._run([tool, "-w", "-D", CHAIN, *spec]).returncode != 0:
+                break
+            removed += 1
+        return removed
+
+    def remove(self) -> None:
+        """Delete our rules (those of this interface); never raises."""
+        for tool in ("iptables", "ip6tables"):
+            with contextlib.suppress(OSError, RuleError, ValueError):
+                self._remove_own(tool, tool == "ip6tables")
+        self.installed.clear()

@@ -1,0 +1,406 @@
+"""A hold-and-release capture source: an nfnetlink_queue client on a raw netlink socket.
+
+The kernel (an iptables `NFQUEUE` rule, see `wgjit.capture.iptables`) hands each queued
+handshake initiation to this socket and holds the packet until it gets a verdict. `NfQueue`
+turns queued packets into `Held` (a `Knock` plus the kernel's packet id) and sends ACCEPT or
+DROP verdicts, several per `sendmsg` when a batch is flushed. Message building and parsing are
+sans-IO functions (`config_message`, `verdict_message`, `parse_messages`); only `NfQueue` does
+I/O. It never decides a verdict: the gateway's policy does, the loop calls `verdict()`.
+
+Protocol (linux/netfilter/nfnetlink_queue.h): messages of subsystem NFNL_SUBSYS_QUEUE (3) with
+an nfgenmsg header whose res_id is the queue number (big-endian); attribute payloads are
+big-endian. Queue setup: CMD_BIND, then copy mode PACKET, then flags FAIL_OPEN.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import TracebackType
+
+from wgjit.capture.packet import Knock, parse_knock
+
+NETLINK_NETFILTER = 12
+NETLINK_NO_ENOBUFS = 5
+SOL_NETLINK = 270
+SO_RCVBUFFORCE = 33
+
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NLM_F_REQUEST = 0x01
+NLM_F_ACK = 0x04
+NFNETLINK_V0 = 0
+NFNL_SUBSYS_QUEUE = 3
+
+NFQNL_MSG_PACKET = 0
+NFQNL_MSG_VERDICT = 1
+NFQNL_MSG_CONFIG = 2
+
+NFQA_CFG_CMD = 1
+NFQA_CFG_PARAMS = 2
+NFQA_CFG_QUEUE_MAXLEN = 3
+NFQA_CFG_MASK = 4
+NFQA_CFG_FLAGS = 5
+NFQNL_CFG_CMD_BIND = 1
+NFQNL_CFG_CMD_UNBIND = 2
+NFQNL_COPY_PACKET = 2
+# when the queue is full, let packets through instead of dropping them (the device still
+# authenticates every initiation itself; see NfQueue)
+NFQA_CFG_F_FAIL_OPEN = 0x0001
+
+NFQA_PACKET_HDR = 1
+NFQA_VERDICT_HDR = 2
+NFQA_IFINDEX_INDEV = 5
+NFQA_PAYLOAD = 10
+
+NF_DROP = 0
+NF_ACCEPT = 1
+
+# an initiation is at most 60 (IPv4 with options) + 8 + 148 bytes; copy a little more
+COPY_RANGE = 256
+DEFAULT_MAXLEN = 4096
+DEFAULT_RCVBUF = 4 << 20
+# how long a read packet may stay without a verdict before expire() releases it
+DEFAULT_HOLD_TIMEOUT = 1.0
+
+_NLMSGHDR = struct.Struct("=IHHII")  # length, type, flags, seq, pid (host order)
+_NFGENMSG = struct.Struct("!BBH")  # family, version, res_id (queue number, big-endian)
+_NLATTR = struct.Struct("=HH")  # length, type
+_NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
+_PACKET_HDR = struct.Struct("!IHB")  # packet_id, hw_protocol, hook
+_VERDICT_HDR = struct.Struct("!II")  # verdict, packet_id
+
+
+class QueueError(OSError):
+    """The queue could not be bound or read; `errno` is set, the message says why."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = code
+
+
+# -- sans-IO: building ---------------------------------------------------------------------
+
+
+def _align(n: int) -> int:
+    return (n + 3) & ~3
+
+
+def _attr(kind: int, value: bytes) -> bytes:
+    raw = _NLATTR.pack(_NLATTR.size + len(value), kind) + value
+    return raw + bytes(_align(len(raw)) - len(raw))
+
+
+def _message(msg_type: int, flags: int, seq: int, queue: int, attrs: bytes, family: int) -> bytes:
+    body = _NFGENMSG.pack(family, NFNETLINK_V0, queue) + attrs
+    kind = (NFNL_SUBSYS_QUEUE << 8) | msg_type
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, flags, seq, 0) + body
+
+
+def config_message(queue: int, seq: int, attrs: bytes) -> bytes:
+    """A NFQNL_MSG_CONFIG request for `queue` carrying `attrs`, asking for an ack."""
+    return _message(NFQNL_MSG_CONFIG, NLM_F_REQUEST | NLM_F_ACK, seq, queue, attrs, 0)
+
+
+def cmd_attr(command: int) -> bytes:
+    """NFQA_CFG_CMD: struct nfqnl_msg_config_cmd {u8 command; u8 pad; be16 pf} (pf unused)."""
+    return _attr(NFQA_CFG_CMD, struct.pack("!BxH", command, 0))
+
+
+def params_attr(copy_range: int, copy_mode: int = NFQNL_COPY_PACKET) -> bytes:
+    """NFQA_CFG_PARAMS: struct nfqnl_msg_config_params {be32 copy_range; u8 copy_mode}."""
+    return _attr(NFQA_CFG_PARAMS, struct.pack("!IB", copy_range, copy_mode))
+
+
+def maxlen_attr(maxlen: int) -> bytes:
+    return _attr(NFQA_CFG_QUEUE_MAXLEN, struct.pack("!I", maxlen))
+
+
+def flags_attr(flags: int, mask: int) -> bytes:
+    return _attr(NFQA_CFG_FLAGS, struct.pack("!I", flags)) + _attr(
+        NFQA_CFG_MASK, struct.pack("!I", mask)
+    )
+
+
+def verdict_message(queue: int, packet_id: int, accept: bool, seq: int = 0) -> bytes:
+    """A NFQNL_MSG_VERDICT for one packet (no ack requested: verdicts are fire and forget)."""
+    hdr = _VERDICT_HDR.pack(NF_ACCEPT if accept else NF_DROP, packet_id)
+    return _message(NFQNL_MSG_VERDICT, NLM_F_REQUEST, seq, queue, _attr(NFQA_VERDICT_HDR, hdr), 0)
+
+
+# -- sans-IO: parsing ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedPacket:
+    """One NFQNL_MSG_PACKET: the kernel's id for the verdict, the in-interface, the IP packet."""
+
+    queue: int
+    packet_id: int
+    ifindex: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class NetlinkError:
+    """An NLMSG_ERROR: `code` 0 is an ack, otherwise a negative errno for request `seq`."""
+
+    seq: int
+    code: int
+
+
+def _attrs(data: bytes, start: int, end: int) -> dict[int, bytes]:
+    out: dict[int, bytes] = {}
+    pos = start
+    while pos + _NLATTR.size <= end:
+        length, kind = _NLATTR.unpack_from(data, pos)
+        if length < _NLATTR.size or pos + length > end:
+            break
+        out[kind & _NLA_TYPE_MASK] = data[pos + _NLATTR.size : pos + length]
+        pos += _align(length)
+    return out
+
+
+def parse_messages(data: bytes) -> Iterator[QueuedPacket | NetlinkError]:
+    """The queued packets and errors/acks in one datagram read from the socket.
+
+    Total: anything malformed ends the walk (what came before is still yielded); messages of
+    other types are skipped."""
+    pos = 0
+    n = len(data)
+    while pos + _NLMSGHDR.size <= n:
+        length, kind, _flags, seq, _pid = _NLMSGHDR.unpack_from(data, pos)
+        if length < _NLMSGHDR.size or pos + length > n:
+            return
+        body = pos + _NLMSGHDR.size
+        end = pos + length
+        if kind == NLMSG_ERROR and end - body >= 4:
+            (code,) = struct.unpack_from("=i", data, body)
+            yield NetlinkError(seq, code)
+        elif kind == (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET and end - body >= _NFGENMSG.size:
+            _family, _version, queue = _NFGENMSG.unpack_from(data, body)
+            attrs = _attrs(data, body + _NFGENMSG.size, end)
+            hdr = attrs.get(NFQA_PACKET_HDR)
+            if hdr is not None and len(hdr) >= _PACKET_HDR.size:
+                packet_id = _PACKET_HDR.unpack_from(hdr)[0]
+                indev = attrs.get(NFQA_IFINDEX_INDEV)
+                ifindex = struct.unpack("!I", indev)[0] if indev and len(indev) == 4 else 0
+                yield QueuedPacket(queue, packet_id, ifindex, attrs.get(NFQA_PAYLOAD, b""))
+        pos += _align(length)
+
+
+# -- the socket ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """A knock the kernel is holding until `NfQueue.verdict(held, ...)`."""
+
+    knock: Knock
+    packet_id: int
+
+
+class NfQueue:
+    """Initiations queued to nfnetlink queue `queue_num` (in this network namespace).
+
+    Non-blocking: wait for `fileno()`, call `recv_batch()`, give every `Held` a `verdict()`,
+    then `flush()` to send the verdicts (one `sendmsg`). Packets that do not parse as a
+    handshake initiation to `port` are dropped here and counted as `malformed`.
+
+    No packet stays held for ever: `expire(now)` releases (ACCEPT) any packet read more than
+    `hold_timeout` seconds ago and still without a verdict, and `close()` releases all of them
+    (closing the socket would make the kernel drop them). Release, not drop: a late ACCEPT
+    cannot admit anyone (the device authenticates every initiation and ignores keys it does
+    not have), whereas a DROP would make a legitimate client wait for its 5 s retry; it is also
+    what `--queue-bypass` does while no gateway listens. The queue is bound with FAIL_OPEN for
+    the same reason: if it ever fills up, packets pass instead of being dropped.
+    Needs CAP_NET_ADMIN.
+    """
+
+    def __init__(
+        self,
+        queue_num: int,
+        port: int,
+        *,
+        maxlen: int = DEFAULT_MAXLEN,
+        rcvbuf: int = DEFAULT_RCVBUF,
+        hold_timeout: float = DEFAULT_HOLD_TIMEOUT,
+    ) -> None:
+        if not 0 <= queue_num <= 0xFFFF:
+            raise ValueError(f"queue number {queue_num} is not in 0..65535")
+        self.queue_num = queue_num
+        self.port = port
+        self.hold_timeout = hold_timeout
+        self.malformed = 0
+        self.expired = 0
+        self.accepted = 0
+        self.dropped = 0
+        self.overruns = 0  # times the socket buffer overflowed (the kernel then fails open)
+        self._held: dict[int, float] = {}  # packet id -> monotonic time read
+        self._out: list[bytes] = []
+        self._seq = 0
+        try:
+            self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        except PermissionError:
+            raise QueueError(errno.EPERM, "NFQUEUE needs root or CAP_NET_ADMIN") from None
+        except OSError as e:
+            raise QueueError(
+                e.errno or errno.EIO, f"cannot open a netfilter netlink socket: {e.strerror}"
+            ) from None
+        try:
+            self._setup(maxlen, rcvbuf)
+        except BaseException:
+            self._sock.close()
+            raise
+
+    def _setup(self, maxlen: int, rcvbuf: int) -> None:
+        sock = self._sock
+        sock.bind((0, 0))
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self._request(cmd_attr(NFQNL_CFG_CMD_BIND), "bind the queue")
+        self._request(params_attr(COPY_RANGE) + maxlen_attr(maxlen), "set the copy mode")
+        self._request(
+            flags_attr(NFQA_CFG_F_FAIL_OPEN, NFQA_CFG_F_FAIL_OPEN), "set the fail-open flag"
+        )
+        sock.setblocking(False)
+
+    def _request(self, attrs: bytes, what: str) -> None:
+        """Send one config request and wait (blocking, 2 s) for its ack."""
+        self._seq += 1
+        seq = self._seq
+        self._sock.settimeout(2.0)
+        self._sock.send(config_message(self.queue_num, seq, attrs))
+        while True:
+            try:
+                data = self._sock.recv(65536)
+            except TimeoutError:
+                raise QueueError(errno.ETIMEDOUT, f"no answer from the kernel to {what}") from None
+            for m in parse_messages(data):
+                if isinstance(m, NetlinkError) and m.seq == seq:
+                    if m.code == 0:
+                        return
+                    code = -m.code
+                    hint = ""
+                    if code == errno.EBUSY:
+                        hint = f" (queue {self.queue_num} is bound by another process)"
+                    elif code in (errno.ENOENT, errno.EOPNOTSUPP, errno.EPROTONOSUPPORT):
+                        hint = " (is the nfnetlink_queue module available?)"
+                    raise QueueError(
+                        code, f"cannot {what} {self.queue_num}: {os.strerror(code)}{hint}"
+                    )
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def recv_batch(self, max_n: int = 64) -> list[Held]:
+        """Up to `max_n` queued initiations already waiting; [] if none. Never blocks."""
+        out: list[Held] = []
+        reads = 0
+        while reads < max_n:
+            try:
+                data = self._sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                if e.errno == errno.ENOBUFS:
+                    self.overruns += 1
+                    continue
+                raise QueueError(e.errno or errno.EIO, f"reading the queue: {e}") from None
+            reads += 1
+            now = time.monotonic()
+            for m in parse_messages(data):
+                if not isinstance(m, QueuedPacket):
+                    continue
+                knock = parse_knock(m.payload, ifindex=m.ifindex, received_at=now, port=self.port)
+                if knock is None:
+                    self.malformed += 1
+                    self._verdict(m.packet_id, False)
+                    continue
+                self._held[m.packet_id] = now
+                out.append(Held(knock, m.packet_id))
+        if self._out:
+            self.flush()
+        return out
+
+    def verdict(self, held: Held, accept: bool) -> None:
+        """Queue the verdict for `held`; sent by the next `flush()`. Once per packet."""
+        if self._held.pop(held.packet_id, None) is not None:
+            self._verdict(held.packet_id, accept)
+
+    def _verdict(self, packet_id: int, accept: bool) -> None:
+        if accept:
+            self.accepted += 1
+        else:
+            self.dropped += 1
+        self._out.append(verdict_message(self.queue_num, packet_id, accept))
+
+    def flush(self) -> None:
+        """Send the pending verdicts, all in one datagram."""
+        if not self._out:
+            return
+        data = b"".join(self._out)
+        self._out.clear()
+        while True:
+            try:
+                self._sock.send(data)
+                return
+            except InterruptedError:
+                continue
+            except BlockingIOError:
+                # the kernel processes verdicts synchronously in send(); this is not expected
+                time.sleep(0.001)
+
+    def next_deadline(self) -> float | None:
+        """When `expire()` next has work (monotonic), or None."""
+        if not self._held:
+            return None
+        return min(self._held.values()) + self.hold_timeout
+
+    def expire(self, now: float) -> int:
+        """Release packets held longer than `hold_timeout`; returns how many."""
+        late = [pid for pid, t in self._held.items() if now - t >= self.hold_timeout]
+        for pid in late:
+            del self._held[pid]
+            self._verdict(pid, True)
+        self.expired += len(late)
+        self.flush()
+        return len(late)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "queue_accepted": self.accepted,
+            "queue_dropped": self.dropped,
+            "queue_malformed": self.malformed,
+            "queue_expired": self.expired,
+            "queue_overruns": self.overruns,
+        }
+
+    def close(self) -> None:
+        if self._sock.fileno() < 0:
+            return
+        for pid in list(self._held):
+            self._verdict(pid, True)
+        self._held.clear()
+        with contextlib.suppress(OSError):
+            self.flush()
+        self._sock.close()
+
+    def __enter__(self) -> NfQueue:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
