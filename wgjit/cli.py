@@ -7,8 +7,10 @@ exit status 1 (2 for usage errors), with the store unchanged.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -27,6 +29,7 @@ from wgjit.gateway.core import (
 from wgjit.gateway.run import GatewayError
 from wgjit.keys import InvalidKey, PresharedKey, PrivateKey, PublicKey
 from wgjit.store import DEFAULT_STORE_URL, Peer, Store, StoreError, open_store
+from wgjit.store.bulk import BulkError
 
 
 class CLIError(Exception):
@@ -165,6 +168,105 @@ def cmd_peer_remove(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_peer_import(args: argparse.Namespace) -> int:
+    from wgjit.store.bulk import format_for, import_file
+
+    fmt = format_for(args.file, args.format)
+    try:
+        stream = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8", newline="")  # noqa: SIM115
+    except OSError as e:
+        raise CLIError(f"cannot read {args.file}: {e.strerror}; check the path") from None
+    total = os.fstat(stream.fileno()).st_size if args.file != "-" else 0
+    progress = _progress("imported", total, stream) if sys.stderr.isatty() else None
+    try:
+        with _store(args) as store:
+            report = import_file(store, stream, fmt, strict=args.strict, progress=progress)
+    except UnicodeDecodeError as e:
+        raise CLIError(f"{args.file} is not UTF-8 text ({e.reason}); convert it first") from None
+    finally:
+        if stream is not sys.stdin:
+            stream.close()
+    if progress:
+        print(file=sys.stderr)
+    for bad in report.bad[:100]:
+        print(f"wgjit: {args.file}:{bad.line}: {bad.reason}", file=sys.stderr)
+    if len(report.bad) > 100:
+        print(f"wgjit: ... and {len(report.bad) - 100} more bad rows", file=sys.stderr)
+    if args.strict and report.bad and report.added + report.updated + report.unchanged == 0:
+        raise CLIError(
+            f"{len(report.bad)} bad rows in {args.file}; nothing imported (--strict); fix them"
+            " or drop --strict to import the good rows"
+        )
+    print(
+        f"{report.rows} rows: {report.added} added, {report.updated} updated,"
+        f" {report.unchanged} unchanged, {len(report.bad)} skipped"
+    )
+    return 1 if report.bad else 0
+
+
+def cmd_peer_export(args: argparse.Namespace) -> int:
+    from wgjit.store.bulk import export_peers, format_for
+
+    target = args.file or "-"
+    fmt = format_for(target, args.format or (None if args.file else "jsonl"))
+    try:
+        # 0600: the export holds preshared keys
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600) if target != "-" else -1
+        out = sys.stdout if fd < 0 else open(fd, "w", encoding="utf-8", newline="")  # noqa: SIM115
+    except OSError as e:
+        raise CLIError(f"cannot write {target}: {e.strerror}; check the path") from None
+    progress = _progress("exported", 0, None) if target != "-" and sys.stderr.isatty() else None
+    try:
+        with _store(args) as store:
+            n = export_peers(store.iter_peers(), out, fmt, progress)
+    except BrokenPipeError:  # `wgjit peer export | head`: the reader has seen enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    if target != "-":
+        if progress:
+            print(file=sys.stderr)
+        print(f"exported {n} peers to {target}")
+    return 0
+
+
+def _progress(verb: str, total: int, stream: Any) -> Any:
+    import time
+
+    start = time.monotonic()
+
+    def show(rows: int) -> None:
+        rate = rows / max(time.monotonic() - start, 1e-6)
+        line = f"\r{verb} {rows} rows ({rate:,.0f}/s)"
+        if total and stream is not None:
+            with contextlib.suppress(OSError, ValueError):
+                done = min(1.0, stream.buffer.tell() / total) if hasattr(stream, "buffer") else 0
+                bar = "#" * int(done * 30)
+                line = f"\r[{bar:<30}] {done:4.0%} {verb} {rows} rows ({rate:,.0f}/s)"
+        print(line, end="", file=sys.stderr, flush=True)
+
+    return show
+
+
+def cmd_store_migrate(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        version = getattr(store, "schema_version", None)
+        if version is None:
+            from wgjit.store.sqlite import MIGRATIONS
+
+            version = len(MIGRATIONS)
+    print(f"store {_redact(args.store)} is at schema version {version}")
+    return 0
+
+
+def _redact(url: str) -> str:
+    from wgjit.store.postgres import redact
+
+    return redact(url)
+
+
 def cmd_gateway(args: argparse.Namespace) -> int:
     from wgjit.gateway.run import serve
 
@@ -172,6 +274,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         idle_timeout=args.idle_timeout,
         sweep_interval=args.sweep_interval,
         testing_short_timers=args.testing_short_timers,
+        gateway_id=args.gateway_id,
     )
     config.validate()  # fail before touching the device
     log = EventLog(fmt=args.log_format, debug=args.debug)
@@ -239,9 +342,28 @@ def build_parser() -> argparse.ArgumentParser:
     rm = psub.add_parser("remove", help="delete a peer from the store")
     rm.add_argument("name")
     rm.set_defaults(func=cmd_peer_remove)
+    im = psub.add_parser("import", help="add or update peers from a CSV or JSON-lines file")
+    im.add_argument("file", help="FILE.csv or FILE.jsonl ('-': standard input, with --format)")
+    im.add_argument("--format", choices=("csv", "jsonl"), help="default: from the extension")
+    im.add_argument("--strict", action="store_true",
+                    help="import nothing if any row is bad (default: skip bad rows)")  # fmt: skip
+    im.set_defaults(func=cmd_peer_import)
+    ex = psub.add_parser("export", help="write all peers (with preshared keys) to a file")
+    ex.add_argument(
+        "file", nargs="?", help="FILE.csv or FILE.jsonl (default: JSON lines to stdout)"
+    )
+    ex.add_argument("--format", choices=("csv", "jsonl"), help="default: from the extension")
+    ex.set_defaults(func=cmd_peer_export)
+
+    st = sub.add_parser("store", help="manage the store itself")
+    ssub = st.add_subparsers(dest="store_command", required=True, metavar="ACTION")
+    mig = ssub.add_parser("migrate", help="apply pending schema migrations (also done on start)")
+    mig.set_defaults(func=cmd_store_migrate)
 
     gw = sub.add_parser("gateway", help="run the JIT gateway on a WireGuard interface")
     gw.add_argument("--interface", "-i", required=True, help="configured WireGuard interface")
+    gw.add_argument("--gateway-id", default=socket.gethostname(),
+                    help="this gateway's name in a shared store (default: host name)")  # fmt: skip
     gw.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT,
                     help="evict peers with no handshake for this many seconds "
                          f"(default {DEFAULT_IDLE_TIMEOUT:g}, minimum 180)")  # fmt: skip
@@ -288,6 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         InvalidAddress,
         GatewayError,
         CaptureError,
+        BulkError,
     ) as e:
         print(f"wgjit: error: {e}", file=sys.stderr)
         return 1

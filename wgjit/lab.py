@@ -9,6 +9,15 @@ Layout (TAG is short and unique per lab):
     ns wjl-TAG-gw : bridge br0 198.18.0.1/24 fd18::1/64, wireguard-go wjTAGg 100.65.0.1/24 :51820
     ns wjl-TAG-cN : eth0 198.18.0.(10+N)/24 fd18::(10+N)/64 (veth into br0),
                     wireguard-go wjTAGcN 100.65.0.(10+N)/32, gateway as its only peer
+
+More gateways (add_gateway() again; floating peers, one shared store): gateway N >= 2 is
+
+    ns wjl-TAG-gN : eth0 198.18.0.N/24 fd18::N/64 (veth into br0), wireguard-go wjTAGgN
+                    100.65.0.1/24 :51820 with the first gateway's key by default
+
+so a client moves between gateways by changing only its endpoint (`connect_to(gw)`). Traffic
+to gateway N crosses br0 in the first gateway's namespace: run the first gateway in hold mode
+(NFQUEUE sees only its own packets) or with `--capture-interface br0`.
 """
 
 from __future__ import annotations
@@ -240,6 +249,7 @@ class Lab:
         self.namespaces: list[str] = []
         self.procs: list[subprocess.Popen[Any]] = []
         self.gateway: Host | None = None
+        self.gateways: list[Host] = []
         self.clients: list[Client] = []
         self._gw_ns = f"wjl-{self.tag}-gw"
 
@@ -269,6 +279,10 @@ class Lab:
         return proc
 
     def add_gateway(self, key: PrivateKey | None = None) -> Host:
+        """The first call makes the gateway namespace with the LAN bridge; later calls add
+        gateways in namespaces of their own on that LAN (see the module docstring)."""
+        if self.gateway is not None:
+            return self._add_more_gateway(key or self.gateway.key)
         ns = self._gw_ns
         self._add_ns(ns)
         run("ip", "link", "add", "br0", "type", "bridge", ns=ns)
@@ -286,6 +300,29 @@ class Lab:
         run("ip", "addr", "add", f"{gw.tunnel_ip}/24", "dev", ifname, ns=ns)
         run("ip", "link", "set", ifname, "up", ns=ns)
         self.gateway = gw
+        self.gateways.append(gw)
+        return gw
+
+    def _add_more_gateway(self, key: PrivateKey) -> Host:
+        n = len(self.gateways) + 1
+        ns = f"wjl-{self.tag}-g{n}"
+        self._add_ns(ns)
+        outer = f"v{self.tag}g{n}"
+        run("ip", "link", "add", outer, "netns", self._gw_ns, "type", "veth", "peer", "name",
+            "eth0", "netns", ns)  # fmt: skip
+        run("ip", "link", "set", outer, "master", "br0", "up", ns=self._gw_ns)
+        v4, v6 = f"{UNDERLAY_V4}.{n}", f"{UNDERLAY_V6}:{n:x}"
+        run("ip", "addr", "add", f"{v4}/24", "dev", "eth0", ns=ns)
+        run("ip", "addr", "add", f"{v6}/64", "dev", "eth0", "nodad", ns=ns)
+        run("ip", "link", "set", "eth0", "up", ns=ns)
+        ifname = f"wj{self.tag}g{n}"
+        gw = Host(self, ns, ifname, key, f"{TUNNEL_V4}.1", v4, v6)
+        gw.proc = self._start_wireguard_go(ns, ifname)
+        gw.wg("set", ifname, "listen-port", str(GATEWAY_PORT), "private-key", "/dev/stdin",
+              input=key.b64())  # fmt: skip
+        run("ip", "addr", "add", f"{gw.tunnel_ip}/24", "dev", ifname, ns=ns)
+        run("ip", "link", "set", ifname, "up", ns=ns)
+        self.gateways.append(gw)
         return gw
 
     def add_client(self, key: PrivateKey | None = None, *, v6: bool = False) -> Client:
@@ -315,14 +352,20 @@ class Lab:
         return c
 
     def start_gateway(
-        self, store_url: str, *args: str, echo: Callable[[str], None] | None = None
+        self,
+        store_url: str,
+        *args: str,
+        echo: Callable[[str], None] | None = None,
+        gateway: Host | None = None,
     ) -> GatewayProcess:
-        """Run `wgjit gateway` (this Python's wgjit) in the gateway namespace."""
-        if self.gateway is None:
+        """Run `wgjit gateway` (this Python's wgjit) in a gateway's namespace (the first's
+        unless `gateway` says which)."""
+        gw = gateway or self.gateway
+        if gw is None:
             raise LabError("add_gateway() first")
         cmd = [
-            "ip", "netns", "exec", self.gateway.ns, sys.executable, "-m", "wgjit",
-            "--store", store_url, "gateway", "--interface", self.gateway.ifname, *args,
+            "ip", "netns", "exec", gw.ns, sys.executable, "-m", "wgjit",
+            "--store", store_url, "gateway", "--interface", gw.ifname, *args,
         ]  # fmt: skip
         proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,

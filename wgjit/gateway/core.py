@@ -10,6 +10,7 @@ keys not installed, authentication (static DH, cached per peer, + timestamp), an
 
 from __future__ import annotations
 
+import socket
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -76,6 +77,9 @@ class GatewayConfig:
     # how long after a knock the gateway initiates back (see Gateway.complete_due)
     invert_delay: float = 0.005
     completion: str = "invert"  # one of COMPLETIONS
+    # presence in a shared store: who we are (default: the host name), how often we say so
+    gateway_id: str = ""
+    heartbeat_interval: float = 5.0
     testing_short_timers: bool = False
 
     def validate(self) -> list[str]:
@@ -147,11 +151,13 @@ class Gateway:
         )
         self._completions: deque[tuple[float, PublicKey]] = deque()
         self._reject_log = TokenBucket(20.0, 50.0)  # bound log volume under attack
+        self.gateway_id = c.gateway_id or socket.gethostname()
 
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
         """Reconcile the device with the store, then start following the change feed."""
+        self.store.heartbeat(self.gateway_id)
         self.cursor = self.store.change_cursor()
         state = self.device.read()
         removed = self._adopt(state, self.wall(), reason="reconcile")
@@ -161,6 +167,10 @@ class Gateway:
 
     def shutdown(self) -> None:
         self._flush_handshakes()
+
+    def heartbeat(self) -> None:
+        """Tell the store we are alive (our claims on peers stay valid)."""
+        self.store.heartbeat(self.gateway_id)
 
     # -- hot path -------------------------------------------------------------------------
 
@@ -226,6 +236,8 @@ class Gateway:
         if not self.store.advance_handshake(Handshake(v.public_key, v.timestamp.raw, self.wall())):
             self._reject("replay", knock.source, v.public_key, peer.name)
             return "replay"
+        # presence: a gateway holding this peer now learns (change feed) to drop it
+        previous = self.store.claim(v.public_key, self.gateway_id)
         self._install(peer, knock.source, now)
         self.installed[v.public_key] = Installed(
             peer.name, self.wall(), peer.allowed_ips, peer.preshared_key, hwm=v.timestamp.raw
@@ -236,6 +248,7 @@ class Gateway:
             key=v.public_key.short(),
             endpoint=str(knock.source),
             took_ms=round((self.clock() - now) * 1000, 2),
+            **({"from_gateway": previous} if previous else {}),
         )
         return "installed"
 
@@ -320,6 +333,7 @@ class Gateway:
                 idle.append((key, wall - last))
         if idle:
             self.device.remove_peers(k for k, _ in idle)
+            self.store.release((k for k, _ in idle), self.gateway_id)
             for key, idle_for in idle:
                 inst = self.installed.pop(key)
                 self.log.info(
@@ -346,6 +360,9 @@ class Gateway:
             peer = self.store.lookup(key)
             if peer is None or peer.revoked:
                 gone.append((key, inst.name, "removed" if peer is None else "revoked"))
+            elif peer.holder is not None and peer.holder != self.gateway_id:
+                # another gateway installed it: the client moved there
+                gone.append((key, inst.name, "handoff"))
             elif (
                 set(peer.allowed_ips) != set(inst.allowed_ips)
                 or peer.preshared_key != inst.preshared_key
@@ -365,20 +382,26 @@ class Gateway:
             for key, name, reason in gone:
                 del self.installed[key]
                 self.log.info("evict", reason=reason, peer=name, key=key.short())
-            self.counters["evicted_store"] += len(gone)
+                self.counters["evicted_handoff" if reason == "handoff" else "evicted_store"] += 1
 
     # -- helpers --------------------------------------------------------------------------
 
     def _adopt(self, state: DeviceState, wall: float, reason: str) -> int:
-        """Track device peers the store allows; remove the others. Returns how many removed."""
-        bad: list[tuple[PublicKey, str]] = []
+        """Track device peers the store allows (and claim them); remove the others, and those
+        another gateway holds. Returns how many removed."""
+        bad: list[tuple[PublicKey, str, str]] = []
         for key, ps in state.peers.items():
             if key in self.installed:
                 continue
             peer = self.store.lookup(key)
             if peer is None or peer.revoked:
-                bad.append((key, peer.name if peer else "-"))
+                bad.append((key, peer.name if peer else "-", reason))
                 continue
+            if peer.holder is not None and peer.holder != self.gateway_id:
+                bad.append((key, peer.name, "handoff"))
+                continue
+            if peer.holder is None:
+                self.store.claim(key, self.gateway_id)
             self.installed[key] = Installed(
                 peer.name,
                 ps.last_handshake or wall,
@@ -387,9 +410,9 @@ class Gateway:
                 hwm=peer.handshake_hwm,
             )
         if bad:
-            self.device.remove_peers(k for k, _ in bad)
-            for key, name in bad:
-                self.log.info("evict", reason=reason, peer=name, key=key.short())
+            self.device.remove_peers(k for k, _, _ in bad)
+            for key, name, why in bad:
+                self.log.info("evict", reason=why, peer=name, key=key.short())
         return len(bad)
 
     def _flush_handshakes(self) -> None:

@@ -1,9 +1,10 @@
 """The gateway's event loop: capture socket, timers and signals around the policy in core.py.
 
 One thread, one selector: knocks are handled as they arrive, the change feed is polled every
-`change_poll_interval`, idle peers are swept every `sweep_interval`. SIGTERM/SIGINT stop it
-cleanly; SIGUSR1 logs the counters. A bad packet or a failed device/store call is logged and
-counted, never fatal.
+`change_poll_interval` (and at once when the store's wake-up fd, if it has one, becomes
+readable), idle peers are swept every `sweep_interval`, a heartbeat goes to the store every
+`heartbeat_interval`. SIGTERM/SIGINT stop it cleanly; SIGUSR1 logs the counters. A bad packet
+or a failed device/store call is logged and counted, never fatal.
 
 The mode (how a handshake is completed after an install) decides the capture source and what
 the loop does with the outcome the policy returns: `hold` reads initiations from an NFQUEUE
@@ -178,10 +179,13 @@ def _loop(
         )
         next_poll = time.monotonic() + config.change_poll_interval
         next_sweep = time.monotonic() + config.sweep_interval
+        next_beat = time.monotonic() + config.heartbeat_interval
+        store_fd = _watch_store(sel, gw, None)
         while not stop:
             due = min(
                 next_poll,
                 next_sweep,
+                next_beat,
                 gw.next_completion() or next_poll,
                 (queue.next_deadline() if queue else None) or next_poll,
             )
@@ -190,6 +194,8 @@ def _loop(
                 if key.data == "wake":
                     with contextlib.suppress(BlockingIOError):
                         wake_r.recv(4096)
+                elif key.data == "store":
+                    next_poll = 0.0  # the store has news (NOTIFY): read the feed now
                 elif key.data == "queue":
                     assert queue is not None
                     _release_batch(gw, queue, log)
@@ -206,6 +212,10 @@ def _loop(
             if now >= next_poll:
                 _guarded(log, "poll_changes", gw.poll_changes)
                 next_poll = now + config.change_poll_interval
+                store_fd = _watch_store(sel, gw, store_fd)
+            if now >= next_beat:
+                _guarded(log, "heartbeat", gw.heartbeat)
+                next_beat = now + config.heartbeat_interval
             if now >= next_sweep:
                 _guarded(log, "sweep", gw.sweep)
                 next_sweep = now + config.sweep_interval
@@ -222,6 +232,22 @@ def _loop(
         wake_w.close()
         _guarded(log, "shutdown", gw.shutdown)
     return 0
+
+
+def _watch_store(sel: selectors.BaseSelector, gw: Gateway, current: int | None) -> int | None:
+    """(Re)register the store's wake-up fd, if it has one (PostgreSQL's LISTEN connection).
+    Registered afresh each time: after a reconnect the new socket may reuse the old number,
+    and a closed fd silently leaves epoll. Without one, the timer polls the feed."""
+    if current is not None:
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            sel.unregister(current)
+    try:
+        fd = gw.store.wakeup_fd()
+    except StoreError:
+        fd = None
+    if fd is not None:
+        sel.register(fd, selectors.EVENT_READ, "store")
+    return fd
 
 
 def _handle(gw: Gateway, log: EventLog, knock: Knock) -> str:

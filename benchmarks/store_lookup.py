@@ -1,0 +1,149 @@
+"""Store benchmark: bulk-load N peers, then time the gateway's hot-path store calls.
+
+    sudo .venv/bin/python -m benchmarks.store_lookup --peers 1000000 [--backend sqlite|postgresql]
+
+Loads through `Store.import_peers` (the path `wgjit peer import` takes: executemany on SQLite,
+COPY + one INSERT ... ON CONFLICT per batch on PostgreSQL) and reports the load rate; then
+lookup() latency percentiles for random known keys (and unknown ones), advance_handshake(),
+and, for PostgreSQL, change-feed propagation: revoke() on one connection until another,
+waiting on its wake-up fd, reads the key from changes_since(). PostgreSQL runs on a throwaway
+local server (tests/pgserver.py) over its unix socket. Prints one table; writes nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import struct
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.pgserver import PostgresServer
+from wgjit.addr import IPNetwork, parse_network
+from wgjit.keys import PublicKey
+from wgjit.lab import percentile
+from wgjit.store import Handshake, Peer, Store, open_store
+
+BATCH = 10000
+
+
+def make_peers(n: int, seed: int) -> list[Peer]:
+    rnd = __import__("random").Random(seed)
+    out = []
+    for i in range(n):
+        key = PublicKey(rnd.randbytes(32))
+        net: IPNetwork = parse_network(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}/32")
+        out.append(Peer(f"p{i:08d}", key, (net,)))
+    return out
+
+
+def load(store: Store, peers: list[Peer], label: str) -> float:
+    t0 = time.monotonic()
+    last = t0
+    for i in range(0, len(peers), BATCH):
+        res = store.import_peers(peers[i : i + BATCH])
+        assert not res.rejected, res.rejected[:3]
+        if time.monotonic() - last > 10:
+            last = time.monotonic()
+            done = i + BATCH
+            print(f"  {label}: {done} rows, {done / (last - t0):,.0f}/s", flush=True)
+    return time.monotonic() - t0
+
+
+def timed(fn: Callable[[], object], n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter_ns()
+        fn()
+        out.append((time.perf_counter_ns() - t0) / 1000.0)
+    return out
+
+
+def stats(name: str, us: list[float]) -> str:
+    return (
+        f"| {name} | {percentile(us, 50):.0f} | {percentile(us, 99):.0f} |"
+        f" {percentile(us, 99.9):.0f} | {len(us)} |"
+    )
+
+
+def tai64n(s: int) -> bytes:
+    return struct.pack(">QI", 2**62 + s, 0)
+
+
+def bench(url: str, peers: list[Peer], lookups: int, label: str) -> list[str]:
+    rows = []
+    with open_store(url) as store:
+        secs = load(store, peers, label)
+        rows.append(
+            f"load {len(peers):,} peers ({label}): {secs:.1f} s, {len(peers) / secs:,.0f} rows/s"
+        )
+        rnd = __import__("random").Random(1)
+        keys = [peers[rnd.randrange(len(peers))].public_key for _ in range(lookups)]
+        unknown = [PublicKey(os.urandom(32)) for _ in range(lookups // 10)]
+        for k in keys[:1000]:
+            store.lookup(k)  # warm up
+        it = iter(keys)
+        known = timed(lambda: store.lookup(next(it)), lookups)
+        it2 = iter(unknown)
+        miss = timed(lambda: store.lookup(next(it2)), len(unknown))
+        ts = iter(range(1, 10**9))
+        it3 = iter(keys)
+        adv = timed(
+            lambda: store.advance_handshake(Handshake(next(it3), tai64n(next(ts)), 1.0)),
+            lookups // 10,
+        )
+        rows += [
+            "",
+            f"| {label} call | p50 µs | p99 µs | p99.9 µs | n |",
+            "|---|---|---|---|---|",
+            stats("lookup (known key)", known),
+            stats("lookup (unknown key)", miss),
+            stats("advance_handshake", adv),
+        ]
+        fd = store.wakeup_fd()
+        if fd is not None:
+            with open_store(url) as admin:
+                prop = []
+                for p in peers[:200]:
+                    cursor = store.change_cursor()
+                    store.changes_since(cursor)
+                    t0 = time.perf_counter_ns()
+                    admin.revoke(p.name)
+                    fd = store.wakeup_fd()
+                    assert fd is not None
+                    select.select([fd], [], [], 5)
+                    got, _ = store.changes_since(cursor)
+                    assert p.public_key in got
+                    prop.append((time.perf_counter_ns() - t0) / 1000.0)
+                rows.append(stats("revoke → other connection sees it (NOTIFY)", prop))
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--peers", type=int, default=1_000_000)
+    ap.add_argument("--lookups", type=int, default=100_000)
+    ap.add_argument("--backend", choices=("sqlite", "postgresql", "both"), default="both")
+    args = ap.parse_args()
+    t0 = time.monotonic()
+    peers = make_peers(args.peers, seed=42)
+    print(f"generated {len(peers):,} peers in {time.monotonic() - t0:.1f} s", flush=True)
+    out: list[str] = []
+    if args.backend in ("sqlite", "both"):
+        with tempfile.TemporaryDirectory(prefix="wgjit-bench-") as d:
+            out += bench(f"sqlite://{Path(d) / 'peers.db'}", peers, args.lookups, "SQLite")
+            size = (Path(d) / "peers.db").stat().st_size
+            out.append(f"SQLite file: {size / 2**20:,.0f} MiB")
+    if args.backend in ("postgresql", "both"):
+        with PostgresServer({"shared_buffers": "'2GB'", "max_wal_size": "'8GB'"}) as srv:
+            url = srv.create_database("bench")
+            out += ["", *bench(url, peers, args.lookups, "PostgreSQL")]
+    print("\n".join(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,123 @@
+"""`wgjit peer import/export` and `wgjit store migrate` on both stores: round trips, idempotent
+re-runs, bad rows reported by line number, --strict."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+
+from wgjit.cli import main
+from wgjit.keys import PresharedKey, PrivateKey
+from wgjit.store import open_store
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    u = f"sqlite://{tmp_path}/peers.db" if request.param == "sqlite" else None
+    if u is None:
+        u = request.getfixturevalue("pg_url")
+    monkeypatch.setenv("WGJIT_STORE", u)
+    return u
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def key() -> str:
+    return PrivateKey.generate().public_key().b64()
+
+
+def test_import_export_round_trip(
+    url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    psk = PresharedKey.generate().b64()
+    k = [key() for _ in range(3)]
+    src = tmp_path / "in.csv"
+    src.write_text(
+        "name,public_key,allowed_ips,preshared_key,revoked\n"
+        f"a,{k[0]},100.65.0.2/32,,false\n"
+        f'b,{k[1]},"100.65.0.3/32, fd65::3/128",{psk},true\n'
+        f"c,{k[2]},100.65.0.4/32,,\n"
+    )
+    rc, out, err = run(capsys, "peer", "import", str(src))
+    assert (rc, err) == (0, "") and out == "3 rows: 3 added, 0 updated, 0 unchanged, 0 skipped\n"
+    rc, out, _ = run(capsys, "peer", "import", str(src))  # idempotent
+    assert rc == 0 and "0 added, 0 updated, 3 unchanged" in out
+
+    dst = tmp_path / "out.jsonl"
+    rc, out, _ = run(capsys, "peer", "export", str(dst))
+    assert rc == 0 and out == f"exported 3 peers to {dst}\n"
+    assert stat.S_IMODE(dst.stat().st_mode) == 0o600  # it holds preshared keys
+    recs = [json.loads(line) for line in dst.read_text().splitlines()]
+    assert recs[1] == {
+        "name": "b",
+        "public_key": k[1],
+        "allowed_ips": ["100.65.0.3/32", "fd65::3/128"],
+        "preshared_key": psk,
+        "revoked": True,
+    }
+    # the export imports back unchanged; CSV export too
+    rc, out, _ = run(capsys, "peer", "import", str(dst))
+    assert rc == 0 and "3 unchanged" in out
+    rc, out, _ = run(capsys, "peer", "export", "--format", "csv")
+    assert out.splitlines()[0] == "name,public_key,allowed_ips,preshared_key,revoked"
+    assert out.splitlines()[2] == f"b,{k[1]},100.65.0.3/32 fd65::3/128,{psk},true"
+
+
+def test_bad_rows_by_line_number_and_strict(
+    url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = key()
+    src = tmp_path / "in.jsonl"
+    src.write_text(
+        json.dumps({"name": "ok", "public_key": good, "allowed_ips": ["100.65.0.2/32"]}) + "\n"
+        + "{not json\n"
+        + json.dumps({"name": "bad name", "public_key": key(), "allowed_ips": "10.0.0.1/32"})
+        + "\n\n"
+        + json.dumps({"name": "nokey", "allowed_ips": "10.0.0.1/32"}) + "\n"
+        + json.dumps({"name": "ips", "public_key": key(), "allowed_ips": "10.0.0.300/32"}) + "\n"
+        + json.dumps({"name": "dup", "public_key": good, "allowed_ips": "10.0.0.1/32"}) + "\n"
+    )  # fmt: skip
+    rc, out, err = run(capsys, "peer", "import", "--strict", str(src))
+    assert rc == 1 and "nothing imported (--strict)" in err
+    assert open_store(url).list_peers() == []
+    rc, out, err = run(capsys, "peer", "import", str(src))
+    assert rc == 1 and out == "6 rows: 1 added, 0 updated, 0 unchanged, 5 skipped\n"
+    lines = err.splitlines()
+    assert lines[0].startswith(f"wgjit: {src}:2: not valid JSON")
+    assert lines[1].startswith(f"wgjit: {src}:3: field name: invalid peer name 'bad name'")
+    assert (
+        lines[2] == f"wgjit: {src}:5: field public_key is missing; every row needs name,"
+        " public_key, allowed_ips"
+    )
+    assert lines[3].startswith(f"wgjit: {src}:6: field allowed_ips:")
+    assert lines[4] == f"wgjit: {src}:7: public key appears earlier in the file"
+    # a key that the store already has under another name
+    other = tmp_path / "other.csv"
+    other.write_text(f"name,public_key,allowed_ips\nnew,{good},10.0.0.9/32\n")
+    rc, out, err = run(capsys, "peer", "import", str(other))
+    assert rc == 1 and err == f"wgjit: {other}:2: public key is already used by peer 'ok'\n"
+
+
+def test_bad_files(url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, _, err = run(capsys, "peer", "import", str(tmp_path / "peers.txt"))
+    assert rc == 1 and err.startswith("wgjit: error: cannot tell the format of")
+    rc, _, err = run(capsys, "peer", "import", str(tmp_path / "missing.csv"))
+    assert rc == 1 and err.startswith("wgjit: error: cannot read") and err[-1] == "\n"
+    hdr = tmp_path / "h.csv"
+    hdr.write_text("nom,cle\nx,y\n")
+    rc, _, err = run(capsys, "peer", "import", str(hdr))
+    assert rc == 1 and "CSV header lacks name, public_key, allowed_ips" in err
+
+
+def test_store_migrate(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, _ = run(capsys, "store", "migrate")
+    assert rc == 0 and out.startswith("store ") and "is at schema version" in out
+    rc, out2, _ = run(capsys, "store", "migrate")  # again: nothing to do
+    assert rc == 0 and out2 == out

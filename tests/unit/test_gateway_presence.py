@@ -1,0 +1,126 @@
+"""Presence and handoff in the gateway policy: two gateways (fake devices) share one store,
+on each backend; a peer installed at B is dropped at A; a restarted gateway gives up peers
+another gateway took meanwhile; idle eviction releases the claim."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.unit.test_gateway_core import Clock, FakeDevice, events, initiation, knock
+from wgjit.addr import Endpoint, parse_networks
+from wgjit.events import EventLog
+from wgjit.gateway.core import Gateway, GatewayConfig
+from wgjit.handshake import Responder
+from wgjit.keys import PrivateKey
+from wgjit.store import Store, open_store
+
+OTHER_SRC = Endpoint.parse("198.18.0.12:40000")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite://{tmp_path}/peers.db"
+    u: str = request.getfixturevalue("pg_url")
+    return u
+
+
+class Node:
+    def __init__(self, url: str, gw_key: PrivateKey, gateway_id: str, clock: Clock) -> None:
+        self.store: Store = open_store(url)
+        self.dev = FakeDevice(gw_key)
+        self.out = io.StringIO()
+        self.g = Gateway(
+            self.dev,
+            self.store,
+            GatewayConfig(idle_timeout=300, sweep_interval=15, gateway_id=gateway_id),
+            EventLog(self.out),
+            Responder(gw_key),
+            clock=clock,
+            wall=clock,
+        )
+
+
+@pytest.fixture
+def nodes(url: str) -> Callable[[str], Node]:
+    gw_key = PrivateKey.generate()  # floating: every gateway has the same identity
+    clock = Clock()
+    made: list[Node] = []
+
+    def make(gateway_id: str) -> Node:
+        n = Node(url, gw_key, gateway_id, clock)
+        made.append(n)
+        return n
+
+    yield make  # type: ignore[misc]
+    for n in made:
+        n.store.close()
+
+
+def test_handoff(nodes: Callable[[str], Node]) -> None:
+    a, b = nodes("gw-a"), nodes("gw-b")
+    a.g.start()
+    b.g.start()
+    c = PrivateKey.generate()
+    a.store.add_peer("alice", c.public_key(), parse_networks("100.65.0.11/32"))
+    gw_key = a.dev.private_key
+    clock = a.g.clock
+    assert a.g.handle(knock(initiation(c, gw_key, 1e9), clock())) == "installed"
+    a.g.poll_changes()
+    b.g.poll_changes()
+    assert c.public_key() in a.dev.peers
+    # the client roams to B with a fresh initiation
+    assert b.g.handle(knock(initiation(c, gw_key, 1e9 + 3), clock(), OTHER_SRC)) == "installed"
+    assert events(b.out, "install")[0]["from_gateway"] == "gw-a"
+    a.g.poll_changes()
+    assert c.public_key() not in a.dev.peers and c.public_key() not in a.g.installed
+    ev = events(a.out, "evict")[-1]
+    assert (ev["reason"], ev["peer"]) == ("handoff", "alice")
+    assert a.g.counters["evicted_handoff"] == 1
+    b.g.poll_changes()  # its own claim is no news to B
+    assert c.public_key() in b.dev.peers
+
+
+def test_restarted_gateway_gives_up_what_another_took(nodes: Callable[[str], Node]) -> None:
+    a, b = nodes("gw-a"), nodes("gw-b")
+    a.g.start()
+    b.g.start()
+    c = PrivateKey.generate()
+    a.store.add_peer("alice", c.public_key(), parse_networks("100.65.0.11/32"))
+    gw_key, clock = a.dev.private_key, a.g.clock
+    assert a.g.handle(knock(initiation(c, gw_key, 1e9), clock())) == "installed"
+    # A goes down (its device keeps the peer); the client moves to B meanwhile
+    assert b.g.handle(knock(initiation(c, gw_key, 1e9 + 3), clock(), OTHER_SRC)) == "installed"
+    a2 = nodes("gw-a")
+    a2.dev.peers = dict(a.dev.peers)
+    a2.g.start()
+    assert c.public_key() not in a2.dev.peers
+    assert events(a2.out, "evict")[-1]["reason"] == "handoff"
+    assert events(a2.out, "reconcile")[-1]["removed"] == "1"
+
+
+def test_idle_eviction_releases_and_adoption_claims(nodes: Callable[[str], Node]) -> None:
+    a = nodes("gw-a")
+    a.g.start()
+    c = PrivateKey.generate()
+    a.store.add_peer("alice", c.public_key(), parse_networks("100.65.0.11/32"))
+    gw_key, clock = a.dev.private_key, a.g.clock
+    assert a.g.handle(knock(initiation(c, gw_key, 1e9), clock())) == "installed"
+    peer = a.store.lookup(c.public_key())
+    assert peer is not None and peer.holder == "gw-a"
+    clock.t += 400  # type: ignore[attr-defined]
+    a.g.sweep()
+    peer = a.store.lookup(c.public_key())
+    assert peer is not None and peer.holder is None
+    # a restarted gateway claims the peers it keeps
+    a.g.handle(knock(initiation(c, gw_key, 1e9 + 500), clock()))
+    a.store.release([c.public_key()], "gw-a")
+    a2 = nodes("gw-a2")
+    a2.dev.peers = dict(a.dev.peers)
+    a2.g.start()
+    peer = a2.store.lookup(c.public_key())
+    assert peer is not None and peer.holder == "gw-a2"

@@ -1,0 +1,263 @@
+"""Bulk peer files: read and write CSV or JSON lines, import in batches, export as a stream.
+
+Formats (chosen by file extension `.csv` / `.jsonl` / `.ndjson`, or explicitly):
+  CSV:  header `name,public_key,allowed_ips,preshared_key,revoked`; only the first three are
+        required; allowed_ips separated by spaces or commas (quote the field); revoked is
+        true/false/1/0/yes/no (empty: false); preshared_key base64 or empty.
+  JSON lines: one object per line with the same keys; allowed_ips a list or a string.
+Row validation here; conflicts with stored peers are decided by the store. It prints nothing:
+progress and reports go through the callbacks the CLI gives.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any, Final
+
+from wgjit.addr import InvalidAddress, parse_networks
+from wgjit.keys import InvalidKey, PresharedKey, PublicKey
+from wgjit.store import InvalidPeerName, Peer, Store, validate_peer_name
+
+FORMATS: Final = ("csv", "jsonl")
+FIELDS: Final = ("name", "public_key", "allowed_ips", "preshared_key", "revoked")
+REQUIRED: Final = ("name", "public_key", "allowed_ips")
+BATCH_SIZE: Final = 10000
+
+
+class BulkError(ValueError):
+    """A file cannot be read or written as asked; the message says how to fix it."""
+
+
+@dataclass(slots=True)
+class BadRow:
+    line: int
+    reason: str
+
+
+@dataclass(slots=True)
+class ImportReport:
+    rows: int = 0
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    bad: list[BadRow] = field(default_factory=list)
+
+
+def format_for(path: str | None, explicit: str | None) -> str:
+    """The format to use: `explicit`, else from the extension; BulkError if neither says."""
+    if explicit:
+        if explicit not in FORMATS:
+            raise BulkError(f"--format {explicit!r} is not supported; use csv or jsonl")
+        return explicit
+    if path and path != "-":
+        low = path.lower()
+        if low.endswith(".csv"):
+            return "csv"
+        if low.endswith((".jsonl", ".ndjson", ".json")):
+            return "jsonl"
+    raise BulkError(
+        f"cannot tell the format of {path or 'standard input/output'!r} from its name;"
+        " use a .csv or .jsonl extension or --format csv|jsonl"
+    )
+
+
+_TRUE = {"true", "1", "yes", "y", "t"}
+_FALSE = {"false", "0", "no", "n", "f", ""}
+
+
+def _revoked(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value is None:
+        return False
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise BulkError(f"field revoked: {value!r} is not a boolean; use true or false")
+
+
+def row_to_peer(row: dict[str, Any]) -> Peer:
+    """One record (already split into fields) to a Peer; BulkError naming the field if bad."""
+    for name in REQUIRED:
+        if row.get(name) in (None, ""):
+            raise BulkError(f"field {name} is missing; every row needs {', '.join(REQUIRED)}")
+    try:
+        name = validate_peer_name(str(row["name"]).strip())
+    except InvalidPeerName as e:
+        raise BulkError(f"field name: {e}") from None
+    try:
+        key = PublicKey.from_b64(str(row["public_key"]).strip())
+    except InvalidKey as e:
+        raise BulkError(f"field public_key: {e}") from None
+    ips = row["allowed_ips"]
+    text = ",".join(str(x) for x in ips) if isinstance(ips, list) else str(ips)
+    try:
+        nets = parse_networks(text.replace(" ", ",").strip(","))
+    except InvalidAddress as e:
+        raise BulkError(f"field allowed_ips: {e}") from None
+    psk = None
+    if row.get("preshared_key") not in (None, ""):
+        try:
+            psk = PresharedKey.from_b64(str(row["preshared_key"]).strip())
+        except InvalidKey as e:
+            raise BulkError(f"field preshared_key: {e}") from None
+    return Peer(name, key, nets, psk, _revoked(row.get("revoked")))
+
+
+def read_rows(stream: IO[str], fmt: str) -> Iterator[tuple[int, Peer | BulkError]]:
+    """(line number, peer or the error for that line) for every record in the file."""
+    if fmt == "csv":
+        reader = csv.DictReader(stream)
+        header = reader.fieldnames or []
+        missing = [f for f in REQUIRED if f not in header]
+        if missing:
+            raise BulkError(
+                f"CSV header lacks {', '.join(missing)}; the first line must name the columns:"
+                f" {','.join(FIELDS)}"
+            )
+        for rec in reader:
+            line = reader.line_num
+            if None in rec:
+                yield line, BulkError("too many fields; quote allowed_ips if it has commas")
+                continue
+            try:
+                yield line, row_to_peer(rec)
+            except BulkError as e:
+                yield line, e
+        return
+    for line, text in enumerate(stream, 1):
+        if not text.strip():
+            continue
+        try:
+            rec = json.loads(text)
+            if not isinstance(rec, dict):
+                raise BulkError('not a JSON object; each line must be {"name": ..., ...}')
+            yield line, row_to_peer(rec)
+        except json.JSONDecodeError as e:
+            yield line, BulkError(f"not valid JSON ({e.msg} at column {e.colno})")
+        except BulkError as e:
+            yield line, e
+
+
+def import_file(
+    store: Store,
+    stream: IO[str],
+    fmt: str,
+    *,
+    strict: bool = False,
+    progress: Callable[[int], None] | None = None,
+    batch_size: int = BATCH_SIZE,
+) -> ImportReport:
+    """Import every good row in batches (each batch one transaction; re-running is harmless).
+    Bad rows (format, duplicates within the file, conflicts with stored peers) are reported
+    with their line numbers and skipped. `strict`: the file is checked first and nothing is
+    written if any row is bad (conflicts with stored peers are only found while writing)."""
+    report = ImportReport()
+    if strict:
+        check = _validate(read_rows(stream, fmt))
+        if check.bad:
+            return check
+        stream.seek(0)
+    names: set[str] = set()
+    keys: set[bytes] = set()
+    batch: list[Peer] = []
+    lines: list[int] = []
+
+    def flush() -> None:
+        if not batch:
+            return
+        res = store.import_peers(batch)
+        report.added += res.added
+        report.updated += res.updated
+        report.unchanged += res.unchanged
+        report.bad.extend(BadRow(lines[i], why) for i, why in res.rejected)
+        batch.clear()
+        lines.clear()
+        if progress:
+            progress(report.rows)
+
+    for line, item in read_rows(stream, fmt):
+        report.rows += 1
+        if isinstance(item, BulkError):
+            report.bad.append(BadRow(line, str(item)))
+            continue
+        dup = _duplicate(item, names, keys)
+        if dup:
+            report.bad.append(BadRow(line, dup))
+            continue
+        batch.append(item)
+        lines.append(line)
+        if len(batch) >= batch_size:
+            flush()
+    flush()
+    report.bad.sort(key=lambda b: b.line)
+    return report
+
+
+def _duplicate(p: Peer, names: set[str], keys: set[bytes]) -> str | None:
+    if p.name in names:
+        return f"name {p.name!r} appears earlier in the file"
+    if p.public_key.raw in keys:
+        return "public key appears earlier in the file"
+    names.add(p.name)
+    keys.add(p.public_key.raw)
+    return None
+
+
+def _validate(rows: Iterable[tuple[int, Peer | BulkError]]) -> ImportReport:
+    report = ImportReport()
+    names: set[str] = set()
+    keys: set[bytes] = set()
+    for line, item in rows:
+        report.rows += 1
+        if isinstance(item, BulkError):
+            report.bad.append(BadRow(line, str(item)))
+        else:
+            dup = _duplicate(item, names, keys)
+            if dup:
+                report.bad.append(BadRow(line, dup))
+    return report
+
+
+def peer_record(p: Peer) -> dict[str, Any]:
+    """What export writes for a peer (the preshared key included: it is a backup)."""
+    return {
+        "name": p.name,
+        "public_key": p.public_key.b64(),
+        "allowed_ips": [str(n) for n in p.allowed_ips],
+        "preshared_key": p.preshared_key.b64() if p.preshared_key else None,
+        "revoked": p.revoked,
+    }
+
+
+def export_peers(
+    peers: Iterable[Peer], stream: IO[str], fmt: str, progress: Callable[[int], None] | None = None
+) -> int:
+    """Write every peer; returns how many. Import reads the result back unchanged."""
+    n = 0
+    writer = csv.writer(stream, lineterminator="\n") if fmt == "csv" else None
+    if writer:
+        writer.writerow(FIELDS)
+    for p in peers:
+        rec = peer_record(p)
+        if writer:
+            writer.writerow(
+                [
+                    rec["name"],
+                    rec["public_key"],
+                    " ".join(rec["allowed_ips"]),
+                    rec["preshared_key"] or "",
+                    "true" if p.revoked else "false",
+                ]
+            )
+        else:
+            stream.write(json.dumps(rec, separators=(",", ":")) + "\n")
+        n += 1
+        if progress and n % BATCH_SIZE == 0:
+            progress(n)
+    return n
