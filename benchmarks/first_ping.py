@@ -87,8 +87,8 @@ def main() -> None:
     base = rows["pre-installed peer (gateway in invert mode: baseline)"]
     hold = rows["JIT, hold (NFQUEUE)"]
     print(
-        f"\nhold vs pre-installed: median +{statistics.median(hold) - statistics.median(base):.1f}"
-        f" ms, p99 +{percentile(hold, 99) - percentile(base, 99):.1f} ms"
+        f"\nhold vs pre-installed: median {statistics.median(hold) - statistics.median(base):+.1f}"
+        f" ms, p99 {percentile(hold, 99) - percentile(base, 99):+.1f} ms"
     )
 
 

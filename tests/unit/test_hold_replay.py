@@ -205,3 +205,62 @@ def test_hold_and_replay_installs_schedule_no_role_inversion(env: Env) -> None:
 def test_no_completion_mode_warns() -> None:
     warnings = GatewayConfig(completion="none").validate()
     assert any("never use in production" in w for w in warnings)
+
+
+class _FakeNetlink:
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def send(self, data: bytes) -> int:
+        self.sent.append(data)
+        return len(data)
+
+    def fileno(self) -> int:
+        return 99
+
+    def close(self) -> None:
+        pass
+
+
+def _queue_with(held: dict[int, float]) -> tuple[nq.NfQueue, _FakeNetlink]:
+    q = object.__new__(nq.NfQueue)
+    sock = _FakeNetlink()
+    q.queue_num, q.port, q.hold_timeout = 5, 51820, 1.0
+    q.malformed = q.expired = q.accepted = q.dropped = q.overruns = 0
+    q._held, q._out, q._seq, q._sock = dict(held), [], 0, sock  # type: ignore[assignment]
+    return q, sock
+
+
+def _verdicts(sent: list[bytes]) -> list[tuple[int, int]]:
+    """(verdict, packet id) of every verdict message in the sent datagrams."""
+    out = []
+    for data in sent:
+        pos = 0
+        while pos < len(data):
+            length = struct.unpack_from("=I", data, pos)[0]
+            out.append(struct.unpack_from("!II", data, pos + 24))
+            pos += length
+    return out
+
+
+def test_no_packet_is_held_for_ever() -> None:
+    q, sock = _queue_with({1: 10.0, 2: 10.5})
+    assert q.next_deadline() == 11.0
+    assert q.expire(10.9) == 0 and sock.sent == []
+    assert q.expire(11.0) == 1
+    assert _verdicts(sock.sent) == [(nq.NF_ACCEPT, 1)]  # released, not dropped
+    assert q.next_deadline() == 11.5
+    q.close()  # what is still held is released too (closing would make the kernel drop it)
+    assert _verdicts(sock.sent) == [(nq.NF_ACCEPT, 1), (nq.NF_ACCEPT, 2)]
+
+
+def test_verdicts_are_sent_together_and_once() -> None:
+    q, sock = _queue_with({7: 0.0, 8: 0.0})
+    k = knock(bytes(148), 0.0)
+    q.verdict(nq.Held(k, 7), True)
+    q.verdict(nq.Held(k, 8), False)
+    q.verdict(nq.Held(k, 8), True)  # a second verdict for the same packet is ignored
+    assert sock.sent == []
+    q.flush()
+    assert len(sock.sent) == 1
+    assert _verdicts(sock.sent) == [(nq.NF_ACCEPT, 7), (nq.NF_DROP, 8)]

@@ -105,9 +105,14 @@ def _open_sources(
     if mode in ("auto", "hold"):
         qnum = port if queue_num is None else queue_num
         try:
-            queue = stack.enter_context(NfQueue(qnum, port))
+            queue = NfQueue(qnum, port)
             rules = QueueRules(port, qnum, ifname)
-            rules.install()
+            try:
+                rules.install()  # removes what it inserted if it fails half way
+            except BaseException:
+                queue.close()
+                raise
+            stack.enter_context(queue)
             stack.callback(rules.remove)  # runs before the queue is closed
             if rules.removed_stale:
                 log.warning("stale_rules_removed", count=rules.removed_stale)
