@@ -7,7 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-APT_PACKAGES=(wireguard-go wireguard-tools iptables iproute2 iputils-ping)
+APT_PACKAGES=(wireguard-go wireguard-tools iptables iproute2 iputils-ping
+    qemu-system-x86 linux-image-amd64 kmod busybox-static)  # kernel WireGuard tests under qemu
 VENV=.venv
 
 need_root() {

@@ -1,8 +1,8 @@
 """The device room: one small interface to a WireGuard device, one backend per implementation.
 
 Backends: `uapi` (wireguard-go and other userspace implementations, via the UAPI unix socket)
-and, later, `netlink` (kernel WireGuard). Backends change one peer at a time (or a batch of
-removals) and never replace the whole peer list. Nothing here knows about stores or policy.
+and `netlink` (kernel WireGuard, via generic netlink). Backends change one peer at a time (or a
+batch of removals) and never replace the whole peer list. Nothing here knows about stores or policy.
 """
 
 from __future__ import annotations
@@ -80,19 +80,47 @@ class Device(Protocol):
     def close(self) -> None: ...
 
 
-BACKENDS = ("auto", "uapi")
+BACKENDS = ("auto", "uapi", "netlink")
 
 
 def open_device(ifname: str, backend: str = "auto") -> Device:
-    """Open `ifname` with the named backend; `auto` picks UAPI when a userspace socket exists."""
+    """Open `ifname` with the named backend.
+
+    `auto` picks UAPI when a wireguard-go socket exists for the name, else kernel WireGuard
+    over netlink; the error then says what the interface is missing."""
+    from wgjit.device.netlink import (
+        InterfaceMissing,
+        NetlinkDevice,
+        NotWireGuard,
+        WireGuardModuleMissing,
+    )
     from wgjit.device.uapi import UAPIDevice, uapi_socket_path
 
     if backend not in BACKENDS:
         raise DeviceError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "auto" and not uapi_socket_path(ifname).exists():
-        raise DeviceNotFound(
-            f"interface {ifname!r} has no userspace WireGuard socket at "
-            f"{uapi_socket_path(ifname)}; start it with `wireguard-go {ifname}` "
-            "(kernel WireGuard needs the netlink backend, not in this version)"
-        )
-    return UAPIDevice(ifname)
+    if backend == "uapi" or (backend == "auto" and uapi_socket_path(ifname).exists()):
+        return UAPIDevice(ifname)
+    try:
+        return NetlinkDevice(ifname)
+    except (InterfaceMissing, NotWireGuard, WireGuardModuleMissing) as e:
+        if backend == "netlink":
+            raise
+        # auto: the user may have meant wireguard-go, so name both fixes
+        sock = uapi_socket_path(ifname)
+        if isinstance(e, WireGuardModuleMissing):
+            msg = (
+                f"interface {ifname!r} has no wireguard-go socket at {sock} and kernel "
+                "WireGuard is not available: load it with `modprobe wireguard` "
+                f"or start `wireguard-go {ifname}`"
+            )
+        elif isinstance(e, InterfaceMissing):
+            msg = (
+                f"interface {ifname!r} does not exist in this network namespace; create it with "
+                f"`ip link add {ifname} type wireguard` or start `wireguard-go {ifname}`"
+            )
+        else:
+            msg = (
+                f"interface {ifname!r} is not kernel WireGuard and has no wireguard-go socket "
+                f"at {sock}; is wireguard-go running?"
+            )
+        raise type(e)(msg, e.errno) from None

@@ -1,0 +1,563 @@
+"""Netlink backend: kernel WireGuard through its generic netlink family (`wireguard`).
+
+Builds and parses WG_CMD_GET_DEVICE / WG_CMD_SET_DEVICE messages itself on a plain
+AF_NETLINK socket (the layout is include/uapi/linux/wireguard.h): one peer per message for
+adds and updates, many peers per message for batched removals. It never sets
+WGDEVICE_F_REPLACE_PEERS, never creates or deletes interfaces, and knows nothing of policy.
+The encoders and the dump parser are sans-IO so they can be tested without a kernel.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import ipaddress
+import itertools
+import os
+import socket
+import struct
+import threading
+from collections.abc import Iterable, Iterator
+from types import TracebackType
+
+from wgjit.addr import Endpoint, IPNetwork
+from wgjit.device import DeviceError, DeviceNotFound, DeviceState, PeerConfig, PeerState
+from wgjit.keys import KEY_LEN, PrivateKey, PublicKey
+
+# -- netlink and generic netlink (include/uapi/linux/netlink.h, genetlink.h) ------------------
+
+NETLINK_GENERIC = 16
+NLM_F_REQUEST = 0x01
+NLM_F_MULTI = 0x02
+NLM_F_ACK = 0x04
+NLM_F_DUMP_INTR = 0x10
+NLM_F_DUMP = 0x300  # NLM_F_ROOT | NLM_F_MATCH
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NLA_F_NESTED = 0x8000
+NLA_TYPE_MASK = 0x3FFF
+GENL_ID_CTRL = 0x10
+CTRL_CMD_GETFAMILY = 3
+CTRL_ATTR_FAMILY_ID = 1
+CTRL_ATTR_FAMILY_NAME = 2
+
+# -- WireGuard (include/uapi/linux/wireguard.h) ----------------------------------------------
+
+WG_GENL_NAME = "wireguard"
+WG_GENL_VERSION = 1
+WG_CMD_GET_DEVICE = 0
+WG_CMD_SET_DEVICE = 1
+WGDEVICE_A_IFINDEX = 1
+WGDEVICE_A_IFNAME = 2
+WGDEVICE_A_PRIVATE_KEY = 3
+WGDEVICE_A_PUBLIC_KEY = 4
+WGDEVICE_A_FLAGS = 5
+WGDEVICE_A_LISTEN_PORT = 6
+WGDEVICE_A_FWMARK = 7
+WGDEVICE_A_PEERS = 8
+WGPEER_A_PUBLIC_KEY = 1
+WGPEER_A_PRESHARED_KEY = 2
+WGPEER_A_FLAGS = 3
+WGPEER_A_ENDPOINT = 4
+WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL = 5
+WGPEER_A_LAST_HANDSHAKE_TIME = 6
+WGPEER_A_RX_BYTES = 7
+WGPEER_A_TX_BYTES = 8
+WGPEER_A_ALLOWEDIPS = 9
+WGPEER_F_REMOVE_ME = 0x1
+WGPEER_F_REPLACE_ALLOWEDIPS = 0x2
+WGPEER_F_UPDATE_ONLY = 0x4
+WGALLOWEDIP_A_FAMILY = 1
+WGALLOWEDIP_A_IPADDR = 2
+WGALLOWEDIP_A_CIDR_MASK = 3
+IFNAMSIZ = 16
+
+# The kernel reads one WGDEVICE_A_PEERS nest per message, and an attribute's length is 16 bits:
+# at most 65 535 bytes of peers per message. A removal costs 48 bytes: 1 365 peers per message.
+MAX_PEERS_NEST = 0xFFFF
+DEFAULT_TIMEOUT = 30.0  # seconds per receive; a 100 000-peer dump under qemu TCG takes seconds
+_RECV_SIZE = 1 << 20
+_DUMP_RETRIES = 5  # the device changed during a dump (NLM_F_DUMP_INTR): read it again
+
+_NLMSG = struct.Struct("=IHHII")
+_GENL = struct.Struct("=BBH")
+_NLA = struct.Struct("=HH")
+_U16 = struct.Struct("=H")
+_U32 = struct.Struct("=I")
+_U64 = struct.Struct("=Q")
+_TIMESPEC = struct.Struct("=qq")
+_FAMILY = struct.Struct("=H")
+_PORT = struct.Struct("!H")
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+class NetlinkError(DeviceError):
+    """The kernel refused an operation; `errno` is the positive errno it returned."""
+
+    def __init__(self, message: str, errno: int) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class WireGuardModuleMissing(NetlinkError, DeviceNotFound):
+    """The kernel has no `wireguard` generic netlink family: the module is not loaded."""
+
+
+class InterfaceMissing(NetlinkError, DeviceNotFound):
+    """No interface of that name in this network namespace."""
+
+
+class NotWireGuard(NetlinkError, DeviceNotFound):
+    """The interface exists but is not a kernel WireGuard interface."""
+
+
+class PermissionDenied(NetlinkError):
+    """The caller lacks CAP_NET_ADMIN (in the interface's network namespace)."""
+
+
+class _KernelErrno(Exception):
+    def __init__(self, errno: int) -> None:
+        super().__init__(errno)
+        self.errno = errno
+
+
+def describe_error(ifname: str, op: str, errno: int) -> NetlinkError:
+    """The exception (with its one-line message naming the fix) for a kernel errno."""
+    if errno == errno_mod.ENOENT:
+        return WireGuardModuleMissing(
+            "kernel WireGuard is not available (no 'wireguard' generic netlink family): "
+            "load the module with `modprobe wireguard`",
+            errno,
+        )
+    if errno == errno_mod.ENODEV:
+        return InterfaceMissing(
+            f"interface {ifname!r} does not exist in this network namespace; create it with "
+            f"`ip link add {ifname} type wireguard`",
+            errno,
+        )
+    if errno == errno_mod.EOPNOTSUPP:
+        return NotWireGuard(
+            f"interface {ifname!r} is not a kernel WireGuard interface (see `ip -d link show "
+            f"{ifname}`); for wireguard-go use --backend uapi",
+            errno,
+        )
+    if errno in (errno_mod.EPERM, errno_mod.EACCES):
+        return PermissionDenied(
+            f"{ifname}: {op}: permission denied: kernel WireGuard needs CAP_NET_ADMIN; run as root",
+            errno,
+        )
+    return NetlinkError(f"{ifname}: {op} failed: {os.strerror(errno)} (errno {errno})", errno)
+
+
+# -- encoding (sans-IO) -----------------------------------------------------------------------
+
+
+def _attr(kind: int, payload: bytes) -> bytes:
+    n = _NLA.size + len(payload)
+    return _NLA.pack(n, kind) + payload + b"\0" * (-n & 3)
+
+
+def _nest(kind: int, parts: Iterable[bytes]) -> bytes:
+    return _attr(kind | NLA_F_NESTED, b"".join(parts))
+
+
+def _ifname_attr(ifname: str) -> bytes:
+    raw = ifname.encode()
+    if not raw or len(raw) >= IFNAMSIZ or b"\0" in raw or b"/" in raw:
+        raise InterfaceMissing(f"invalid interface name {ifname!r}", errno_mod.ENODEV)
+    return _attr(WGDEVICE_A_IFNAME, raw + b"\0")
+
+
+def encode_endpoint(ep: Endpoint) -> bytes:
+    """struct sockaddr_in (16 bytes) or sockaddr_in6 (28 bytes), as the kernel expects."""
+    port = _PORT.pack(ep.port)
+    if ep.host.version == 4:
+        return _FAMILY.pack(socket.AF_INET) + port + ep.host.packed + bytes(8)
+    # flowinfo and scope id zero
+    return _FAMILY.pack(socket.AF_INET6) + port + bytes(4) + ep.host.packed + bytes(4)
+
+
+def decode_endpoint(raw: bytes) -> Endpoint | None:
+    if len(raw) < 4:
+        return None
+    (family,) = _FAMILY.unpack_from(raw)
+    (port,) = _PORT.unpack_from(raw, 2)
+    if family == socket.AF_INET and len(raw) >= 8:
+        return Endpoint(ipaddress.IPv4Address(raw[4:8]), port)
+    if family == socket.AF_INET6 and len(raw) >= 24:
+        return Endpoint(ipaddress.IPv6Address(raw[8:24]), port)
+    return None
+
+
+def _allowed_ip(net: IPNetwork) -> bytes:
+    family = socket.AF_INET if net.version == 4 else socket.AF_INET6
+    return _nest(
+        0,
+        (
+            _attr(WGALLOWEDIP_A_FAMILY, _U16.pack(family)),
+            _attr(WGALLOWEDIP_A_IPADDR, net.network_address.packed),
+            _attr(WGALLOWEDIP_A_CIDR_MASK, bytes((net.prefixlen,))),
+        ),
+    )
+
+
+def encode_peer(config: PeerConfig) -> bytes:
+    """One peer nest for WG_CMD_SET_DEVICE: only the fields `config` sets."""
+    flags = WGPEER_F_UPDATE_ONLY if config.update_only else 0
+    parts = [_attr(WGPEER_A_PUBLIC_KEY, config.public_key.raw)]
+    if config.preshared_key is not None:
+        parts.append(_attr(WGPEER_A_PRESHARED_KEY, config.preshared_key.raw))
+    if config.endpoint is not None:
+        parts.append(_attr(WGPEER_A_ENDPOINT, encode_endpoint(config.endpoint)))
+    if config.persistent_keepalive is not None:
+        if not 0 <= config.persistent_keepalive <= 0xFFFF:
+            raise DeviceError(
+                f"persistent keepalive {config.persistent_keepalive} is out of range 0-65535"
+            )
+        parts.append(_attr(WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL,
+                           _U16.pack(config.persistent_keepalive)))  # fmt: skip
+    if config.allowed_ips is not None:
+        flags |= WGPEER_F_REPLACE_ALLOWEDIPS
+        parts.append(_nest(WGPEER_A_ALLOWEDIPS, (_allowed_ip(n) for n in config.allowed_ips)))
+    parts.append(_attr(WGPEER_A_FLAGS, _U32.pack(flags)))
+    return _nest(0, parts)
+
+
+def encode_removal(key: PublicKey) -> bytes:
+    return _nest(
+        0,
+        (
+            _attr(WGPEER_A_PUBLIC_KEY, key.raw),
+            _attr(WGPEER_A_FLAGS, _U32.pack(WGPEER_F_REMOVE_ME)),
+        ),
+    )
+
+
+def set_device_messages(
+    ifname: str, peers: Iterable[bytes], header: bytes = b""
+) -> Iterator[bytes]:
+    """WG_CMD_SET_DEVICE attribute blocks, each with as many encoded peers as fit one
+    WGDEVICE_A_PEERS nest. `header` (device attributes, e.g. the private key) goes first."""
+    name = _ifname_attr(ifname)
+    budget = MAX_PEERS_NEST - _NLA.size
+    batch: list[bytes] = []
+    size = 0
+    for peer in peers:
+        if len(peer) > budget:
+            raise DeviceError(f"{ifname}: one peer's settings exceed a netlink attribute (64 KiB)")
+        if batch and size + len(peer) > budget:
+            yield name + header + _nest(WGDEVICE_A_PEERS, batch)
+            header, batch, size = b"", [], 0
+        batch.append(peer)
+        size += len(peer)
+    if batch:
+        yield name + header + _nest(WGDEVICE_A_PEERS, batch)
+    elif header:
+        yield name + header
+
+
+# -- decoding (sans-IO) -----------------------------------------------------------------------
+
+
+def iter_attrs(buf: bytes | memoryview) -> Iterator[tuple[int, memoryview]]:
+    """(type without flags, payload) for each attribute; stops at a truncated one."""
+    view = memoryview(buf)
+    off, end = 0, len(view)
+    while off + 4 <= end:
+        length, kind = _NLA.unpack_from(view, off)
+        if length < 4 or off + length > end:
+            return
+        yield kind & NLA_TYPE_MASK, view[off + 4 : off + length]
+        off += (length + 3) & ~3
+
+
+class _PeerBuilder:
+    __slots__ = ("allowed", "endpoint", "hs", "keepalive", "key", "rx", "tx")
+
+    def __init__(self, key: PublicKey) -> None:
+        self.key = key
+        self.endpoint: Endpoint | None = None
+        self.allowed: list[IPNetwork] = []
+        self.hs: float | None = None
+        self.rx = 0
+        self.tx = 0
+        self.keepalive = 0
+
+    def build(self) -> PeerState:
+        return PeerState(
+            self.key, self.endpoint, tuple(self.allowed), self.hs, self.rx, self.tx, self.keepalive
+        )
+
+
+def _decode_allowed_ip(nest: memoryview) -> IPNetwork | None:
+    family = cidr = None
+    addr = b""
+    for kind, val in iter_attrs(nest):
+        if kind == WGALLOWEDIP_A_FAMILY and len(val) >= 2:
+            (family,) = _U16.unpack_from(val)
+        elif kind == WGALLOWEDIP_A_IPADDR:
+            addr = bytes(val)
+        elif kind == WGALLOWEDIP_A_CIDR_MASK and len(val) >= 1:
+            cidr = val[0]
+    try:
+        if family == socket.AF_INET and len(addr) == 4 and cidr is not None:
+            return ipaddress.IPv4Network((addr, cidr))
+        if family == socket.AF_INET6 and len(addr) == 16 and cidr is not None:
+            return ipaddress.IPv6Network((addr, cidr))
+    except ValueError:
+        return None
+    return None
+
+
+class DumpParser:
+    """Merges the messages of one WG_CMD_GET_DEVICE dump into a DeviceState.
+
+    The kernel spreads peers over several messages and may split one peer's allowed IPs: the
+    continuation repeats only the public key and carries the rest of the list."""
+
+    def __init__(self, ifname: str) -> None:
+        self.ifname = ifname
+        self.private_key: PrivateKey | None = None
+        self.listen_port = 0
+        self._peers: dict[PublicKey, _PeerBuilder] = {}
+
+    def feed(self, attrs: bytes | memoryview) -> None:
+        """One message's attributes (after the generic netlink header)."""
+        for kind, val in iter_attrs(attrs):
+            if kind == WGDEVICE_A_PRIVATE_KEY and len(val) == KEY_LEN:
+                raw = bytes(val)
+                self.private_key = PrivateKey(raw) if any(raw) else None
+            elif kind == WGDEVICE_A_LISTEN_PORT and len(val) >= 2:
+                (self.listen_port,) = _U16.unpack_from(val)
+            elif kind == WGDEVICE_A_PEERS:
+                for _, peer in iter_attrs(val):
+                    self._feed_peer(peer)
+
+    def _feed_peer(self, nest: memoryview) -> None:
+        b: _PeerBuilder | None = None
+        rest: list[tuple[int, memoryview]] = []
+        for kind, val in iter_attrs(nest):
+            if kind == WGPEER_A_PUBLIC_KEY and len(val) == KEY_LEN:
+                key = PublicKey(bytes(val))
+                b = self._peers.get(key)
+                if b is None:
+                    b = self._peers[key] = _PeerBuilder(key)
+            else:
+                rest.append((kind, val))
+        if b is None:
+            raise DeviceError(f"{self.ifname}: get: kernel sent a peer without a public key")
+        for kind, val in rest:
+            if kind == WGPEER_A_ENDPOINT:
+                b.endpoint = decode_endpoint(bytes(val))
+            elif kind == WGPEER_A_LAST_HANDSHAKE_TIME and len(val) >= 16:
+                sec, nsec = _TIMESPEC.unpack_from(val)
+                b.hs = None if sec == 0 and nsec == 0 else sec + nsec / 1e9
+            elif kind == WGPEER_A_RX_BYTES and len(val) >= 8:
+                (b.rx,) = _U64.unpack_from(val)
+            elif kind == WGPEER_A_TX_BYTES and len(val) >= 8:
+                (b.tx,) = _U64.unpack_from(val)
+            elif kind == WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL and len(val) >= 2:
+                (b.keepalive,) = _U16.unpack_from(val)
+            elif kind == WGPEER_A_ALLOWEDIPS:
+                for _, ip in iter_attrs(val):
+                    net = _decode_allowed_ip(ip)
+                    if net is not None:
+                        b.allowed.append(net)
+
+    def result(self) -> DeviceState:
+        peers = {k: b.build() for k, b in self._peers.items()}
+        return DeviceState(self.ifname, self.private_key, self.listen_port, peers)
+
+
+# -- the socket -------------------------------------------------------------------------------
+
+
+class _GenericNetlink:
+    """One generic netlink socket that sends requests and collects their replies in order."""
+
+    def __init__(self, timeout: float) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC)
+        try:
+            self.sock.settimeout(timeout)
+            self.sock.bind((0, 0))
+            self._buf = bytearray(_RECV_SIZE)
+            self._seq = itertools.count(1)
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def request(
+        self, family: int, cmd: int, attrs: bytes, *, dump: bool = False, version: int = 1
+    ) -> tuple[list[bytes], bool]:
+        """Send one request; return the replies' attribute blocks and whether a dump was
+        interrupted by a concurrent change. Raises _KernelErrno for an error reply."""
+        seq = next(self._seq)
+        flags = NLM_F_REQUEST | (NLM_F_DUMP if dump else NLM_F_ACK)
+        body = _GENL.pack(cmd, version, 0) + attrs
+        self.sock.sendall(_NLMSG.pack(_NLMSG.size + len(body), family, flags, seq, 0) + body)
+        replies: list[bytes] = []
+        interrupted = False
+        view = memoryview(self._buf)
+        while True:
+            n = self.sock.recv_into(self._buf)
+            off = 0
+            while off + _NLMSG.size <= n:
+                length, kind, mflags, mseq, _ = _NLMSG.unpack_from(view, off)
+                if length < _NLMSG.size or off + length > n:
+                    break
+                payload = view[off + _NLMSG.size : off + length]
+                off += (length + 3) & ~3
+                if mseq != seq:
+                    continue  # a late reply to an earlier, abandoned request
+                if kind == NLMSG_ERROR:
+                    (code,) = struct.unpack_from("=i", payload)
+                    if code:
+                        raise _KernelErrno(-code)
+                    return replies, interrupted  # the ACK ends a non-dump request
+                if kind == NLMSG_DONE:
+                    if len(payload) >= 4:
+                        (code,) = struct.unpack_from("=i", payload)
+                        if code < 0:
+                            raise _KernelErrno(-code)
+                    return replies, interrupted
+                if mflags & NLM_F_DUMP_INTR:
+                    interrupted = True
+                replies.append(bytes(payload[_GENL.size :]))
+
+    def resolve_family(self, name: str) -> int:
+        attrs = _attr(CTRL_ATTR_FAMILY_NAME, name.encode() + b"\0")
+        replies, _ = self.request(GENL_ID_CTRL, CTRL_CMD_GETFAMILY, attrs)
+        for reply in replies:
+            for kind, val in iter_attrs(reply):
+                if kind == CTRL_ATTR_FAMILY_ID and len(val) >= 2:
+                    family: int = _U16.unpack_from(val)[0]
+                    return family
+        raise _KernelErrno(errno_mod.ENOENT)
+
+
+class NetlinkDevice:
+    """One kernel WireGuard interface (by name, in the caller's network namespace).
+
+    Thread-safe; calls are serialized. Every call addresses the interface by name, so the
+    object keeps working when the interface is deleted and created again; a broken socket or
+    a reloaded module is handled by reopening on the next call."""
+
+    def __init__(self, ifname: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        _ifname_attr(ifname)
+        self.name = ifname
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._nl: _GenericNetlink | None = None
+        self._family: int | None = None
+        # a no-op WG_CMD_SET_DEVICE fails exactly like the real operations would (module,
+        # interface, kind, privilege) without reading a possibly huge device
+        self._set("open", [_ifname_attr(ifname)])
+
+    # -- the Device protocol ------------------------------------------------------------------
+
+    def read(self) -> DeviceState:
+        name = _ifname_attr(self.name)
+        for _ in range(_DUMP_RETRIES):
+            parser = DumpParser(self.name)
+            replies, interrupted = self._request("get", WG_CMD_GET_DEVICE, name, dump=True)
+            for reply in replies:
+                parser.feed(reply)
+            if not interrupted:
+                return parser.result()
+        raise NetlinkError(
+            f"{self.name}: get: the device kept changing during {_DUMP_RETRIES} dumps",
+            errno_mod.EAGAIN,
+        )
+
+    def set_peer(self, config: PeerConfig) -> None:
+        blocks = list(set_device_messages(self.name, [encode_peer(config)]))
+        self._set(f"set_peer {config.public_key.short()}", blocks)
+
+    def remove_peers(self, keys: Iterable[PublicKey]) -> None:
+        wanted = list(dict.fromkeys(keys))
+        if wanted:
+            blocks = set_device_messages(self.name, (encode_removal(k) for k in wanted))
+            self._set(f"remove_peers ({len(wanted)} keys)", blocks)
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+    # -- extras (not part of the protocol) ----------------------------------------------------
+
+    def set_peers(self, configs: Iterable[PeerConfig]) -> None:
+        """Add or update many peers, as many per netlink message as fit (bulk loading)."""
+        self._set("set_peers", set_device_messages(self.name, (encode_peer(c) for c in configs)))
+
+    def configure(
+        self, private_key: PrivateKey | None = None, listen_port: int | None = None
+    ) -> None:
+        """Set the device's own key and/or UDP port (peers untouched)."""
+        header = b""
+        if private_key is not None:
+            header += _attr(WGDEVICE_A_PRIVATE_KEY, private_key.raw)
+        if listen_port is not None:
+            header += _attr(WGDEVICE_A_LISTEN_PORT, _U16.pack(listen_port))
+        if header:
+            self._set("configure", set_device_messages(self.name, [], header))
+
+    def __enter__(self) -> NetlinkDevice:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"NetlinkDevice({self.name!r})"
+
+    # -- wire ---------------------------------------------------------------------------------
+
+    def _set(self, op: str, blocks: Iterable[bytes]) -> None:
+        for block in blocks:
+            self._request(op, WG_CMD_SET_DEVICE, block)
+
+    def _request(
+        self, op: str, cmd: int, attrs: bytes, *, dump: bool = False
+    ) -> tuple[list[bytes], bool]:
+        with self._lock:
+            try:
+                if self._nl is None:
+                    self._nl = _GenericNetlink(self._timeout)
+                if self._family is None:
+                    self._family = self._nl.resolve_family(WG_GENL_NAME)
+                return self._nl.request(
+                    self._family, cmd, attrs, dump=dump, version=WG_GENL_VERSION
+                )
+            except _KernelErrno as e:
+                if e.errno == errno_mod.ENOENT:
+                    self._family = None  # module unloaded (or reloaded with a new family id)
+                raise describe_error(self.name, op, e.errno) from None
+            except TimeoutError:
+                self._drop()
+                raise NetlinkError(
+                    f"{self.name}: {op} failed: no answer from the kernel within "
+                    f"{self._timeout:g} s",
+                    errno_mod.ETIMEDOUT,
+                ) from None
+            except OSError as e:
+                self._drop()
+                if e.errno in (errno_mod.EPERM, errno_mod.EACCES):
+                    raise describe_error(self.name, op, e.errno) from None
+                raise NetlinkError(
+                    f"{self.name}: {op} failed: netlink socket error: {e.strerror or e}",
+                    e.errno or errno_mod.EIO,
+                ) from None
+
+    def _drop(self) -> None:
+        if self._nl is not None:
+            self._nl.close()
+            self._nl = None
