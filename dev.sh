@@ -10,6 +10,11 @@ cd "$(dirname "$0")"
 APT_PACKAGES=(wireguard-go wireguard-tools iptables iproute2 iputils-ping
     qemu-system-x86 linux-image-amd64 kmod busybox-static)  # kernel WireGuard tests under qemu
 VENV=.venv
+# PostgreSQL server binaries: the store tests initdb a throwaway cluster. The machine image has
+# Debian's postgresql-15; install the server only where it is missing.
+if ! command -v initdb >/dev/null 2>&1 && ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
+    APT_PACKAGES+=(postgresql)
+fi
 
 need_root() {
     if [ "$(id -u)" != 0 ]; then
