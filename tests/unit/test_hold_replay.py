@@ -8,6 +8,7 @@ import struct
 import subprocess
 from dataclasses import replace
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -264,3 +265,58 @@ def test_verdicts_are_sent_together_and_once() -> None:
     q.flush()
     assert len(sock.sent) == 1
     assert _verdicts(sock.sent) == [(nq.NF_ACCEPT, 7), (nq.NF_DROP, 8)]
+
+
+# -- choosing the mode -------------------------------------------------------------------------
+
+
+class _Dummy:
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def __enter__(self) -> _Dummy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _refuse(exc: Exception) -> type:
+    class Refused:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            raise exc
+
+    return Refused
+
+
+def test_auto_falls_back_hold_then_replay_then_invert(monkeypatch: pytest.MonkeyPatch) -> None:
+    import contextlib
+    import errno
+    import io
+
+    from wgjit.capture.nfqueue import QueueError
+    from wgjit.capture.replay import ReplayError
+    from wgjit.events import EventLog, parse_logfmt
+    from wgjit.gateway import run
+
+    monkeypatch.setattr(run, "PacketCapture", _Dummy)
+    monkeypatch.setattr(run, "NfQueue", _refuse(QueueError(errno.EPERM, "no NFQUEUE here")))
+    out = io.StringIO()
+    with contextlib.ExitStack() as stack:
+        monkeypatch.setattr(run, "Reinjector", _Dummy)
+        s = run._open_sources(stack, "auto", 51820, None, "wg0", None, EventLog(out))
+        assert s.mode == "replay" and s.queue is None and s.capture is not None
+        monkeypatch.setattr(run, "Reinjector", _refuse(ReplayError(errno.EPERM, "no raw")))
+        s = run._open_sources(stack, "auto", 51820, None, "wg0", None, EventLog(out))
+        assert s.mode == "invert" and s.reinjector is None
+        with pytest.raises(run.GatewayError, match="--mode hold: no NFQUEUE here"):
+            run._open_sources(stack, "hold", 51820, None, "wg0", None, EventLog(out))
+    reasons = [parse_logfmt(line) for line in out.getvalue().splitlines()]
+    assert [(e["event"], e["mode"]) for e in reasons] == [
+        ("mode_unavailable", "hold"),
+        ("mode_unavailable", "hold"),
+        ("mode_unavailable", "replay"),
+    ]

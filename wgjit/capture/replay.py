@@ -108,7 +108,9 @@ class Reinjector:
             if knock.destination.host.version == 4:
                 self._v4.sendto(packet, (host, 0))
             else:
-                self._v6.sendto(packet, (host, 0))
+                # a link-local destination needs its interface (the one it arrived on)
+                scope = knock.ifindex if knock.destination.host.is_link_local else 0
+                self._v6.sendto(packet, (host, 0, 0, scope))
         except OSError:
             self.errors += 1
             raise
