@@ -374,7 +374,8 @@ class Lab:
         self.procs.append(proc)
         g = GatewayProcess(proc, echo=echo)
         g.start_reader()
-        g.wait_event("ready", timeout=20)
+        # a deadline, not a wait: under qemu TCG (tests/kernel) a start takes 15-25 s
+        g.wait_event("ready", timeout=60)
         return g
 
     # -- tearing down -----------------------------------------------------------------------

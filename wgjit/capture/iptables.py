@@ -110,14 +110,15 @@ class QueueRules:
             raise
 
     def _remove_own(self, tool: str, ipv6: bool) -> int:
+        """Delete every rule of this interface in the chain; returns how many."""
         removed = 0
         listing = self._run([tool, "-w", "-S", CHAIN])
         if listing.returncode == 0:
             for rest in own_rules(listing.stdout, self.interface):
                 if self._run([tool, "-w", "-D", CHAIN, *rest]).returncode == 0:
                     removed += 1
-        # `-S` may not show rules of the nf_tables flavour that it cannot translate back:
-        # also delete our exact rule by specification until there is none
+            return removed
+        # no listing: delete at least our exact rule, as often as it is there
         spec = rule_spec(self.port, self.queue_num, self.interface, ipv6=ipv6)
         for _ in range(16):
             if self._run([tool, "-w", "-D", CHAIN, *spec]).returncode != 0:
@@ -126,8 +127,10 @@ class QueueRules:
         return removed
 
     def remove(self) -> None:
-        """Delete our rules (those of this interface); never raises."""
-        for tool in ("iptables", "ip6tables"):
-            with contextlib.suppress(OSError, RuleError, ValueError):
-                self._remove_own(tool, tool == "ip6tables")
+        """Delete the rules `install()` inserted (one command per family); never raises.
+        Rules a crashed run left are the next `install()`'s business."""
+        for tool in self.installed:
+            spec = rule_spec(self.port, self.queue_num, self.interface, ipv6=tool == "ip6tables")
+            with contextlib.suppress(OSError):
+                self._run([tool, "-w", "-D", CHAIN, *spec])
         self.installed.clear()
