@@ -121,3 +121,33 @@ def test_store_migrate(url: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert rc == 0 and out.startswith("store ") and "is at schema version" in out
     rc, out2, _ = run(capsys, "store", "migrate")  # again: nothing to do
     assert rc == 0 and out2 == out
+
+
+def test_import_from_stdin_needs_a_format(
+    url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import io
+
+    line = json.dumps({"name": "a", "public_key": key(), "allowed_ips": "100.65.0.2/32"})
+    monkeypatch.setattr("sys.stdin", io.StringIO(line + "\n"))
+    rc, _, err = run(capsys, "peer", "import", "-")
+    assert rc == 1 and "--format csv|jsonl" in err
+    rc, out, _ = run(capsys, "peer", "import", "-", "--format", "jsonl")
+    assert rc == 0 and out.startswith("1 rows: 1 added")
+
+
+@pytest.mark.parametrize(
+    ("raw_url", "shown"),
+    [
+        ("postgresql://u:secret@db:5432/wgjit", "postgresql://u:***@db:5432/wgjit"),
+        (
+            "postgres:///wgjit?host=/run/pg&password=secret",
+            "postgres:///wgjit?host=/run/pg&password=***",
+        ),
+        ("postgresql:///wgjit?host=/run/pg", "postgresql:///wgjit?host=/run/pg"),
+    ],
+)
+def test_redact(raw_url: str, shown: str) -> None:
+    from wgjit.store.postgres import redact
+
+    assert redact(raw_url) == shown
