@@ -763,6 +763,7 @@ def test_postgres_survives_a_server_restart() -> None:
     import select
 
     from tests.pgserver import PostgresServer
+    from wgjit.store import postgres as pg_mod
 
     with PostgresServer() as srv:
         url = srv.create_database("restart")
@@ -785,6 +786,26 @@ def test_postgres_survives_a_server_restart() -> None:
             cli.remove("alice")
             assert select.select([fd], [], [], 5)[0] == [fd]
             assert gw.changes_since(cursor)[0] == [k]
-        srv.stop()
-        with pytest.raises(StoreError, match="cannot reach the database"):
-            open_store(url)
+        with open_store(url) as s:
+            srv.stop()
+            # while the server is down a call waits for a connection at most POOL_WAIT_S, and
+            # the calls right after fail at once: a gateway's loop never stalls for long
+            t0 = time.monotonic()
+            with pytest.raises(StoreError, match="no connection to the database"):
+                s.lookup(new_key())
+            assert time.monotonic() - t0 < pg_mod.POOL_WAIT_S + 1
+            t0 = time.monotonic()
+            with pytest.raises(StoreError, match="unreachable"):
+                s.lookup(new_key())
+            assert time.monotonic() - t0 < 0.1
+            with pytest.raises(StoreError, match="cannot reach the database"):
+                open_store(url)
+            srv.start()
+            deadline = time.monotonic() + 15
+            while True:  # and once it is back, so is the store
+                try:
+                    assert s.lookup(new_key()) is None
+                    break
+                except StoreError:
+                    assert time.monotonic() < deadline, "the store never reconnected"
+                    time.sleep(0.1)

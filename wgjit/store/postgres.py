@@ -36,6 +36,11 @@ from wgjit.store import (
 
 CHANNEL: Final = "wgjit_changes"
 CONNECT_TIMEOUT_S: Final = 5.0
+# How long a call waits for a pooled connection, and how long after such a wait failed later
+# calls fail at once: while the database is down, a gateway's loop must not stall on every
+# store call (installed peers keep working; the loop keeps serving them).
+POOL_WAIT_S: Final = 2.0
+FAIL_FAST_S: Final = 1.0
 CHANGE_RETENTION_S: Final = 86400.0
 TAI64N_LEN: Final = 12
 # pg_advisory_xact_lock keys: feed writers are serialised so that sequence numbers are handed
@@ -177,7 +182,7 @@ class PostgresStore:
             min_size=1,
             max_size=max_size,
             open=False,
-            timeout=connect_timeout * 2,
+            timeout=POOL_WAIT_S,
             name="wgjit",
         )
         try:
@@ -188,6 +193,7 @@ class PostgresStore:
         self._listen_lock = threading.Lock()
         self._listener: psycopg.Connection[tuple[Any, ...]] | None = None
         self._listener_retry_at = 0.0
+        self._down_until = 0.0  # monotonic; see FAIL_FAST_S
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -559,22 +565,28 @@ class PostgresStore:
         """Run `fn` on a pooled connection; on a broken connection (server restarted, network
         cut) try again on a fresh one, a few times, so a gateway rides out a database restart."""
         pool = self._require_pool(what)
+        if time.monotonic() < self._down_until:
+            raise StoreError(
+                f"store {self._name}: could not {what}: the database is unreachable (a connection"
+                " attempt just failed; retrying in the background)"
+            )
         attempts = 0
         while True:
             attempts += 1
             try:
                 with pool.connection() as conn:
                     return fn(conn)
+            except psycopg_pool.PoolTimeout as e:  # an OperationalError: first
+                self._down_until = time.monotonic() + FAIL_FAST_S
+                raise StoreError(
+                    f"store {self._name}: could not {what}: no connection to the database"
+                    f" within {pool.timeout:g} s; is the server running?"
+                ) from e
             except psycopg.OperationalError as e:
                 if attempts >= 3:
                     raise self._error(e, what) from e
                 if attempts > 1:
                     time.sleep(0.05)
-            except psycopg_pool.PoolTimeout as e:
-                raise StoreError(
-                    f"store {self._name}: could not {what}: no connection to the database"
-                    f" within {pool.timeout:g} s; is the server running?"
-                ) from e
             except psycopg.Error as e:
                 raise self._error(e, what) from e
 
