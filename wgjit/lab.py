@@ -1,8 +1,13 @@
 """A throwaway WireGuard lab in network namespaces: one gateway, stock clients, a LAN between.
 
 Used by `wgjit demo` and by the end-to-end tests. It creates only namespaces, veths, bridges and
-wireguard-go interfaces whose names carry its own tag, runs wireguard-go (never wgjit logic) on
+WireGuard interfaces whose names carry its own tag, runs wireguard-go (never wgjit logic) on
 them, and removes everything it made, by name and pid, on close. Needs root.
+
+Two flavours of WireGuard interface: `go` (wireguard-go processes, the default) and `kernel`
+(`ip link add NAME type wireguard`, e.g. inside the qemu guest of tests/kernel), chosen by the
+`wg` argument or else the environment variable WGJIT_LAB_WG. On a slow machine (qemu TCG),
+WGJIT_LAB_TIME_FACTOR (default 1) stretches every timeout the lab waits with.
 
 Layout (TAG is short and unique per lab):
 
@@ -48,6 +53,9 @@ UNDERLAY_V4 = "198.18.0"  # RFC 2544 benchmarking range: never routed anywhere
 UNDERLAY_V6 = "fd18:"
 TUNNEL_V4 = "100.65.0"
 CONNECT_SPACING = 0.1  # seconds between measured connects of one client
+LAB_WG_ENV = "WGJIT_LAB_WG"
+FLAVOURS = ("go", "kernel")
+TIME_FACTOR_ENV = "WGJIT_LAB_TIME_FACTOR"
 REQUIRED_TOOLS = {
     "ip": "iproute2",
     "wireguard-go": "wireguard-go",
@@ -60,17 +68,35 @@ class LabError(RuntimeError):
     pass
 
 
-def check_prerequisites() -> None:
-    """Raise LabError naming what is missing (root, tools) and how to install it."""
+def lab_flavour(wg: str | None = None) -> str:
+    """`wg`, else $WGJIT_LAB_WG, else `go`; LabError for anything but go or kernel."""
+    flavour = wg or os.environ.get(LAB_WG_ENV) or "go"
+    if flavour not in FLAVOURS:
+        raise LabError(f"{LAB_WG_ENV}={flavour!r}: choose one of {', '.join(FLAVOURS)}")
+    return flavour
+
+
+def check_prerequisites(wg: str = "go") -> None:
+    """Raise LabError naming what is missing (root, tools, module) and how to install it."""
     if os.geteuid() != 0:
         raise LabError("the lab needs root (network namespaces, TUN devices); run it with sudo")
-    missing = [pkg for tool, pkg in REQUIRED_TOOLS.items() if shutil.which(tool) is None]
+    tools = {t: p for t, p in REQUIRED_TOOLS.items() if wg == "go" or t != "wireguard-go"}
+    missing = [pkg for tool, pkg in tools.items() if shutil.which(tool) is None]
     if missing:
         raise LabError(
             "missing tools; install them with: apt-get install -y --no-install-recommends "
             + " ".join(sorted(set(missing)))
         )
-    if not Path("/dev/net/tun").exists():
+    if wg == "kernel":
+        if not Path("/sys/module/wireguard").exists():
+            p = subprocess.run(["modprobe", "wireguard"], capture_output=True, text=True)
+            if p.returncode != 0:
+                raise LabError(
+                    "kernel WireGuard is not available (modprobe wireguard: "
+                    f"{p.stderr.strip() or p.returncode}); run the kernel lab in a kernel that "
+                    "has it (tests/kernel boots Debian's linux-image-amd64 under qemu)"
+                )
+    elif not Path("/dev/net/tun").exists():
         raise LabError("/dev/net/tun is missing: wireguard-go needs the tun module (modprobe tun)")
 
 
@@ -82,10 +108,24 @@ def run(*argv: str, ns: str | None = None, check: bool = True, input: str | None
     return p.stdout
 
 
+def time_factor() -> float:
+    """How much slower than this project's machines the lab runs ($WGJIT_LAB_TIME_FACTOR)."""
+    text = os.environ.get(TIME_FACTOR_ENV, "1")
+    try:
+        factor = float(text)
+    except ValueError:
+        factor = 0.0
+    if not 1 <= factor <= 100:
+        raise LabError(f"{TIME_FACTOR_ENV}={text!r}: expected a number from 1 to 100")
+    return factor
+
+
 def wait_for(
     what: str, predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01
 ) -> Any:
-    """Poll `predicate` until it returns something truthy; LabError after `timeout` seconds."""
+    """Poll `predicate` until it returns something truthy; LabError after `timeout` seconds
+    (times the lab's time factor)."""
+    timeout *= time_factor()
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -101,7 +141,7 @@ _PING_TIME = re.compile(r"time=([\d.]+) ms")
 
 @dataclass
 class Host:
-    """A namespace with a wireguard-go interface."""
+    """A namespace with a WireGuard interface (wireguard-go or kernel)."""
 
     lab: Lab
     ns: str
@@ -145,7 +185,9 @@ class Host:
         """One ICMP echo through the tunnel; the reply's round trip in ms, None if none came.
 
         A first ping waits in the client's WireGuard queue while the handshake happens, so its
-        round trip is exactly 'time from first packet to first reply'."""
+        round trip is exactly 'time from first packet to first reply'. The timeout is
+        stretched by the lab's time factor."""
+        timeout *= time_factor()
         p = subprocess.run(
             ["ip", "netns", "exec", self.ns, "ping", "-n", "-c1", "-W", f"{timeout:g}", dest],
             capture_output=True,
@@ -243,8 +285,9 @@ class GatewayProcess:
 class Lab:
     """Owns every namespace and process it creates; `close()` removes them all."""
 
-    def __init__(self, tag: str | None = None) -> None:
-        check_prerequisites()
+    def __init__(self, tag: str | None = None, wg: str | None = None) -> None:
+        self.wg = lab_flavour(wg)
+        check_prerequisites(self.wg)
         self.tag = tag or f"{os.getpid() % 100000:x}{int(time.time() * 1000) % 4096:x}"[:7]
         self.namespaces: list[str] = []
         self.procs: list[subprocess.Popen[Any]] = []
@@ -265,6 +308,13 @@ class Lab:
         run("ip", "netns", "add", name)
         self.namespaces.append(name)
         run("ip", "link", "set", "lo", "up", ns=name)
+
+    def _add_wireguard(self, ns: str, ifname: str) -> subprocess.Popen[bytes] | None:
+        """A WireGuard interface of the lab's flavour; the wireguard-go process, if any."""
+        if self.wg == "kernel":
+            run("ip", "link", "add", ifname, "type", "wireguard", ns=ns)
+            return None
+        return self._start_wireguard_go(ns, ifname)
 
     def _start_wireguard_go(self, ns: str, ifname: str) -> subprocess.Popen[bytes]:
         sock = UAPI_DIR / f"{ifname}.sock"
@@ -294,7 +344,7 @@ class Lab:
             self, ns, ifname, key or PrivateKey.generate(), f"{TUNNEL_V4}.1",
             f"{UNDERLAY_V4}.1", f"{UNDERLAY_V6}:1",
         )  # fmt: skip
-        gw.proc = self._start_wireguard_go(ns, ifname)
+        gw.proc = self._add_wireguard(ns, ifname)
         gw.wg("set", ifname, "listen-port", str(GATEWAY_PORT), "private-key", "/dev/stdin",
               input=gw.key.b64())  # fmt: skip
         run("ip", "addr", "add", f"{gw.tunnel_ip}/24", "dev", ifname, ns=ns)
@@ -317,7 +367,7 @@ class Lab:
         run("ip", "link", "set", "eth0", "up", ns=ns)
         ifname = f"wj{self.tag}g{n}"
         gw = Host(self, ns, ifname, key, f"{TUNNEL_V4}.1", v4, v6)
-        gw.proc = self._start_wireguard_go(ns, ifname)
+        gw.proc = self._add_wireguard(ns, ifname)
         gw.wg("set", ifname, "listen-port", str(GATEWAY_PORT), "private-key", "/dev/stdin",
               input=key.b64())  # fmt: skip
         run("ip", "addr", "add", f"{gw.tunnel_ip}/24", "dev", ifname, ns=ns)
@@ -342,7 +392,7 @@ class Lab:
         ifname = f"wj{self.tag}c{n}"
         c = Client(self, ns, ifname, key or PrivateKey.generate(), f"{TUNNEL_V4}.{10 + n}",
                    v4, v6addr, use_v6=v6)  # fmt: skip
-        c.proc = self._start_wireguard_go(ns, ifname)
+        c.proc = self._add_wireguard(ns, ifname)
         c.wg("set", ifname, "private-key", "/dev/stdin", input=c.key.b64())
         run("ip", "addr", "add", f"{c.tunnel_ip}/32", "dev", ifname, ns=ns)
         run("ip", "link", "set", ifname, "up", ns=ns)
@@ -399,8 +449,8 @@ class Lab:
 
 
 @contextlib.contextmanager
-def lab(tag: str | None = None) -> Iterator[Lab]:
-    with Lab(tag) as lb:
+def lab(tag: str | None = None, wg: str | None = None) -> Iterator[Lab]:
+    with Lab(tag, wg) as lb:
         yield lb
 
 
