@@ -709,6 +709,12 @@ def test_import_peers_is_idempotent(store: Store) -> None:
     keys_changed, cursor = store.changes_since(cursor)
     assert set(keys_changed) == {keys[0], keys[1]}
     assert store.import_peers([]).added == 0
+    # the first file again: p1 stays revoked (an import never reinstates), p0 goes back
+    res = store.import_peers(batch[:2])
+    assert (res.added, res.updated, res.unchanged) == (0, 1, 1)
+    p0, p1 = store.get_peer("p0"), store.get_peer("p1")
+    assert p0 is not None and p0.preshared_key is None and p0.allowed_ips == NETS
+    assert p1 is not None and p1.revoked
 
 
 def test_iter_peers_streams_in_name_order(store: Store) -> None:

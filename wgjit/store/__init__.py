@@ -163,7 +163,9 @@ class Store(Protocol):
 
     def import_peers(self, peers: Sequence[Peer]) -> ImportResult:
         """Add or update (by name) a batch of peers in one transaction: idempotent. A row whose
-        key belongs to another peer, or whose name exists with another key, is rejected."""
+        key belongs to another peer, or whose name exists with another key, is rejected. An
+        import can revoke a peer but never reinstates a revoked one (an old file re-imported
+        must not bring back revoked peers): remove and re-add it for that."""
         ...
 
     def iter_peers(self) -> Iterator[Peer]:

@@ -5,6 +5,8 @@ Formats (chosen by file extension `.csv` / `.jsonl` / `.ndjson`, or explicitly):
         required; allowed_ips separated by spaces or commas (quote the field); revoked is
         true/false/1/0/yes/no (empty: false); preshared_key base64 or empty.
   JSON lines: one object per line with the same keys; allowed_ips a list or a string.
+Importing is idempotent and updates peers by name; it can revoke a peer but never reinstates a
+revoked one (re-importing an old file must not bring revoked peers back).
 Row validation here; conflicts with stored peers are decided by the store. It prints nothing:
 progress and reports go through the callbacks the CLI gives.
 """

@@ -380,11 +380,13 @@ class PostgresStore:
                     " SELECT name, public_key, allowed_ips, preshared_key, revoked, %s, %s"
                     " FROM wgjit_import ORDER BY i"
                     " ON CONFLICT (name) DO UPDATE SET allowed_ips = excluded.allowed_ips,"
-                    " preshared_key = excluded.preshared_key, revoked = excluded.revoked,"
+                    " preshared_key = excluded.preshared_key,"
+                    " revoked = peers.revoked OR excluded.revoked,"
                     " updated_at = excluded.updated_at"
                     " WHERE (peers.allowed_ips, peers.preshared_key, peers.revoked)"
                     " IS DISTINCT FROM"
-                    " (excluded.allowed_ips, excluded.preshared_key, excluded.revoked)"
+                    " (excluded.allowed_ips, excluded.preshared_key,"
+                    " peers.revoked OR excluded.revoked)"
                     " RETURNING (xmax = 0)",
                     (now, now),
                 )

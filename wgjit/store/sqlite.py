@@ -350,8 +350,9 @@ class SQLiteStore:
                     new.append((p.name, p.public_key.raw, ips, psk, int(p.revoked), now, now))
                 elif bytes(row[0]) != p.public_key.raw:
                     res.rejected.append((i, "a peer with this name exists with another public key"))
-                elif (row[1], row[2], bool(row[3])) != (ips, psk, p.revoked):
-                    changed.append((ips, psk, int(p.revoked), now, p.name))
+                elif (row[1], row[2], bool(row[3])) != (ips, psk, bool(row[3]) or p.revoked):
+                    # an import revokes but never reinstates (see Store.import_peers)
+                    changed.append((ips, psk, int(bool(row[3]) or p.revoked), now, p.name))
                 else:
                     res.unchanged += 1
             conn.executemany(
