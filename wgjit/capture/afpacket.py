@@ -168,7 +168,7 @@ class PacketCapture:
                     break
                 raise CaptureError(err, f"reading the capture socket: {os.strerror(err)}")
             reads += 1
-            if addr.sll_pkttype == socket.PACKET_OUTGOING:
+            if addr.sll_pkttype != socket.PACKET_HOST:  # backstop; the filter drops these
                 continue
             knock = parse_knock(
                 ctypes.string_at(buf_p, n),

@@ -66,7 +66,7 @@ SKF_AD_PKTTYPE = 4  # skb->pkt_type (PACKET_HOST, ..., PACKET_OUTGOING)
 
 ETH_P_IP = 0x0800
 ETH_P_IPV6 = 0x86DD
-PACKET_OUTGOING = 4
+PACKET_HOST = 0  # addressed to this host (not broadcast, not another host's, not outgoing)
 IPPROTO_UDP = 17
 
 INITIATION_SIZE = 148
@@ -171,12 +171,13 @@ def initiation_filter(port: int) -> list[Insn]:
     """Accept only incoming WireGuard handshake initiations to UDP `port`.
 
     For a cooked (SOCK_DGRAM) AF_PACKET socket: offset 0 is the network header. Accepted:
-    packets that are not PACKET_OUTGOING, carrying IPv4 (unfragmented, any IHL) or IPv6 with
-    UDP *directly* after the fixed header -- IPv6 extension headers are not followed, so an
-    initiation behind e.g. a hop-by-hop or fragment header is not captured --, destination port
-    `port`, UDP length 8+148, first payload word 01 00 00 00, and all 148 bytes present (a load
-    past the end of the packet rejects it). Keeps exactly the bytes from the network header to
-    the end of the 148-byte message (IP header + UDP header + payload).
+    packets addressed to this host (PACKET_HOST: not outgoing, not broadcast, not another
+    host's frames seen on a bridge port or in promiscuous mode), carrying IPv4 (unfragmented,
+    any IHL) or IPv6 with UDP *directly* after the fixed header (extension headers are not
+    followed, so an initiation behind e.g. a hop-by-hop or fragment header is not captured),
+    destination port `port`, UDP length 8+148, first payload word 01 00 00 00, and all 148
+    bytes present (a load past the end of the packet rejects it). Keeps exactly the bytes from
+    the network header to the end of the 148-byte message (IP header + UDP header + payload).
     """
     if not 0 < port < 65536:
         raise ValueError(f"port must be 1-65535, not {port}")
@@ -188,7 +189,7 @@ def initiation_filter(port: int) -> list[Insn]:
     reject = "reject"
     src: list[Insn | Jump | Label] = [
         stmt(ld_w, SKF_AD_OFF + SKF_AD_PKTTYPE),
-        jump(BPF_JEQ, PACKET_OUTGOING, reject),
+        jump(BPF_JEQ, PACKET_HOST, None, reject),
         stmt(ld_w, SKF_AD_OFF + SKF_AD_PROTOCOL),
         jump(BPF_JEQ, ETH_P_IP, "ipv4"),
         jump(BPF_JEQ, ETH_P_IPV6, "ipv6", reject),
