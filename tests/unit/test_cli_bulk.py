@@ -103,6 +103,17 @@ def test_bad_rows_by_line_number_and_strict(
     other.write_text(f"name,public_key,allowed_ips\nnew,{good},10.0.0.9/32\n")
     rc, out, err = run(capsys, "peer", "import", str(other))
     assert rc == 1 and err == f"wgjit: {other}:2: public key is already used by peer 'ok'\n"
+    # --strict finds conflicts with stored peers before writing anything
+    mixed = tmp_path / "mixed.csv"
+    mixed.write_text(
+        f"name,public_key,allowed_ips\nfresh,{key()},10.0.0.10/32\nnew,{good},10.0.0.9/32\n"
+        f"ok,{key()},100.65.0.2/32\n"
+    )
+    rc, out, err = run(capsys, "peer", "import", "--strict", str(mixed))
+    assert rc == 1 and "nothing imported (--strict)" in err
+    assert f"{mixed}:3: public key is already used by peer 'ok'" in err
+    assert f"{mixed}:4: a peer with this name exists with another public key" in err
+    assert [p.name for p in open_store(url).list_peers()] == ["ok"]
 
 
 def test_bad_files(url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

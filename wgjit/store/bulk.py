@@ -157,11 +157,13 @@ def import_file(
 ) -> ImportReport:
     """Import every good row in batches (each batch one transaction; re-running is harmless).
     Bad rows (format, duplicates within the file, conflicts with stored peers) are reported
-    with their line numbers and skipped. `strict`: the file is checked first and nothing is
-    written if any row is bad (conflicts with stored peers are only found while writing)."""
+    with their line numbers and skipped. `strict`: the file is checked first, against itself and
+    against the store (one point query per row), and nothing is written if any row is bad; a
+    conflicting peer written by someone else between the check and the import is still only
+    found while writing."""
     report = ImportReport()
     if strict:
-        check = _validate(read_rows(stream, fmt))
+        check = _validate(read_rows(stream, fmt), store)
         if check.bad:
             return check
         stream.seek(0)
@@ -211,7 +213,19 @@ def _duplicate(p: Peer, names: set[str], keys: set[bytes]) -> str | None:
     return None
 
 
-def _validate(rows: Iterable[tuple[int, Peer | BulkError]]) -> ImportReport:
+def _conflict(store: Store, p: Peer) -> str | None:
+    """Why the store would refuse this row (the same reasons Store.import_peers gives)."""
+    by_key = store.lookup(p.public_key)
+    if by_key is not None:
+        if by_key.name != p.name:
+            return f"public key is already used by peer {by_key.name!r}"
+        return None
+    if store.get_peer(p.name) is not None:
+        return "a peer with this name exists with another public key"
+    return None
+
+
+def _validate(rows: Iterable[tuple[int, Peer | BulkError]], store: Store) -> ImportReport:
     report = ImportReport()
     names: set[str] = set()
     keys: set[bytes] = set()
@@ -220,9 +234,9 @@ def _validate(rows: Iterable[tuple[int, Peer | BulkError]]) -> ImportReport:
         if isinstance(item, BulkError):
             report.bad.append(BadRow(line, str(item)))
         else:
-            dup = _duplicate(item, names, keys)
-            if dup:
-                report.bad.append(BadRow(line, dup))
+            why = _duplicate(item, names, keys) or _conflict(store, item)
+            if why:
+                report.bad.append(BadRow(line, why))
     return report
 
 
