@@ -44,6 +44,7 @@ def main() -> None:
     }
     no_help: list[float] = []
     with tempfile.TemporaryDirectory() as tmp, Lab() as lab:
+        flavour = "kernel WireGuard" if lab.wg == "kernel" else "wireguard-go"
         store_url = f"sqlite:///{Path(tmp) / 'peers.db'}"
         gw = lab.add_gateway()
         client = lab.add_client()
@@ -76,7 +77,7 @@ def main() -> None:
                 g.stop()
     if no_help:
         rows["JIT, no completion (client's 5 s retry)"] = no_help
-    print(f"wireguard-go gateway and client in namespaces; {platform.node()}, "
+    print(f"{flavour} gateway and client in namespaces; {platform.node()}, "
           f"Python {platform.python_version()}, {ROUNDS} interleaved rounds")  # fmt: skip
     print()
     print("| how | n | median ms | p99 ms | max ms |")
