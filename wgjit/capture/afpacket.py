@@ -13,10 +13,10 @@ import os
 import socket
 import struct
 import time
-from types import TracebackType
 
 from wgjit.capture.bpf import Insn, initiation_filter, pack
 from wgjit.capture.packet import Knock, parse_knock
+from wgjit.closing import Closing
 
 ETH_P_ALL = 0x0003
 SOL_PACKET = 263
@@ -71,7 +71,7 @@ _recvfrom.argtypes = (
 _recvfrom.restype = ctypes.c_ssize_t
 
 
-class PacketCapture:
+class PacketCapture(Closing):
     """Handshake initiations to UDP `port`, as seen on one interface or all (`interface=None`).
 
     Non-blocking: wait for `fileno()` to be readable, then call `recv_batch()`. Needs root or
@@ -195,14 +195,3 @@ class PacketCapture:
         if self._sock.fileno() >= 0:
             self.stats()  # keep the final counts readable after close
         self._sock.close()
-
-    def __enter__(self) -> PacketCapture:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

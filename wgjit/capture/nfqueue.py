@@ -22,9 +22,9 @@ import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from types import TracebackType
 
 from wgjit.capture.packet import Knock, parse_knock
+from wgjit.closing import Closing
 
 NETLINK_NETFILTER = 12
 NETLINK_NO_ENOBUFS = 5
@@ -206,7 +206,7 @@ class Held:
     packet_id: int
 
 
-class NfQueue:
+class NfQueue(Closing):
     """Initiations queued to nfnetlink queue `queue_num` (in this network namespace).
 
     Non-blocking: wait for `fileno()`, call `recv_batch()`, give every `Held` a `verdict()`,
@@ -393,14 +393,3 @@ class NfQueue:
         with contextlib.suppress(OSError):
             self.flush()
         self._sock.close()
-
-    def __enter__(self) -> NfQueue:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -17,9 +17,9 @@ import socket
 import struct
 import threading
 from collections.abc import Iterable, Iterator
-from types import TracebackType
 
 from wgjit.addr import Endpoint, IPNetwork
+from wgjit.closing import Closing
 from wgjit.device import DeviceError, DeviceNotFound, DeviceState, PeerConfig, PeerState
 from wgjit.keys import KEY_LEN, PrivateKey, PublicKey
 
@@ -439,7 +439,7 @@ class _GenericNetlink:
         raise _KernelErrno(errno_mod.ENOENT)
 
 
-class NetlinkDevice:
+class NetlinkDevice(Closing):
     """One kernel WireGuard interface (by name, in the caller's network namespace).
 
     Thread-safe; calls are serialized. Every call addresses the interface by name, so the
@@ -504,17 +504,6 @@ class NetlinkDevice:
             header += _attr(WGDEVICE_A_LISTEN_PORT, _U16.pack(listen_port))
         if header:
             self._set("configure", set_device_messages(self.name, [], header))
-
-    def __enter__(self) -> NetlinkDevice:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"NetlinkDevice({self.name!r})"

@@ -13,9 +13,9 @@ import socket
 import threading
 from collections.abc import Iterable
 from pathlib import Path
-from types import TracebackType
 
 from wgjit.addr import Endpoint, InvalidAddress, IPNetwork
+from wgjit.closing import Closing
 from wgjit.device import DeviceError, DeviceNotFound, DeviceState, PeerConfig, PeerState
 from wgjit.keys import InvalidKey, PrivateKey, PublicKey
 
@@ -41,7 +41,7 @@ class _Disconnected(Exception):
     """The daemon closed the connection (or it broke) before a complete response."""
 
 
-class UAPIDevice:
+class UAPIDevice(Closing):
     """One WireGuard device reached through its UAPI socket. Thread-safe; calls are serialized."""
 
     def __init__(self, ifname: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
@@ -114,17 +114,6 @@ class UAPIDevice:
             lines.append(f"listen_port={listen_port}")
         if len(lines) > 1:
             self._transact("configure", _body(lines))
-
-    def __enter__(self) -> UAPIDevice:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"UAPIDevice({self.name!r})"

@@ -14,13 +14,13 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from types import TracebackType
-from typing import Any, Final, Self, TypeVar
+from typing import Any, Final, TypeVar
 
 import psycopg
 import psycopg_pool
 
 from wgjit.addr import InvalidAddress, IPNetwork, format_networks, parse_network
+from wgjit.closing import Closing
 from wgjit.keys import InvalidKey, PresharedKey, PublicKey
 from wgjit.store import (
     PRESENCE_TTL_S,
@@ -160,7 +160,7 @@ def redact(url: str) -> str:
     )
 
 
-class PostgresStore:
+class PostgresStore(Closing):
     """The Store protocol on one PostgreSQL database. Thread-safe (a small connection pool);
     any number of processes on any number of hosts may share the database."""
 
@@ -206,17 +206,6 @@ class PostgresStore:
                 listener.close()
         if pool is not None:
             pool.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"PostgresStore({self._name!r})"

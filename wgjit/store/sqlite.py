@@ -14,10 +14,10 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final
 
 from wgjit.addr import InvalidAddress, IPNetwork, format_networks, parse_network
+from wgjit.closing import Closing
 from wgjit.keys import InvalidKey, PresharedKey, PublicKey
 from wgjit.store import (
     PRESENCE_TTL_S,
@@ -174,7 +174,7 @@ def path_from_url(url: str) -> Path:
     return Path(text).expanduser()
 
 
-class SQLiteStore:
+class SQLiteStore(Closing):
     """The Store protocol on one SQLite file. Thread-safe (one connection behind a lock);
     several processes may open the same file at once."""
 
@@ -216,17 +216,6 @@ class SQLiteStore:
             if conn is not None:
                 with contextlib.suppress(sqlite3.Error):
                     conn.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"SQLiteStore({str(self.path)!r})"
