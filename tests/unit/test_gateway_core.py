@@ -10,12 +10,13 @@ from typing import NamedTuple
 
 import pytest
 
+from tests.unit.policy_driver import SyncGateway
 from tests.wgref import reference_initiation
 from wgjit.addr import Endpoint, parse_networks
 from wgjit.capture.packet import Knock
 from wgjit.device import DeviceState, PeerConfig, PeerState
 from wgjit.events import EventLog, parse_logfmt
-from wgjit.gateway.core import ConfigError, Gateway, GatewayConfig
+from wgjit.gateway.core import ConfigError, GatewayConfig
 from wgjit.handshake import Opened, Responder, Timestamp, Verified, build_initiation
 from wgjit.keys import PrivateKey, PublicKey
 from wgjit.store import Store, open_store
@@ -72,7 +73,7 @@ class Clock:
 
 
 class Env(NamedTuple):
-    g: Gateway
+    g: SyncGateway
     dev: FakeDevice
     store: Store
     gw_key: PrivateKey
@@ -87,14 +88,13 @@ def env(tmp_path: Path) -> Env:
     store = open_store(str(tmp_path / "peers.db"))
     out = io.StringIO()
     clock = Clock()
-    g = Gateway(
+    g = SyncGateway(
         dev,
         store,
         GatewayConfig(idle_timeout=300, sweep_interval=15),
         EventLog(out),
         Responder(gw_key),
         clock=clock,
-        wall=clock,
     )
     g.start()
     return Env(g, dev, store, gw_key, out, clock)
@@ -118,18 +118,11 @@ def test_known_peer_installed_with_endpoint_and_no_keepalive_left(env: Env) -> N
     store.add_peer("alice", c.public_key(), parse_networks("100.65.0.11/32"))
     assert g.handle(knock(initiation(c, gw_key, 1e9), clock.t)) == "installed"
     assert [cfg.persistent_keepalive for cfg in dev.calls] == [None]
-    # role inversion waits until the device has had time to see the client's initiation
-    assert g.next_completion() == clock.t + g.config.invert_delay
-    g.complete_due(clock.t)
-    assert len(dev.calls) == 1
-    g.complete_due(clock.t + g.config.invert_delay)
-    assert g.next_completion() is None
     ps = dev.peers[c.public_key()]
     assert ps.endpoint == SRC
     assert ps.allowed_ips == parse_networks("100.65.0.11/32")
-    assert ps.persistent_keepalive == 0
-    # role inversion: keepalive switched on with the install, then off
-    assert [cfg.persistent_keepalive for cfg in dev.calls] == [None, 1, 0]
+    # the install's verdict names the key (a completion mode acts on it)
+    assert g.verdicts[-1].key == c.public_key()
     assert events(out, "install")[0]["peer"] == "alice"
     # the store remembers the accepted timestamp
     peer = store.lookup(c.public_key())
@@ -216,7 +209,9 @@ def test_reconcile_removes_what_store_does_not_allow(tmp_path: Path) -> None:
     store.revoke("rev")
     for k in (keep, revoked, stranger):
         dev.peers[k] = PeerState(k)
-    g = Gateway(dev, store, GatewayConfig(), EventLog(io.StringIO()), Responder(gw_key))
+    g = SyncGateway(
+        dev, store, GatewayConfig(), EventLog(io.StringIO()), Responder(gw_key), Clock()
+    )
     g.start()
     assert set(dev.peers) == {keep}
     assert set(g.installed) == {keep}

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.policy_driver import SyncGateway
 from tests.unit.test_gateway_core import Clock, FakeDevice, events, initiation, knock
 from wgjit.addr import Endpoint, parse_networks
 from wgjit.events import EventLog
-from wgjit.gateway.core import Gateway, GatewayConfig
+from wgjit.gateway.core import GatewayConfig
 from wgjit.handshake import Responder
 from wgjit.keys import PrivateKey
 from wgjit.store import Store, open_store
@@ -34,14 +35,13 @@ class Node:
         self.store: Store = open_store(url)
         self.dev = FakeDevice(gw_key)
         self.out = io.StringIO()
-        self.g = Gateway(
+        self.g = SyncGateway(
             self.dev,
             self.store,
             GatewayConfig(idle_timeout=300, sweep_interval=15, gateway_id=gateway_id),
             EventLog(self.out),
             Responder(gw_key),
             clock=clock,
-            wall=clock,
         )
 
 
