@@ -28,13 +28,16 @@ from wgjit.keys import PrivateKey, PublicKey
 # -- nfnetlink_queue messages ----------------------------------------------------------------
 
 
-def packet_message(queue: int, packet_id: int, ifindex: int, payload: bytes) -> bytes:
+def packet_message(
+    queue: int, packet_id: int, ifindex: int, payload: bytes, stamp: tuple[int, int] = (0, 0)
+) -> bytes:
     """A NFQNL_MSG_PACKET as the kernel sends it (the attributes the client reads, plus one
     it ignores)."""
     attrs = (
         nq._attr(nq.NFQA_PACKET_HDR, struct.pack("!IHB", packet_id, 0x0800, 1))
         + nq._attr(nq.NFQA_IFINDEX_INDEV, struct.pack("!I", ifindex))
-        + nq._attr(4, bytes(16))  # NFQA_TIMESTAMP
+        + nq._attr(nq.NFQA_TIMESTAMP, struct.pack("!QQ", *stamp))
+        + nq._attr(16, bytes(4))  # NFQA_CT_INFO, ignored
         + nq._attr(nq.NFQA_PAYLOAD, payload)
     )
     return nq._message(nq.NFQNL_MSG_PACKET, 0, 0, queue, attrs, 2)
@@ -57,9 +60,9 @@ def test_parse_packets_and_acks_in_one_datagram() -> None:
     payload = build_datagram(SRC, DST, b"\x01\x00\x00\x00" + bytes(144))
     ack = struct.pack("=IHHII", 36, nq.NLMSG_ERROR, 0, 5, 0) + struct.pack("=i", 0) + bytes(16)
     err = struct.pack("=IHHII", 36, nq.NLMSG_ERROR, 0, 6, 0) + struct.pack("=i", -16) + bytes(16)
-    data = packet_message(51820, 42, 7, payload) + ack + err
+    data = packet_message(51820, 42, 7, payload, (1_700_000_000, 250_000)) + ack + err
     msgs = list(nq.parse_messages(data))
-    assert msgs[0] == nq.QueuedPacket(51820, 42, 7, payload)
+    assert msgs[0] == nq.QueuedPacket(51820, 42, 7, payload, 1_700_000_000.25)
     assert msgs[1:] == [nq.NetlinkError(5, 0), nq.NetlinkError(6, -16)]
     k = parse_knock(msgs[0].payload, port=51820)  # type: ignore[union-attr]
     assert k is not None and k.source == SRC and k.destination == DST
@@ -288,6 +291,34 @@ def test_no_packet_is_held_for_ever() -> None:
     assert q.next_deadline() == 11.5
     q.close()  # what is still held is released too (closing would make the kernel drop it)
     assert _verdicts(sock.sent) == [(nq.NF_ACCEPT, 1), (nq.NF_ACCEPT, 2)]
+
+
+def test_hold_time_counts_from_when_the_kernel_queued_the_packet() -> None:
+    """A packet the gateway reads late (it was busy) is released 1 s after the kernel's
+    timestamp, not 1 s after the read; an implausible stamp falls back to the read time."""
+    import time as _time
+
+    payload = build_datagram(SRC, DST, b"\x01\x00\x00\x00" + bytes(144))
+    wall = _time.time()
+    late = packet_message(5, 1, 7, payload, (int(wall - 0.6), int((wall - 0.6) % 1 * 1e6)))
+    future = packet_message(5, 2, 7, payload, (int(wall + 3600), 0))
+    q, sock = _queue_with({})
+    reads = [late, future]
+
+    def recv(n: int) -> bytes:
+        if not reads:
+            raise BlockingIOError
+        return reads.pop(0)
+
+    sock.recv = recv  # type: ignore[attr-defined]
+    before = _time.monotonic()
+    held = q.recv_batch()
+    after = _time.monotonic()
+    assert [h.packet_id for h in held] == [1, 2]
+    assert before - 0.65 <= held[0].knock.received_at <= after - 0.55
+    assert before <= held[1].knock.received_at <= after
+    deadline = q.next_deadline()
+    assert deadline is not None and deadline <= after + 0.45
 
 
 def test_verdicts_are_sent_together_and_once() -> None:
