@@ -277,7 +277,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         gateway_id=args.gateway_id,
     )
     config.validate()  # fail before touching the device
-    log = EventLog(fmt=args.log_format, debug=args.debug)
+    # log lines never block the packet path: a slow reader costs dropped lines, counted
+    log = EventLog(fmt=args.log_format, debug=args.debug, background=True)
     store = _store(args)
     device = open_device(args.interface, args.backend)
     mode = "none" if args.testing_no_completion else args.mode
@@ -294,6 +295,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     finally:
         device.close()
         store.close()
+        log.close()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

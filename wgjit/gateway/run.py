@@ -257,6 +257,7 @@ class _Loop:
             "loop_max_stall_in": self.reactor.max_stall_what,
             "store_calls": self.workers.busy(STORE),
             "device_calls": self.workers.busy(DEVICE),
+            "log_dropped": self.log.dropped,
         }
         out.update(self.mode.stats())
         return {**out, **dict(sorted(p.counters.items()))}
