@@ -77,6 +77,8 @@ class SyncGateway:
     def sweep(self) -> None:
         self.policy._next_sweep = 0.0  # due now
         self.tick()
+        while self.policy.sweeping:  # its steps
+            self.tick()
 
     def poll_changes(self) -> None:
         self.policy.wake_changes()

@@ -215,6 +215,8 @@ def test_sweep_forgets_peers_the_device_lost_and_adopts_strangers(loop: Loop) ->
     loop.clock.t += 16
     loop.tick()
     loop.answer(ReadHandshakes)
+    while loop.policy.sweeping:
+        loop.tick()
     assert a.public_key() not in loop.policy.installed
     assert events(loop.out, "lost")[-1]["peer"] == "alice"
     lookup = loop.answer(Lookup)
@@ -239,5 +241,7 @@ def test_peer_installed_during_a_sweep_is_not_forgotten(loop: Loop) -> None:
     sweep = next(e for e in loop.pending if isinstance(e, ReadHandshakes))
     loop.pending.remove(sweep)
     loop.take(loop.policy.on_done(sweep, snapshot, None, loop.clock.t))
+    while loop.policy.sweeping:
+        loop.tick()
     assert a.public_key() in loop.policy.installed
     assert not any(isinstance(e, Remove) for e in loop.pending)

@@ -23,7 +23,7 @@ import enum
 import math
 import socket
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from wgjit.addr import Endpoint, IPNetwork
@@ -66,6 +66,10 @@ DEFAULT_KNOCK_BUDGET = 0.8
 # A client retries its initiation after REKEY_TIMEOUT (5 s, messages.h); a result older than
 # this would install the peer with an endpoint the client may have left.
 DEFAULT_MAX_INSTALL_AGE = 3.0
+# work per sweep step (a peer looked at costs 1, one evicted or forgotten EVICT_COST more:
+# its log line); the loop handles packets between steps
+SWEEP_STEP = 2000
+EVICT_COST = 10
 
 
 # How the handshake is completed after an install (GatewayConfig.completion):
@@ -223,6 +227,7 @@ class Policy:
         self._polling = False
         self._sweep_started = 0.0
         self._removed_during_sweep: set[PublicKey] = set()
+        self._sweep_work: Iterator[list[Effect]] | None = None
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -281,6 +286,13 @@ class Policy:
         if now >= self._next_beat:
             self._next_beat = now + self.config.heartbeat_interval
             out.append(self._store_call(Heartbeat(self.gateway_id), now))
+        if self._sweep_work is not None:
+            step = next(self._sweep_work, None)
+            if step is None:
+                self._sweep_work = None
+                self._sweeping = False
+            else:
+                out.extend(step)
         if now >= self._next_sweep and not self._sweeping:
             self._sweeping = True
             self._sweep_started = self.wall()
@@ -291,6 +303,8 @@ class Policy:
 
     def next_deadline(self) -> float:
         """When on_tick() next has work (monotonic)."""
+        if self._sweep_work is not None:
+            return -math.inf  # more sweep steps: now
         due = min(
             self._next_sweep if not self._sweeping else math.inf,
             self._next_poll if not self._polling else math.inf,
@@ -312,6 +326,11 @@ class Policy:
         """A store call has been running for longer than `store_stall_after`."""
         limit = self.config.store_stall_after
         return any(now - t > limit for t in self._store_calls.values())
+
+    @property
+    def sweeping(self) -> bool:
+        """A sweep is under way (its device read, or its steps)."""
+        return self._sweeping
 
     @property
     def pending(self) -> int:
@@ -417,13 +436,13 @@ class Policy:
         elif isinstance(effect, Install):
             self._installed(effect, error, now, out)
         elif isinstance(effect, ReadHandshakes):
-            self._sweeping = False
             self._next_sweep = now + self.config.sweep_interval
             if error is not None:
+                self._sweeping = False
                 self._error("sweep_failed", error)
                 return
             assert isinstance(result, dict)
-            self._sweep(result, out)
+            self._sweep_work = self._sweep_steps(result)
         elif isinstance(effect, ReadChanges):
             self._polling = False
             self._next_poll = now + self.config.change_poll_interval
@@ -537,38 +556,57 @@ class Policy:
                 out.append(Verdict(None, Outcome.INSTALLED, k.knock, peer.public_key))
         self._forget(p)
 
-    def _sweep(self, handshakes: dict[PublicKey, float], out: list[Effect]) -> None:
-        """Evict idle peers; forget peers the device lost (removed behind our back, device
-        restarted); look up peers that appeared on the device without us."""
+    def _sweep_steps(self, handshakes: dict[PublicKey, float]) -> Iterator[list[Effect]]:
+        """The sweep, in steps of about SWEEP_STEP units of work (a peer looked at: 1, a peer
+        forgotten or evicted: EVICT_COST; a step takes a few ms and the loop handles packets
+        between steps): forget peers the device lost (removed behind our back, device
+        restarted), evict idle peers, look up peers that appeared on the device without us.
+        Knocks, installs and evictions may happen between steps: a peer installed after the
+        device was read is neither lost nor idle, one evicted meanwhile is no stranger."""
         started = self._sweep_started
         installed = self.installed
-        lost = [k for k in installed.keys() - handshakes.keys() if installed[k].installed_at
-                < started]  # fmt: skip
-        for key in lost:
-            inst = installed.pop(key)
-            self.log.info("lost", peer=inst.name, key=key.short())
-            self.counters["lost"] += 1
-        strangers = handshakes.keys() - installed.keys() - self._pending.keys()
-        strangers -= self._removed_during_sweep
-        if strangers:
-            sub = {k: handshakes[k] for k in strangers}
-            out.append(Lookup(tuple(sub), Purpose.ADOPT, sub))
+        work = 0
+        for key in list(installed):
+            work += 1
+            inst = installed.get(key)
+            if inst is not None and key not in handshakes and inst.installed_at < started:
+                del installed[key]
+                self.log.info("lost", peer=inst.name, key=key.short())
+                self.counters["lost"] += 1
+                work += EVICT_COST
+            if work >= SWEEP_STEP:
+                work = 0
+                yield []
         cutoff = started - self.config.idle_timeout
-        idle = [
-            (k, started - max(t, installed[k].installed_at))
-            for k, t in handshakes.items()
-            if t <= cutoff and k in installed and installed[k].installed_at <= cutoff
-        ]
-        if idle:
-            keys = tuple(k for k, _ in idle)
-            out.append(Remove(keys))
-            out.append(Release(keys, self.gateway_id))
-            for key, idle_for in idle:
-                inst = installed.pop(key)
+        strangers: dict[PublicKey, float] = {}
+        idle: list[PublicKey] = []
+        for key, last in handshakes.items():  # the sweep's own snapshot: nobody changes it
+            work += 1
+            inst = installed.get(key)
+            if inst is None:
+                if key not in self._pending and key not in self._removed_during_sweep:
+                    strangers[key] = last
+            elif last <= cutoff and inst.installed_at <= cutoff:
+                idle.append(key)
+                del installed[key]
                 self.log.info(
-                    "evict", reason="idle", peer=inst.name, key=key.short(), idle_s=round(idle_for)
-                )
-            self.counters["evicted_idle"] += len(idle)
+                    "evict", reason="idle", peer=inst.name, key=key.short(),
+                    idle_s=round(started - max(last, inst.installed_at)),
+                )  # fmt: skip
+                work += EVICT_COST
+            if work >= SWEEP_STEP:
+                work = 0
+                yield self._evict_idle(idle)
+                idle = []
+        yield self._evict_idle(idle)
+        if strangers:
+            yield [Lookup(tuple(strangers), Purpose.ADOPT, strangers)]
+
+    def _evict_idle(self, keys: list[PublicKey]) -> list[Effect]:
+        if not keys:
+            return []
+        self.counters["evicted_idle"] += len(keys)
+        return [Remove(tuple(keys)), Release(tuple(keys), self.gateway_id)]
 
     def _changes(self, effect: ReadChanges, result: object, error: Exception | None,
                  out: list[Effect]) -> None:  # fmt: skip
