@@ -78,7 +78,7 @@ def inner(n: int) -> None:
         gw = Policy(Responder(gw_key), config, EventLog(io.StringIO()), wall=time.time)
         now = time.monotonic
         run_inline(
-            gw.reconcile({k: 0.0 for k in device.read().peers}, now()),
+            gw.reconcile(device.read().peers, now()),
             lambda e, r, err: gw.on_done(e, r, err, now()),
             store,
             device,

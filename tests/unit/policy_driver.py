@@ -61,8 +61,7 @@ class SyncGateway:
         )
 
     def start(self) -> None:
-        peers = {k: ps.last_handshake or 0.0 for k, ps in self.device.read().peers.items()}
-        self.run(self.policy.reconcile(peers, self.clock()))
+        self.run(self.policy.reconcile(self.device.read().peers, self.clock()))
 
     def handle(self, knock: Knock) -> Outcome:
         seen = len(self.verdicts)

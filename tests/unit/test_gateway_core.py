@@ -275,3 +275,17 @@ def test_store_changes_pushed_only_when_they_change_the_device(env: Env) -> None
     calls = len(dev.calls)
     g.poll_changes()  # a's own insert and b's are in the feed: nothing to push
     assert len(dev.calls) == calls
+
+
+def test_reconcile_corrects_allowed_ips_the_store_changed_meanwhile(tmp_path: Path) -> None:
+    gw_key = PrivateKey.generate()
+    dev = FakeDevice(gw_key)
+    store = open_store(str(tmp_path / "p.db"))
+    k = PrivateKey.generate().public_key()
+    store.add_peer("moved", k, parse_networks("100.65.0.9/32"))
+    dev.peers[k] = PeerState(k, allowed_ips=parse_networks("100.65.0.2/32"))  # the old config
+    g = SyncGateway(dev, store, GatewayConfig(), EventLog(io.StringIO()), Responder(gw_key),
+                    Clock())  # fmt: skip
+    g.start()
+    assert dev.peers[k].allowed_ips == parse_networks("100.65.0.9/32")
+    assert k in g.installed

@@ -26,8 +26,9 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from wgjit.addr import Endpoint, IPNetwork
+from wgjit.addr import Endpoint
 from wgjit.capture.packet import Knock
+from wgjit.device import PeerState
 from wgjit.events import EventLog
 from wgjit.gateway.effects import (
     Admit,
@@ -51,7 +52,7 @@ from wgjit.gateway.limits import KeyedRateLimiter, TokenBucket, TTLSet
 from wgjit.gateway.outcome import QUIET as _QUIET
 from wgjit.gateway.outcome import Outcome
 from wgjit.handshake import OFF_MAC1, OFF_MAC2, HandshakeError, Opened, Responder, Verified
-from wgjit.keys import PresharedKey, PublicKey
+from wgjit.keys import PublicKey
 from wgjit.store import ChangeFeedExpired, Handshake, Peer
 
 # WireGuard's REJECT_AFTER_TIME (messages.h): a session older than this is dead, so evicting a
@@ -154,11 +155,16 @@ class GatewayConfig:
 class Installed:
     name: str
     installed_at: float  # wall clock
-    # what the device was given, so a store change is pushed only if it changes something
-    allowed_ips: tuple[IPNetwork, ...]
-    preshared_key: PresharedKey | None
+    # what the device was given (allowed IPs and PSK, as a hash: a peer's config objects
+    # would cost ~400 bytes each), so a store change is pushed only if it changes something
+    fingerprint: int
     hwm: bytes | None = None  # newest timestamp known to the store
     pending: Handshake | None = None  # newer timestamp seen, not yet written
+
+
+def fingerprint(peer: Peer) -> int:
+    """What a peer's device config depends on, as one hash."""
+    return hash((frozenset(peer.allowed_ips), peer.preshared_key))
 
 
 @dataclass(slots=True)
@@ -231,16 +237,18 @@ class Policy:
 
     # -- start-up -------------------------------------------------------------------------
 
-    def reconcile(self, device_peers: dict[PublicKey, float], now: float) -> list[Effect]:
-        """Start: adopt the device's peers that the store allows, remove the others. The
-        loop runs the returned effects to completion (and then the timers start) before
-        any knock is captured."""
+    def reconcile(self, device_peers: dict[PublicKey, PeerState], now: float) -> list[Effect]:
+        """Start: adopt the device's peers that the store allows (their config corrected
+        where the store changed it meanwhile), remove the others. The loop runs the returned
+        effects to completion (and then the timers start) before any knock is captured."""
         self._next_sweep = now + self.config.sweep_interval
         self._next_poll = now + self.config.change_poll_interval
         self._next_beat = now + self.config.heartbeat_interval
         effects: list[Effect] = [Heartbeat(self.gateway_id), ReadChanges(None)]
         if device_peers:
-            effects.append(Lookup(tuple(device_peers), Purpose.RECONCILE, device_peers))
+            last = {k: ps.last_handshake or 0.0 for k, ps in device_peers.items()}
+            ips = {k: ps.allowed_ips for k, ps in device_peers.items()}
+            effects.append(Lookup(tuple(last), Purpose.RECONCILE, last, ips))
         return effects
 
     # -- events ---------------------------------------------------------------------------
@@ -423,12 +431,9 @@ class Policy:
             if effect.purpose is Purpose.ADMIT:
                 for key in effect.keys:
                     self._looked_up(key, result.get(key), now, out)
-            elif effect.purpose is Purpose.RECONCILE:
+            elif effect.purpose in (Purpose.RECONCILE, Purpose.ADOPT):
                 assert effect.handshakes is not None
-                self._adopt(effect.handshakes, result, "reconcile", out)
-            elif effect.purpose is Purpose.ADOPT:
-                assert effect.handshakes is not None
-                self._adopt(effect.handshakes, result, "not_allowed", out)
+                self._adopt(effect, result, out)
             else:
                 self._recheck(effect.keys, result, out)
         elif isinstance(effect, Admit):
@@ -527,7 +532,7 @@ class Policy:
                 self._finish(out, p, Outcome.INSTALL_FAILED, name=peer.name)
             return
         self.installed[peer.public_key] = Installed(
-            peer.name, self.wall(), peer.allowed_ips, peer.preshared_key, hwm=effect.timestamp
+            peer.name, self.wall(), fingerprint(peer), hwm=effect.timestamp
         )
         self.counters["installs"] += 1
         took = None
@@ -648,23 +653,21 @@ class Policy:
                 gone.append((key, inst.name, "removed" if peer is None else "revoked"))
             elif peer.holder is not None and peer.holder != self.gateway_id:
                 gone.append((key, inst.name, "handoff"))  # the client moved to that gateway
-            elif (
-                set(peer.allowed_ips) != set(inst.allowed_ips)
-                or peer.preshared_key != inst.preshared_key
-            ):
+            elif fingerprint(peer) != inst.fingerprint:
                 out.append(Update(key, peer.allowed_ips, peer.preshared_key))
-                inst.allowed_ips, inst.preshared_key = peer.allowed_ips, peer.preshared_key
+                inst.fingerprint = fingerprint(peer)
                 self.log.info("update", peer=peer.name, key=key.short())
         self._evict(gone, out, release=False)
 
-    def _adopt(self, handshakes: dict[PublicKey, float], peers: dict[PublicKey, Peer],
-               reason: str, out: list[Effect]) -> None:  # fmt: skip
-        """Track device peers the store allows (and claim the unclaimed); remove the others,
-        and those another gateway holds."""
+    def _adopt(self, lookup: Lookup, peers: dict[PublicKey, Peer], out: list[Effect]) -> None:
+        """Track device peers the store allows (claim the unclaimed, correct a config the
+        store changed); remove the others, and those another gateway holds."""
+        assert lookup.handshakes is not None
+        reason = "reconcile" if lookup.purpose is Purpose.RECONCILE else "not_allowed"
         bad: list[tuple[PublicKey, str, str]] = []
         claim: list[PublicKey] = []
         wall = self.wall()
-        for key, last in handshakes.items():
+        for key, last in lookup.handshakes.items():
             if key in self.installed or key in self._pending:
                 continue
             peer = peers.get(key)
@@ -676,10 +679,12 @@ class Policy:
                 continue
             if peer.holder is None:
                 claim.append(key)
-            self.installed[key] = Installed(
-                peer.name, last or wall, peer.allowed_ips, peer.preshared_key,
-                hwm=peer.handshake_hwm,
-            )  # fmt: skip
+            fp = fingerprint(peer)
+            device_ips = lookup.allowed_ips.get(key) if lookup.allowed_ips else None
+            if device_ips is not None and set(device_ips) != set(peer.allowed_ips):
+                out.append(Update(key, peer.allowed_ips, peer.preshared_key))
+                self.log.info("update", peer=peer.name, key=key.short())
+            self.installed[key] = Installed(peer.name, last or wall, fp, hwm=peer.handshake_hwm)
         if claim:
             out.append(Claim(tuple(claim), self.gateway_id))
         for key, name, why in bad:

@@ -43,6 +43,8 @@ class Lookup:
     purpose: Purpose
     # RECONCILE/ADOPT: each device peer's last handshake (unix s), to track it from there
     handshakes: dict[PublicKey, float] | None = None
+    # RECONCILE: each device peer's allowed IPs, to correct what the store changed meanwhile
+    allowed_ips: dict[PublicKey, tuple[IPNetwork, ...]] | None = None
 
 
 @dataclass(frozen=True, slots=True)

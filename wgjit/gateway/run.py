@@ -82,15 +82,12 @@ def serve(
     )
     # reconcile before anything is captured: the queue rules go live only once it is done
     started = time.monotonic()
-    device_peers = {k: ps.last_handshake or 0.0 for k, ps in state.peers.items()}
+    effects = policy.reconcile(state.peers, started)
     state = dataclasses.replace(state, peers={})
     run_inline(
-        policy.reconcile(device_peers, started),
-        lambda e, r, err: policy.on_done(e, r, err, time.monotonic()),
-        store,
-        device,
+        effects, lambda e, r, err: policy.on_done(e, r, err, time.monotonic()), store, device
     )
-    del device_peers
+    del effects
     reconcile_ms = round((time.monotonic() - started) * 1000)
     gc.freeze()
 
