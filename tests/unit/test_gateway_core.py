@@ -66,7 +66,7 @@ class FakeDevice:
 
 class Clock:
     def __init__(self) -> None:
-        self.t = 1000.0
+        self.t = 1.8e9  # wall clock too: after the tests' initiation timestamps (1e9 + ...)
 
     def __call__(self) -> float:
         return self.t

@@ -53,7 +53,7 @@ from wgjit.gateway.outcome import QUIET as _QUIET
 from wgjit.gateway.outcome import Outcome
 from wgjit.handshake import OFF_MAC1, OFF_MAC2, HandshakeError, Opened, Responder, Verified
 from wgjit.keys import PublicKey
-from wgjit.store import ChangeFeedExpired, Handshake, Peer
+from wgjit.store import PRESENCE_TTL_S, ChangeFeedExpired, Handshake, Peer
 
 # WireGuard's REJECT_AFTER_TIME (messages.h): a session older than this is dead, so evicting a
 # peer idle for longer can never cut a live session.
@@ -67,6 +67,7 @@ DEFAULT_KNOCK_BUDGET = 0.8
 # A client retries its initiation after REKEY_TIMEOUT (5 s, messages.h); a result older than
 # this would install the peer with an endpoint the client may have left.
 DEFAULT_MAX_INSTALL_AGE = 3.0
+DEFAULT_MAX_CLOCK_SKEW = 3600.0
 # work per sweep step (a peer looked at costs 1, one evicted or forgotten EVICT_COST more:
 # its log line); the loop handles packets between steps
 SWEEP_STEP = 2000
@@ -104,6 +105,12 @@ class GatewayConfig:
     # presence in a shared store: who we are (default: the host name), how often we say so
     gateway_id: str = ""
     heartbeat_interval: float = 5.0
+    # how often installed peers' newest handshake timestamps are written to the store (one
+    # batch): until then, a copy of one sent to another gateway is caught by the handoff check
+    mark_interval: float = 1.0
+    # an initiation whose timestamp is further ahead of our clock than this is refused
+    # (`future`): its mark would lock the peer out until the clock caught up
+    max_clock_skew: float = DEFAULT_MAX_CLOCK_SKEW
     knock_budget: float = DEFAULT_KNOCK_BUDGET
     max_install_age: float = DEFAULT_MAX_INSTALL_AGE
     # knocks waiting for the store or the device at once; more are let through (fail-open)
@@ -158,8 +165,9 @@ class Installed:
     # what the device was given (allowed IPs and PSK, as a hash: a peer's config objects
     # would cost ~400 bytes each), so a store change is pushed only if it changes something
     fingerprint: int
-    hwm: bytes | None = None  # newest timestamp known to the store
-    pending: Handshake | None = None  # newer timestamp seen, not yet written
+    # the newest initiation timestamp accepted from this peer (here, or the store's mark at
+    # install): a handoff to the same or an older one is a replay
+    seen: bytes | None = None
 
 
 def fingerprint(peer: Peer) -> int:
@@ -229,6 +237,12 @@ class Policy:
         self._next_sweep = math.inf
         self._next_poll = math.inf
         self._next_beat = math.inf
+        self._next_marks = math.inf
+        self._last_beat = 0.0
+        self._beat_failed = False
+        # installed peers whose newest handshake timestamp is not in the store yet
+        self._unwritten: set[PublicKey] = set()
+        self._writing_marks = False
         self._sweeping = False
         self._polling = False
         self._sweep_started = 0.0
@@ -244,6 +258,8 @@ class Policy:
         self._next_sweep = now + self.config.sweep_interval
         self._next_poll = now + self.config.change_poll_interval
         self._next_beat = now + self.config.heartbeat_interval
+        self._next_marks = now + self.config.mark_interval
+        self._last_beat = now
         effects: list[Effect] = [Heartbeat(self.gateway_id), ReadChanges(None)]
         if device_peers:
             last = {k: ps.last_handshake or 0.0 for k, ps in device_peers.items()}
@@ -294,6 +310,9 @@ class Policy:
         if now >= self._next_beat:
             self._next_beat = now + self.config.heartbeat_interval
             out.append(self._store_call(Heartbeat(self.gateway_id), now))
+        if now >= self._next_marks:
+            self._next_marks = now + self.config.mark_interval
+            out.extend(self._write_marks())
         if self._sweep_work is not None:
             step = next(self._sweep_work, None)
             if step is None:
@@ -305,7 +324,6 @@ class Policy:
             self._sweeping = True
             self._sweep_started = self.wall()
             self._removed_during_sweep.clear()
-            out.extend(self._flush_handshakes())
             out.append(ReadHandshakes())
         return out
 
@@ -317,6 +335,7 @@ class Policy:
             self._next_sweep if not self._sweeping else math.inf,
             self._next_poll if not self._polling else math.inf,
             self._next_beat,
+            self._next_marks if self._unwritten else math.inf,
         )
         budgets = self._budgets
         while budgets and budgets[0][1].ticket is None:
@@ -328,7 +347,8 @@ class Policy:
         self._next_poll = 0.0
 
     def shutdown(self) -> list[Effect]:
-        return list(self._flush_handshakes())
+        self._writing_marks = False
+        return self._write_marks()
 
     def store_stalled(self, now: float) -> bool:
         """A store call has been running for longer than `store_stall_after`."""
@@ -384,6 +404,8 @@ class Policy:
             except HandshakeError as e:
                 self._reject(Outcome(e.reason), knock.source, key, inst.name)
                 return Outcome(e.reason)
+            if self._future(v, knock.source, inst.name):
+                return Outcome.FUTURE
             self._note_handshake(key, inst, v)
             return Outcome.ALREADY_INSTALLED
         # unknown keys are dropped before the second X25519: a flood of made-up keys costs
@@ -409,6 +431,8 @@ class Policy:
             except HandshakeError as e:
                 self._reject(Outcome(e.reason), knock.source, key, p.peer.name)
                 return Outcome(e.reason)
+            if self._future(k.verified, knock.source, p.peer.name):
+                return Outcome.FUTURE
             p.knocks.append(k)
         self._pending_knocks += 1
         self._budgets.append((knock.received_at + self.config.knock_budget, k, p))
@@ -452,13 +476,15 @@ class Policy:
             self._polling = False
             self._next_poll = now + self.config.change_poll_interval
             self._changes(effect, result, error, out)
+        elif isinstance(effect, RecordHandshakes):
+            self._writing_marks = False
+            if error is not None:
+                self._error("record_handshakes_failed", error)
+                self._unwritten.update(hs.public_key for hs in effect.handshakes)
+        elif isinstance(effect, Heartbeat):
+            self._beat(error, now, out)
         elif error is not None:
             self._error(f"{effect.what}_failed", error)
-        elif isinstance(effect, RecordHandshakes):
-            for hs in effect.handshakes:
-                inst = self.installed.get(hs.public_key)
-                if inst is not None and (inst.hwm is None or hs.timestamp > inst.hwm):
-                    inst.hwm = hs.timestamp
 
     def _looked_up(self, key: PublicKey, peer: Peer | None, now: float, out: list[Effect]
                    ) -> None:  # fmt: skip
@@ -479,6 +505,9 @@ class Policy:
                 self._drop_knock(out, p, k, Outcome(e.reason), peer.name)
                 continue
             ts = k.verified.timestamp.raw
+            if self._future(k.verified, k.knock.source, peer.name):
+                self._drop_knock(out, p, k, Outcome.FUTURE, peer.name)
+                continue
             if peer.handshake_hwm is not None and ts <= peer.handshake_hwm:
                 self._drop_knock(out, p, k, Outcome.REPLAY, peer.name)
                 continue
@@ -532,7 +561,7 @@ class Policy:
                 self._finish(out, p, Outcome.INSTALL_FAILED, name=peer.name)
             return
         self.installed[peer.public_key] = Installed(
-            peer.name, self.wall(), fingerprint(peer), hwm=effect.timestamp
+            peer.name, self.wall(), fingerprint(peer), seen=effect.timestamp
         )
         self.counters["installs"] += 1
         took = None
@@ -644,6 +673,7 @@ class Policy:
         """Apply store changes to installed peers: revoked/removed/handed off → evict; new
         allowed IPs or PSK → update the device."""
         gone: list[tuple[PublicKey, str, str]] = []
+        claim: list[PublicKey] = []
         for key in keys:
             inst = self.installed.get(key)
             if inst is None:
@@ -651,12 +681,29 @@ class Policy:
             peer = peers.get(key)
             if peer is None or peer.revoked:
                 gone.append((key, inst.name, "removed" if peer is None else "revoked"))
-            elif peer.holder is not None and peer.holder != self.gateway_id:
+                continue
+            if peer.holder is not None and peer.holder != self.gateway_id:
+                mark = peer.handshake_hwm
+                if mark is not None and inst.seen is not None and mark <= inst.seen:
+                    # the other gateway admitted a timestamp we had already seen: a copy of
+                    # our client's initiation. The client is here; take the peer back.
+                    self.log.warning(
+                        "handoff_refused", reason="replay", peer=peer.name, key=key.short(),
+                        to_gateway=peer.holder,
+                    )  # fmt: skip
+                    self.counters["handoff_refused"] += 1
+                    claim.append(key)
+                    continue
                 gone.append((key, inst.name, "handoff"))  # the client moved to that gateway
-            elif fingerprint(peer) != inst.fingerprint:
+                continue
+            if peer.holder is None:
+                claim.append(key)  # our claim expired (a pause): say again that we hold it
+            if fingerprint(peer) != inst.fingerprint:
                 out.append(Update(key, peer.allowed_ips, peer.preshared_key))
                 inst.fingerprint = fingerprint(peer)
                 self.log.info("update", peer=peer.name, key=key.short())
+        if claim:
+            out.append(Claim(tuple(claim), self.gateway_id))
         self._evict(gone, out, release=False)
 
     def _adopt(self, lookup: Lookup, peers: dict[PublicKey, Peer], out: list[Effect]) -> None:
@@ -684,7 +731,7 @@ class Policy:
             if device_ips is not None and set(device_ips) != set(peer.allowed_ips):
                 out.append(Update(key, peer.allowed_ips, peer.preshared_key))
                 self.log.info("update", peer=peer.name, key=key.short())
-            self.installed[key] = Installed(peer.name, last or wall, fp, hwm=peer.handshake_hwm)
+            self.installed[key] = Installed(peer.name, last or wall, fp, seen=peer.handshake_hwm)
         if claim:
             out.append(Claim(tuple(claim), self.gateway_id))
         for key, name, why in bad:
@@ -782,17 +829,52 @@ class Policy:
 
     def _note_handshake(self, key: PublicKey, inst: Installed, v: Verified) -> None:
         ts = v.timestamp.raw
-        newest = inst.pending.timestamp if inst.pending else inst.hwm
-        if newest is None or ts > newest:
-            inst.pending = Handshake(key, ts, self.wall())
+        if inst.seen is None or ts > inst.seen:
+            inst.seen = ts
+            self._unwritten.add(key)
 
-    def _flush_handshakes(self) -> list[Effect]:
-        pending = [i.pending for i in self.installed.values() if i.pending is not None]
-        if not pending:
+    def _future(self, v: Verified, source: Endpoint, name: str) -> bool:
+        """A timestamp too far ahead of our clock: refused, and logged as suspicious (a
+        client clock far off, or someone with the static key but not the PSK trying to
+        push the peer's mark out of reach)."""
+        ahead = v.timestamp.to_unix() - self.wall()
+        if ahead <= self.config.max_clock_skew:
+            return False
+        self.log.warning(
+            "suspicious_timestamp", peer=name, key=v.public_key.short(), source=str(source),
+            ahead_s=round(ahead),
+        )  # fmt: skip
+        return True
+
+    def _write_marks(self) -> list[Effect]:
+        """The marks of installed peers' handshakes since the last write, in one batch."""
+        if not self._unwritten or self._writing_marks:
             return []
-        for i in self.installed.values():
-            i.pending = None
-        return [RecordHandshakes(tuple(pending))]
+        wall = self.wall()
+        marks = []
+        for key in self._unwritten:
+            inst = self.installed.get(key)
+            if inst is not None and inst.seen is not None:
+                marks.append(Handshake(key, inst.seen, wall))
+        self._unwritten.clear()
+        if not marks:
+            return []
+        self._writing_marks = True
+        return [RecordHandshakes(tuple(marks))]
+
+    def _beat(self, error: Exception | None, now: float, out: list[Effect]) -> None:
+        """After a pause (the store was unreachable, the heartbeat late or lost) our claims
+        may have expired: look up everything we hold and claim it again (see _recheck)."""
+        if error is not None:
+            self._error("heartbeat_failed", error)
+            self._beat_failed = True
+            return
+        paused = self._beat_failed or now - self._last_beat > PRESENCE_TTL_S / 2
+        self._beat_failed = False
+        self._last_beat = now
+        if paused and self.installed:
+            self.log.info("reassert_claims", installed=len(self.installed))
+            out.append(Lookup(tuple(self.installed), Purpose.RECHECK))
 
     def _reject(
         self,

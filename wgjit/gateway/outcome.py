@@ -22,6 +22,7 @@ class Outcome(enum.StrEnum):
     REVOKED = "revoked"
     NEGATIVE_CACHED = "negative_cached"
     REPLAY = "replay"
+    FUTURE = "future"  # timestamp too far ahead of the gateway's clock
     TIMEOUT = "timeout"  # still pending after the knock budget: fail-open
     OVERLOADED = "overloaded"  # too many knocks pending: fail-open
     STORE_UNAVAILABLE = "store_unavailable"  # the store is stalled: fail-open, nothing pending
