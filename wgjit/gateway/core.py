@@ -168,6 +168,9 @@ class Installed:
     # the newest initiation timestamp accepted from this peer (here, or the store's mark at
     # install): a handoff to the same or an older one is a replay
     seen: bytes | None = None
+    # the timestamp this gateway itself advanced the store's mark to when it installed the
+    # peer (None if adopted from the device)
+    admitted: bytes | None = None
 
 
 def fingerprint(peer: Peer) -> int:
@@ -483,6 +486,9 @@ class Policy:
                 self._unwritten.update(hs.public_key for hs in effect.handshakes)
         elif isinstance(effect, Heartbeat):
             self._beat(error, now, out)
+        elif isinstance(effect, Claim) and error is not None:
+            self._error("claim_failed", error)
+            self._beat_failed = True  # the next heartbeat claims everything we hold again
         elif error is not None:
             self._error(f"{effect.what}_failed", error)
 
@@ -561,7 +567,8 @@ class Policy:
                 self._finish(out, p, Outcome.INSTALL_FAILED, name=peer.name)
             return
         self.installed[peer.public_key] = Installed(
-            peer.name, self.wall(), fingerprint(peer), seen=effect.timestamp
+            peer.name, self.wall(), fingerprint(peer), seen=effect.timestamp,
+            admitted=effect.timestamp,
         )
         self.counters["installs"] += 1
         took = None
@@ -684,9 +691,12 @@ class Policy:
                 continue
             if peer.holder is not None and peer.holder != self.gateway_id:
                 mark = peer.handshake_hwm
-                if mark is not None and inst.seen is not None and mark <= inst.seen:
-                    # the other gateway admitted a timestamp we had already seen: a copy of
-                    # our client's initiation. The client is here; take the peer back.
+                seen = inst.seen
+                if mark is not None and seen is not None and mark <= seen and mark != inst.admitted:
+                    # the other gateway admitted a timestamp we had already seen (and did not
+                    # admit ourselves): a copy of our client's initiation. The client is here;
+                    # take the peer back. (The other gateway, seeing its own admitted mark,
+                    # lets go.)
                     self.log.warning(
                         "handoff_refused", reason="replay", peer=peer.name, key=key.short(),
                         to_gateway=peer.holder,

@@ -178,7 +178,7 @@ def perform(effect: Effect, store: Store, device: Device) -> object:
     Raises what the store or device raises (StoreError, DeviceError, ...)."""
     match effect:
         case Lookup(keys=keys):
-            return _lookup_many(store, keys)
+            return store.lookup_many(keys)
         case Admit(handshake=hs, gateway_id=gid):
             if not store.advance_handshake(hs):
                 return Admitted(False)
@@ -212,7 +212,7 @@ def perform(effect: Effect, store: Store, device: Device) -> object:
             store.release(keys, gid)
             return None
         case Claim(keys=keys, gateway_id=gid):
-            _claim_many(store, keys, gid)
+            store.claim_many(keys, gid)
             return None
         case RecordHandshakes(handshakes=hss):
             store.record_handshakes(hss)
@@ -251,27 +251,6 @@ def run_inline(
         except Exception as e:
             result, error = None, e
         todo.extend(on_done(effect, result, error))
-
-
-def _lookup_many(store: Store, keys: Sequence[PublicKey]) -> dict[PublicKey, Peer]:
-    many = getattr(store, "lookup_many", None)
-    if many is not None:
-        return many(keys)  # type: ignore[no-any-return]
-    out = {}
-    for k in keys:
-        p = store.lookup(k)
-        if p is not None:
-            out[k] = p
-    return out
-
-
-def _claim_many(store: Store, keys: Sequence[PublicKey], gateway_id: str) -> None:
-    many = getattr(store, "claim_many", None)
-    if many is not None:
-        many(keys, gateway_id)
-        return
-    for k in keys:
-        store.claim(k, gateway_id)
 
 
 def _handshakes(device: Device) -> dict[PublicKey, float]:
