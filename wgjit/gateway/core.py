@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from wgjit.addr import Endpoint
 from wgjit.capture.packet import Knock
+from wgjit.cookie import CookieChecker
 from wgjit.device import PeerState
 from wgjit.events import EventLog
 from wgjit.gateway.effects import (
@@ -68,6 +69,8 @@ DEFAULT_KNOCK_BUDGET = 0.8
 # this would install the peer with an endpoint the client may have left.
 DEFAULT_MAX_INSTALL_AGE = 3.0
 DEFAULT_MAX_CLOCK_SKEW = 3600.0
+# messages.h UNDER_LOAD_AFTER_TIME: load lasts this long after its last sign
+UNDER_LOAD_FOR = 1.0
 # work per sweep step (a peer looked at costs 1, one evicted or forgotten EVICT_COST more:
 # its log line); the loop handles packets between steps
 SWEEP_STEP = 2000
@@ -111,6 +114,9 @@ class GatewayConfig:
     # an initiation whose timestamp is further ahead of our clock than this is refused
     # (`future`): its mark would lock the peer out until the clock caught up
     max_clock_skew: float = DEFAULT_MAX_CLOCK_SKEW
+    # a knock that waited longer than this in the kernel's queue is a sign of load
+    load_delay: float = 0.05
+    testing_always_under_load: bool = False
     knock_budget: float = DEFAULT_KNOCK_BUDGET
     max_install_age: float = DEFAULT_MAX_INSTALL_AGE
     # knocks waiting for the store or the device at once; more are let through (fail-open)
@@ -150,6 +156,11 @@ class GatewayConfig:
             raise ConfigError("rate limits must be positive")
         if self.completion not in COMPLETIONS:
             raise ConfigError(f"--mode must be one of {', '.join(COMPLETIONS)}")
+        if self.testing_always_under_load:
+            warnings.append(
+                "--testing-always-under-load is set: every initiation without a cookie gets a "
+                "cookie reply (clients wait for their 5 s retry); never use in production"
+            )
         if self.completion == "none":
             warnings.append(
                 "--testing-no-completion is set: new peers wait for their client's 5 s retry; "
@@ -171,6 +182,15 @@ class Installed:
     # the timestamp this gateway itself advanced the store's mark to when it installed the
     # peer (None if adopted from the device)
     admitted: bytes | None = None
+
+
+def _source_key(source: Endpoint) -> object:
+    """What per-source limits count by: an IPv4 address, or an IPv6 /64 (one host's share;
+    anyone can have a /64 of addresses, as in the kernel's ratelimiter)."""
+    host = source.host
+    if host.version == 6:
+        return host.packed[:8]
+    return host
 
 
 def fingerprint(peer: Peer) -> int:
@@ -215,6 +235,8 @@ class Policy:
     log: EventLog
     wall: Callable[[], float]
     ignore_ifindex: int = -1
+    # makes cookie replies under load; None where the loop cannot send them (no raw socket)
+    cookies: CookieChecker | None = None
     installed: dict[PublicKey, Installed] = field(default_factory=dict)
     counters: Counter[str] = field(default_factory=Counter)
     cursor: int = 0
@@ -228,6 +250,8 @@ class Policy:
             c.per_source_rate, c.per_source_burst
         )
         self._reject_log = TokenBucket(20.0, 50.0)  # bound log volume under attack
+        self._load_until = float("-inf")
+        self._reply = b""
         self._error_log = TokenBucket(5.0, 20.0)
         self._fail_log = TokenBucket(20.0, 50.0)
         self.gateway_id = c.gateway_id or socket.gethostname()
@@ -282,7 +306,10 @@ class Policy:
             except Exception as e:  # a bug must cost one knock, never the gateway
                 self._error("knock_failed", e)
                 outcome = Outcome.ERROR
-            if outcome is not None:
+            if outcome is Outcome.COOKIE:
+                self.counters[outcome] += 1
+                out.append(Verdict(ticket, outcome, knock, reply=self._reply))
+            elif outcome is not None:
                 self._verdict(out, ticket, outcome, knock)
         if lookups:
             out.append(self._store_call(Lookup(tuple(lookups), Purpose.ADMIT), now))
@@ -382,15 +409,22 @@ class Policy:
         if knock.ifindex == self.ignore_ifindex:
             return Outcome.OWN_INTERFACE
         payload = knock.payload
-        # the same datagram is seen on every interface it crosses (bridge port and bridge)
-        if self._dupes.seen(payload[OFF_MAC1:OFF_MAC2], now):
-            return Outcome.DUPLICATE
+        # garbage and other gateways' packets cost one BLAKE2s and nothing else
         try:
             self.responder.check_mac1(payload)
         except HandshakeError as e:
             return Outcome(e.reason)
-        if not self._per_source.allow(knock.source.host, now):
-            return Outcome.RATE_LIMITED
+        # the same datagram is seen on every interface it crosses (bridge port and bridge)
+        if self._dupes.seen(payload[OFF_MAC1:OFF_MAC2], now):
+            return Outcome.DUPLICATE
+        if self._under_load(knock, now):
+            # like WireGuard under load: no DH for a sender that has not shown (mac2) it
+            # receives at its address; then at most per_source_rate of them per address
+            if self.cookies is not None and not self.cookies.mac2_ok(payload, knock.source, now):
+                self._reply = self.cookies.reply(payload, knock.source, now)
+                return Outcome.COOKIE
+            if not self._per_source.allow(_source_key(knock.source), now):
+                return Outcome.RATE_LIMITED
         if not self._global.allow(now):
             return Outcome.RATE_LIMITED
         try:
@@ -842,6 +876,21 @@ class Policy:
         if inst.seen is None or ts > inst.seen:
             inst.seen = ts
             self._unwritten.add(key)
+
+    def _under_load(self, knock: Knock, now: float) -> bool:
+        """Load, as WireGuard sees it, lasts UNDER_LOAD_FOR after its last sign: knocks that
+        waited in the kernel's queue longer than load_delay, or many knocks waiting for the
+        store or the device (1/8 of max_pending, like the kernel's 1/8 of its queue)."""
+        c = self.config
+        if (
+            now - knock.received_at > c.load_delay
+            or self._pending_knocks >= c.max_pending // 8
+            or c.testing_always_under_load
+        ):
+            if now >= self._load_until:
+                self.log.info("under_load", pending=self._pending_knocks)
+            self._load_until = now + UNDER_LOAD_FOR
+        return now < self._load_until
 
     def _future(self, v: Verified, source: Endpoint, name: str) -> bool:
         """A timestamp too far ahead of our clock: refused, and logged as suspicious (a

@@ -165,6 +165,7 @@ class Verdict:
     outcome: Outcome
     knock: Knock
     key: PublicKey | None = None  # for installs
+    reply: bytes | None = None  # a cookie reply to send to the knock's source
 
 
 Effect = (

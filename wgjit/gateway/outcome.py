@@ -14,6 +14,7 @@ class Outcome(enum.StrEnum):
     OWN_INTERFACE = "own_interface"  # came through the tunnel itself: not a knock for us
     DUPLICATE = "duplicate"  # the same datagram seen again (bridge port + bridge) or replayed
     RATE_LIMITED = "rate_limited"
+    COOKIE = "cookie"  # under load, no valid mac2: answered with a cookie reply, no DH
     MALFORMED = "malformed"
     BAD_MAC1 = "bad_mac1"
     BAD_STATIC = "bad_static"
@@ -64,5 +65,6 @@ QUIET = frozenset(
         Outcome.MALFORMED,
         Outcome.BAD_MAC1,
         Outcome.OWN_INTERFACE,
+        Outcome.COOKIE,
     }
 )

@@ -21,6 +21,7 @@ import sys
 import time
 from types import FrameType
 
+from wgjit.cookie import CookieChecker
 from wgjit.device import Device
 from wgjit.events import EventLog
 from wgjit.gateway.core import GatewayConfig, Policy
@@ -113,6 +114,8 @@ def serve(
                 )
             except ModeError as e:
                 raise GatewayError(str(e)) from None
+            if loop.mode.replier is not None:
+                policy.cookies = CookieChecker(policy.responder.public_key)
             log.info(
                 "ready",
                 interface=device.name,
@@ -124,6 +127,7 @@ def serve(
                 sweep_interval=config.sweep_interval,
                 capture="nfqueue" if loop.mode.name == "hold" else capture_interface or "all",
                 installed=len(policy.installed),
+                cookies=policy.cookies is not None,
                 reconcile_ms=reconcile_ms,
             )
             loop.run()
