@@ -281,6 +281,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     log = EventLog(fmt=args.log_format, debug=args.debug, background=True)
     store = _store(args)
     device = open_device(args.interface, args.backend)
+    # a second handle for sweeps: reading a big device never delays an install
+    sweep_device = open_device(args.interface, args.backend)
     mode = "none" if args.testing_no_completion else args.mode
     try:
         return serve(
@@ -291,9 +293,11 @@ def cmd_gateway(args: argparse.Namespace) -> int:
             capture_interface=args.capture_interface,
             mode=mode,
             queue_num=args.queue_num,
+            sweep_device=sweep_device,
         )
     finally:
         device.close()
+        sweep_device.close()
         store.close()
         log.close()
 

@@ -115,7 +115,7 @@ class GatewayConfig:
     # (`future`): its mark would lock the peer out until the clock caught up
     max_clock_skew: float = DEFAULT_MAX_CLOCK_SKEW
     # a knock that waited longer than this in the kernel's queue is a sign of load
-    load_delay: float = 0.05
+    load_delay: float = 0.25
     testing_always_under_load: bool = False
     knock_budget: float = DEFAULT_KNOCK_BUDGET
     max_install_age: float = DEFAULT_MAX_INSTALL_AGE

@@ -1,10 +1,12 @@
 """What the policy asks the outside world to do, and the one place that does it.
 
-Effects are plain values returned by `wgjit.gateway.core.Policy`. Each names where it runs
-(`STORE`, `DEVICE`, or `LOOP` for verdicts, which the completion mode gives on the loop's
-thread) and `perform()` maps a store or device effect to its call. The loop runs `perform()`
-on worker threads (`wgjit.gateway.run`); tests and start-up run it inline (`run_inline`).
-Effects compare by identity: the policy matches each result to the effect it issued.
+Effects are plain values returned by `wgjit.gateway.core.Policy`. Each names where it runs:
+`STORE`, `DEVICE` (changes to the device, in order), `SWEEP` (reading all of the device, on a
+thread of its own so installs never wait behind a big device's dump) or `LOOP` (verdicts, which
+the completion mode gives on the loop's thread). `perform()` maps a store or device effect to
+its call. The loop runs `perform()` on worker threads (`wgjit.gateway.run`); tests and start-up
+run it inline (`run_inline`). Effects compare by identity: the policy matches each result to
+the effect it issued.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from wgjit.store import Handshake, Peer, Store
 
 STORE = "store"
 DEVICE = "device"
+SWEEP = "sweep"
 LOOP = "loop"
 
 
@@ -102,7 +105,7 @@ class Remove:
 class ReadHandshakes:
     """Every device peer's last handshake: what the sweep needs."""
 
-    where: ClassVar[str] = DEVICE
+    where: ClassVar[str] = SWEEP
     what: ClassVar[str] = "sweep"
 
 

@@ -25,7 +25,16 @@ from wgjit.cookie import CookieChecker
 from wgjit.device import Device
 from wgjit.events import EventLog
 from wgjit.gateway.core import GatewayConfig, Policy
-from wgjit.gateway.effects import DEVICE, STORE, Effect, ReadChanges, Verdict, perform, run_inline
+from wgjit.gateway.effects import (
+    DEVICE,
+    STORE,
+    SWEEP,
+    Effect,
+    ReadChanges,
+    Verdict,
+    perform,
+    run_inline,
+)
 from wgjit.gateway.modes import Batch, Mode, ModeError, open_mode
 from wgjit.gateway.reactor import Reactor, Workers
 from wgjit.handshake import Responder
@@ -56,9 +65,12 @@ def serve(
     mode: str = "auto",
     queue_num: int | None = None,
     store_threads: int = 2,
+    sweep_device: Device | None = None,
 ) -> int:
     """Run the gateway until SIGTERM/SIGINT/SIGHUP. `mode`: auto, hold, replay, invert (or
-    none, for tests); `queue_num` (hold): the NFQUEUE number, default the listen port."""
+    none, for tests); `queue_num` (hold): the NFQUEUE number, default the listen port.
+    `sweep_device`: a second handle on the same device for sweeps (read on their own thread
+    while installs go on); without one, sweeps queue with the installs."""
     if mode != "auto":
         config = dataclasses.replace(config, completion=mode)
     for w in config.validate():
@@ -95,8 +107,8 @@ def serve(
     old_interval = sys.getswitchinterval()
     sys.setswitchinterval(SWITCH_INTERVAL)
     reactor = Reactor()
-    workers = Workers(reactor, {STORE: store_threads, DEVICE: 1})
-    loop = _Loop(policy, store, device, reactor, workers, log)
+    workers = Workers(reactor, {STORE: store_threads, DEVICE: 1, SWEEP: 1})
+    loop = _Loop(policy, store, device, sweep_device, reactor, workers, log)
     try:
         with contextlib.ExitStack() as stack:
             try:
@@ -145,6 +157,7 @@ class _Loop:
         policy: Policy,
         store: Store,
         device: Device,
+        sweep_device: Device | None,
         reactor: Reactor,
         workers: Workers,
         log: EventLog,
@@ -152,6 +165,7 @@ class _Loop:
         self.policy = policy
         self.store = store
         self.device = device
+        self.sweep_device = sweep_device
         self.reactor = reactor
         self.workers = workers
         self.log = log
@@ -171,15 +185,22 @@ class _Loop:
         self.mode.flush()
 
     def submit(self, effect: Effect) -> None:
+        where, device = effect.where, self.device
+        if where == SWEEP:
+            if self.sweep_device is None:
+                where = DEVICE  # one handle: in order with the installs
+            else:
+                device = self.sweep_device
+
         def call() -> object:
-            return perform(effect, self.store, self.device)
+            return perform(effect, self.store, device)
 
         def done(result: object, error: Exception | None) -> None:
             if isinstance(effect, ReadChanges) and error is None:
                 self._watch_store(getattr(result, "wakeup_fd", None))
             self.apply(self.policy.on_done(effect, result, error, time.monotonic()))
 
-        self.workers.submit(effect.where, call, done)
+        self.workers.submit(where, call, done)
 
     # -- the reactor's handlers -----------------------------------------------------------
 
@@ -264,7 +285,7 @@ class _Loop:
     def stats(self) -> dict[str, object]:
         p = self.policy
         out: dict[str, object] = {
-            "installed": len(p.installed),
+            "installed_now": len(p.installed),  # not "installed": the outcome counter
             "pending": p.pending,
             "loop_max_stall_ms": round(self.reactor.max_stall * 1000, 1),
             "loop_max_stall_in": self.reactor.max_stall_what,
