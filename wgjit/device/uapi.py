@@ -8,6 +8,7 @@ chunks and handed to a sans-IO reader: `_TextReply` keeps the whole text (read, 
 
 from __future__ import annotations
 
+import binascii
 import errno as errno_mod
 import ipaddress
 import os
@@ -346,45 +347,47 @@ class HandshakeReader:
     def feed(self, data: bytes) -> None:
         buf = self._tail + data
         end = buf.rfind(b"\n") + 1  # >= 1: the tail starts with a newline
-        for name, value in _HANDSHAKE_LINE.findall(buf, 0, end):
-            self._take(name, value)
+        lines = _HANDSHAKE_LINE.findall(buf, 0, end)
         self._tail = buf[end - 1 :]
+        if lines:
+            self._take(lines)
 
     def finish(self) -> int | None:
         if self._tail != b"\n":
             self.feed(b"\n")  # a last line without its newline (never sent by wireguard-go)
-        self._commit()
+        if self._key is not None:
+            self.handshakes[self._key] = self._sec + self._nsec / 1e9
+            self._key = None
         return self.errno
 
-    def _take(self, name: bytes, value: bytes) -> None:
+    def _take(self, lines: list[tuple[bytes, bytes]]) -> None:
+        # one loop over locals: this runs three times per peer
+        handshakes = self.handshakes
+        key, sec, nsec = self._key, self._sec, self._nsec
+        name = value = b""
         try:
-            if name == b"public_key":
-                self._commit()
-                self._key = PublicKey(bytes.fromhex(value.decode("ascii")))
-            elif name == b"last_handshake_time_sec":
-                self._sec = _natural(value)
-            elif name == b"last_handshake_time_nsec":
-                self._nsec = _natural(value)
-            else:
-                self.last_line = "errno=" + value.decode("ascii", "replace")
-                self.errno = _errno_of(self.last_line)
-        except (InvalidKey, ValueError) as e:
+            for name, value in lines:
+                if name == b"public_key":
+                    if key is not None:
+                        handshakes[key] = sec + nsec / 1e9
+                    key = PublicKey(binascii.a2b_hex(value))
+                    sec = nsec = 0
+                elif name == b"errno":
+                    self.last_line = "errno=" + value.decode("ascii", "replace")
+                    self.errno = _errno_of(self.last_line)
+                elif not value.isdigit() or len(value) > 20:
+                    raise ValueError("not a non-negative integer")
+                elif name == b"last_handshake_time_sec":
+                    sec = int(value)
+                else:
+                    nsec = int(value)
+        except (InvalidKey, ValueError) as e:  # binascii.Error is a ValueError
             text = value[:80].decode("ascii", "replace")
             raise DeviceError(
                 f"{self.ifname}: handshakes: cannot parse {name.decode()}={text!r}: {e}"
             ) from None
-
-    def _commit(self) -> None:
-        if self._key is not None:
-            self.handshakes[self._key] = self._sec + self._nsec / 1e9
-            self._key = None
-        self._sec = self._nsec = 0
-
-
-def _natural(value: bytes) -> int:
-    if not value.isdigit() or len(value) > 20:
-        raise ValueError("not a non-negative integer")
-    return int(value)
+        finally:
+            self._key, self._sec, self._nsec = key, sec, nsec
 
 
 def _peer_lines(config: PeerConfig) -> list[str]:
