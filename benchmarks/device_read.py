@@ -10,7 +10,8 @@ with one set_peers; then the role-inversion keepalive-off update (update_only) o
 one by one and batched. Then the device is filled to `--peers` and the time of one `get=1`
 (raw bytes, no parsing), read() and handshakes() is measured; all rows in interleaved rounds,
 medians reported. Peak Python memory of read() and handshakes() (tracemalloc, result included)
-is measured once each, apart from the timings.
+is measured once each, apart from the timings, and so is the longest time a 1 ms ticker
+thread (standing in for the gateway's packet loop) was kept waiting for the GIL meanwhile.
 
 Part 2 (no root, no kernel): the netlink parsers on an in-memory dump of `--netlink-peers`
 peers laid out like the kernel's (key, preshared key, handshake time, keepalive, counters,
@@ -29,6 +30,7 @@ import platform
 import socket
 import statistics
 import struct
+import threading
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -84,6 +86,32 @@ def _peak_mb(fn: Callable[[], Any]) -> tuple[float, float]:
         tracemalloc.stop()
     del result
     return peak / 1e6, retained / 1e6
+
+
+def _max_stall(fn: Callable[[], Any]) -> float:
+    """The longest another Python thread (one that sleeps 1 ms in a loop, like an event loop
+    waiting for packets) was kept from running while `fn` ran in this one: the GIL."""
+    stop = threading.Event()
+    worst = 0.0
+
+    def ticker() -> None:
+        nonlocal worst
+        last = time.perf_counter()
+        while not stop.is_set():
+            time.sleep(0.001)
+            now = time.perf_counter()
+            worst = max(worst, now - last - 0.001)
+            last = now
+
+    t = threading.Thread(target=ticker)
+    t.start()
+    try:
+        time.sleep(0.05)
+        fn()
+    finally:
+        stop.set()
+        t.join()
+    return worst
 
 
 def _raw_get(ifname: str) -> int:
@@ -176,6 +204,8 @@ def uapi_part(peers: int, batch: int, rounds: int) -> list[tuple[str, str]]:
             del got
             read_peak, read_kept = _peak_mb(dev.read)
             hs_peak, hs_kept = _peak_mb(dev.handshakes)
+            read_stall = [_max_stall(dev.read) for _ in range(rounds)]
+            hs_stall = [_max_stall(dev.handshakes) for _ in range(rounds)]
             rows += [
                 (f"`get=1` with {peers:,} peers, raw bytes only ({size / 1e6:.1f} MB)", _ms(raw)),
                 (f"read() with {peers:,} peers", _ms(full)),
@@ -184,6 +214,10 @@ def uapi_part(peers: int, batch: int, rounds: int) -> list[tuple[str, str]]:
                  f"{read_peak:.0f} MB ({read_kept:.0f} MB)"),
                 ("handshakes(): peak Python memory (result kept)",
                  f"{hs_peak:.0f} MB ({hs_kept:.0f} MB)"),
+                ("read() in a thread: longest stall of another thread (median, max)",
+                 f"{statistics.median(read_stall) * 1e3:.1f} ms, {max(read_stall) * 1e3:.1f} ms"),
+                ("handshakes() in a thread: longest stall of another thread (median, max)",
+                 f"{statistics.median(hs_stall) * 1e3:.1f} ms, {max(hs_stall) * 1e3:.1f} ms"),
             ]  # fmt: skip
     return rows
 
