@@ -307,6 +307,21 @@ def test_set_peers_is_one_transaction(daemon_dir: Path, fake: list[FakeDaemon]) 
     ]  # fmt: skip
 
 
+def test_huge_batches_are_split_into_transactions_that_fit_the_timeout(
+    daemon_dir: Path, fake: list[FakeDaemon], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(uapi_mod, "MAX_SET_PEERS", 3)
+    keys = [key() for _ in range(7)]
+    d = start(daemon_dir, fake, [b"errno=0\n\n"] * 3)
+    with UAPIDevice("wgfake0") as dev:
+        dev.set_peers([PeerConfig(k) for k in keys])
+    assert [r.count(b"public_key=") for r in d.requests] == [3, 3, 1]
+    assert b"".join(d.requests) == b"".join(
+        b"set=1\n" + b"".join(f"public_key={k.hex()}\n".encode() for k in keys[i : i + 3]) + b"\n"
+        for i in (0, 3, 6)
+    )
+
+
 def test_set_peers_on_a_full_device_drops_absent_updates(
     daemon_dir: Path, fake: list[FakeDaemon]
 ) -> None:

@@ -83,7 +83,7 @@ class Device(Protocol):
 
     def set_peers(self, configs: Sequence[PeerConfig]) -> None:
         """set_peer() for each config, in order, in as few device operations as possible
-        (one UAPI transaction; as many peers per netlink message as fit).
+        (one UAPI transaction per 8 192 peers; as many peers per netlink message as fit).
 
         Not atomic: on DeviceError (which names the interface) any prefix of the batch may
         have been applied. Re-applying a config is harmless, so a caller may retry the whole
