@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from wgjit.addr import parse_networks
@@ -54,7 +54,13 @@ class InstalledDevice:
     def read(self) -> DeviceState:
         return DeviceState(self.name, self.key, PORT, dict(self.peers))
 
+    def handshakes(self) -> dict[PublicKey, float]:
+        return dict.fromkeys(self.peers, 0.0)
+
     def set_peer(self, config: PeerConfig) -> None:
+        pass
+
+    def set_peers(self, configs: Sequence[PeerConfig]) -> None:
         pass
 
     def remove_peers(self, keys: Iterable[PublicKey]) -> None:

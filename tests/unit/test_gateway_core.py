@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
@@ -55,6 +55,13 @@ class FakeDevice:
                 else old.persistent_keepalive
             ),
         )
+
+    def handshakes(self) -> dict[PublicKey, float]:
+        return {k: ps.last_handshake or 0.0 for k, ps in self.peers.items()}
+
+    def set_peers(self, configs: Sequence[PeerConfig]) -> None:
+        for c in configs:
+            self.set_peer(c)
 
     def remove_peers(self, keys: Iterable[PublicKey]) -> None:
         for k in keys:

@@ -211,7 +211,7 @@ def perform(effect: Effect, store: Store, device: Device) -> object:
             device.remove_peers(keys)
             return None
         case ReadHandshakes():
-            return _handshakes(device)
+            return device.handshakes()
         case Release(keys=keys, gateway_id=gid):
             store.release(keys, gid)
             return None
@@ -255,10 +255,3 @@ def run_inline(
         except Exception as e:
             result, error = None, e
         todo.extend(on_done(effect, result, error))
-
-
-def _handshakes(device: Device) -> dict[PublicKey, float]:
-    light = getattr(device, "handshakes", None)
-    if light is not None:
-        return light()  # type: ignore[no-any-return]
-    return {k: ps.last_handshake or 0.0 for k, ps in device.read().peers.items()}
