@@ -245,10 +245,11 @@ def run_inline(
     on_verdict: Callable[[Verdict], None] | None = None,
 ) -> None:
     """Carry out `effects` and everything their results lead to, one at a time, on this
-    thread (start-up, tests). Verdicts go to `on_verdict`."""
-    todo = list(effects)
+    thread (start-up, tests). Verdicts go to `on_verdict`. Depth first: what a result leads
+    to runs before the next effect (a chunk of reconcile is done before the next is read)."""
+    todo = list(reversed(effects))
     while todo:
-        effect = todo.pop(0)
+        effect = todo.pop()
         if isinstance(effect, Verdict):
             if on_verdict is not None:
                 on_verdict(effect)
@@ -257,4 +258,4 @@ def run_inline(
             result, error = perform(effect, store, device), None
         except Exception as e:
             result, error = None, e
-        todo.extend(on_done(effect, result, error))
+        todo.extend(reversed(on_done(effect, result, error)))
