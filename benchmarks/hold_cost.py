@@ -66,6 +66,9 @@ class InstalledDevice:
     def remove_peers(self, keys: Iterable[PublicKey]) -> None:
         pass
 
+    def identity(self) -> object:
+        return id(self)
+
     def close(self) -> None:
         pass
 

@@ -67,6 +67,9 @@ class FakeDevice:
         for k in keys:
             self.peers.pop(k, None)
 
+    def identity(self) -> object:
+        return id(self)
+
     def close(self) -> None:
         pass
 

@@ -22,6 +22,7 @@ from wgjit.gateway.effects import (
     Lookup,
     Purpose,
     ReadHandshakes,
+    ReadIdentity,
     Remove,
     Verdict,
     perform,
@@ -306,3 +307,27 @@ def test_garbage_spends_no_budget(tmp_path: Path) -> None:
     k = knock(initiation(loop.peer("alice"), loop.gw_key, 1e9), loop.clock.t)
     loop.knock(k)
     assert loop.outcome(k) is None  # the one token was still there
+
+
+def test_device_created_anew_is_swept_at_once(loop: Loop) -> None:
+    a = loop.peer("alice")
+    loop.knock(knock(initiation(a, loop.gw_key, 1e9), loop.clock.t))
+    loop.answer(Lookup)
+    loop.answer(Admit)
+    loop.answer(Install)
+    loop.clock.t += 1.0
+    loop.tick()
+    loop.answer(ReadIdentity)  # the same device: nothing to do
+    assert not any(isinstance(e, ReadHandshakes) for e in loop.pending)
+    # wireguard-go restarts: an empty device with a new identity
+    loop.dev.peers.clear()
+    loop.dev.identity = lambda: "new"  # type: ignore[method-assign]
+    loop.clock.t += 1.0
+    loop.tick()
+    loop.answer(ReadIdentity)
+    assert events(loop.out, "device_changed")
+    loop.tick()  # the sweep is due now, not in 15 s
+    loop.answer(ReadHandshakes)
+    while loop.policy.sweeping:
+        loop.tick()
+    assert a.public_key() not in loop.policy.installed

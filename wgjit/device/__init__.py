@@ -95,6 +95,11 @@ class Device(Protocol):
         """Remove these peers in as few operations as possible; absent keys are ignored."""
         ...
 
+    def identity(self) -> object:
+        """Something cheap to read (no dump) that changes when the device is created anew:
+        wireguard-go restarted, the interface deleted and added again. None if it is gone."""
+        ...
+
     def close(self) -> None: ...
 
 

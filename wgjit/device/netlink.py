@@ -542,6 +542,13 @@ class NetlinkDevice(Closing):
 
     # -- the Device protocol ------------------------------------------------------------------
 
+    def identity(self) -> object:
+        # an interface deleted and added again gets a new index
+        try:
+            return socket.if_nametoindex(self.name)
+        except OSError:
+            return None
+
     def read(self, peers: bool = True) -> DeviceState:
         return self._dump("get", lambda name: DumpParser(name, peers)).result()
 

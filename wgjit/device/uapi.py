@@ -105,6 +105,14 @@ class UAPIDevice(Closing):
             if remaining:
                 self._remove(remaining)
 
+    def identity(self) -> object:
+        # a restarted wireguard-go makes its socket anew
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino)
+
     def close(self) -> None:
         with self._lock:
             self._drop()

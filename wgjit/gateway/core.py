@@ -42,6 +42,7 @@ from wgjit.gateway.effects import (
     Purpose,
     ReadChanges,
     ReadHandshakes,
+    ReadIdentity,
     RecordHandshakes,
     Release,
     Remove,
@@ -70,6 +71,9 @@ DEFAULT_MAX_INSTALL_AGE = 3.0
 DEFAULT_MAX_CLOCK_SKEW = 3600.0
 # messages.h UNDER_LOAD_AFTER_TIME: load lasts this long after its last sign
 UNDER_LOAD_FOR = 1.0
+# how often the loop checks that the device is still the one it installed peers on
+DEVICE_CHECK_INTERVAL = 1.0
+_UNKNOWN = object()
 # device peers looked up per store call at start (bounds the Peer objects alive at once)
 RECONCILE_CHUNK = 4096
 # work per sweep step (a peer looked at costs 1, one evicted or forgotten EVICT_COST more:
@@ -277,6 +281,9 @@ class Policy:
         self._removed_during_sweep: set[PublicKey] = set()
         self._sweep_work: Iterator[list[Effect]] | None = None
         self._reconciling = [0, 0, 0]
+        self._next_check = math.inf
+        self._checking = False
+        self._identity: object = _UNKNOWN
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -289,13 +296,15 @@ class Policy:
         self._next_poll = now + self.config.change_poll_interval
         self._next_beat = now + self.config.heartbeat_interval
         self._next_marks = now + self.config.mark_interval
+        self._next_check = now
         self._last_beat = now
-        effects: list[Effect] = [Heartbeat(self.gateway_id), ReadChanges(None)]
+        effects: list[Effect] = [Heartbeat(self.gateway_id), ReadChanges(None), ReadIdentity()]
         keys = list(device_peers)
         for i in range(0, len(keys), RECONCILE_CHUNK):
             chunk = {k: device_peers[k] for k in keys[i : i + RECONCILE_CHUNK]}
             effects.append(Lookup(tuple(chunk), Purpose.RECONCILE, chunk))
-        self._reconciling = [len(effects) - 2, 0, 0]  # look-ups to go, kept, removed
+        lookups = sum(isinstance(e, Lookup) for e in effects)
+        self._reconciling = [lookups, 0, 0]  # look-ups to go, kept, removed
         if not keys:
             self.log.info("reconcile", kept=0, removed=0)
         return effects
@@ -346,6 +355,10 @@ class Policy:
         if now >= self._next_beat:
             self._next_beat = now + self.config.heartbeat_interval
             out.append(self._store_call(Heartbeat(self.gateway_id), now))
+        if now >= self._next_check and not self._checking:
+            self._checking = True
+            self._next_check = now + DEVICE_CHECK_INTERVAL
+            out.append(ReadIdentity())
         if now >= self._next_marks:
             self._next_marks = now + self.config.mark_interval
             out.extend(self._write_marks())
@@ -372,6 +385,7 @@ class Policy:
             self._next_poll if not self._polling else math.inf,
             self._next_beat,
             self._next_marks if self._unwritten else math.inf,
+            self._next_check if not self._checking else math.inf,
         )
         budgets = self._budgets
         while budgets and budgets[0][1].ticket is None:
@@ -526,6 +540,10 @@ class Policy:
                 self._unwritten.update(hs.public_key for hs in effect.handshakes)
         elif isinstance(effect, Heartbeat):
             self._beat(error, now, out)
+        elif isinstance(effect, ReadIdentity):
+            self._checking = False
+            if error is None:
+                self._device_identity(result)
         elif isinstance(effect, Claim) and error is not None:
             self._error("claim_failed", error)
             self._beat_failed = True  # the next heartbeat claims everything we hold again
@@ -935,6 +953,15 @@ class Policy:
             return []
         self._writing_marks = True
         return [RecordHandshakes(tuple(marks))]
+
+    def _device_identity(self, identity: object) -> None:
+        """A device created anew (wireguard-go restarted, interface re-added) has none of
+        our peers: sweep now, so they are forgotten (and installed again at their next knock)
+        instead of being answered from memory as installed until the next sweep."""
+        before, self._identity = self._identity, identity
+        if before is not _UNKNOWN and identity != before:
+            self.log.warning("device_changed", installed=len(self.installed))
+            self._next_sweep = -math.inf
 
     def _beat(self, error: Exception | None, now: float, out: list[Effect]) -> None:
         """After a pause (the store was unreachable, the heartbeat late or lost) our claims

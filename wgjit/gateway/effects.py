@@ -108,6 +108,14 @@ class ReadHandshakes:
 
 
 @dataclass(frozen=True, slots=True, eq=False)
+class ReadIdentity:
+    """Whether the device is still the one we installed peers on (Device.identity)."""
+
+    where: ClassVar[str] = SWEEP
+    what: ClassVar[str] = "device_check"
+
+
+@dataclass(frozen=True, slots=True, eq=False)
 class Release:
     where: ClassVar[str] = STORE
     what: ClassVar[str] = "release"
@@ -170,7 +178,8 @@ class Verdict:
 
 
 Effect = (
-    Lookup | Admit | Install | Update | Invert | Remove | ReadHandshakes | Release | Claim
+    Lookup | Admit | Install | Update | Invert | Remove | ReadHandshakes | ReadIdentity | Release
+    | Claim
     | RecordHandshakes | ReadChanges | Heartbeat | Verdict
 )  # fmt: skip
 
@@ -215,6 +224,8 @@ def perform(effect: Effect, store: Store, device: Device) -> object:
             return None
         case ReadHandshakes():
             return device.handshakes()
+        case ReadIdentity():
+            return device.identity()
         case Release(keys=keys, gateway_id=gid):
             store.release(keys, gid)
             return None
