@@ -194,15 +194,8 @@ def perform(effect: Effect, store: Store, device: Device) -> object:
             if not store.advance_handshake(hs):
                 return Admitted(False)
             return Admitted(True, store.claim(hs.public_key, gid))
-        case Install(peer=peer, endpoint=endpoint):
-            device.set_peer(
-                PeerConfig(
-                    peer.public_key,
-                    endpoint=endpoint,
-                    allowed_ips=peer.allowed_ips,
-                    preshared_key=peer.preshared_key,
-                )
-            )
+        case Install():
+            install_all([effect], device)
             return None
         case Update(peers=peers):
             device.set_peers(
@@ -246,6 +239,21 @@ def perform(effect: Effect, store: Store, device: Device) -> object:
             store.heartbeat(gid)
             return None
     raise TypeError(f"{type(effect).__name__} is not a store or device effect")
+
+
+def install_all(installs: Sequence[Install], device: Device) -> None:
+    """Several installs in as few device operations as possible (a herd knocking at once)."""
+    device.set_peers(
+        [
+            PeerConfig(
+                i.peer.public_key,
+                endpoint=i.endpoint,
+                allowed_ips=i.peer.allowed_ips,
+                preshared_key=i.peer.preshared_key,
+            )
+            for i in installs
+        ]
+    )
 
 
 def run_inline(

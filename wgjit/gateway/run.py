@@ -30,8 +30,10 @@ from wgjit.gateway.effects import (
     STORE,
     SWEEP,
     Effect,
+    Install,
     ReadChanges,
     Verdict,
+    install_all,
     perform,
     run_inline,
 )
@@ -172,6 +174,7 @@ class _Loop:
         self.log = log
         self.mode: Mode = None  # type: ignore[assignment]  # set by serve() before run()
         self._store_fd: int | None = None
+        self._installs: list[Install] = []
         self._stop_reason = ""
         self._dump = False
 
@@ -186,6 +189,12 @@ class _Loop:
         self.mode.flush()
 
     def submit(self, effect: Effect) -> None:
+        if isinstance(effect, Install):
+            # installs of one reactor turn go to the device together, at the end of the turn
+            if not self._installs:
+                self.reactor.call_at(0.0, self._flush_installs)
+            self._installs.append(effect)
+            return
         where, device = effect.where, self.device
         if where == SWEEP:
             if self.sweep_device is None:
@@ -202,6 +211,37 @@ class _Loop:
             self.apply(self.policy.on_done(effect, result, error, time.monotonic()))
 
         self.workers.submit(where, call, done)
+
+    def _flush_installs(self) -> None:
+        batch, self._installs = self._installs, []
+
+        def call() -> object:
+            """One error per install (None: installed). A failed batch is tried again one
+            by one, so one bad peer does not fail the others."""
+            try:
+                install_all(batch, self.device)
+                return [None] * len(batch)
+            except Exception as e:
+                if len(batch) == 1:
+                    return [e]
+            errors: list[Exception | None] = []
+            for one in batch:
+                try:
+                    install_all([one], self.device)
+                    errors.append(None)
+                except Exception as e:
+                    errors.append(e)
+            return errors
+
+        def done(result: object, error: Exception | None) -> None:
+            now = time.monotonic()
+            errors = result if isinstance(result, list) else [error] * len(batch)
+            out: list[Effect] = []
+            for e, err in zip(batch, errors, strict=True):
+                out.extend(self.policy.on_done(e, None, err, now))
+            self.apply(out)
+
+        self.workers.submit(DEVICE, call, done)
 
     # -- the reactor's handlers -----------------------------------------------------------
 
