@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
+import math
 import os
 import socket
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 from wgjit import __version__
 from wgjit.addr import InvalidAddress, format_networks, parse_networks
@@ -30,10 +32,49 @@ from wgjit.gateway.run import GatewayError
 from wgjit.keys import InvalidKey, PresharedKey, PrivateKey, PublicKey
 from wgjit.store import DEFAULT_STORE_URL, Peer, Store, StoreError, open_store
 from wgjit.store.bulk import BulkError
+from wgjit.store.urls import redact, scrub
 
 
 class CLIError(Exception):
     pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `wgjit: error: ...` and the help to read, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"wgjit: error: {message} (see `{self.prog} --help`)\n")
+
+
+# Value checks run as argparse `type=` functions. They raise CLIError, which argparse does not
+# catch (it only catches ValueError/TypeError/ArgumentTypeError), so main() prints it as one
+# line with exit status 1, like every other bad value.
+
+
+def _int_range(flag: str, lo: int, hi: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise CLIError(f"{flag} {text!r} is not a whole number; use {lo}-{hi}") from None
+        if not lo <= value <= hi:
+            raise CLIError(f"{flag} {value} is out of range; use {lo}-{hi}")
+        return value
+
+    return parse
+
+
+def _seconds(flag: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text.strip())
+        except ValueError:
+            raise CLIError(f"{flag} {text!r} is not a number of seconds") from None
+        if not math.isfinite(value) or value <= 0:
+            raise CLIError(f"{flag} {text.strip()} is not a finite positive number of seconds")
+        return value
+
+    return parse
 
 
 def _store(args: argparse.Namespace) -> Store:
@@ -172,8 +213,16 @@ def cmd_peer_import(args: argparse.Namespace) -> int:
     from wgjit.store.bulk import format_for, import_file
 
     fmt = format_for(args.file, args.format)
+    # utf-8-sig: a UTF-8 byte order mark (spreadsheet exports write one) is skipped
     try:
-        stream = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8", newline="")  # noqa: SIM115
+        wrapper = None
+        if args.file == "-":
+            stream = sys.stdin
+            if hasattr(sys.stdin, "buffer"):
+                wrapper = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig", newline="")
+                stream = wrapper
+        else:
+            stream = open(args.file, encoding="utf-8-sig", newline="")  # noqa: SIM115
     except OSError as e:
         raise CLIError(f"cannot read {args.file}: {e.strerror}; check the path") from None
     total = os.fstat(stream.fileno()).st_size if args.file != "-" else 0
@@ -184,8 +233,10 @@ def cmd_peer_import(args: argparse.Namespace) -> int:
     except UnicodeDecodeError as e:
         raise CLIError(f"{args.file} is not UTF-8 text ({e.reason}); convert it first") from None
     finally:
-        if stream is not sys.stdin:
+        if args.file != "-":
             stream.close()
+        elif wrapper is not None:
+            wrapper.detach()  # leave sys.stdin's buffer open
     if progress:
         print(file=sys.stderr)
     for bad in report.bad[:100]:
@@ -257,14 +308,8 @@ def cmd_store_migrate(args: argparse.Namespace) -> int:
             from wgjit.store.sqlite import MIGRATIONS
 
             version = len(MIGRATIONS)
-    print(f"store {_redact(args.store)} is at schema version {version}")
+    print(f"store {redact(args.store)} is at schema version {version}")
     return 0
-
-
-def _redact(url: str) -> str:
-    from wgjit.store.postgres import redact
-
-    return redact(url)
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
@@ -303,20 +348,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="wgjit", description="Just-in-time WireGuard peers: install a peer when it knocks."
     )
     p.add_argument("--version", action="version", version=f"wgjit {__version__}")
+    store_help = f"store URL (env WGJIT_STORE; default {DEFAULT_STORE_URL})"
     p.add_argument(
-        "--store",
-        default=os.environ.get("WGJIT_STORE", DEFAULT_STORE_URL),
-        help=f"store URL (env WGJIT_STORE; default {DEFAULT_STORE_URL})",
+        "--store", default=os.environ.get("WGJIT_STORE", DEFAULT_STORE_URL), help=store_help
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # --store after the command too (`wgjit peer list --store X`): SUPPRESS keeps the value
+    # given before the command (or the default) when it is not repeated after it
+    after = _Parser(add_help=False)
+    after.add_argument("--store", default=argparse.SUPPRESS, help=store_help)
+
+    def sub_parsers(parent: Any, dest: str, metavar: str) -> Any:
+        return parent.add_subparsers(
+            dest=dest, required=True, metavar=metavar, parser_class=_Parser
+        )
+
+    sub = sub_parsers(p, "command", "COMMAND")
 
     peer = sub.add_parser("peer", help="manage peers in the store")
-    psub = peer.add_subparsers(dest="peer_command", required=True, metavar="ACTION")
-    add = psub.add_parser("add", help="add a peer (generates a key and client config if none)")
+    psub = sub_parsers(peer, "peer_command", "ACTION")
+    add = psub.add_parser(
+        "add", parents=[after], help="add a peer (generates a key and client config if none)"
+    )
     add.add_argument("name")
     add.add_argument("--allowed-ips", required=True, help="CIDR[,CIDR...] routed to this peer")
     add.add_argument("--public-key", help="the peer's public key (base64); omit to generate")
@@ -329,26 +385,30 @@ def build_parser() -> argparse.ArgumentParser:
                      help="AllowedIPs in the generated client config")  # fmt: skip
     add.add_argument("--qr", action="store_true", help="also print the config as a QR code")
     add.set_defaults(func=cmd_peer_add)
-    ls = psub.add_parser("list", help="list peers")
+    ls = psub.add_parser("list", parents=[after], help="list peers")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_peer_list)
-    show = psub.add_parser("show", help="show one peer")
+    show = psub.add_parser("show", parents=[after], help="show one peer")
     show.add_argument("name")
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=cmd_peer_show)
-    rv = psub.add_parser("revoke", help="revoke a peer; gateways evict it")
+    rv = psub.add_parser("revoke", parents=[after], help="revoke a peer; gateways evict it")
     rv.add_argument("name")
     rv.set_defaults(func=cmd_peer_revoke)
-    rm = psub.add_parser("remove", help="delete a peer from the store")
+    rm = psub.add_parser("remove", parents=[after], help="delete a peer from the store")
     rm.add_argument("name")
     rm.set_defaults(func=cmd_peer_remove)
-    im = psub.add_parser("import", help="add or update peers from a CSV or JSON-lines file")
+    im = psub.add_parser(
+        "import", parents=[after], help="add or update peers from a CSV or JSON-lines file"
+    )
     im.add_argument("file", help="FILE.csv or FILE.jsonl ('-': standard input, with --format)")
     im.add_argument("--format", choices=("csv", "jsonl"), help="default: from the extension")
     im.add_argument("--strict", action="store_true",
                     help="import nothing if any row is bad (default: skip bad rows)")  # fmt: skip
     im.set_defaults(func=cmd_peer_import)
-    ex = psub.add_parser("export", help="write all peers (with preshared keys) to a file")
+    ex = psub.add_parser(
+        "export", parents=[after], help="write all peers (with preshared keys) to a file"
+    )
     ex.add_argument(
         "file", nargs="?", help="FILE.csv or FILE.jsonl (default: JSON lines to stdout)"
     )
@@ -356,18 +416,24 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=cmd_peer_export)
 
     st = sub.add_parser("store", help="manage the store itself")
-    ssub = st.add_subparsers(dest="store_command", required=True, metavar="ACTION")
-    mig = ssub.add_parser("migrate", help="apply pending schema migrations (also done on start)")
+    ssub = sub_parsers(st, "store_command", "ACTION")
+    mig = ssub.add_parser(
+        "migrate", parents=[after], help="apply pending schema migrations (also done on start)"
+    )
     mig.set_defaults(func=cmd_store_migrate)
 
-    gw = sub.add_parser("gateway", help="run the JIT gateway on a WireGuard interface")
+    gw = sub.add_parser(
+        "gateway", parents=[after], help="run the JIT gateway on a WireGuard interface"
+    )
     gw.add_argument("--interface", "-i", required=True, help="configured WireGuard interface")
     gw.add_argument("--gateway-id", default=socket.gethostname(),
                     help="this gateway's name in a shared store (default: host name)")  # fmt: skip
-    gw.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT,
+    gw.add_argument("--idle-timeout", type=_seconds("--idle-timeout"),
+                    default=DEFAULT_IDLE_TIMEOUT,
                     help="evict peers with no handshake for this many seconds "
                          f"(default {DEFAULT_IDLE_TIMEOUT:g}, minimum 180)")  # fmt: skip
-    gw.add_argument("--sweep-interval", type=float, default=DEFAULT_SWEEP_INTERVAL,
+    gw.add_argument("--sweep-interval", type=_seconds("--sweep-interval"),
+                    default=DEFAULT_SWEEP_INTERVAL,
                     help=f"seconds between idle sweeps (default {DEFAULT_SWEEP_INTERVAL:g})",
                     )  # fmt: skip
     gw.add_argument("--testing-short-timers", action="store_true",
@@ -377,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "holds the initiation until installed), replay (re-inject it), invert "
                          "(the gateway initiates back); auto: the first that works, in that "
                          "order (default)")  # fmt: skip
-    gw.add_argument("--queue-num", type=int, default=None,
+    gw.add_argument("--queue-num", type=_int_range("--queue-num", 0, 65535), default=None,
                     help="NFQUEUE number for --mode hold (default: the listen port)")  # fmt: skip
     gw.add_argument("--testing-no-completion", action="store_true",
                     help="TESTING ONLY: install peers but do nothing to complete the handshake "
@@ -389,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     gw.set_defaults(func=cmd_gateway)
 
     demo = sub.add_parser("demo", help="live demo in throwaway network namespaces")
-    demo.add_argument("--connects", type=int, default=20,
+    demo.add_argument("--connects", type=_int_range("--connects", 1, 100000), default=20,
                       help="connects per latency measurement (default 20)")  # fmt: skip
     demo.set_defaults(func=cmd_demo)
     return p
@@ -397,7 +463,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except CLIError as e:
+        print(f"wgjit: error: {e}", file=sys.stderr)
+        return 1
     try:
         rc: int = args.func(args)
         return rc
@@ -412,7 +482,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         CaptureError,
         BulkError,
     ) as e:
-        print(f"wgjit: error: {e}", file=sys.stderr)
+        # last line of defence: no message shows the store's password, whatever quoted it
+        text = " ".join(scrub(str(e), args.store).split())
+        print(f"wgjit: error: {text}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

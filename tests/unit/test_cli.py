@@ -90,6 +90,19 @@ def test_add_without_key_prints_a_client_config(
         (["peer", "show", "ghost"], "ghost"),
         (["gateway", "--interface", "wjnosuchif0"], "wjnosuchif0"),
         (["gateway", "--interface", "wg0", "--idle-timeout", "60"], "--idle-timeout"),
+        (["gateway", "--interface", "wg0", "--queue-num", "70000"],
+         "--queue-num 70000 is out of range; use 0-65535"),
+        (["gateway", "--interface", "wg0", "--queue-num", "-1"], "--queue-num -1 is out of range"),
+        (["gateway", "--interface", "wg0", "--queue-num", "x"], "is not a whole number"),
+        (["gateway", "--interface", "wg0", "--idle-timeout", "nan"],
+         "--idle-timeout nan is not a finite positive number"),
+        (["gateway", "--interface", "wg0", "--idle-timeout", "inf"], "--idle-timeout inf"),
+        (["gateway", "--interface", "wg0", "--sweep-interval", "nan"], "--sweep-interval nan"),
+        (["gateway", "--interface", "wg0", "--sweep-interval", "-5"], "--sweep-interval -5"),
+        (["gateway", "--interface", "lo"], "'lo' is the loopback interface, not a WireGuard"),
+        (["demo", "--connects", "0"], "--connects 0 is out of range"),
+        (["--store", "::::", "peer", "list"], "is not a URL wgjit knows"),
+        (["peer", "list", "--store", "mysql://u:hunter22@db/x"], "mysql://u:***@db/x"),
     ],
 )  # fmt: skip
 def test_bad_input_one_line_error_store_unchanged(
@@ -121,3 +134,56 @@ def test_duplicate_key_names_the_owner(store: Path, capsys: pytest.CaptureFixtur
     rc, _, err = run(capsys, "peer", "add", "b", "--allowed-ips", "100.65.0.9/32",
                      "--public-key", key)  # fmt: skip
     assert rc == 1 and "'a'" in err
+
+
+def test_store_flag_before_or_after_the_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b = tmp_path / "a.db", tmp_path / "b.db"
+    key = PrivateKey.generate().public_key().b64()
+    assert run(capsys, "peer", "add", "x", "--allowed-ips", "100.65.0.2/32",
+               "--public-key", key, "--store", str(a))[0] == 0  # fmt: skip
+    rc, out, _ = run(capsys, "peer", "list", "--store", str(a))
+    assert rc == 0 and "x" in out
+    rc, out, _ = run(capsys, "--store", str(a), "peer", "list")
+    assert rc == 0 and "x" in out
+    # after the command wins over before it
+    rc, out, err = run(capsys, "--store", str(a), "peer", "list", "--store", str(b))
+    assert rc == 0 and out == "no peers\n"
+
+
+def test_usage_errors_are_one_line(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["gateway", "--mode", "fast", "--interface", "wg0"])
+    assert e.value.code == 2
+    _, err = capsys.readouterr()
+    assert err.count("\n") == 1 and err.startswith("wgjit: error: argument --mode")
+    assert "wgjit gateway --help" in err
+
+
+def test_csv_with_a_byte_order_mark(store: Path, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    key = PrivateKey.generate().public_key().b64()
+    src = tmp_path / "sheet.csv"
+    src.write_bytes(f"\ufeffname,public_key,allowed_ips\r\nx,{key},100.65.0.2/32\r\n".encode())
+    rc, out, err = run(capsys, "peer", "import", str(src))
+    assert (rc, err) == (0, "") and out.startswith("1 rows: 1 added")
+    assert listing(capsys)[0]["name"] == "x"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://wgjit:se#cr?et@127.0.0.1:1/wgjit",
+        "postgresql://wgjit:p%zzsecret@127.0.0.1:1/wgjit",
+        "postgresql://wgjit:p%40ssword@127.0.0.1:1/wgjit",
+        "postgresql:///wgjit?host=127.0.0.1&port=1&password=hunter22",
+        "host=127.0.0.1 port=1 dbname=wgjit password=hunter22",
+        "host=127.0.0.1 port=1 dbname=wgjit password='hunter 22'",
+    ],
+)
+def test_postgres_passwords_never_shown(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = run(capsys, "--store", url, "peer", "list")
+    assert rc == 1 and err.count("\n") == 1 and err.startswith("wgjit: error: store ")
+    for secret in ("se#cr?et", "zzsecret", "p%40ssword", "p@ssword", "hunter"):
+        assert secret not in err + out

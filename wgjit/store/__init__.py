@@ -190,11 +190,14 @@ class Store(Protocol):
 
 def open_store(url: str) -> Store:
     """Open a store by URL: `sqlite:///abs/path.db`, `sqlite:relative.db`, a plain path, or
-    `postgresql://...` / `postgres://...` (libpq URI, e.g. `postgresql:///wgjit?host=/run/pg`).
+    `postgresql://...` / `postgres://...` (libpq URI, e.g. `postgresql:///wgjit?host=/run/pg`)
+    or libpq's keyword/value form (`host=/run/pg dbname=wgjit`).
     Opening applies pending schema migrations.
 
     Raises StoreError (with a one-line reason) if it cannot be opened or created."""
-    if url.strip().startswith(("postgres://", "postgresql://")):
+    from wgjit.store.urls import is_postgres
+
+    if is_postgres(url):
         from wgjit.store.postgres import PostgresStore
 
         return PostgresStore(url.strip())

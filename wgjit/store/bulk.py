@@ -115,7 +115,10 @@ def read_rows(stream: IO[str], fmt: str) -> Iterator[tuple[int, Peer | BulkError
     """(line number, peer or the error for that line) for every record in the file."""
     if fmt == "csv":
         reader = csv.DictReader(stream)
-        header = reader.fieldnames or []
+        header = list(reader.fieldnames or [])
+        if header and header[0].startswith("\ufeff"):  # a byte order mark read as text
+            header[0] = header[0][1:]
+            reader.fieldnames = header
         missing = [f for f in REQUIRED if f not in header]
         if missing:
             raise BulkError(

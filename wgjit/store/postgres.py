@@ -10,7 +10,6 @@ It makes no policy decisions and never lets a psycopg exception escape: failures
 from __future__ import annotations
 
 import contextlib
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -33,6 +32,7 @@ from wgjit.store import (
     UnknownPeer,
     validate_peer_name,
 )
+from wgjit.store.urls import redact, scrub
 
 CHANNEL: Final = "wgjit_changes"
 CONNECT_TIMEOUT_S: Final = 5.0
@@ -150,14 +150,6 @@ _ADVANCE_SQL: Final = (
     " WHERE public_key = %s AND (handshake_hwm IS NULL OR handshake_hwm < %s)"
 )
 _LAST_SEQ_SQL: Final = "SELECT coalesce(max(seq), 0) FROM peer_changes"
-_PASSWORD = re.compile(r"(://[^:/?#@]*:)[^@/?#]*@|(password=)[^&\s]*")
-
-
-def redact(url: str) -> str:
-    """The URL with any password replaced by `***` (for messages and logs)."""
-    return _PASSWORD.sub(
-        lambda m: (m.group(1) or m.group(2)) + "***" + ("@" if m.group(1) else ""), url
-    )
 
 
 class PostgresStore(Closing):
@@ -634,7 +626,7 @@ class PostgresStore(Closing):
             except psycopg.Error as e:
                 raise StoreError(
                     f"store {self._name}: could not upgrade its schema from version {version}"
-                    f" to {target}: {_first_line(e)}"
+                    f" to {target}: {scrub(_first_line(e), self.url)}"
                 ) from e
             conn.execute("UPDATE wgjit_schema SET version = %s", (target,))
         return target
@@ -658,8 +650,8 @@ class PostgresStore(Closing):
             raise StoreError(f"store {self._name} has an invalid row for peer {name!r}: {e}") from e
 
     def _error(self, e: psycopg.Error, what: str) -> StoreError:
-        """One clear line for a failed psycopg call."""
-        reason = _first_line(e)
+        """One clear line for a failed psycopg call (libpq may quote the URL: scrubbed)."""
+        reason = scrub(_first_line(e), self.url)
         if isinstance(e, psycopg.OperationalError):
             return StoreError(
                 f"store {self._name}: could not {what}: cannot reach the database ({reason});"

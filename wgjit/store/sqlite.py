@@ -30,6 +30,7 @@ from wgjit.store import (
     UnknownPeer,
     validate_peer_name,
 )
+from wgjit.store.urls import redact
 
 BUSY_TIMEOUT_S: Final = 5.0
 # change-feed entries older than this are pruned (gateways poll every second or so)
@@ -158,19 +159,26 @@ def path_from_url(url: str) -> Path:
             rest = rest[2:]
             if not rest.startswith("/"):
                 raise StoreError(
-                    f"store URL {url!r} is ambiguous: use sqlite:///ABSOLUTE/PATH.db for an"
-                    f" absolute path or sqlite:RELATIVE/PATH.db for a relative one"
+                    f"store URL {redact(url)!r} is ambiguous: use sqlite:///ABSOLUTE/PATH.db for"
+                    f" an absolute path or sqlite:RELATIVE/PATH.db for a relative one"
                 )
             rest = "/" + rest.lstrip("/")
         if not rest or rest.endswith("/"):
-            raise StoreError(f"store URL {url!r} names no file; use {URL_FORMS}")
+            raise StoreError(f"store URL {redact(url)!r} names no file; use {URL_FORMS}")
         if "?" in rest or "#" in rest:
             raise StoreError(
-                f"store URL {url!r} has query parameters, which are not supported; use {URL_FORMS}"
+                f"store URL {redact(url)!r} has query parameters, which are not supported;"
+                f" use {URL_FORMS}"
             )
         return Path(rest).expanduser()
     if not text or _OTHER_SCHEME.match(text):
-        raise StoreError(f"unsupported store URL {url!r}; use {URL_FORMS}")
+        raise StoreError(f"unsupported store URL {redact(url)!r}; use {URL_FORMS}")
+    if ":" in text:
+        # `postgresql:/db`, `sqlite//x`, `::::`: a mistyped URL, not a file name to create
+        raise StoreError(
+            f"store URL {redact(url)!r} is not a URL wgjit knows, and a file path with ':' is"
+            f" refused as a likely typo; use {URL_FORMS}, or postgresql://..."
+        )
     return Path(text).expanduser()
 
 
