@@ -77,8 +77,10 @@ def _seconds(flag: str) -> Callable[[str], float]:
     return parse
 
 
-def _store(args: argparse.Namespace) -> Store:
-    return open_store(args.store)
+def _store(args: argparse.Namespace, *, create: bool = False) -> Store:
+    """Only commands that add peers (and `store init`/`migrate`) create a store: any other
+    command on a missing store fails, naming the path and `wgjit store init`."""
+    return open_store(args.store, create=create)
 
 
 def _peer_dict(p: Peer) -> dict[str, Any]:
@@ -135,7 +137,7 @@ def cmd_peer_add(args: argparse.Namespace) -> int:
             finally:
                 dev.close()
     psk = PresharedKey.generate() if args.preshared_key else None
-    with _store(args) as store:
+    with _store(args, create=True) as store:
         peer = store.add_peer(args.name, public, nets, psk)
     if private is None:
         print(f"added peer {peer.name} ({public.b64()}) allowed-ips {format_networks(nets)}")
@@ -228,7 +230,7 @@ def cmd_peer_import(args: argparse.Namespace) -> int:
     total = os.fstat(stream.fileno()).st_size if args.file != "-" else 0
     progress = _progress("imported", total, stream) if sys.stderr.isatty() else None
     try:
-        with _store(args) as store:
+        with _store(args, create=True) as store:
             report = import_file(store, stream, fmt, strict=args.strict, progress=progress)
     except UnicodeDecodeError as e:
         raise CLIError(f"{args.file} is not UTF-8 text ({e.reason}); convert it first") from None
@@ -301,13 +303,33 @@ def _progress(verb: str, total: int, stream: Any) -> Any:
     return show
 
 
-def cmd_store_migrate(args: argparse.Namespace) -> int:
-    with _store(args) as store:
-        version = getattr(store, "schema_version", None)
-        if version is None:
-            from wgjit.store.sqlite import MIGRATIONS
+def _schema_version(store: Store) -> int:
+    version = getattr(store, "schema_version", None)
+    if version is None:
+        from wgjit.store.sqlite import MIGRATIONS
 
-            version = len(MIGRATIONS)
+        version = len(MIGRATIONS)
+    return int(version)
+
+
+def cmd_store_init(args: argparse.Namespace) -> int:
+    try:
+        with _store(args) as store:
+            print(
+                f"store {redact(args.store)} already exists"
+                f" (schema version {_schema_version(store)})"
+            )
+            return 0
+    except StoreError:
+        pass  # missing or empty: create it below (a store that is damaged fails again there)
+    with _store(args, create=True) as store:
+        print(f"created store {redact(args.store)} (schema version {_schema_version(store)})")
+    return 0
+
+
+def cmd_store_migrate(args: argparse.Namespace) -> int:
+    with _store(args, create=True) as store:
+        version = _schema_version(store)
     print(f"store {redact(args.store)} is at schema version {version}")
     return 0
 
@@ -320,13 +342,20 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         sweep_interval=args.sweep_interval,
         testing_short_timers=args.testing_short_timers,
         gateway_id=args.gateway_id,
+        adopt_empty_store=args.adopt_empty_store,
     )
     config.validate()  # fail before touching the device
     log = EventLog(fmt=args.log_format, debug=args.debug)
     store = _store(args)
-    device = open_device(args.interface, args.backend)
+    try:
+        device = open_device(args.interface, args.backend)
+    except BaseException:
+        store.close()
+        raise
     mode = "none" if args.testing_no_completion else args.mode
     try:
+        if not args.adopt_empty_store:
+            _refuse_empty_store(store, device, args.store)
         return serve(
             device,
             store,
@@ -339,6 +368,27 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     finally:
         device.close()
         store.close()
+
+
+def _refuse_empty_store(store: Store, device: Any, url: str) -> None:
+    """A gateway on a store with no peers would remove every peer on the device at start
+    (reconcile): almost always the wrong store. Refuse unless --adopt-empty-store."""
+    peers = store.iter_peers()
+    try:
+        empty = next(peers, None) is None
+    finally:
+        close = getattr(peers, "close", None)
+        if close is not None:
+            close()
+    if not empty:
+        return
+    on_device = len(device.read().peers)
+    if on_device:
+        raise CLIError(
+            f"store {redact(url)} has no peers but interface {device.name} has {on_device}:"
+            " starting would remove them all; check --store / WGJIT_STORE, or pass"
+            " --adopt-empty-store if the device's peers really must go"
+        )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -421,6 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
         "migrate", parents=[after], help="apply pending schema migrations (also done on start)"
     )
     mig.set_defaults(func=cmd_store_migrate)
+    ini = ssub.add_parser(
+        "init", parents=[after], help="create an empty store (nothing else creates one by chance)"
+    )
+    ini.set_defaults(func=cmd_store_init)
 
     gw = sub.add_parser(
         "gateway", parents=[after], help="run the JIT gateway on a WireGuard interface"
@@ -448,6 +502,10 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--testing-no-completion", action="store_true",
                     help="TESTING ONLY: install peers but do nothing to complete the handshake "
                          "(the client's own 5 s retry does; for latency comparisons)")  # fmt: skip
+    gw.add_argument("--adopt-empty-store", action="store_true",
+                    help="start even if the store has no peers while the interface has some "
+                         "(they are removed); without it the gateway refuses, since an empty "
+                         "store is almost always a wrong --store")  # fmt: skip
     gw.add_argument("--backend", choices=BACKENDS, default="auto")
     gw.add_argument("--capture-interface", help="capture on this interface only (default all)")
     gw.add_argument("--log-format", choices=("text", "json"), default="text")

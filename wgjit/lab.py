@@ -413,6 +413,7 @@ class Lab:
         gw = gateway or self.gateway
         if gw is None:
             raise LabError("add_gateway() first")
+        open_store(store_url).close()  # the gateway never creates its store (`store init`)
         cmd = [
             "ip", "netns", "exec", gw.ns, sys.executable, "-m", "wgjit",
             "--store", store_url, "gateway", "--interface", gw.ifname, *args,

@@ -122,7 +122,7 @@ def test_bad_input_one_line_error_store_unchanged(
 def test_unwritable_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
-    rc, _, err = run(capsys, "--store", f"sqlite:///{blocker}/sub/peers.db", "peer", "list")
+    rc, _, err = run(capsys, "--store", f"sqlite:///{blocker}/sub/peers.db", "store", "init")
     assert rc == 1
     assert err.count("\n") == 1 and "not writable" in err and "--store" in err
 
@@ -149,7 +149,7 @@ def test_store_flag_before_or_after_the_command(
     assert rc == 0 and "x" in out
     # after the command wins over before it
     rc, out, err = run(capsys, "--store", str(a), "peer", "list", "--store", str(b))
-    assert rc == 0 and out == "no peers\n"
+    assert rc == 1 and str(b) in err
 
 
 def test_usage_errors_are_one_line(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -187,3 +187,68 @@ def test_postgres_passwords_never_shown(url: str, capsys: pytest.CaptureFixture[
     assert rc == 1 and err.count("\n") == 1 and err.startswith("wgjit: error: store ")
     for secret in ("se#cr?et", "zzsecret", "p%40ssword", "p@ssword", "hunter"):
         assert secret not in err + out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["peer", "list"],
+        ["peer", "show", "x"],
+        ["peer", "export"],
+        ["peer", "revoke", "x"],
+        ["peer", "remove", "x"],
+        ["gateway", "--interface", "lo"],
+    ],
+)
+def test_missing_store_is_never_created(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    path = tmp_path / "typo.db"
+    rc, out, err = run(capsys, *argv, "--store", str(path))
+    assert rc == 1 and err.count("\n") == 1
+    assert err == (
+        f"wgjit: error: store {path} does not exist; create it with `wgjit store init --store"
+        f" {path}`, or choose another with --store or WGJIT_STORE\n"
+    )
+    assert not path.exists()
+
+
+def test_empty_file_is_not_a_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "empty.db"
+    path.write_bytes(b"")
+    rc, _, err = run(capsys, "peer", "list", "--store", str(path))
+    assert rc == 1 and "is not an initialised wgjit store (empty or foreign)" in err
+    assert path.stat().st_size == 0
+
+
+def test_store_init_then_list(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "new" / "peers.db"
+    rc, out, _ = run(capsys, "store", "init", "--store", str(path))
+    assert rc == 0 and out.startswith(f"created store {path} (schema version ")
+    rc, out, _ = run(capsys, "store", "init", "--store", str(path))
+    assert rc == 0 and out.startswith(f"store {path} already exists")
+    assert run(capsys, "peer", "list", "--store", str(path))[1] == "no peers\n"
+
+
+def test_gateway_refuses_an_empty_store_while_the_device_has_peers(tmp_path: Path) -> None:
+    from wgjit.cli import CLIError, _refuse_empty_store
+    from wgjit.device import DeviceState, PeerState
+    from wgjit.store import open_store
+
+    key = PrivateKey.generate().public_key()
+
+    class Dev:
+        name = "wg0"
+
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def read(self) -> DeviceState:
+            return DeviceState("wg0", None, 51820, {key: PeerState(key)} if self.n else {})
+
+    with open_store(str(tmp_path / "p.db")) as store:
+        with pytest.raises(CLIError, match=r"has no peers but interface wg0 has 1:.*adopt-empty"):
+            _refuse_empty_store(store, Dev(1), "p.db")
+        _refuse_empty_store(store, Dev(0), "p.db")  # nothing to lose: fine
+        store.add_peer("a", key, ())
+        _refuse_empty_store(store, Dev(1), "p.db")  # a store with peers: reconcile decides

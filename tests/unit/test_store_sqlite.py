@@ -815,3 +815,23 @@ def test_postgres_survives_a_server_restart() -> None:
                 except StoreError:
                     assert time.monotonic() < deadline, "the store never reconnected"
                     time.sleep(0.1)
+
+
+def test_create_false_never_creates(open_same: Callable[[], Store], tmp_path: Path,
+                                    request: pytest.FixtureRequest) -> None:  # fmt: skip
+    missing = tmp_path / "nope" / "peers.db"
+    with pytest.raises(StoreError, match="does not exist; create it with `wgjit store init"):
+        open_store(str(missing), create=False)
+    assert not missing.parent.exists()
+    url = f"sqlite://{tmp_path}/empty.db"
+    if "postgresql" in request.node.callspec.id:
+        url = request.getfixturevalue("pg_url")  # a fresh, empty database
+    else:
+        (tmp_path / "empty.db").write_bytes(b"")
+    with pytest.raises(StoreError, match="wgjit store init"):
+        open_store(url, create=False)
+    with pytest.raises(StoreError, match="wgjit store init"):  # and the failed open left nothing
+        open_store(url, create=False)
+    open_store(url).close()  # create=True (the default) initialises it
+    with open_store(url, create=False) as s:
+        assert s.list_peers() == []

@@ -81,6 +81,7 @@ class GatewayConfig:
     gateway_id: str = ""
     heartbeat_interval: float = 5.0
     testing_short_timers: bool = False
+    adopt_empty_store: bool = False  # reconcile may empty the device when the store is empty
 
     def validate(self) -> list[str]:
         """Raise ConfigError for unsafe values; return warnings to log."""

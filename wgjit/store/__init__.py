@@ -188,11 +188,16 @@ class Store(Protocol):
         ...
 
 
-def open_store(url: str) -> Store:
+def open_store(url: str, *, create: bool = True) -> Store:
     """Open a store by URL: `sqlite:///abs/path.db`, `sqlite:relative.db`, a plain path, or
     `postgresql://...` / `postgres://...` (libpq URI, e.g. `postgresql:///wgjit?host=/run/pg`)
     or libpq's keyword/value form (`host=/run/pg dbname=wgjit`).
     Opening applies pending schema migrations.
+
+    `create=False` opens only an existing, initialised store (what every command that does
+    not add peers wants: a mistyped URL must fail, not yield a new empty store); a missing
+    SQLite file or a database without wgjit's schema raises StoreError naming `wgjit store
+    init`. Upgrading an existing store's schema is not creating one: it happens either way.
 
     Raises StoreError (with a one-line reason) if it cannot be opened or created."""
     from wgjit.store.urls import is_postgres
@@ -200,7 +205,7 @@ def open_store(url: str) -> Store:
     if is_postgres(url):
         from wgjit.store.postgres import PostgresStore
 
-        return PostgresStore(url.strip())
+        return PostgresStore(url.strip(), create=create)
     from wgjit.store.sqlite import SQLiteStore, path_from_url
 
-    return SQLiteStore(path_from_url(url))
+    return SQLiteStore(path_from_url(url), create=create)

@@ -156,8 +156,18 @@ class PostgresStore(Closing):
     """The Store protocol on one PostgreSQL database. Thread-safe (a small connection pool);
     any number of processes on any number of hosts may share the database."""
 
-    def __init__(self, url: str, *, connect_timeout: float = CONNECT_TIMEOUT_S, max_size: int = 4):
+    def __init__(
+        self,
+        url: str,
+        *,
+        connect_timeout: float = CONNECT_TIMEOUT_S,
+        max_size: int = 4,
+        create: bool = True,
+    ):
+        """`create=False`: a database without wgjit's schema raises StoreError naming
+        `wgjit store init` instead of being given one."""
         self.url = url
+        self._create = create
         self.connect_timeout = connect_timeout
         self._name = redact(url)
         kwargs: dict[str, Any] = {"autocommit": True, "connect_timeout": int(connect_timeout)}
@@ -595,6 +605,16 @@ class PostgresStore(Closing):
         target = len(MIGRATIONS)
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATE_LOCK,))
+            if not self._create and not _scalar(
+                conn,
+                "SELECT to_regclass('wgjit_schema') IS NOT NULL"
+                " AND EXISTS (SELECT 1 FROM pg_tables WHERE schemaname = current_schema()"
+                " AND tablename = 'peers')",
+            ):
+                raise StoreError(
+                    f"store {self._name} has no wgjit schema (an empty or foreign database);"
+                    " create it with `wgjit store init`, or check --store / WGJIT_STORE"
+                )
             conn.execute("CREATE TABLE IF NOT EXISTS wgjit_schema (version integer NOT NULL)")
             row = conn.execute("SELECT version FROM wgjit_schema").fetchone()
             if row is None:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
+from urllib.request import pathname2url
 
 from wgjit.addr import InvalidAddress, IPNetwork, format_networks, parse_network
 from wgjit.closing import Closing
@@ -186,15 +187,26 @@ class SQLiteStore(Closing):
     """The Store protocol on one SQLite file. Thread-safe (one connection behind a lock);
     several processes may open the same file at once."""
 
-    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = BUSY_TIMEOUT_S):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        busy_timeout: float = BUSY_TIMEOUT_S,
+        create: bool = True,
+    ):
+        """`create=False`: open only an existing, initialised store; a missing or empty file
+        raises StoreError naming `wgjit store init` (a mistyped path must not become a store)."""
         self.path = Path(os.path.abspath(Path(path).expanduser()))
         self.busy_timeout = busy_timeout
+        self._create = create
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._prepare_file()
         try:
             conn = sqlite3.connect(
-                self.path,
+                # mode=rw: never creates the file (it may have been removed since the check)
+                self.path if create else f"file:{pathname2url(str(self.path))}?mode=rw",
+                uri=not create,
                 timeout=busy_timeout,
                 isolation_level=None,  # autocommit; transactions are explicit BEGIN ... COMMIT
                 check_same_thread=False,  # shared by a gateway's threads, serialised by _lock
@@ -203,6 +215,9 @@ class SQLiteStore(Closing):
             raise self._error(e, "open it") from e
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000):d}")
+            if not create and int(conn.execute("PRAGMA user_version").fetchone()[0]) == 0:
+                # checked before anything writes to the file (journal_mode = WAL does)
+                raise self._missing("is not an initialised wgjit store (empty or foreign)")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")  # durable enough in WAL mode, and fast
             # 64 MiB page cache: the key index of millions of peers stays mostly in memory
@@ -478,6 +493,10 @@ class SQLiteStore(Closing):
                 raise StoreError(
                     f"store {p} is a directory; give a file path like {p / 'peers.db'}"
                 )
+            if not self._create:
+                if not p.exists():
+                    raise self._missing("does not exist")
+                return
             ancestor = p.parent
             while not ancestor.exists() and ancestor != ancestor.parent:
                 ancestor = ancestor.parent
@@ -597,6 +616,12 @@ class SQLiteStore(Closing):
             )
         except (InvalidKey, InvalidAddress, TypeError, ValueError, AttributeError) as e:
             raise StoreError(f"store {self.path} has an invalid row for peer {name!r}: {e}") from e
+
+    def _missing(self, what: str) -> StoreError:
+        return StoreError(
+            f"store {self.path} {what}; create it with `wgjit store init --store {self.path}`,"
+            f" or {_HINT}"
+        )
 
     def _not_writable(self, reason: str) -> StoreError:
         return StoreError(f"store {self.path} is not writable: {reason}; {_HINT}")
