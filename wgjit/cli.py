@@ -28,6 +28,8 @@ from wgjit.gateway.core import (
     ConfigError,
     GatewayConfig,
 )
+from wgjit.gateway.lock import AlreadyRunning, LockError
+from wgjit.gateway.lock import acquire as acquire_lock
 from wgjit.gateway.run import GatewayError
 from wgjit.keys import InvalidKey, PresharedKey, PrivateKey, PublicKey
 from wgjit.store import DEFAULT_STORE_URL, Peer, Store, StoreError, open_store
@@ -346,14 +348,13 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     )
     config.validate()  # fail before touching the device
     log = EventLog(fmt=args.log_format, debug=args.debug)
-    store = _store(args)
-    try:
-        device = open_device(args.interface, args.backend)
-    except BaseException:
-        store.close()
-        raise
     mode = "none" if args.testing_no_completion else args.mode
-    try:
+    with contextlib.ExitStack() as stack:
+        store = stack.enter_context(contextlib.closing(_store(args)))
+        device = stack.enter_context(contextlib.closing(open_device(args.interface, args.backend)))
+        # one gateway per interface, taken before anything changes the device or iptables
+        # (opening the device above only connects to it); released when this process ends
+        stack.enter_context(acquire_lock(device.name))
         if not args.adopt_empty_store:
             _refuse_empty_store(store, device, args.store)
         return serve(
@@ -365,9 +366,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
             mode=mode,
             queue_num=args.queue_num,
         )
-    finally:
-        device.close()
-        store.close()
+    raise AssertionError("unreachable")
 
 
 def _refuse_empty_store(store: Store, device: Any, url: str) -> None:
@@ -539,6 +538,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         GatewayError,
         CaptureError,
         BulkError,
+        AlreadyRunning,
+        LockError,
     ) as e:
         # last line of defence: no message shows the store's password, whatever quoted it
         text = " ".join(scrub(str(e), args.store).split())
