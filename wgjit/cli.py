@@ -22,6 +22,7 @@ from wgjit.addr import InvalidAddress, format_networks, parse_networks
 from wgjit.capture.afpacket import CaptureError
 from wgjit.device import BACKENDS, DeviceError, open_device
 from wgjit.events import EventLog
+from wgjit.files import FileRefused, check_target, private_file
 from wgjit.gateway.core import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_SWEEP_INTERVAL,
@@ -264,26 +265,23 @@ def cmd_peer_export(args: argparse.Namespace) -> int:
 
     target = args.file or "-"
     fmt = format_for(target, args.format or (None if args.file else "jsonl"))
-    try:
-        # 0600: the export holds preshared keys
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600) if target != "-" else -1
-        out = sys.stdout if fd < 0 else open(fd, "w", encoding="utf-8", newline="")  # noqa: SIM115
-    except OSError as e:
-        raise CLIError(f"cannot write {target}: {e.strerror}; check the path") from None
-    progress = _progress("exported", 0, None) if target != "-" and sys.stderr.isatty() else None
-    try:
+    if target == "-":
         with _store(args) as store:
-            n = export_peers(store.iter_peers(), out, fmt, progress)
-    except BrokenPipeError:  # `wgjit peer export | head`: the reader has seen enough
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            try:
+                export_peers(store.iter_peers(), sys.stdout, fmt)
+                sys.stdout.flush()
+            except BrokenPipeError:  # `wgjit peer export | head`: the reader has seen enough
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    finally:
-        if out is not sys.stdout:
-            out.close()
-    if target != "-":
-        if progress:
-            print(file=sys.stderr)
-        print(f"exported {n} peers to {target}")
+    # it holds preshared keys: 0600, via a temporary file and a rename, never through a link,
+    # an existing file replaced only with --force (checked before the store is read)
+    check_target(target, force=args.force)
+    progress = _progress("exported", 0, None) if sys.stderr.isatty() else None
+    with _store(args) as store, private_file(target, force=args.force) as out:
+        n = export_peers(store.iter_peers(), out, fmt, progress)
+    if progress:
+        print(file=sys.stderr)
+    print(f"exported {n} peers to {target}")
     return 0
 
 
@@ -462,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
         "file", nargs="?", help="FILE.csv or FILE.jsonl (default: JSON lines to stdout)"
     )
     ex.add_argument("--format", choices=("csv", "jsonl"), help="default: from the extension")
+    ex.add_argument("--force", action="store_true", help="replace FILE if it exists")
     ex.set_defaults(func=cmd_peer_export)
 
     st = sub.add_parser("store", help="manage the store itself")
@@ -540,6 +539,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         BulkError,
         AlreadyRunning,
         LockError,
+        FileRefused,
     ) as e:
         # last line of defence: no message shows the store's password, whatever quoted it
         text = " ".join(scrub(str(e), args.store).split())

@@ -457,6 +457,36 @@ def test_file_and_directory_modes(db: Path, sqlite_store: SQLiteStore) -> None:
         assert stat.S_IMODE(side.stat().st_mode) == 0o600, side
 
 
+@pytest.mark.parametrize("create", [True, False])
+def test_existing_files_are_tightened_on_open(db: Path, create: bool) -> None:
+    with SQLiteStore(db) as first:  # kept open: the -wal and -shm files exist meanwhile
+        first.add_peer("alice", new_key(), NETS, PresharedKey.generate())
+        files = [db, *db.parent.glob("peers.db-*")]
+        assert len(files) == 3
+        for f in files:
+            f.chmod(0o644)
+        with SQLiteStore(db, create=create) as s:
+            assert s.list_peers()[0].name == "alice"
+            for f in files:
+                assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+
+
+def test_store_that_cannot_be_tightened_is_refused(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    SQLiteStore(db).close()
+    db.chmod(0o640)
+
+    def denied(path: object, mode: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(sqlite_mod.os, "chmod", denied)
+    with pytest.raises(StoreError) as e:
+        SQLiteStore(db)
+    assert f"store file {db} is readable by other users (mode 0640)" in str(e.value)
+    assert f"run `chmod 600 {db}` as its owner" in str(e.value)
+
+
 def test_pragmas(sqlite_store: SQLiteStore, db: Path) -> None:
     conn = sqlite_store._conn
     assert conn is not None

@@ -10,6 +10,7 @@ import contextlib
 import os
 import re
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -496,6 +497,7 @@ class SQLiteStore(Closing):
             if not self._create:
                 if not p.exists():
                     raise self._missing("does not exist")
+                self._tighten()
                 return
             ancestor = p.parent
             while not ancestor.exists() and ancestor != ancestor.parent:
@@ -510,6 +512,27 @@ class SQLiteStore(Closing):
                 reason = f"{e.filename}: {reason}"
             raise self._not_writable(reason) from e
         os.close(fd)
+        self._tighten()
+
+    def _tighten(self) -> None:
+        """Make the store and its WAL/shared-memory files 0600 (they hold preshared keys):
+        an existing store readable by others is fixed on open, or refused with the fix."""
+        for f in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
+            try:
+                mode = stat.S_IMODE(os.stat(f).st_mode)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise self._not_writable(e.strerror or str(e)) from e
+            if mode & 0o077:
+                try:
+                    os.chmod(f, mode & 0o700)
+                except OSError as e:
+                    raise StoreError(
+                        f"store file {f} is readable by other users (mode {mode:04o}) and"
+                        f" cannot be made private ({e.strerror}); run `chmod 600 {f}` as its"
+                        " owner"
+                    ) from e
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         """Bring the schema to len(MIGRATIONS), all steps in one transaction."""
