@@ -141,7 +141,7 @@ def cmd_peer_add(args: argparse.Namespace) -> int:
                 dev.close()
     psk = PresharedKey.generate() if args.preshared_key else None
     with _store(args, create=True) as store:
-        peer = store.add_peer(args.name, public, nets, psk)
+        peer = store.add_peer(args.name, public, nets, psk, allow_overlap=args.allow_overlap)
     if private is None:
         print(f"added peer {peer.name} ({public.b64()}) allowed-ips {format_networks(nets)}")
         return 0
@@ -234,7 +234,14 @@ def cmd_peer_import(args: argparse.Namespace) -> int:
     progress = _progress("imported", total, stream) if sys.stderr.isatty() else None
     try:
         with _store(args, create=True) as store:
-            report = import_file(store, stream, fmt, strict=args.strict, progress=progress)
+            report = import_file(
+                store,
+                stream,
+                fmt,
+                strict=args.strict,
+                progress=progress,
+                allow_overlap=args.allow_overlap,
+            )
     except UnicodeDecodeError as e:
         raise CLIError(f"{args.file} is not UTF-8 text ({e.reason}); convert it first") from None
     finally:
@@ -394,6 +401,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(connects=args.connects)
 
 
+ALLOW_OVERLAP_HELP = (
+    "accept allowed IPs that overlap another peer's, link-local ranges and 0.0.0.0/0 or ::/0"
+    " (deliberate designs: exit nodes, site-to-site links; WireGuard routes a prefix to one"
+    " installed peer at a time)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="wgjit", description="Just-in-time WireGuard peers: install a peer when it knocks."
@@ -424,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--allowed-ips", required=True, help="CIDR[,CIDR...] routed to this peer")
     add.add_argument("--public-key", help="the peer's public key (base64); omit to generate")
     add.add_argument("--preshared-key", action="store_true", help="generate a preshared key")
+    add.add_argument("--allow-overlap", action="store_true", help=ALLOW_OVERLAP_HELP)
     add.add_argument("--endpoint", default="<gateway address>:51820",
                      help="gateway HOST:PORT for the generated client config")  # fmt: skip
     add.add_argument("--interface", help="read the gateway public key from this interface")
@@ -452,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--format", choices=("csv", "jsonl"), help="default: from the extension")
     im.add_argument("--strict", action="store_true",
                     help="import nothing if any row is bad (default: skip bad rows)")  # fmt: skip
+    im.add_argument("--allow-overlap", action="store_true", help=ALLOW_OVERLAP_HELP)
     im.set_defaults(func=cmd_peer_import)
     ex = psub.add_parser(
         "export", parents=[after], help="write all peers (with preshared keys) to a file"

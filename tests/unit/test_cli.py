@@ -252,3 +252,27 @@ def test_gateway_refuses_an_empty_store_while_the_device_has_peers(tmp_path: Pat
         _refuse_empty_store(store, Dev(0), "p.db")  # nothing to lose: fine
         store.add_peer("a", key, ())
         _refuse_empty_store(store, Dev(1), "p.db")  # a store with peers: reconcile decides
+
+
+def test_overlapping_add_refused_naming_the_peer(
+    store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    k = [PrivateKey.generate().public_key().b64() for _ in range(3)]
+    assert run(capsys, "peer", "add", "a", "--allowed-ips", "100.65.0.0/24",
+               "--public-key", k[0])[0] == 0  # fmt: skip
+    before = listing(capsys)
+    rc, out, err = run(capsys, "peer", "add", "b", "--allowed-ips", "100.65.0.9/32",
+                       "--public-key", k[1])  # fmt: skip
+    assert rc == 1 and err.count("\n") == 1 and out == ""
+    assert "100.65.0.9/32 overlaps 100.65.0.0/24 of peer 'a'" in err and "--allow-overlap" in err
+    assert listing(capsys) == before
+    for bad in ("127.0.0.1/32", "224.0.0.0/4", "0.0.0.0/0"):
+        rc, _, err = run(capsys, "peer", "add", "c", "--allowed-ips", bad, "--public-key", k[2])
+        assert rc == 1 and err.count("\n") == 1, err
+    rc, _, err = run(capsys, "peer", "add", "c", "--allowed-ips", "1.2.3.4/32",
+                     "--public-key", "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")  # fmt: skip
+    assert rc == 1 and "low-order" in err
+    assert listing(capsys) == before
+    rc, _, _ = run(capsys, "peer", "add", "b", "--allowed-ips", "0.0.0.0/0,100.65.0.9/32",
+                   "--public-key", k[1], "--allow-overlap")  # fmt: skip
+    assert rc == 0

@@ -39,6 +39,11 @@ class InvalidPeerName(StoreError):
     pass
 
 
+class PeerRefused(StoreError):
+    """The peer's key or allowed IPs are refused (see wgjit.store.prefixes): a low-order key,
+    a special-purpose range, or a prefix that overlaps another peer's; the message names it."""
+
+
 class ChangeFeedExpired(StoreError):
     """A change-feed cursor can no longer be followed: the changes after it were pruned (the
     reader fell more than a day behind) or the store was replaced. Resynchronise: take
@@ -101,8 +106,12 @@ class Store(Protocol):
         public_key: PublicKey,
         allowed_ips: tuple[IPNetwork, ...],
         preshared_key: PresharedKey | None = None,
+        *,
+        allow_overlap: bool = False,
     ) -> Peer:
-        """Raises DuplicatePeer if the name or the key exists, InvalidPeerName for a bad name."""
+        """Raises DuplicatePeer if the name or the key exists, InvalidPeerName for a bad name,
+        PeerRefused for a low-order key, a special-purpose prefix or one that overlaps another
+        peer's (`allow_overlap` permits overlaps, link-local and default routes)."""
         ...
 
     def get_peer(self, name: str) -> Peer | None: ...
@@ -161,11 +170,16 @@ class Store(Protocol):
         """Say `gateway_id` is alive; expire the claims of gateways silent for too long."""
         ...
 
-    def import_peers(self, peers: Sequence[Peer]) -> ImportResult:
+    def import_peers(
+        self, peers: Sequence[Peer], *, allow_overlap: bool = False, dry_run: bool = False
+    ) -> ImportResult:
         """Add or update (by name) a batch of peers in one transaction: idempotent. A row whose
-        key belongs to another peer, or whose name exists with another key, is rejected. An
+        key belongs to another peer, or whose name exists with another key, is rejected, and so
+        is one add_peer() would refuse (PeerRefused: checked against stored peers and the
+        batch's earlier rows). An
         import can revoke a peer but never reinstates a revoked one (an old file re-imported
-        must not bring back revoked peers): remove and re-add it for that."""
+        must not bring back revoked peers): remove and re-add it for that. `dry_run`: the
+        same checks and result, nothing written (`peer import --strict` checks a file so)."""
         ...
 
     def iter_peers(self) -> Iterator[Peer]:

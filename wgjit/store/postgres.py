@@ -28,10 +28,12 @@ from wgjit.store import (
     Handshake,
     ImportResult,
     Peer,
+    PeerRefused,
     StoreError,
     UnknownPeer,
     validate_peer_name,
 )
+from wgjit.store.prefixes import overlap_message, overlaps_within, peer_problem
 from wgjit.store.urls import redact, scrub
 
 CHANNEL: Final = "wgjit_changes"
@@ -47,6 +49,8 @@ TAI64N_LEN: Final = 12
 # out in commit order (a reader never sees seq N+1 committed while N is still in flight)
 _FEED_LOCK: Final = 0x776A6974_0001
 _MIGRATE_LOCK: Final = 0x776A6974_0002
+# writers of allowed IPs are serialised, so two concurrent adds cannot both miss an overlap
+_PREFIX_LOCK: Final = 0x776A6974_0003
 _HINT: Final = "choose another with --store or WGJIT_STORE"
 
 _T = TypeVar("_T")
@@ -133,7 +137,24 @@ MIGRATIONS: list[tuple[str, ...]] = [
         )""",
         "CREATE INDEX peer_claims_by_gateway ON peer_claims (gateway_id)",
     ),
+    # 2: every allowed-IP prefix as a cidr row with a GiST index: overlaps (`&&`) are index
+    #    searches, never a scan of every peer; filled from the peers already stored
+    (
+        """CREATE TABLE peer_prefixes (
+            peer_id bigint NOT NULL REFERENCES peers (id) ON DELETE CASCADE,
+            net cidr NOT NULL
+        )""",
+        "CREATE INDEX peer_prefixes_by_net ON peer_prefixes USING gist (net inet_ops)",
+        "CREATE INDEX peer_prefixes_by_peer ON peer_prefixes (peer_id)",
+        """INSERT INTO peer_prefixes (peer_id, net)
+            SELECT id, unnest(string_to_array(allowed_ips, ','))::cidr FROM peers
+            WHERE allowed_ips <> ''""",
+    ),
 ]
+_OVERLAP_SQL: Final = (
+    "SELECT q.net::text, p.name FROM peer_prefixes q JOIN peers p ON p.id = q.peer_id"
+    " WHERE q.net && %s::cidr AND q.peer_id <> %s LIMIT 1"
+)
 
 _NOW: Final = "extract(epoch FROM clock_timestamp())"
 _COLUMNS: Final = (
@@ -220,13 +241,19 @@ class PostgresStore(Closing):
         public_key: PublicKey,
         allowed_ips: tuple[IPNetwork, ...],
         preshared_key: PresharedKey | None = None,
+        *,
+        allow_overlap: bool = False,
     ) -> Peer:
         validate_peer_name(name)
         nets = tuple(allowed_ips)
+        why = peer_problem(public_key, nets, allow_overlap)
+        if why:
+            raise PeerRefused(why)
         now = time.time()
 
         def op(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
             with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PREFIX_LOCK,))
                 if conn.execute("SELECT 1 FROM peers WHERE name = %s", (name,)).fetchone():
                     raise DuplicatePeer(f"peer {name!r} already exists")
                 row = conn.execute(
@@ -236,10 +263,15 @@ class PostgresStore(Closing):
                     raise DuplicatePeer(
                         f"public key {public_key.short()}... is already used by peer {row[0]!r}"
                     )
+                if not allow_overlap:
+                    clash = _overlap(conn, nets, None)
+                    if clash:
+                        raise PeerRefused(clash)
                 try:
-                    conn.execute(
+                    cur = conn.execute(
                         "INSERT INTO peers (name, public_key, allowed_ips, preshared_key,"
-                        " revoked, created_at, updated_at) VALUES (%s, %s, %s, %s, false, %s, %s)",
+                        " revoked, created_at, updated_at) VALUES (%s, %s, %s, %s, false, %s, %s)"
+                        " RETURNING id",
                         (
                             name,
                             public_key.raw,
@@ -251,6 +283,7 @@ class PostgresStore(Closing):
                     )
                 except psycopg.errors.UniqueViolation as e:  # a concurrent add won the race
                     raise DuplicatePeer(f"peer {name!r} or its key already exists") from e
+                _set_prefixes(conn, int(_one(cur)[0]), nets)
                 self._prune(conn)
 
         self._run(f"add peer {name!r}", op)
@@ -316,27 +349,41 @@ class PostgresStore(Closing):
 
         return self._peer(self._run(f"remove peer {name!r}", op))
 
-    def import_peers(self, peers: Sequence[Peer]) -> ImportResult:
+    def import_peers(
+        self, peers: Sequence[Peer], *, allow_overlap: bool = False, dry_run: bool = False
+    ) -> ImportResult:
         result = ImportResult()
         if not peers:
             return result
         for p in peers:
             validate_peer_name(p.name)
+        refused = {}
+        for i, p in enumerate(peers):
+            why = peer_problem(p.public_key, p.allowed_ips, allow_overlap)
+            if why:
+                refused[i] = why
 
         def op(conn: psycopg.Connection[tuple[Any, ...]]) -> ImportResult:
-            res = ImportResult()
+            res = ImportResult(rejected=list(refused.items()))
             now = time.time()
             with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PREFIX_LOCK,))
                 conn.execute(
                     "CREATE TEMP TABLE IF NOT EXISTS wgjit_import (i int, name text,"
-                    " public_key bytea, allowed_ips text, preshared_key bytea, revoked boolean)"
-                    " ON COMMIT DELETE ROWS"
+                    " public_key bytea, allowed_ips text, preshared_key bytea, revoked boolean,"
+                    " moved boolean) ON COMMIT DELETE ROWS"
+                )
+                conn.execute(
+                    "CREATE TEMP TABLE IF NOT EXISTS wgjit_import_nets (i int, name text,"
+                    " net cidr) ON COMMIT DELETE ROWS"
                 )
                 with conn.cursor().copy(
                     "COPY wgjit_import (i, name, public_key, allowed_ips, preshared_key, revoked)"
                     " FROM STDIN"
                 ) as copy:
                     for i, p in enumerate(peers):
+                        if i in refused:
+                            continue
                         copy.write_row(
                             (
                                 i,
@@ -365,6 +412,23 @@ class PostgresStore(Closing):
                         "DELETE FROM wgjit_import WHERE i = ANY(%s)",
                         ([i for i, _ in res.rejected],),
                     )
+                # rows that add prefixes or change them, and those prefixes
+                conn.execute(
+                    "UPDATE wgjit_import w SET moved = NOT EXISTS (SELECT 1 FROM peers p"
+                    " WHERE p.name = w.name AND p.allowed_ips = w.allowed_ips)"
+                )
+                conn.execute(
+                    "INSERT INTO wgjit_import_nets (i, name, net)"
+                    " SELECT i, name, unnest(string_to_array(allowed_ips, ','))::cidr"
+                    " FROM wgjit_import WHERE moved AND allowed_ips <> ''"
+                )
+                if not allow_overlap:
+                    clashes = self._import_overlaps(conn)
+                    res.rejected += clashes
+                    if clashes:
+                        rows = [i for i, _ in clashes]
+                        conn.execute("DELETE FROM wgjit_import WHERE i = ANY(%s)", (rows,))
+                        conn.execute("DELETE FROM wgjit_import_nets WHERE i = ANY(%s)", (rows,))
                 cur = conn.execute(
                     "INSERT INTO peers (name, public_key, allowed_ips, preshared_key, revoked,"
                     " created_at, updated_at)"
@@ -385,12 +449,40 @@ class PostgresStore(Closing):
                 res.added = sum(flags)
                 res.updated = len(flags) - res.added
                 res.unchanged = len(peers) - len(res.rejected) - len(flags)
-                conn.execute("TRUNCATE wgjit_import")
+                conn.execute(
+                    "DELETE FROM peer_prefixes q USING peers p, wgjit_import w"
+                    " WHERE q.peer_id = p.id AND p.name = w.name AND w.moved"
+                )
+                conn.execute(
+                    "INSERT INTO peer_prefixes (peer_id, net) SELECT p.id, n.net"
+                    " FROM wgjit_import_nets n JOIN peers p ON p.name = n.name"
+                )
+                conn.execute("TRUNCATE wgjit_import, wgjit_import_nets")
+                if dry_run:
+                    raise psycopg.Rollback()  # leaves the transaction block, nothing written
                 self._prune(conn)
             res.rejected.sort()
             return res
 
         return self._run(f"import {len(peers)} peers", op)
+
+    def _import_overlaps(self, conn: psycopg.Connection[tuple[Any, ...]]) -> list[tuple[int, str]]:
+        """Rows of the import batch whose new prefixes overlap another stored peer's (one GiST
+        search per prefix) or an earlier row's of the batch (one sort, in Python)."""
+        bad: dict[int, str] = {}
+        for i, net, other, owner in conn.execute(
+            "SELECT DISTINCT ON (n.i) n.i, n.net::text, q.net::text, p.name"
+            " FROM wgjit_import_nets n JOIN peer_prefixes q ON q.net && n.net"
+            " JOIN peers p ON p.id = q.peer_id AND p.name <> n.name ORDER BY n.i"
+        ):
+            bad[int(i)] = overlap_message(parse_network(net), parse_network(other), owner)
+        moving: dict[int, tuple[str, list[IPNetwork]]] = {}
+        for i, name, net in conn.execute("SELECT i, name, net::text FROM wgjit_import_nets"):
+            if int(i) not in bad:
+                moving.setdefault(int(i), (name, []))[1].append(parse_network(net))
+        rows = [(i, name, nets) for i, (name, nets) in sorted(moving.items())]
+        bad.update(overlaps_within(rows))
+        return sorted(bad.items())
 
     # -- handshakes -----------------------------------------------------------------------------
 
@@ -699,3 +791,33 @@ def _timestamp(hs: Handshake) -> bytes:
     if len(ts) != TAI64N_LEN:
         raise ValueError(f"handshake timestamp must be {TAI64N_LEN} bytes (TAI64N), got {len(ts)}")
     return ts
+
+
+def _overlap(
+    conn: psycopg.Connection[tuple[Any, ...]], nets: Iterable[IPNetwork], exclude_peer: int | None
+) -> str | None:
+    """Why `nets` clash with another stored peer's prefixes (not `exclude_peer`'s), or None."""
+    for net in nets:
+        row = conn.execute(_OVERLAP_SQL, (str(net), -1 if exclude_peer is None else exclude_peer))
+        found = row.fetchone()
+        if found is not None:
+            return overlap_message(net, parse_network(found[0]), found[1])
+    return None
+
+
+def _set_prefixes(
+    conn: psycopg.Connection[tuple[Any, ...]], peer_id: int, nets: Iterable[IPNetwork]
+) -> None:
+    conn.execute("DELETE FROM peer_prefixes WHERE peer_id = %s", (peer_id,))
+    with conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO peer_prefixes (peer_id, net) VALUES (%s, %s::cidr)",
+            [(peer_id, str(n)) for n in nets],
+        )
+
+
+def _one(cur: psycopg.Cursor[tuple[Any, ...]]) -> tuple[Any, ...]:
+    row = cur.fetchone()
+    if row is None:
+        raise StoreError("the database returned no row where one was expected")
+    return row

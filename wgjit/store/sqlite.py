@@ -13,7 +13,7 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
 from urllib.request import pathname2url
@@ -28,9 +28,18 @@ from wgjit.store import (
     Handshake,
     ImportResult,
     Peer,
+    PeerRefused,
     StoreError,
     UnknownPeer,
     validate_peer_name,
+)
+from wgjit.store.prefixes import (
+    bounds,
+    network_of,
+    overlap_message,
+    overlaps_within,
+    peer_problem,
+    supernet_firsts,
 )
 from wgjit.store.urls import redact
 
@@ -47,9 +56,10 @@ _OTHER_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 # current time as a Unix timestamp, computed by SQLite (sqlite 3.40 has no unixepoch('subsec'))
 _NOW_SQL: Final = "((julianday('now') - 2440587.5) * 86400.0)"
 
-# Each step is a list of statements run in order; the schema version (PRAGMA user_version) is
-# the number of steps applied. Never edit a released step: append a new one.
-MIGRATIONS: list[tuple[str, ...]] = [
+# Each step is a list of statements (or Python callables, for data that SQL cannot compute)
+# run in order; the schema version (PRAGMA user_version) is the number of steps applied. Never
+# edit a released step: append a new one.
+MIGRATIONS: list[tuple[str | Callable[[sqlite3.Connection], None], ...]] = [
     # 1: peers with unique name and key (the key index makes lookup a point query), the change
     #    feed and the triggers that fill it. Handshake bookkeeping (last_seen, handshake_hwm)
     #    changes on every handshake and deliberately produces no feed entry.
@@ -108,6 +118,22 @@ MIGRATIONS: list[tuple[str, ...]] = [
         """CREATE TRIGGER peers_claims_delete AFTER DELETE ON peers BEGIN
             DELETE FROM peer_claims WHERE public_key = old.public_key;
         END""",
+    ),
+    # 3: every allowed-IP prefix as an indexed (family, first, last) row, so an overlap is
+    #    found with a few index seeks (wgjit.store.prefixes), never a scan of every peer
+    (
+        """CREATE TABLE peer_prefixes (
+            peer_id INTEGER NOT NULL,
+            family INTEGER NOT NULL CHECK (family IN (4, 6)),
+            first BLOB NOT NULL,
+            last BLOB NOT NULL
+        )""",
+        "CREATE INDEX peer_prefixes_by_first ON peer_prefixes (family, first)",
+        "CREATE INDEX peer_prefixes_by_peer ON peer_prefixes (peer_id)",
+        """CREATE TRIGGER peers_prefixes_delete AFTER DELETE ON peers BEGIN
+            DELETE FROM peer_prefixes WHERE peer_id = old.id;
+        END""",
+        lambda conn: _backfill_prefixes(conn),
     ),
 ]
 
@@ -252,9 +278,14 @@ class SQLiteStore(Closing):
         public_key: PublicKey,
         allowed_ips: tuple[IPNetwork, ...],
         preshared_key: PresharedKey | None = None,
+        *,
+        allow_overlap: bool = False,
     ) -> Peer:
         validate_peer_name(name)
         nets = tuple(allowed_ips)
+        why = peer_problem(public_key, nets, allow_overlap)
+        if why:
+            raise PeerRefused(why)
         now = time.time()
         with self._write(f"add peer {name!r}") as conn:
             if conn.execute("SELECT 1 FROM peers WHERE name = ?", (name,)).fetchone():
@@ -266,7 +297,11 @@ class SQLiteStore(Closing):
                 raise DuplicatePeer(
                     f"public key {public_key.short()}... is already used by peer {row[0]!r}"
                 )
-            conn.execute(
+            if not allow_overlap:
+                clash = _overlap(conn, nets, None)
+                if clash:
+                    raise PeerRefused(clash)
+            cur = conn.execute(
                 "INSERT INTO peers (name, public_key, allowed_ips, preshared_key, revoked,"
                 " created_at, updated_at) VALUES (?, ?, ?, ?, 0, ?, ?)",
                 (
@@ -278,6 +313,7 @@ class SQLiteStore(Closing):
                     now,
                 ),
             )
+            _set_prefixes(conn, int(cur.lastrowid or 0), nets)
             self._prune(conn, now)
         return Peer(name, public_key, nets, preshared_key, False, now, now)
 
@@ -335,19 +371,38 @@ class SQLiteStore(Closing):
         with self._write(f"record {len(params)} handshakes") as conn:
             conn.executemany(_ADVANCE_SQL, params)
 
-    def import_peers(self, peers: Sequence[Peer]) -> ImportResult:
+    def import_peers(
+        self, peers: Sequence[Peer], *, allow_overlap: bool = False, dry_run: bool = False
+    ) -> ImportResult:
         res = ImportResult()
         if not peers:
             return res
         for p in peers:
             validate_peer_name(p.name)
         now = time.time()
+        with contextlib.suppress(_DryRun):
+            self._import(peers, allow_overlap, dry_run, now, res)
+        return res
+
+    def _import(
+        self,
+        peers: Sequence[Peer],
+        allow_overlap: bool,
+        dry_run: bool,
+        now: float,
+        res: ImportResult,
+    ) -> None:
         with self._write(f"import {len(peers)} peers") as conn:
-            new: list[tuple[Any, ...]] = []
-            changed: list[tuple[Any, ...]] = []
+            # pass 1: each row against the stored peers
+            new: list[int] = []
+            changed: dict[int, tuple[int, bool]] = {}  # row -> (peer id, allowed IPs changed)
             for i, p in enumerate(peers):
                 ips = format_networks(p.allowed_ips)
                 psk = p.preshared_key.raw if p.preshared_key else None
+                why = peer_problem(p.public_key, p.allowed_ips, allow_overlap)
+                if why:
+                    res.rejected.append((i, why))
+                    continue
                 by_key = conn.execute(
                     "SELECT name FROM peers WHERE public_key = ?", (p.public_key.raw,)
                 ).fetchone()
@@ -355,32 +410,74 @@ class SQLiteStore(Closing):
                     res.rejected.append((i, f"public key is already used by peer {by_key[0]!r}"))
                     continue
                 row = conn.execute(
-                    "SELECT public_key, allowed_ips, preshared_key, revoked FROM peers"
+                    "SELECT public_key, allowed_ips, preshared_key, revoked, id FROM peers"
                     " WHERE name = ?",
                     (p.name,),
                 ).fetchone()
-                if row is None:
-                    new.append((p.name, p.public_key.raw, ips, psk, int(p.revoked), now, now))
-                elif bytes(row[0]) != p.public_key.raw:
+                if row is not None and bytes(row[0]) != p.public_key.raw:
                     res.rejected.append((i, "a peer with this name exists with another public key"))
+                    continue
+                moved = row is None or row[1] != ips
+                if moved and not allow_overlap:
+                    clash = _overlap(conn, p.allowed_ips, None if row is None else int(row[4]))
+                    if clash:
+                        res.rejected.append((i, clash))
+                        continue
+                if row is None:
+                    new.append(i)
                 elif (row[1], row[2], bool(row[3])) != (ips, psk, bool(row[3]) or p.revoked):
                     # an import revokes but never reinstates (see Store.import_peers)
-                    changed.append((ips, psk, int(bool(row[3]) or p.revoked), now, p.name))
+                    changed[i] = (int(row[4]), moved)
                 else:
                     res.unchanged += 1
-            conn.executemany(
-                "INSERT INTO peers (name, public_key, allowed_ips, preshared_key, revoked,"
-                " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                new,
-            )
-            conn.executemany(
-                "UPDATE peers SET allowed_ips = ?, preshared_key = ?, revoked = ?,"
-                " updated_at = ? WHERE name = ?",
-                changed,
-            )
+            # pass 2: the rows that move prefixes, against each other (earlier rows win)
+            if not allow_overlap:
+                moving = [
+                    (i, peers[i].name, peers[i].allowed_ips)
+                    for i in sorted([*new, *(i for i, (_, m) in changed.items() if m)])
+                ]
+                for i, why in overlaps_within(moving).items():
+                    res.rejected.append((i, why))
+                    if i in changed:
+                        del changed[i]
+                    else:
+                        new.remove(i)
+            for i in new:
+                p = peers[i]
+                cur = conn.execute(
+                    "INSERT INTO peers (name, public_key, allowed_ips, preshared_key, revoked,"
+                    " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        p.name,
+                        p.public_key.raw,
+                        format_networks(p.allowed_ips),
+                        p.preshared_key.raw if p.preshared_key else None,
+                        int(p.revoked),
+                        now,
+                        now,
+                    ),
+                )
+                _set_prefixes(conn, int(cur.lastrowid or 0), p.allowed_ips)
+            for i, (peer_id, moved) in changed.items():
+                p = peers[i]
+                conn.execute(
+                    "UPDATE peers SET allowed_ips = ?, preshared_key = ?,"
+                    " revoked = max(revoked, ?), updated_at = ? WHERE id = ?",
+                    (
+                        format_networks(p.allowed_ips),
+                        p.preshared_key.raw if p.preshared_key else None,
+                        int(p.revoked),
+                        now,
+                        peer_id,
+                    ),
+                )
+                if moved:
+                    _set_prefixes(conn, peer_id, p.allowed_ips)
             res.added, res.updated = len(new), len(changed)
+            res.rejected.sort()
+            if dry_run:
+                raise _DryRun  # _op rolls the transaction back
             self._prune(conn, now)
-        return res
 
     def iter_peers(self) -> Iterator[Peer]:
         # pages by name (keyset), so the lock is never held while the caller works
@@ -565,7 +662,10 @@ class SQLiteStore(Closing):
             try:
                 for step in MIGRATIONS[version:]:
                     for statement in step:
-                        conn.execute(statement)
+                        if callable(statement):
+                            statement(conn)
+                        else:
+                            conn.execute(statement)
             except sqlite3.Error as e:
                 raise self._error(
                     e, f"upgrade its schema from version {version} to {target}"
@@ -683,3 +783,52 @@ def _rollback(conn: sqlite3.Connection) -> None:
     if conn.in_transaction:
         with contextlib.suppress(sqlite3.Error):
             conn.execute("ROLLBACK")
+
+
+class _DryRun(Exception):
+    """Raised inside an import transaction to roll it back (import_peers(dry_run=True))."""
+
+
+def _overlap(
+    conn: sqlite3.Connection, nets: Iterable[IPNetwork], exclude_peer: int | None
+) -> str | None:
+    """Why `nets` clash with another stored peer's prefixes (not `exclude_peer`'s), or None.
+    Two index seeks per prefix: stored prefixes inside it (first address in its range), and
+    stored prefixes around it (first address one of its supernets' and last one >= its)."""
+    skip = -1 if exclude_peer is None else exclude_peer
+    for net in nets:
+        family, first, last = bounds(net)
+        row = conn.execute(
+            "SELECT x.first, x.last, p.name FROM peer_prefixes x JOIN peers p ON p.id = x.peer_id"
+            " WHERE x.family = ? AND x.first BETWEEN ? AND ? AND x.peer_id <> ? LIMIT 1",
+            (family, first, last, skip),
+        ).fetchone()
+        firsts = supernet_firsts(net)
+        if row is None and firsts:
+            marks = ",".join("?" * len(firsts))
+            row = conn.execute(
+                "SELECT x.first, x.last, p.name FROM peer_prefixes x"
+                " JOIN peers p ON p.id = x.peer_id"
+                f" WHERE x.family = ? AND x.first IN ({marks}) AND x.last >= ?"
+                " AND x.peer_id <> ? LIMIT 1",
+                (family, *firsts, last, skip),
+            ).fetchone()
+        if row is not None:
+            other = network_of(family, bytes(row[0]), bytes(row[1]))
+            return overlap_message(net, other, row[2])
+    return None
+
+
+def _set_prefixes(conn: sqlite3.Connection, peer_id: int, nets: Iterable[IPNetwork]) -> None:
+    conn.execute("DELETE FROM peer_prefixes WHERE peer_id = ?", (peer_id,))
+    conn.executemany(
+        "INSERT INTO peer_prefixes (peer_id, family, first, last) VALUES (?, ?, ?, ?)",
+        [(peer_id, *bounds(n)) for n in nets],
+    )
+
+
+def _backfill_prefixes(conn: sqlite3.Connection) -> None:
+    """Migration 3: index the prefixes of the peers already stored (overlaps among them are
+    kept: they were accepted before; new peers are checked against them)."""
+    for peer_id, ips in conn.execute("SELECT id, allowed_ips FROM peers").fetchall():
+        _set_prefixes(conn, int(peer_id), [parse_network(n) for n in ips.split(",") if n])
