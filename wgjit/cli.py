@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import io
 import json
 import math
 import os
+import re
 import socket
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -33,7 +36,7 @@ from wgjit.gateway.lock import AlreadyRunning, LockError
 from wgjit.gateway.lock import acquire as acquire_lock
 from wgjit.gateway.run import GatewayError
 from wgjit.keys import InvalidKey, PresharedKey, PrivateKey, PublicKey
-from wgjit.store import DEFAULT_STORE_URL, Peer, Store, StoreError, open_store
+from wgjit.store import DEFAULT_STORE_URL, KEEP, Peer, Store, StoreError, open_store
 from wgjit.store.bulk import BulkError
 from wgjit.store.urls import redact, scrub
 
@@ -86,17 +89,64 @@ def _store(args: argparse.Namespace, *, create: bool = False) -> Store:
     return open_store(args.store, create=create)
 
 
+def _iso(ts: float | None) -> str | None:
+    """Unix seconds as ISO 8601 in UTC (`2026-12-01T09:30:00Z`); None stays None."""
+    if ts is None:
+        return None
+    text = datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="seconds")
+    return text.replace("+00:00", "Z")
+
+
 def _peer_dict(p: Peer) -> dict[str, Any]:
     return {
         "name": p.name,
         "public_key": p.public_key.b64(),
         "allowed_ips": [str(n) for n in p.allowed_ips],
         "preshared_key": p.preshared_key is not None,
+        "state": p.state,
         "revoked": p.revoked,
-        "created_at": p.created_at,
-        "updated_at": p.updated_at,
-        "last_seen": p.last_seen,
+        "disabled": p.disabled,
+        "expires_at": _iso(p.expires_at),
+        "created_at": _iso(p.created_at),
+        "updated_at": _iso(p.updated_at),
+        "last_seen": _iso(p.last_seen),
     }
+
+
+_RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _when(flag: str, *, never: bool = False) -> Callable[[str], float | None]:
+    """`--expires WHEN`: ISO 8601 (a time without offset is local time) or a duration from
+    now (`90m`, `12h`, `30d`, `2w`); `never` (where allowed) clears it. Must be in the future."""
+
+    def parse(text: str) -> float | None:
+        t = text.strip()
+        if never and t.lower() == "never":
+            return None
+        m = _RELATIVE.fullmatch(t.lower())
+        if m:
+            at = time.time() + float(m.group(1)) * _UNIT_S[m.group(2)]
+        else:
+            try:
+                dt = datetime.datetime.fromisoformat(t)
+            except ValueError:
+                raise CLIError(
+                    f"{flag} {t!r} is neither ISO 8601 (2027-01-31 or 2027-01-31T18:00:00Z)"
+                    f" nor a duration like 30d, 12h, 90m{' nor never' if never else ''}"
+                ) from None
+            if dt.tzinfo is None:
+                dt = dt.astimezone()  # local time, as the operator's clock shows it
+            at = dt.timestamp()
+        if not math.isfinite(at) or at <= time.time():
+            raise CLIError(
+                f"{flag} {t} is not in the future; to refuse the peer now use"
+                " `wgjit peer disable NAME`"
+            )
+        return at
+
+    return parse
 
 
 def _client_config(
@@ -128,23 +178,41 @@ def cmd_peer_add(args: argparse.Namespace) -> int:
     else:
         private = PrivateKey.generate()
         public = private.public_key()
-    gateway_key = None
-    if private is not None:
-        # resolve everything the client config needs before writing to the store
-        if args.gateway_public_key:
-            gateway_key = PublicKey.from_b64(args.gateway_public_key).b64()
-        elif args.interface:
-            dev = open_device(args.interface)
-            try:
-                gateway_key = str(dev.read().public_key)
-            finally:
-                dev.close()
+    # resolve everything the client config needs before writing to the store
+    gateway_key = _gateway_key(args) if private is not None else None
     psk = PresharedKey.generate() if args.preshared_key else None
     with _store(args, create=True) as store:
-        peer = store.add_peer(args.name, public, nets, psk, allow_overlap=args.allow_overlap)
+        peer = store.add_peer(
+            args.name,
+            public,
+            nets,
+            psk,
+            allow_overlap=args.allow_overlap,
+            expires_at=args.expires,
+        )
     if private is None:
         print(f"added peer {peer.name} ({public.b64()}) allowed-ips {format_networks(nets)}")
         return 0
+    _emit_config(args, private, peer, gateway_key)
+    return 0
+
+
+def _gateway_key(args: argparse.Namespace) -> str | None:
+    """The gateway's public key for a client config: given, or read from --interface."""
+    if args.gateway_public_key:
+        return PublicKey.from_b64(args.gateway_public_key).b64()
+    if args.interface:
+        dev = open_device(args.interface)
+        try:
+            return str(dev.read().public_key)
+        finally:
+            dev.close()
+    return None
+
+
+def _emit_config(
+    args: argparse.Namespace, private: PrivateKey, peer: Peer, gateway_key: str | None
+) -> None:
     if gateway_key is None:
         print(
             "wgjit: note: gateway public key unknown; pass --interface IFNAME or "
@@ -159,6 +227,63 @@ def cmd_peer_add(args: argparse.Namespace) -> int:
         import segno
 
         segno.make(conf, error="l").terminal(compact=True)
+
+
+def cmd_peer_disable(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        p = store.update_peer(args.name, disabled=True)
+    print(f"disabled peer {p.name}; running gateways evict it and refuse it until enabled")
+    return 0
+
+
+def cmd_peer_enable(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        p = store.update_peer(args.name, disabled=False)
+    why = p.refusal(time.time())
+    print(f"enabled peer {p.name}" + (f" (still refused: {why})" if why else ""))
+    return 0
+
+
+def cmd_peer_set(args: argparse.Namespace) -> int:
+    changes: dict[str, Any] = {}
+    if args.allowed_ips is not None:
+        changes["allowed_ips"] = parse_networks(args.allowed_ips)
+    if args.rename is not None:
+        changes["new_name"] = args.rename
+    if args.expires is not KEEP:
+        changes["expires_at"] = args.expires
+    if not changes:
+        raise CLIError("nothing to change; give --allowed-ips, --rename or --expires")
+    with _store(args) as store:
+        p = store.update_peer(args.name, allow_overlap=args.allow_overlap, **changes)
+    expiry = _iso(p.expires_at) or "never"
+    print(
+        f"peer {p.name}: allowed-ips {format_networks(p.allowed_ips)}, expires {expiry};"
+        " running gateways apply it within seconds"
+    )
+    return 0
+
+
+def cmd_peer_rotate(args: argparse.Namespace) -> int:
+    private = None
+    if args.public_key:
+        public = PublicKey.from_b64(args.public_key)
+    else:
+        private = PrivateKey.generate()
+        public = private.public_key()
+    gateway_key = _gateway_key(args) if private is not None else None
+    with _store(args) as store:
+        old = _get(store, args.name)
+        # a peer with a preshared key gets a new one too: the old config is dead either way
+        psk = PresharedKey.generate() if old.preshared_key is not None else None
+        peer = store.update_peer(args.name, public_key=public, preshared_key=psk)
+    print(
+        f"# rotated peer {peer.name}: {old.public_key.b64()} is refused from now on, "
+        f"{public.b64()} replaces it",
+        file=sys.stderr,
+    )
+    if private is not None:
+        _emit_config(args, private, peer, gateway_key)
     return 0
 
 
@@ -172,11 +297,11 @@ def cmd_peer_list(args: argparse.Namespace) -> int:
         print("no peers")
         return 0
     w = max(4, *(len(p.name) for p in peers))
-    print(f"{'NAME':<{w}}  {'PUBLIC KEY':<44}  {'STATE':<7}  ALLOWED IPS")
+    print(f"{'NAME':<{w}}  {'PUBLIC KEY':<44}  {'STATE':<8}  {'EXPIRES':<20}  ALLOWED IPS")
     for p in peers:
-        state = "revoked" if p.revoked else "active"
         print(
-            f"{p.name:<{w}}  {p.public_key.b64():<44}  {state:<7}  {format_networks(p.allowed_ips)}"
+            f"{p.name:<{w}}  {p.public_key.b64():<44}  {p.state:<8}"
+            f"  {_iso(p.expires_at) or '-':<20}  {format_networks(p.allowed_ips)}"
         )
     return 0
 
@@ -408,6 +533,17 @@ ALLOW_OVERLAP_HELP = (
 )
 
 
+def _config_options(p: argparse.ArgumentParser) -> None:
+    """Options of the client configs that add and rotate print."""
+    p.add_argument("--endpoint", default="<gateway address>:51820",
+                   help="gateway HOST:PORT for the generated client config")  # fmt: skip
+    p.add_argument("--interface", help="read the gateway public key from this interface")
+    p.add_argument("--gateway-public-key", help="gateway public key for the client config")
+    p.add_argument("--client-allowed-ips", default="0.0.0.0/0, ::/0",
+                   help="AllowedIPs in the generated client config")  # fmt: skip
+    p.add_argument("--qr", action="store_true", help="also print the config as a QR code")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="wgjit", description="Just-in-time WireGuard peers: install a peer when it knocks."
@@ -439,13 +575,9 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--public-key", help="the peer's public key (base64); omit to generate")
     add.add_argument("--preshared-key", action="store_true", help="generate a preshared key")
     add.add_argument("--allow-overlap", action="store_true", help=ALLOW_OVERLAP_HELP)
-    add.add_argument("--endpoint", default="<gateway address>:51820",
-                     help="gateway HOST:PORT for the generated client config")  # fmt: skip
-    add.add_argument("--interface", help="read the gateway public key from this interface")
-    add.add_argument("--gateway-public-key", help="gateway public key for the client config")
-    add.add_argument("--client-allowed-ips", default="0.0.0.0/0, ::/0",
-                     help="AllowedIPs in the generated client config")  # fmt: skip
-    add.add_argument("--qr", action="store_true", help="also print the config as a QR code")
+    _config_options(add)
+    add.add_argument("--expires", type=_when("--expires"), default=None, metavar="WHEN",
+                     help="refuse the peer from then on: ISO 8601 or 30d, 12h, 90m")  # fmt: skip
     add.set_defaults(func=cmd_peer_add)
     ls = psub.add_parser("list", parents=[after], help="list peers")
     ls.add_argument("--json", action="store_true")
@@ -457,6 +589,28 @@ def build_parser() -> argparse.ArgumentParser:
     rv = psub.add_parser("revoke", parents=[after], help="revoke a peer; gateways evict it")
     rv.add_argument("name")
     rv.set_defaults(func=cmd_peer_revoke)
+    for verb, func, what in (
+        ("disable", cmd_peer_disable, "refuse a peer (gateways evict it) until enabled again"),
+        ("enable", cmd_peer_enable, "let a disabled peer connect again"),
+    ):
+        pp = psub.add_parser(verb, parents=[after], help=what)
+        pp.add_argument("name")
+        pp.set_defaults(func=func)
+    st_ = psub.add_parser("set", parents=[after], help="change a peer's allowed IPs, name, expiry")
+    st_.add_argument("name")
+    st_.add_argument("--allowed-ips", help="CIDR[,CIDR...]: replaces the peer's list")
+    st_.add_argument("--rename", metavar="NEW", help="a new name")
+    st_.add_argument("--expires", type=_when("--expires", never=True), default=KEEP,
+                     metavar="WHEN", help="ISO 8601, 30d/12h/90m from now, or never")  # fmt: skip
+    st_.add_argument("--allow-overlap", action="store_true", help=ALLOW_OVERLAP_HELP)
+    st_.set_defaults(func=cmd_peer_set)
+    ro = psub.add_parser(
+        "rotate", parents=[after], help="give a peer a new key pair (the old key is refused)"
+    )
+    ro.add_argument("name")
+    ro.add_argument("--public-key", help="the new public key (base64); omit to generate")
+    _config_options(ro)
+    ro.set_defaults(func=cmd_peer_rotate)
     rm = psub.add_parser("remove", parents=[after], help="delete a peer from the store")
     rm.add_argument("name")
     rm.set_defaults(func=cmd_peer_remove)

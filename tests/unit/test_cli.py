@@ -276,3 +276,59 @@ def test_overlapping_add_refused_naming_the_peer(
     rc, _, _ = run(capsys, "peer", "add", "b", "--allowed-ips", "0.0.0.0/0,100.65.0.9/32",
                    "--public-key", k[1], "--allow-overlap")  # fmt: skip
     assert rc == 0
+
+
+def test_lifecycle_commands(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    key = PrivateKey.generate().public_key().b64()
+    rc, _, _ = run(capsys, "peer", "add", "a", "--allowed-ips", "100.65.0.2/32",
+                   "--public-key", key, "--expires", "30d")  # fmt: skip
+    assert rc == 0
+    p = listing(capsys)[0]
+    assert p["state"] == "active" and str(p["expires_at"]).endswith("Z")
+    assert str(p["created_at"]).startswith("20") and "T" in str(p["created_at"])
+    rc, out, _ = run(capsys, "peer", "list")
+    assert "active" in out and "EXPIRES" in out
+    assert run(capsys, "peer", "disable", "a")[0] == 0
+    assert listing(capsys)[0]["state"] == "disabled"
+    rc, out, _ = run(capsys, "peer", "show", "a")
+    assert "state: disabled" in out and "expires_at: 20" in out
+    assert run(capsys, "peer", "enable", "a")[0] == 0
+    assert listing(capsys)[0]["state"] == "active"
+    rc, out, _ = run(capsys, "peer", "set", "a", "--rename", "laptop", "--allowed-ips",
+                     "100.65.0.9/32", "--expires", "never")  # fmt: skip
+    assert rc == 0 and "expires never" in out
+    p = listing(capsys)[0]
+    assert (p["name"], p["allowed_ips"], p["expires_at"]) == ("laptop", ["100.65.0.9/32"], None)
+    rc, out, err = run(capsys, "peer", "rotate", "laptop", "--gateway-public-key", key)
+    assert rc == 0 and f"{key} is refused from now on" in err
+    conf = dict(ln.split(" = ", 1) for ln in out.splitlines() if " = " in ln and ln[0] != "#")
+    new = PrivateKey.from_b64(conf["PrivateKey"]).public_key().b64()
+    assert listing(capsys)[0]["public_key"] == new != key
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["peer", "set", "a"], "nothing to change"),
+        (["peer", "set", "a", "--expires", "yesterday"], "--expires 'yesterday' is neither"),
+        (["peer", "set", "a", "--expires", "2001-01-01"], "is not in the future"),
+        (["peer", "set", "a", "--rename", "b c"], "invalid peer name"),
+        (["peer", "set", "a", "--allowed-ips", "127.0.0.1/32"], "loopback"),
+        (["peer", "add", "b", "--allowed-ips", "100.65.0.3/32", "--expires", "never"],
+         "--expires 'never' is neither"),
+        (["peer", "disable", "ghost"], "ghost"),
+        (["peer", "rotate", "a", "--public-key", "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="],
+         "low-order"),
+    ],
+)  # fmt: skip
+def test_lifecycle_bad_input(
+    store: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    key = PrivateKey.generate().public_key().b64()
+    assert run(capsys, "peer", "add", "a", "--allowed-ips", "100.65.0.2/32",
+               "--public-key", key)[0] == 0  # fmt: skip
+    before = listing(capsys)
+    rc, out, err = run(capsys, *argv)
+    assert rc == 1 and err.count("\n") == 1 and err.startswith("wgjit: error: "), err
+    assert message in err
+    assert listing(capsys) == before

@@ -10,10 +10,11 @@ here.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Final, Protocol, Self
 
 from wgjit.addr import IPNetwork
 from wgjit.keys import PresharedKey, PublicKey
@@ -77,6 +78,43 @@ class Peer:
     handshake_hwm: bytes | None = None
     # the gateway that last claimed (installed) this peer and is alive, if any
     holder: str | None = None
+    # refused while set, like a revoked peer, but `peer enable` brings it back
+    disabled: bool = False
+    # unix seconds after which the peer is refused (reason "expired"); None: never
+    expires_at: float | None = None
+
+    def refusal(self, now: float) -> str | None:
+        """Why a gateway must refuse (and evict) this peer at unix time `now`: "revoked",
+        "disabled" or "expired"; None while it may connect."""
+        if self.revoked:
+            return "revoked"
+        if self.disabled:
+            return "disabled"
+        if self.expires_at is not None and now >= self.expires_at:
+            return "expired"
+        return None
+
+    @property
+    def state(self) -> str:
+        """What `peer list` shows: revoked, disabled, expired or active (now)."""
+        return self.refusal(time.time()) or "active"
+
+
+class Keep:
+    """The type of KEEP: "leave this field as it is" where None is a value (no expiry)."""
+
+    _instance: Keep | None = None
+
+    def __new__(cls) -> Keep:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+KEEP: Final = Keep()
 
 
 @dataclass(slots=True)
@@ -108,10 +146,30 @@ class Store(Protocol):
         preshared_key: PresharedKey | None = None,
         *,
         allow_overlap: bool = False,
+        expires_at: float | None = None,
     ) -> Peer:
         """Raises DuplicatePeer if the name or the key exists, InvalidPeerName for a bad name,
         PeerRefused for a low-order key, a special-purpose prefix or one that overlaps another
         peer's (`allow_overlap` permits overlaps, link-local and default routes)."""
+        ...
+
+    def update_peer(
+        self,
+        name: str,
+        *,
+        new_name: str | None = None,
+        public_key: PublicKey | None = None,
+        allowed_ips: tuple[IPNetwork, ...] | None = None,
+        preshared_key: PresharedKey | Keep | None = KEEP,
+        disabled: bool | None = None,
+        expires_at: float | Keep | None = KEEP,
+        allow_overlap: bool = False,
+    ) -> Peer:
+        """Change what is given (None / KEEP: unchanged) in one transaction; returns the peer.
+        Every change that a gateway must act on is in the change feed: a new key announces the
+        old key and the new (the old is refused at once: lookup() no longer finds it) and
+        forgets the old key's handshake mark and claim. Same checks as add_peer; raises
+        UnknownPeer, DuplicatePeer, InvalidPeerName, PeerRefused."""
         ...
 
     def get_peer(self, name: str) -> Peer | None: ...

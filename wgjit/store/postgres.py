@@ -22,18 +22,20 @@ from wgjit.addr import InvalidAddress, IPNetwork, format_networks, parse_network
 from wgjit.closing import Closing
 from wgjit.keys import InvalidKey, PresharedKey, PublicKey
 from wgjit.store import (
+    KEEP,
     PRESENCE_TTL_S,
     ChangeFeedExpired,
     DuplicatePeer,
     Handshake,
     ImportResult,
+    Keep,
     Peer,
     PeerRefused,
     StoreError,
     UnknownPeer,
     validate_peer_name,
 )
-from wgjit.store.prefixes import overlap_message, overlaps_within, peer_problem
+from wgjit.store.prefixes import overlap_message, overlaps_within, peer_problem, plan_update
 from wgjit.store.urls import redact, scrub
 
 CHANNEL: Final = "wgjit_changes"
@@ -150,6 +152,23 @@ MIGRATIONS: list[tuple[str, ...]] = [
             SELECT id, unnest(string_to_array(allowed_ips, ','))::cidr FROM peers
             WHERE allowed_ips <> ''""",
     ),
+    # 3: lifecycle: disabled (refused until enabled again) and an expiry time; both are
+    #    changes a gateway must learn, so the feed's update trigger now watches them too
+    (
+        "ALTER TABLE peers ADD COLUMN disabled boolean NOT NULL DEFAULT false,"
+        " ADD COLUMN expires_at double precision",
+        "DROP TRIGGER peers_feed_update ON peers",
+        """CREATE TRIGGER peers_feed_update
+            AFTER UPDATE OF name, allowed_ips, preshared_key, revoked, public_key, disabled,
+                expires_at ON peers
+            FOR EACH ROW WHEN (
+                (old.name, old.allowed_ips, old.preshared_key, old.revoked, old.public_key,
+                 old.disabled, old.expires_at)
+                IS DISTINCT FROM
+                (new.name, new.allowed_ips, new.preshared_key, new.revoked, new.public_key,
+                 new.disabled, new.expires_at))
+            EXECUTE FUNCTION wgjit_feed_update()""",
+    ),
 ]
 _OVERLAP_SQL: Final = (
     "SELECT q.net::text, p.name FROM peer_prefixes q JOIN peers p ON p.id = q.peer_id"
@@ -159,7 +178,7 @@ _OVERLAP_SQL: Final = (
 _NOW: Final = "extract(epoch FROM clock_timestamp())"
 _COLUMNS: Final = (
     "p.name, p.public_key, p.allowed_ips, p.preshared_key, p.revoked, p.created_at,"
-    " p.updated_at, p.last_seen, p.handshake_hwm, c.gateway_id"
+    " p.updated_at, p.last_seen, p.handshake_hwm, c.gateway_id, p.disabled, p.expires_at"
 )
 _FROM: Final = "peers p LEFT JOIN peer_claims c ON c.public_key = p.public_key"
 LOOKUP_SQL: Final = f"SELECT {_COLUMNS} FROM {_FROM} WHERE p.public_key = %s"
@@ -243,6 +262,7 @@ class PostgresStore(Closing):
         preshared_key: PresharedKey | None = None,
         *,
         allow_overlap: bool = False,
+        expires_at: float | None = None,
     ) -> Peer:
         validate_peer_name(name)
         nets = tuple(allowed_ips)
@@ -270,8 +290,8 @@ class PostgresStore(Closing):
                 try:
                     cur = conn.execute(
                         "INSERT INTO peers (name, public_key, allowed_ips, preshared_key,"
-                        " revoked, created_at, updated_at) VALUES (%s, %s, %s, %s, false, %s, %s)"
-                        " RETURNING id",
+                        " revoked, created_at, updated_at, expires_at)"
+                        " VALUES (%s, %s, %s, %s, false, %s, %s, %s) RETURNING id",
                         (
                             name,
                             public_key.raw,
@@ -279,6 +299,7 @@ class PostgresStore(Closing):
                             preshared_key.raw if preshared_key else None,
                             now,
                             now,
+                            expires_at,
                         ),
                     )
                 except psycopg.errors.UniqueViolation as e:  # a concurrent add won the race
@@ -287,7 +308,83 @@ class PostgresStore(Closing):
                 self._prune(conn)
 
         self._run(f"add peer {name!r}", op)
-        return Peer(name, public_key, nets, preshared_key, False, now, now)
+        return Peer(name, public_key, nets, preshared_key, False, now, now, expires_at=expires_at)
+
+    def update_peer(
+        self,
+        name: str,
+        *,
+        new_name: str | None = None,
+        public_key: PublicKey | None = None,
+        allowed_ips: tuple[IPNetwork, ...] | None = None,
+        preshared_key: PresharedKey | Keep | None = KEEP,
+        disabled: bool | None = None,
+        expires_at: float | Keep | None = KEEP,
+        allow_overlap: bool = False,
+    ) -> Peer:
+        plan = plan_update(new_name, public_key, allowed_ips, allow_overlap)
+
+        def op(conn: psycopg.Connection[tuple[Any, ...]]) -> tuple[Any, ...]:
+            with conn.transaction():
+                if allowed_ips is not None:
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PREFIX_LOCK,))
+                found = conn.execute(
+                    "SELECT id, public_key FROM peers WHERE name = %s FOR UPDATE", (name,)
+                ).fetchone()
+                if found is None:
+                    raise UnknownPeer(f"no peer named {name!r}")
+                peer_id, old_key = int(found[0]), bytes(found[1])
+                sets: list[str] = []
+                params: list[Any] = []
+                if new_name is not None and new_name != name:
+                    if conn.execute("SELECT 1 FROM peers WHERE name = %s", (new_name,)).fetchone():
+                        raise DuplicatePeer(f"peer {new_name!r} already exists")
+                    sets.append("name = %s")
+                    params.append(new_name)
+                new_key = public_key is not None and public_key.raw != old_key
+                if public_key is not None and new_key:
+                    other = conn.execute(
+                        "SELECT name FROM peers WHERE public_key = %s", (public_key.raw,)
+                    ).fetchone()
+                    if other:
+                        raise DuplicatePeer(
+                            f"public key {public_key.short()}... is already used by peer"
+                            f" {other[0]!r}"
+                        )
+                    # a new key: its handshakes start afresh, and no gateway holds it yet
+                    sets.append("public_key = %s, handshake_hwm = NULL, last_seen = NULL")
+                    params.append(public_key.raw)
+                    conn.execute("DELETE FROM peer_claims WHERE public_key = %s", (old_key,))
+                if allowed_ips is not None:
+                    if plan.check_overlap:
+                        clash = _overlap(conn, allowed_ips, peer_id)
+                        if clash:
+                            raise PeerRefused(clash)
+                    sets.append("allowed_ips = %s")
+                    params.append(format_networks(allowed_ips))
+                    _set_prefixes(conn, peer_id, allowed_ips)
+                if not isinstance(preshared_key, Keep):
+                    sets.append("preshared_key = %s")
+                    params.append(preshared_key.raw if preshared_key else None)
+                if disabled is not None:
+                    sets.append("disabled = %s")
+                    params.append(disabled)
+                if not isinstance(expires_at, Keep):
+                    sets.append("expires_at = %s")
+                    params.append(expires_at)
+                if sets:
+                    try:
+                        conn.execute(
+                            f"UPDATE peers SET {', '.join(sets)}, updated_at = %s WHERE id = %s",
+                            (*params, time.time(), peer_id),
+                        )
+                    except psycopg.errors.UniqueViolation as e:
+                        raise DuplicatePeer(f"the new name or key of {name!r} is taken") from e
+                    self._prune(conn)
+                return _one(conn.execute(f"SELECT {_COLUMNS} FROM {_FROM} WHERE p.id = %s",
+                                         (peer_id,)))  # fmt: skip
+
+        return self._peer(self._run(f"change peer {name!r}", op))
 
     def get_peer(self, name: str) -> Peer | None:
         row = self._run(
@@ -744,7 +841,7 @@ class PostgresStore(Closing):
         return target
 
     def _peer(self, row: tuple[Any, ...]) -> Peer:
-        name, key, ips, psk, revoked, created, updated, seen, hwm, holder = row
+        name, key, ips, psk, revoked, created, updated, seen, hwm, holder, disabled, exp = row
         try:
             return Peer(
                 name=name,
@@ -757,6 +854,8 @@ class PostgresStore(Closing):
                 last_seen=float(seen) if seen is not None else None,
                 handshake_hwm=bytes(hwm) if hwm is not None else None,
                 holder=holder,
+                disabled=bool(disabled),
+                expires_at=float(exp) if exp is not None else None,
             )
         except (InvalidKey, InvalidAddress, TypeError, ValueError, AttributeError) as e:
             raise StoreError(f"store {self._name} has an invalid row for peer {name!r}: {e}") from e

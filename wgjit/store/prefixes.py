@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Final
 
 from wgjit.addr import IPNetwork
@@ -178,3 +179,38 @@ def _first_overlap_pair(nets: Sequence[IPNetwork]) -> tuple[IPNetwork, IPNetwork
             if a.version == b.version and a.overlaps(b):
                 return a, b
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class UpdatePlan:
+    check_overlap: bool
+
+
+def plan_update(
+    new_name: str | None,
+    public_key: PublicKey | None,
+    allowed_ips: Sequence[IPNetwork] | None,
+    allow_overlap: bool,
+) -> UpdatePlan:
+    """The checks of Store.update_peer that need no database (raises InvalidPeerName or
+    PeerRefused); says what the backend must still check."""
+    from wgjit.store import PeerRefused, validate_peer_name
+
+    if new_name is not None:
+        validate_peer_name(new_name)
+    if public_key is not None:
+        why = key_problem(public_key)
+        if why:
+            raise PeerRefused(why)
+    if allowed_ips is not None:
+        for net in allowed_ips:
+            why = prefix_problem(net, allow_overlap)
+            if why:
+                raise PeerRefused(why)
+        if not allow_overlap:
+            clash = _first_overlap_pair(allowed_ips)
+            if clash:
+                raise PeerRefused(
+                    f"allowed IPs {clash[0]} and {clash[1]} overlap each other; give one of them"
+                )
+    return UpdatePlan(check_overlap=allowed_ips is not None and not allow_overlap)

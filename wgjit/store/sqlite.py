@@ -22,11 +22,13 @@ from wgjit.addr import InvalidAddress, IPNetwork, format_networks, parse_network
 from wgjit.closing import Closing
 from wgjit.keys import InvalidKey, PresharedKey, PublicKey
 from wgjit.store import (
+    KEEP,
     PRESENCE_TTL_S,
     ChangeFeedExpired,
     DuplicatePeer,
     Handshake,
     ImportResult,
+    Keep,
     Peer,
     PeerRefused,
     StoreError,
@@ -39,6 +41,7 @@ from wgjit.store.prefixes import (
     overlap_message,
     overlaps_within,
     peer_problem,
+    plan_update,
     supernet_firsts,
 )
 from wgjit.store.urls import redact
@@ -135,12 +138,36 @@ MIGRATIONS: list[tuple[str | Callable[[sqlite3.Connection], None], ...]] = [
         END""",
         lambda conn: _backfill_prefixes(conn),
     ),
+    # 4: lifecycle: disabled (refused until enabled again) and an expiry time; both are
+    #    changes a gateway must learn, so the feed's update trigger now watches them too
+    (
+        "ALTER TABLE peers ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0"
+        " CHECK (disabled IN (0, 1))",
+        "ALTER TABLE peers ADD COLUMN expires_at REAL",
+        "DROP TRIGGER peers_feed_update",
+        f"""CREATE TRIGGER peers_feed_update
+            AFTER UPDATE OF name, allowed_ips, preshared_key, revoked, public_key, disabled,
+                expires_at ON peers
+            WHEN old.name IS NOT new.name
+              OR old.allowed_ips IS NOT new.allowed_ips
+              OR old.preshared_key IS NOT new.preshared_key
+              OR old.revoked IS NOT new.revoked
+              OR old.public_key IS NOT new.public_key
+              OR old.disabled IS NOT new.disabled
+              OR old.expires_at IS NOT new.expires_at
+        BEGIN
+            INSERT INTO peer_changes (public_key, at)
+                SELECT old.public_key, {_NOW_SQL} WHERE old.public_key IS NOT new.public_key;
+            INSERT INTO peer_changes (public_key, at) VALUES (new.public_key, {_NOW_SQL});
+        END""",
+    ),
 ]
 
 _COLUMNS: Final = (
     "name, public_key, allowed_ips, preshared_key, revoked, created_at, updated_at, last_seen,"
     " handshake_hwm,"
-    " (SELECT gateway_id FROM peer_claims c WHERE c.public_key = peers.public_key)"
+    " (SELECT gateway_id FROM peer_claims c WHERE c.public_key = peers.public_key),"
+    " disabled, expires_at"
 )
 LOOKUP_SQL: Final = f"SELECT {_COLUMNS} FROM peers WHERE public_key = ?"
 _BY_NAME_SQL: Final = f"SELECT {_COLUMNS} FROM peers WHERE name = ?"
@@ -280,6 +307,7 @@ class SQLiteStore(Closing):
         preshared_key: PresharedKey | None = None,
         *,
         allow_overlap: bool = False,
+        expires_at: float | None = None,
     ) -> Peer:
         validate_peer_name(name)
         nets = tuple(allowed_ips)
@@ -303,7 +331,7 @@ class SQLiteStore(Closing):
                     raise PeerRefused(clash)
             cur = conn.execute(
                 "INSERT INTO peers (name, public_key, allowed_ips, preshared_key, revoked,"
-                " created_at, updated_at) VALUES (?, ?, ?, ?, 0, ?, ?)",
+                " created_at, updated_at, expires_at) VALUES (?, ?, ?, ?, 0, ?, ?, ?)",
                 (
                     name,
                     public_key.raw,
@@ -311,11 +339,78 @@ class SQLiteStore(Closing):
                     preshared_key.raw if preshared_key else None,
                     now,
                     now,
+                    expires_at,
                 ),
             )
             _set_prefixes(conn, int(cur.lastrowid or 0), nets)
             self._prune(conn, now)
-        return Peer(name, public_key, nets, preshared_key, False, now, now)
+        return Peer(name, public_key, nets, preshared_key, False, now, now, expires_at=expires_at)
+
+    def update_peer(
+        self,
+        name: str,
+        *,
+        new_name: str | None = None,
+        public_key: PublicKey | None = None,
+        allowed_ips: tuple[IPNetwork, ...] | None = None,
+        preshared_key: PresharedKey | Keep | None = KEEP,
+        disabled: bool | None = None,
+        expires_at: float | Keep | None = KEEP,
+        allow_overlap: bool = False,
+    ) -> Peer:
+        plan = plan_update(new_name, public_key, allowed_ips, allow_overlap)
+        now = time.time()
+        with self._write(f"change peer {name!r}") as conn:
+            row = conn.execute("SELECT id, public_key FROM peers WHERE name = ?", (name,))
+            found = row.fetchone()
+            if found is None:
+                raise UnknownPeer(f"no peer named {name!r}")
+            peer_id, old_key = int(found[0]), bytes(found[1])
+            sets: list[str] = []
+            params: list[Any] = []
+            if new_name is not None and new_name != name:
+                if conn.execute("SELECT 1 FROM peers WHERE name = ?", (new_name,)).fetchone():
+                    raise DuplicatePeer(f"peer {new_name!r} already exists")
+                sets.append("name = ?")
+                params.append(new_name)
+            if public_key is not None and public_key.raw != old_key:
+                other = conn.execute(
+                    "SELECT name FROM peers WHERE public_key = ?", (public_key.raw,)
+                ).fetchone()
+                if other:
+                    raise DuplicatePeer(
+                        f"public key {public_key.short()}... is already used by peer {other[0]!r}"
+                    )
+                # a new key: its handshakes start afresh, and no gateway holds it yet
+                sets.append("public_key = ?, handshake_hwm = NULL, last_seen = NULL")
+                params.append(public_key.raw)
+                conn.execute("DELETE FROM peer_claims WHERE public_key = ?", (old_key,))
+            if allowed_ips is not None:
+                if plan.check_overlap:
+                    clash = _overlap(conn, allowed_ips, peer_id)
+                    if clash:
+                        raise PeerRefused(clash)
+                sets.append("allowed_ips = ?")
+                params.append(format_networks(allowed_ips))
+                _set_prefixes(conn, peer_id, allowed_ips)
+            if not isinstance(preshared_key, Keep):
+                sets.append("preshared_key = ?")
+                params.append(preshared_key.raw if preshared_key else None)
+            if disabled is not None:
+                sets.append("disabled = ?")
+                params.append(int(disabled))
+            if not isinstance(expires_at, Keep):
+                sets.append("expires_at = ?")
+                params.append(expires_at)
+            if sets:
+                conn.execute(
+                    f"UPDATE peers SET {', '.join(sets)}, updated_at = ? WHERE id = ?",
+                    (*params, now, peer_id),
+                )
+                self._prune(conn, now)
+            out = conn.execute(f"SELECT {_COLUMNS} FROM peers WHERE id = ?", (peer_id,))
+            result = out.fetchone()
+        return self._peer(result)
 
     def get_peer(self, name: str) -> Peer | None:
         with self._op(f"read peer {name!r}") as conn:
@@ -723,7 +818,7 @@ class SQLiteStore(Closing):
             conn.execute("COMMIT")
 
     def _peer(self, row: tuple[Any, ...]) -> Peer:
-        name, key, ips, psk, revoked, created, updated, seen, hwm, holder = row
+        name, key, ips, psk, revoked, created, updated, seen, hwm, holder, disabled, exp = row
         try:
             return Peer(
                 name=name,
@@ -736,6 +831,8 @@ class SQLiteStore(Closing):
                 last_seen=float(seen) if seen is not None else None,
                 handshake_hwm=bytes(hwm) if hwm is not None else None,
                 holder=holder,
+                disabled=bool(disabled),
+                expires_at=float(exp) if exp is not None else None,
             )
         except (InvalidKey, InvalidAddress, TypeError, ValueError, AttributeError) as e:
             raise StoreError(f"store {self.path} has an invalid row for peer {name!r}: {e}") from e
