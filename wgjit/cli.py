@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import io
 import json
@@ -23,9 +24,17 @@ from typing import Any, NoReturn
 from wgjit import __version__
 from wgjit.addr import InvalidAddress, format_networks, parse_networks
 from wgjit.capture.afpacket import CaptureError
+from wgjit.clientconf import (
+    DEFAULT_PORT,
+    ClientConfig,
+    ConfigInputError,
+    parse_allowed,
+    parse_dns,
+    parse_endpoint,
+)
 from wgjit.device import BACKENDS, DeviceError, open_device
 from wgjit.events import EventLog
-from wgjit.files import FileRefused, check_target, private_file
+from wgjit.files import FileRefused, check_target, private_file, write_private_bytes
 from wgjit.gateway.core import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_SWEEP_INTERVAL,
@@ -149,27 +158,6 @@ def _when(flag: str, *, never: bool = False) -> Callable[[str], float | None]:
     return parse
 
 
-def _client_config(
-    private: PrivateKey,
-    peer: Peer,
-    gateway_key: str,
-    endpoint: str,
-    client_allowed_ips: str,
-) -> str:
-    lines = [
-        "[Interface]",
-        f"PrivateKey = {private.b64()}",
-        f"Address = {format_networks(peer.allowed_ips).replace(',', ', ')}",
-        "",
-        "[Peer]",
-        f"PublicKey = {gateway_key}",
-    ]
-    if peer.preshared_key is not None:
-        lines.append(f"PresharedKey = {peer.preshared_key.b64()}")
-    lines += [f"Endpoint = {endpoint}", f"AllowedIPs = {client_allowed_ips}"]
-    return "\n".join(lines) + "\n"
-
-
 def cmd_peer_add(args: argparse.Namespace) -> int:
     nets = parse_networks(args.allowed_ips)
     private = None
@@ -178,8 +166,8 @@ def cmd_peer_add(args: argparse.Namespace) -> int:
     else:
         private = PrivateKey.generate()
         public = private.public_key()
-    # resolve everything the client config needs before writing to the store
-    gateway_key = _gateway_key(args) if private is not None else None
+    # every client-config input is checked before anything is written to the store
+    plan = _config_plan(args, have_private=private is not None)
     psk = PresharedKey.generate() if args.preshared_key else None
     with _store(args, create=True) as store:
         peer = store.add_peer(
@@ -190,43 +178,112 @@ def cmd_peer_add(args: argparse.Namespace) -> int:
             allow_overlap=args.allow_overlap,
             expires_at=args.expires,
         )
-    if private is None:
+    if private is None and args.output is None:
         print(f"added peer {peer.name} ({public.b64()}) allowed-ips {format_networks(nets)}")
+        print(
+            f"wgjit: note: `wgjit peer config {peer.name}` prints its client config (gateway"
+            " key, endpoint, preshared key; its owner fills in the private key)",
+            file=sys.stderr,
+        )
         return 0
-    _emit_config(args, private, peer, gateway_key)
+    _emit_config(args, plan, peer, private)
     return 0
 
 
-def _gateway_key(args: argparse.Namespace) -> str | None:
-    """The gateway's public key for a client config: given, or read from --interface."""
+@dataclasses.dataclass(frozen=True)
+class _ConfigPlan:
+    gateway_key: PublicKey | None
+    endpoint: str | None
+    allowed_ips: tuple[Any, ...]
+    dns: tuple[str, ...]
+
+
+def _config_plan(args: argparse.Namespace, *, have_private: bool) -> _ConfigPlan:
+    """Check every client-config option and read what the interface knows (its public key,
+    and its listen port as the endpoint's default port); CLIError before anything is written."""
+    if args.qr and not have_private:
+        raise CLIError(
+            "--qr needs the peer's private key, which wgjit does not have (it keeps none): omit"
+            " --public-key to let wgjit generate the key pair, or use `wgjit peer rotate NAME`"
+        )
+    if args.output is not None:
+        check_target(args.output, force=args.force)
+    if args.qr and args.qr != "-":
+        if not args.qr.lower().endswith(".png"):
+            raise CLIError(f"--qr {args.qr!r}: give FILE.png, or --qr alone for the terminal")
+        check_target(args.qr, force=args.force)
+    gateway_key = None
+    port = DEFAULT_PORT
     if args.gateway_public_key:
-        return PublicKey.from_b64(args.gateway_public_key).b64()
+        gateway_key = PublicKey.from_b64(args.gateway_public_key)
     if args.interface:
         dev = open_device(args.interface)
         try:
-            return str(dev.read().public_key)
+            state = dev.read()
         finally:
             dev.close()
-    return None
+        gateway_key = gateway_key or state.public_key
+        port = state.listen_port or port
+    try:
+        endpoint = parse_endpoint(args.endpoint, port) if args.endpoint else None
+        allowed = parse_allowed(args.client_allowed_ips)
+        dns = parse_dns(args.dns) if args.dns is not None else ()
+    except ConfigInputError as e:
+        raise CLIError(str(e)) from None
+    return _ConfigPlan(gateway_key, endpoint, allowed, dns)
 
 
 def _emit_config(
-    args: argparse.Namespace, private: PrivateKey, peer: Peer, gateway_key: str | None
+    args: argparse.Namespace, plan: _ConfigPlan, peer: Peer, private: PrivateKey | None
 ) -> None:
-    if gateway_key is None:
-        print(
-            "wgjit: note: gateway public key unknown; pass --interface IFNAME or "
-            "--gateway-public-key KEY to fill it in",
-            file=sys.stderr,
-        )
-        gateway_key = "<gateway public key: wg show IFNAME public-key>"
-    conf = _client_config(private, peer, gateway_key, args.endpoint, args.client_allowed_ips)
-    print(f"# wg-quick config for peer {peer.name}; the private key is not stored anywhere else")
-    print(conf, end="")
+    """The config to stdout or --output (0600); the QR code to stderr or --qr FILE.png."""
+    conf = ClientConfig(
+        addresses=peer.allowed_ips,
+        private_key=private,
+        gateway_key=plan.gateway_key,
+        preshared_key=peer.preshared_key,
+        endpoint=plan.endpoint,
+        allowed_ips=plan.allowed_ips,
+        dns=plan.dns,
+        mtu=args.mtu,
+        persistent_keepalive=args.persistent_keepalive,
+    )
+    text = conf.render()
+    for gap in conf.missing():
+        print(f"wgjit: note: the config lacks {gap}: fill it in", file=sys.stderr)
+    head = f"# wg-quick config for peer {peer.name}"
+    if private is not None:
+        head += "; the private key is not stored anywhere else"
+    if args.output is not None:
+        with private_file(args.output, force=args.force) as out:
+            out.write(f"{head}\n{text}")
+        print(f"wrote the client config of peer {peer.name} to {args.output}", file=sys.stderr)
+    else:
+        print(head)
+        print(text, end="")
+        sys.stdout.flush()
     if args.qr:
         import segno
 
-        segno.make(conf, error="l").terminal(compact=True)
+        qr = segno.make(text, error="l")
+        if args.qr == "-":
+            qr.terminal(out=sys.stderr, compact=True)  # stdout stays the config alone
+        else:
+            buf = io.BytesIO()
+            qr.save(buf, kind="png", scale=6)
+            write_private_bytes(args.qr, buf.getvalue(), force=args.force)
+            print(f"wrote the QR code to {args.qr}", file=sys.stderr)
+
+
+def cmd_peer_config(args: argparse.Namespace) -> int:
+    plan = _config_plan(args, have_private=False)
+    with _store(args) as store:
+        peer = _get(store, args.name)
+    why = peer.refusal(time.time())
+    if why:
+        print(f"wgjit: note: peer {peer.name} is {why}: gateways refuse it", file=sys.stderr)
+    _emit_config(args, plan, peer, None)
+    return 0
 
 
 def cmd_peer_disable(args: argparse.Namespace) -> int:
@@ -271,7 +328,7 @@ def cmd_peer_rotate(args: argparse.Namespace) -> int:
     else:
         private = PrivateKey.generate()
         public = private.public_key()
-    gateway_key = _gateway_key(args) if private is not None else None
+    plan = _config_plan(args, have_private=private is not None)
     with _store(args) as store:
         old = _get(store, args.name)
         # a peer with a preshared key gets a new one too: the old config is dead either way
@@ -282,8 +339,7 @@ def cmd_peer_rotate(args: argparse.Namespace) -> int:
         f"{public.b64()} replaces it",
         file=sys.stderr,
     )
-    if private is not None:
-        _emit_config(args, private, peer, gateway_key)
+    _emit_config(args, plan, peer, private)
     return 0
 
 
@@ -534,14 +590,22 @@ ALLOW_OVERLAP_HELP = (
 
 
 def _config_options(p: argparse.ArgumentParser) -> None:
-    """Options of the client configs that add and rotate print."""
-    p.add_argument("--endpoint", default="<gateway address>:51820",
-                   help="gateway HOST:PORT for the generated client config")  # fmt: skip
-    p.add_argument("--interface", help="read the gateway public key from this interface")
-    p.add_argument("--gateway-public-key", help="gateway public key for the client config")
+    """Options of the client configs that add, rotate and config print."""
+    p.add_argument("--endpoint", metavar="HOST[:PORT]",
+                   help="the gateway as clients reach it (port default: --interface's listen "
+                        f"port, else {DEFAULT_PORT})")  # fmt: skip
+    p.add_argument("--interface", help="read the gateway's public key and port from it")
+    p.add_argument("--gateway-public-key", help="the gateway's public key (base64)")
     p.add_argument("--client-allowed-ips", default="0.0.0.0/0, ::/0",
-                   help="AllowedIPs in the generated client config")  # fmt: skip
-    p.add_argument("--qr", action="store_true", help="also print the config as a QR code")
+                   help="AllowedIPs: what the client routes through the tunnel")  # fmt: skip
+    p.add_argument("--dns", metavar="ADDR[,...]", help="DNS servers / search domains")
+    p.add_argument("--mtu", type=_int_range("--mtu", 576, 65535), help="tunnel MTU")
+    p.add_argument("--persistent-keepalive", type=_int_range("--persistent-keepalive", 1, 65535),
+                   metavar="SECONDS", help="for clients behind NAT (25 is usual)")  # fmt: skip
+    p.add_argument("--output", "-o", metavar="FILE", help="write the config to FILE (0600)")
+    p.add_argument("--force", action="store_true", help="replace --output/--qr files")
+    p.add_argument("--qr", nargs="?", const="-", metavar="FILE.png",
+                   help="also a QR code: on the terminal (stderr), or into FILE.png")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -611,6 +675,10 @@ def build_parser() -> argparse.ArgumentParser:
     ro.add_argument("--public-key", help="the new public key (base64); omit to generate")
     _config_options(ro)
     ro.set_defaults(func=cmd_peer_rotate)
+    cf = psub.add_parser("config", parents=[after], help="print a peer's wg-quick client config")
+    cf.add_argument("name")
+    _config_options(cf)
+    cf.set_defaults(func=cmd_peer_config)
     rm = psub.add_parser("remove", parents=[after], help="delete a peer from the store")
     rm.add_argument("name")
     rm.set_defaults(func=cmd_peer_remove)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import stat
 from pathlib import Path
 
 import pytest
@@ -60,9 +61,9 @@ def test_add_without_key_prints_a_client_config(
     store: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     gw = PrivateKey.generate().public_key().b64()
-    rc, out, _ = run(capsys, "peer", "add", "phone", "--allowed-ips", "100.65.0.3/32",
-                     "--gateway-public-key", gw, "--endpoint", "vpn.example.net:51820",
-                     "--preshared-key", "--qr")  # fmt: skip
+    rc, out, err = run(capsys, "peer", "add", "phone", "--allowed-ips", "100.65.0.3/32",
+                       "--gateway-public-key", gw, "--endpoint", "vpn.example.net:51820",
+                       "--preshared-key", "--qr")  # fmt: skip
     assert rc == 0
     conf = dict(
         line.split(" = ", 1) for line in out.splitlines() if " = " in line and line[0] != "#"
@@ -73,7 +74,8 @@ def test_add_without_key_prints_a_client_config(
     assert conf["Endpoint"] == "vpn.example.net:51820"
     assert "PresharedKey" in conf
     assert listing(capsys)[0]["public_key"] == priv.public_key().b64()
-    assert "█" in out or "▀" in out  # the QR code
+    assert "█" in err or "▀" in err  # the QR code: on stderr, `> phone.conf` stays a config
+    assert "█" not in out and "▀" not in out
 
 
 @pytest.mark.parametrize(
@@ -331,4 +333,85 @@ def test_lifecycle_bad_input(
     rc, out, err = run(capsys, *argv)
     assert rc == 1 and err.count("\n") == 1 and err.startswith("wgjit: error: "), err
     assert message in err
+    assert listing(capsys) == before
+
+
+def conf_of(text: str) -> dict[str, str]:
+    return dict(ln.split(" = ", 1) for ln in text.splitlines() if " = " in ln and ln[0] != "#")
+
+
+def test_peer_config_for_a_peer_whose_key_wgjit_never_had(
+    store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gw = PrivateKey.generate().public_key().b64()
+    key = PrivateKey.generate().public_key().b64()
+    rc, out, err = run(capsys, "peer", "add", "laptop", "--allowed-ips", "100.65.0.2/32",
+                       "--public-key", key, "--preshared-key")  # fmt: skip
+    assert rc == 0 and "wgjit peer config laptop" in err
+    rc, out, err = run(capsys, "peer", "config", "laptop", "--gateway-public-key", gw,
+                       "--endpoint", "vpn.example.net", "--dns", "100.65.0.1,corp.example",
+                       "--mtu", "1380", "--persistent-keepalive", "25")  # fmt: skip
+    assert rc == 0
+    conf = conf_of(out)
+    assert conf["PrivateKey"] == "<fill in: this peer's private key>"
+    assert conf["Endpoint"] == "vpn.example.net:51820"  # the default port
+    assert conf["PublicKey"] == gw and len(conf["PresharedKey"]) == 44
+    assert (conf["DNS"], conf["MTU"]) == ("100.65.0.1, corp.example", "1380")
+    assert conf["PersistentKeepalive"] == "25" and conf["Address"] == "100.65.0.2/32"
+    assert "lacks the private key" in err
+    target = tmp_path / "laptop.conf"
+    rc, out, err = run(capsys, "peer", "config", "laptop", "--gateway-public-key", gw,
+                       "--endpoint", "[fd00::1]:443", "-o", str(target))  # fmt: skip
+    assert rc == 0 and out == "" and stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert conf_of(target.read_text())["Endpoint"] == "[fd00::1]:443"
+    rc, _, err = run(capsys, "peer", "config", "laptop", "-o", str(target))
+    assert rc == 1 and "pass --force" in err
+
+
+def test_generated_peer_config_to_files_with_a_png_qr(
+    store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gw = PrivateKey.generate().public_key().b64()
+    conf, png = tmp_path / "phone.conf", tmp_path / "phone.png"
+    rc, out, err = run(capsys, "peer", "add", "phone", "--allowed-ips", "100.65.0.3/32",
+                       "--gateway-public-key", gw, "--endpoint", "198.51.100.1:51820",
+                       "-o", str(conf), "--qr", str(png))  # fmt: skip
+    assert rc == 0 and out == ""
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for f in (conf, png):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600
+    priv = PrivateKey.from_b64(conf_of(conf.read_text())["PrivateKey"])
+    assert listing(capsys)[0]["public_key"] == priv.public_key().b64()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--endpoint", "vpn.example.net:51820\nPostUp = rm -rf /"], "--endpoint"),
+        (["--endpoint", "vpn.example.net:0"], "--endpoint"),
+        (["--endpoint", "vpn.example.net:99999"], "--endpoint"),
+        (["--endpoint", "fd00::1:51820"], "in brackets"),
+        (["--endpoint", "bad_host!:51820"], "--endpoint"),
+        (["--dns", "1.1.1.1\nPostUp = x"], "--dns"),
+        (["--client-allowed-ips", "0.0.0.0/0\nPostUp = x"], "--client-allowed-ips"),
+        (["--mtu", "100"], "--mtu 100 is out of range"),
+        (["--persistent-keepalive", "nan"], "--persistent-keepalive 'nan' is not a whole"),
+        (["--qr"], "--qr needs the peer's private key"),
+        (["--qr", "x.jpg"], "--qr needs"),
+    ],
+)
+def test_config_inputs_are_validated_before_anything_is_written(
+    store: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    key = PrivateKey.generate().public_key().b64()
+    assert run(capsys, "peer", "add", "a", "--allowed-ips", "100.65.0.2/32",
+               "--public-key", key)[0] == 0  # fmt: skip
+    before = listing(capsys)
+    rc, out, err = run(capsys, "peer", "config", "a", *argv)
+    assert rc == 1 and out == "" and err.count("\n") == 1, err
+    assert message in err
+    if argv != ["--qr"]:  # the same on add (a generated key: --qr works), before any write
+        rc, out, err = run(capsys, "peer", "add", "b", "--allowed-ips", "100.65.0.3/32", *argv)
+        assert rc == 1 and err.count("\n") == 1, err
+        assert message in err or "give FILE.png" in err
     assert listing(capsys) == before
