@@ -3,7 +3,7 @@
     sudo .venv/bin/python benchmarks/hold_cost.py [--packets 2000]
 
 In a throwaway network namespace: a UDP socket on 127.0.0.1:51820 stands in for the device, the
-gateway's own NFQUEUE rules are installed, and the real policy (`Gateway.handle`, SQLite store,
+gateway's own NFQUEUE rules are installed, and the real policy (`Policy.on_knocks`, SQLite store,
 200 peers all already installed) judges real initiations, which are then released with an
 ACCEPT verdict. Rows: send-to-receive time without the rule, with it (one packet at a time,
 so the figure includes the policy's work), the policy's share, and the rate one core sustains
@@ -22,15 +22,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from wgjit.addr import parse_networks
 from wgjit.capture.iptables import QueueRules
-from wgjit.capture.nfqueue import NfQueue
+from wgjit.capture.nfqueue import Held, NfQueue
 from wgjit.device import DeviceState, PeerConfig, PeerState
 from wgjit.events import EventLog
-from wgjit.gateway.core import Gateway, GatewayConfig, release
+from wgjit.gateway.core import GatewayConfig, Policy
+from wgjit.gateway.effects import Verdict, run_inline
 from wgjit.handshake import Responder, Timestamp, build_initiation
 from wgjit.keys import PrivateKey, PublicKey
 from wgjit.lab import percentile
@@ -53,7 +54,13 @@ class InstalledDevice:
     def read(self) -> DeviceState:
         return DeviceState(self.name, self.key, PORT, dict(self.peers))
 
+    def handshakes(self) -> dict[PublicKey, float]:
+        return dict.fromkeys(self.peers, 0.0)
+
     def set_peer(self, config: PeerConfig) -> None:
+        pass
+
+    def set_peers(self, configs: Sequence[PeerConfig]) -> None:
         pass
 
     def remove_peers(self, keys: Iterable[PublicKey]) -> None:
@@ -73,14 +80,21 @@ def inner(n: int) -> None:
             store.add_peer(f"p{i}", c.public_key(), parse_networks(f"100.64.{i // 250}.{i % 250}"))
         config = GatewayConfig(per_source_rate=1e9, per_source_burst=1e9, global_rate=1e9,
                                global_burst=1e9, completion="hold")  # fmt: skip
-        gw = Gateway(
-            InstalledDevice(gw_key, (c.public_key() for c in clients)),
+        device = InstalledDevice(gw_key, (c.public_key() for c in clients))
+        gw = Policy(Responder(gw_key), config, EventLog(io.StringIO()), wall=time.time)
+        now = time.monotonic
+        run_inline(
+            gw.reconcile(device.read().peers, now()),
+            lambda e, r, err: gw.on_done(e, r, err, now()),
             store,
-            config,
-            EventLog(io.StringIO()),
-            Responder(gw_key),
+            device,
         )
-        gw.start()
+
+        def judge(batch: list[Held]) -> None:
+            """The policy's verdicts for installed peers: no store or device call."""
+            for e in gw.on_knocks([(h.knock, h) for h in batch], now()):
+                assert isinstance(e, Verdict), e
+                queue.verdict(e.ticket, e.outcome.accepts)  # type: ignore[arg-type]
         t0 = time.time()
         packets = [
             build_initiation(clients[i % PEERS], gw_key.public_key(),
@@ -102,8 +116,7 @@ def inner(n: int) -> None:
                     held = queue.recv_batch()
                     if held:
                         break
-                for h in held:
-                    queue.verdict(h, release(gw.handle(h.knock)))
+                judge(held)
                 queue.flush()
             rx.recv(256)
             return (time.perf_counter() - t) * 1e6
@@ -126,10 +139,11 @@ def inner(n: int) -> None:
 
                 src, dst_ep = Endpoint.parse("127.0.0.1:40000"), Endpoint.parse("127.0.0.1:51820")
                 for p in later:
+                    k = Knock(src, dst_ep, p, 1, time.monotonic())
                     t = time.perf_counter()
-                    outcome = gw.handle(Knock(src, dst_ep, p, 1, time.monotonic()))
+                    [v] = gw.on_knocks([(k, k)], now())
                     handle_us.append((time.perf_counter() - t) * 1e6)
-                    assert outcome == "already_installed", outcome
+                    assert isinstance(v, Verdict) and v.outcome == "already_installed", v
                 # throughput: bursts of 64
                 burst = [
                     build_initiation(clients[i % PEERS], gw_key.public_key(),
@@ -145,9 +159,9 @@ def inner(n: int) -> None:
                     got = 0
                     while got < len(chunk):
                         select.select([queue], [], [], 1.0)
-                        for h in queue.recv_batch():
-                            queue.verdict(h, release(gw.handle(h.knock)))
-                            got += 1
+                        held = queue.recv_batch()
+                        judge(held)
+                        got += len(held)
                         queue.flush()
                     for _ in chunk:
                         rx.recv(256)
@@ -167,7 +181,7 @@ def inner(n: int) -> None:
     print("|---|---|---|")
     print(row("no queue (invert/replay mode, or no gateway)", base))
     print(row("hold mode: queue + policy + ACCEPT verdict", held_us))
-    print(row("of which the policy (`Gateway.handle`, already installed)", handle_us))
+    print(row("of which the policy (`Policy.on_knocks`, already installed)", handle_us))
     print()
     added = statistics.median(held_us) - statistics.median(base)
     print(f"added per handshake, median: {added:.0f} µs; "

@@ -5,9 +5,11 @@
 Loads through `Store.import_peers` (the path `wgjit peer import` takes: executemany on SQLite,
 COPY + one INSERT ... ON CONFLICT per batch on PostgreSQL) and reports the load rate; then
 lookup() latency percentiles for random known keys (and unknown ones), advance_handshake(),
-and, for PostgreSQL, change-feed propagation: revoke() on one connection until another,
-waiting on its wake-up fd, reads the key from changes_since(). PostgreSQL runs on a throwaway
-local server (tests/pgserver.py) over its unix socket. Prints one table; writes nothing else.
+with --many M a gateway's reconcile of M device peers (lookup_many and claim_many against M
+lookup() and claim() calls), and, for PostgreSQL, change-feed propagation: revoke() on one
+connection until another, waiting on its wake-up fd, reads the key from changes_since().
+PostgreSQL runs on a throwaway local server (tests/pgserver.py) over its unix socket. Prints one
+table; writes nothing else.
 """
 
 from __future__ import annotations
@@ -77,7 +79,38 @@ def tai64n(s: int) -> bytes:
     return struct.pack(">QI", 2**62 + s, 0)
 
 
-def bench(url: str, n: int, lookups: int, label: str) -> list[str]:
+def reconcile(store: Store, keys: list[PublicKey], label: str) -> list[str]:
+    """A gateway adopting len(keys) device peers: batched calls against one call per key."""
+    m = len(keys)
+
+    def secs(fn: Callable[[], object]) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    many = secs(lambda: store.lookup_many(keys))
+    single = secs(lambda: [store.lookup(k) for k in keys])
+    claim_first = secs(lambda: store.claim_many(keys, "bench-a"))
+    claim_again = secs(lambda: store.claim_many(keys, "bench-a"))
+    cursor = store.change_cursor()
+    takeover = secs(lambda: store.claim_many(keys, "bench-b"))
+    moved = len(store.changes_since(cursor)[0])
+    part = keys[: max(1, m // 16)]
+    per_claim = secs(lambda: [store.claim(k, "bench-c") for k in part]) / len(part)
+    return [
+        "",
+        f"| {label}: reconcile {m:,} peers | s |",
+        "|---|---|",
+        f"| lookup_many | {many:.2f} |",
+        f"| {m:,} calls of lookup() | {single:.2f} |",
+        f"| claim_many, unclaimed | {claim_first:.2f} |",
+        f"| claim_many, already ours | {claim_again:.2f} |",
+        f"| claim_many, all taken from another gateway ({moved:,} in the feed) | {takeover:.2f} |",
+        f"| {m:,} calls of claim() (extrapolated from {len(part):,}) | {per_claim * m:.2f} |",
+    ]
+
+
+def bench(url: str, n: int, lookups: int, label: str, many: int = 0) -> list[str]:
     rows = []
     with open_store(url) as store:
         secs = load(store, n, label)
@@ -106,6 +139,9 @@ def bench(url: str, n: int, lookups: int, label: str) -> list[str]:
             stats("lookup (unknown key)", miss),
             stats("advance_handshake", adv),
         ]
+        if many:
+            rows += reconcile(store, [key_of(i) for i in rnd.sample(range(n), many)], label)
+            print("\n".join(rows[-9:]), flush=True)
         fd = store.wakeup_fd()
         if fd is not None:
             with open_store(url) as admin:
@@ -130,6 +166,7 @@ def main() -> int:
     ap.add_argument("--peers", type=int, default=1_000_000)
     ap.add_argument("--lookups", type=int, default=100_000)
     ap.add_argument("--backend", choices=("sqlite", "postgresql", "both"), default="both")
+    ap.add_argument("--many", type=int, default=0, help="also time a reconcile of this many")
     args = ap.parse_args()
     # a stopped benchmark still stops its PostgreSQL server and deletes its files
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -137,13 +174,15 @@ def main() -> int:
     peers = args.peers
     if args.backend in ("sqlite", "both"):
         with tempfile.TemporaryDirectory(prefix="wgjit-bench-") as d:
-            out += bench(f"sqlite://{Path(d) / 'peers.db'}", peers, args.lookups, "SQLite")
+            out += bench(
+                f"sqlite://{Path(d) / 'peers.db'}", peers, args.lookups, "SQLite", args.many
+            )
             size = (Path(d) / "peers.db").stat().st_size
             out.append(f"SQLite file: {size / 2**20:,.0f} MiB")
     if args.backend in ("postgresql", "both"):
         with PostgresServer({"shared_buffers": "'2GB'", "max_wal_size": "'8GB'"}) as srv:
             url = srv.create_database("bench")
-            out += ["", *bench(url, peers, args.lookups, "PostgreSQL")]
+            out += ["", *bench(url, peers, args.lookups, "PostgreSQL", args.many)]
     print("\n".join(out))
     return 0
 

@@ -533,14 +533,20 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         adopt_empty_store=args.adopt_empty_store,
     )
     config.validate()  # fail before touching the device
-    log = EventLog(fmt=args.log_format, debug=args.debug)
     mode = "none" if args.testing_no_completion else args.mode
     with contextlib.ExitStack() as stack:
+        # log lines never block the packet path: a slow reader costs dropped lines, counted
+        log = EventLog(fmt=args.log_format, debug=args.debug, background=True)
+        stack.callback(log.close)  # closed last: the other closes may still log
         store = stack.enter_context(contextlib.closing(_store(args)))
         device = stack.enter_context(contextlib.closing(open_device(args.interface, args.backend)))
         # one gateway per interface, taken before anything changes the device or iptables
         # (opening the device above only connects to it); released when this process ends
         stack.enter_context(acquire_lock(device.name))
+        # a second handle for sweeps: reading a big device never delays an install
+        sweep_device = stack.enter_context(
+            contextlib.closing(open_device(args.interface, args.backend))
+        )
         if not args.adopt_empty_store:
             _refuse_empty_store(store, device, args.store)
         return serve(
@@ -551,6 +557,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
             capture_interface=args.capture_interface,
             mode=mode,
             queue_num=args.queue_num,
+            sweep_device=sweep_device,
         )
     raise AssertionError("unreachable")
 
@@ -567,7 +574,8 @@ def _refuse_empty_store(store: Store, device: Any, url: str) -> None:
             close()
     if not empty:
         return
-    on_device = len(device.read().peers)
+    # handshakes(): one entry per peer, at a fraction of read()'s cost on a big device
+    on_device = len(device.handshakes())
     if on_device:
         raise CLIError(
             f"store {redact(url)} has no peers but interface {device.name} has {on_device}:"

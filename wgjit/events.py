@@ -7,6 +7,7 @@ ship them. This module formats and parses; it decides nothing.
 from __future__ import annotations
 
 import json
+import queue
 import re
 import sys
 import threading
@@ -43,13 +44,35 @@ def parse_logfmt(line: str) -> dict[str, str]:
 
 
 class EventLog:
-    """Writes events to a stream, thread-safe. `level` is info/warning/error/debug."""
+    """Writes events to a stream, thread-safe. `level` is info/warning/error/debug.
 
-    def __init__(self, stream: IO[str] | None = None, fmt: str = "text", debug: bool = False):
+    With `background=True` lines go through a bounded queue to a writer thread, so a slow
+    reader of the stream (a full pipe, a stalled journal) never blocks the caller: when the
+    queue is full the line is dropped and counted in `dropped`. `close()` writes what is
+    queued (for at most `timeout` seconds)."""
+
+    QUEUE_LINES = 10000
+
+    def __init__(
+        self,
+        stream: IO[str] | None = None,
+        fmt: str = "text",
+        debug: bool = False,
+        background: bool = False,
+    ):
         self.stream = stream or sys.stdout
         self.fmt = fmt
         self.debug_enabled = debug
+        self.dropped = 0
         self._lock = threading.Lock()
+        self._queue: queue.Queue[str | None] | None = None
+        self._writer: threading.Thread | None = None
+        if background:
+            self._queue = queue.Queue(self.QUEUE_LINES)
+            self._writer = threading.Thread(
+                target=self._write_queued, name="wgjit-log", daemon=True
+            )
+            self._writer.start()
 
     def emit(self, event: str, level: str = "info", **fields: Any) -> None:
         if level == "debug" and not self.debug_enabled:
@@ -61,9 +84,37 @@ class EventLog:
             line = json.dumps({k: v for k, v in record.items() if v is not None}, default=str)
         else:
             line = format_logfmt(record)
+        if self._queue is not None:
+            try:
+                self._queue.put_nowait(line)
+            except queue.Full:
+                self.dropped += 1
+            return
+        self._write(line)
+
+    def _write(self, line: str) -> None:
         with self._lock:
             self.stream.write(line + "\n")
             self.stream.flush()
+
+    def _write_queued(self) -> None:
+        assert self._queue is not None
+        while (line := self._queue.get()) is not None:
+            try:
+                self._write(line)
+            except (OSError, ValueError):
+                self.dropped += 1
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Write what is queued (background mode) and stop the writer."""
+        if self._queue is None or self._writer is None:
+            return
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            return
+        self._writer.join(timeout)
+        self._queue = None
 
     def info(self, event: str, **fields: Any) -> None:
         self.emit(event, "info", **fields)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from wgjit.cli import main
-from wgjit.keys import PrivateKey
+from wgjit.keys import PrivateKey, PublicKey
 
 
 @pytest.fixture
@@ -234,7 +234,6 @@ def test_store_init_then_list(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 def test_gateway_refuses_an_empty_store_while_the_device_has_peers(tmp_path: Path) -> None:
     from wgjit.cli import CLIError, _refuse_empty_store
-    from wgjit.device import DeviceState, PeerState
     from wgjit.store import open_store
 
     key = PrivateKey.generate().public_key()
@@ -245,8 +244,8 @@ def test_gateway_refuses_an_empty_store_while_the_device_has_peers(tmp_path: Pat
         def __init__(self, n: int) -> None:
             self.n = n
 
-        def read(self) -> DeviceState:
-            return DeviceState("wg0", None, 51820, {key: PeerState(key)} if self.n else {})
+        def handshakes(self) -> dict[PublicKey, float]:
+            return {key: 0.0} if self.n else {}
 
     with open_store(str(tmp_path / "p.db")) as store:
         with pytest.raises(CLIError, match=r"has no peers but interface wg0 has 1:.*adopt-empty"):

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 
+from tests.unit.policy_driver import SyncGateway
 from tests.wgref import reference_initiation
 from wgjit.addr import Endpoint, parse_networks
 from wgjit.capture.packet import Knock
 from wgjit.device import DeviceState, PeerConfig, PeerState
 from wgjit.events import EventLog, parse_logfmt
-from wgjit.gateway.core import ConfigError, Gateway, GatewayConfig
+from wgjit.gateway.core import ConfigError, GatewayConfig
 from wgjit.handshake import Opened, Responder, Timestamp, Verified, build_initiation
 from wgjit.keys import PrivateKey, PublicKey
 from wgjit.store import Store, open_store
@@ -55,6 +56,13 @@ class FakeDevice:
             ),
         )
 
+    def handshakes(self) -> dict[PublicKey, float]:
+        return {k: ps.last_handshake or 0.0 for k, ps in self.peers.items()}
+
+    def set_peers(self, configs: Sequence[PeerConfig]) -> None:
+        for c in configs:
+            self.set_peer(c)
+
     def remove_peers(self, keys: Iterable[PublicKey]) -> None:
         for k in keys:
             self.peers.pop(k, None)
@@ -65,14 +73,14 @@ class FakeDevice:
 
 class Clock:
     def __init__(self) -> None:
-        self.t = 1000.0
+        self.t = 1.8e9  # wall clock too: after the tests' initiation timestamps (1e9 + ...)
 
     def __call__(self) -> float:
         return self.t
 
 
 class Env(NamedTuple):
-    g: Gateway
+    g: SyncGateway
     dev: FakeDevice
     store: Store
     gw_key: PrivateKey
@@ -87,14 +95,13 @@ def env(tmp_path: Path) -> Env:
     store = open_store(str(tmp_path / "peers.db"))
     out = io.StringIO()
     clock = Clock()
-    g = Gateway(
+    g = SyncGateway(
         dev,
         store,
         GatewayConfig(idle_timeout=300, sweep_interval=15),
         EventLog(out),
         Responder(gw_key),
         clock=clock,
-        wall=clock,
     )
     g.start()
     return Env(g, dev, store, gw_key, out, clock)
@@ -118,18 +125,11 @@ def test_known_peer_installed_with_endpoint_and_no_keepalive_left(env: Env) -> N
     store.add_peer("alice", c.public_key(), parse_networks("100.65.0.11/32"))
     assert g.handle(knock(initiation(c, gw_key, 1e9), clock.t)) == "installed"
     assert [cfg.persistent_keepalive for cfg in dev.calls] == [None]
-    # role inversion waits until the device has had time to see the client's initiation
-    assert g.next_completion() == clock.t + g.config.invert_delay
-    g.complete_due(clock.t)
-    assert len(dev.calls) == 1
-    g.complete_due(clock.t + g.config.invert_delay)
-    assert g.next_completion() is None
     ps = dev.peers[c.public_key()]
     assert ps.endpoint == SRC
     assert ps.allowed_ips == parse_networks("100.65.0.11/32")
-    assert ps.persistent_keepalive == 0
-    # role inversion: keepalive switched on with the install, then off
-    assert [cfg.persistent_keepalive for cfg in dev.calls] == [None, 1, 0]
+    # the install's verdict names the key (a completion mode acts on it)
+    assert g.verdicts[-1].key == c.public_key()
     assert events(out, "install")[0]["peer"] == "alice"
     # the store remembers the accepted timestamp
     peer = store.lookup(c.public_key())
@@ -216,18 +216,31 @@ def test_reconcile_removes_what_store_does_not_allow(tmp_path: Path) -> None:
     store.revoke("rev")
     for k in (keep, revoked, stranger):
         dev.peers[k] = PeerState(k)
-    g = Gateway(dev, store, GatewayConfig(), EventLog(io.StringIO()), Responder(gw_key))
+    g = SyncGateway(
+        dev, store, GatewayConfig(), EventLog(io.StringIO()), Responder(gw_key), Clock()
+    )
     g.start()
     assert set(dev.peers) == {keep}
     assert set(g.installed) == {keep}
 
 
-def test_per_source_rate_limit(env: Env) -> None:
-    g, dev, store, gw_key, out, clock = env
-    c = PrivateKey.generate()
-    outcomes = [g.handle(knock(initiation(c, gw_key, 1e9 + i), clock.t)) for i in range(40)]
-    assert outcomes.count("rate_limited") == 20
-    assert outcomes.count("unknown") + outcomes.count("negative_cached") == 20
+def test_per_source_rate_limit_only_under_load(tmp_path: Path) -> None:
+    """Like the kernel's: a crowd behind one address (NAT) is not limited while the gateway
+    keeps up; under load each address gets per_source_rate."""
+    for under_load, limited in ((False, 0), (True, 20)):
+        gw_key = PrivateKey.generate()
+        g = SyncGateway(
+            FakeDevice(gw_key), open_store(str(tmp_path / f"{under_load}.db")),
+            GatewayConfig(testing_always_under_load=under_load), EventLog(io.StringIO()),
+            Responder(gw_key), Clock(),
+        )  # fmt: skip
+        g.start()
+        outcomes = [
+            g.handle(knock(initiation(PrivateKey.generate(), gw_key, 1e9), g.clock()))
+            for _ in range(40)
+        ]
+        assert outcomes.count("rate_limited") == limited
+        assert outcomes.count("unknown") == 40 - limited
 
 
 def test_short_timers_need_explicit_testing_flag() -> None:
@@ -280,3 +293,17 @@ def test_store_changes_pushed_only_when_they_change_the_device(env: Env) -> None
     calls = len(dev.calls)
     g.poll_changes()  # a's own insert and b's are in the feed: nothing to push
     assert len(dev.calls) == calls
+
+
+def test_reconcile_corrects_allowed_ips_the_store_changed_meanwhile(tmp_path: Path) -> None:
+    gw_key = PrivateKey.generate()
+    dev = FakeDevice(gw_key)
+    store = open_store(str(tmp_path / "p.db"))
+    k = PrivateKey.generate().public_key()
+    store.add_peer("moved", k, parse_networks("100.65.0.9/32"))
+    dev.peers[k] = PeerState(k, allowed_ips=parse_networks("100.65.0.2/32"))  # the old config
+    g = SyncGateway(dev, store, GatewayConfig(), EventLog(io.StringIO()), Responder(gw_key),
+                    Clock())  # fmt: skip
+    g.start()
+    assert dev.peers[k].allowed_ips == parse_networks("100.65.0.9/32")
+    assert k in g.installed

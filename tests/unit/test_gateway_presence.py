@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.policy_driver import SyncGateway
 from tests.unit.test_gateway_core import Clock, FakeDevice, events, initiation, knock
 from wgjit.addr import Endpoint, parse_networks
 from wgjit.events import EventLog
-from wgjit.gateway.core import Gateway, GatewayConfig
-from wgjit.handshake import Responder
+from wgjit.gateway.core import GatewayConfig
+from wgjit.handshake import Responder, Timestamp
 from wgjit.keys import PrivateKey
 from wgjit.store import Store, open_store
 
@@ -34,14 +35,13 @@ class Node:
         self.store: Store = open_store(url)
         self.dev = FakeDevice(gw_key)
         self.out = io.StringIO()
-        self.g = Gateway(
+        self.g = SyncGateway(
             self.dev,
             self.store,
             GatewayConfig(idle_timeout=300, sweep_interval=15, gateway_id=gateway_id),
             EventLog(self.out),
             Responder(gw_key),
             clock=clock,
-            wall=clock,
         )
 
 
@@ -124,3 +124,83 @@ def test_idle_eviction_releases_and_adoption_claims(nodes: Callable[[str], Node]
     a2.g.start()
     peer = a2.store.lookup(c.public_key())
     assert peer is not None and peer.holder == "gw-a2"
+
+
+def test_replayed_rekey_at_another_gateway_never_moves_the_client(
+    nodes: Callable[[str], Node],
+) -> None:
+    """An eavesdropper copies a live client's rekey to gateway B before A wrote its mark:
+    B admits it, but A sees B admitted a timestamp A had already seen, keeps the client and
+    claims the peer back; B drops it."""
+    a, b = nodes("gw-a"), nodes("gw-b")
+    a.g.start()
+    b.g.start()
+    c = PrivateKey.generate()
+    a.store.add_peer("alice", c.public_key(), parse_networks("100.65.0.11/32"))
+    gw_key, clock = a.dev.private_key, a.g.clock
+    assert a.g.handle(knock(initiation(c, gw_key, 1e9), clock())) == "installed"
+    rekey = initiation(c, gw_key, 1e9 + 120)
+    assert a.g.handle(knock(rekey, clock())) == "already_installed"
+    # copied to B at once, from the attacker's address (A has not written the mark yet)
+    assert b.g.handle(knock(rekey, clock(), OTHER_SRC)) == "installed"
+    a.g.poll_changes()
+    assert c.public_key() in a.dev.peers and c.public_key() in a.g.installed
+    assert events(a.out, "handoff_refused")[-1]["to_gateway"] == "gw-b"
+    b.g.poll_changes()
+    assert c.public_key() not in b.dev.peers
+    assert events(b.out, "evict")[-1]["reason"] == "handoff"
+    peer = a.store.lookup(c.public_key())
+    assert peer is not None and peer.holder == "gw-a"
+    # a real roam (a newer initiation) still moves the peer
+    assert b.g.handle(knock(initiation(c, gw_key, 1e9 + 130), clock(), OTHER_SRC)) == "installed"
+    a.g.poll_changes()
+    assert c.public_key() not in a.dev.peers
+
+
+def test_marks_written_within_a_second(nodes: Callable[[str], Node]) -> None:
+    a = nodes("gw-a")
+    a.g.start()
+    c = PrivateKey.generate()
+    a.store.add_peer("alice", c.public_key(), parse_networks("100.65.0.11/32"))
+    gw_key, clock = a.dev.private_key, a.g.clock
+    a.g.handle(knock(initiation(c, gw_key, 1e9), clock()))
+    a.g.handle(knock(initiation(c, gw_key, 1e9 + 120), clock()))
+    clock.t += 1.0  # type: ignore[attr-defined]
+    a.g.tick()
+    peer = a.store.lookup(c.public_key())
+    assert peer is not None and peer.handshake_hwm == Timestamp.from_unix(1e9 + 120).raw
+
+
+def test_claims_reasserted_after_a_pause(nodes: Callable[[str], Node]) -> None:
+    a = nodes("gw-a")
+    a.g.start()
+    c = PrivateKey.generate()
+    a.store.add_peer("alice", c.public_key(), parse_networks("100.65.0.11/32"))
+    gw_key, clock = a.dev.private_key, a.g.clock
+    a.g.handle(knock(initiation(c, gw_key, 1e9), clock()))
+    a.store.release([c.public_key()], "gw-a")  # as when an outage let our claims expire
+    clock.t += 40  # type: ignore[attr-defined]  # no heartbeat for 40 s
+    a.g.tick()
+    peer = a.store.lookup(c.public_key())
+    assert peer is not None and peer.holder == "gw-a"
+    assert events(a.out, "reassert_claims")
+
+
+def test_far_future_timestamp_refused_and_leaves_the_mark(nodes: Callable[[str], Node]) -> None:
+    a = nodes("gw-a")
+    a.g.start()
+    c = PrivateKey.generate()
+    a.store.add_peer("alice", c.public_key(), parse_networks("100.65.0.11/32"))
+    gw_key, clock = a.dev.private_key, a.g.clock
+    future = clock() + 2 * 3600
+    assert a.g.handle(knock(initiation(c, gw_key, future), clock())) == "future"
+    assert events(a.out, "suspicious_timestamp")[-1]["peer"] == "alice"
+    peer = a.store.lookup(c.public_key())
+    assert peer is not None and peer.handshake_hwm is None
+    assert a.g.handle(knock(initiation(c, gw_key, 1e9), clock())) == "installed"
+    # installed: still refused, and the mark does not move
+    assert a.g.handle(knock(initiation(c, gw_key, future + 1), clock())) == "future"
+    clock.t += 1.0  # type: ignore[attr-defined]
+    a.g.tick()
+    peer = a.store.lookup(c.public_key())
+    assert peer is not None and peer.handshake_hwm == Timestamp.from_unix(1e9).raw

@@ -652,6 +652,35 @@ def test_threads_share_one_store(store: Store) -> None:
     assert len(store.changes_since(0)[0]) == 200
 
 
+def test_sqlite_threads_wait_boundedly(db: Path) -> None:
+    """A write stuck on another process's lock holds the writer connection: the other threads'
+    writes wait at most busy_timeout for it, and their reads do not wait at all."""
+    with SQLiteStore(db, busy_timeout=0.5) as s:
+        k = new_key()
+        s.add_peer("alice", k, NETS)
+        other = raw(db)
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+
+        def write() -> None:
+            with pytest.raises(StoreError, match="is busy"):
+                s.add_peer("b", new_key(), ips())
+
+        stuck = threading.Thread(target=write)
+        stuck.start()
+        time.sleep(0.1)  # the writer connection is now busy waiting
+        t0 = time.monotonic()
+        assert s.lookup(k) is not None and s.lookup_many([k]) != {}
+        assert s.changes_since(0)[0] == [k]
+        assert time.monotonic() - t0 < 0.2  # reads went past the stuck write
+        t0 = time.monotonic()
+        with pytest.raises(StoreError, match="is busy"):
+            s.advance_handshake(Handshake(k, tai64n(1), 1.0))
+        assert time.monotonic() - t0 < 1.5
+        stuck.join()
+        other.execute("ROLLBACK")
+        assert s.advance_handshake(Handshake(k, tai64n(1), 1.0))
+
+
 # -- presence ------------------------------------------------------------------------------------
 
 
@@ -710,6 +739,218 @@ def test_dead_gateways_claims_expire(store: Store, monkeypatch: pytest.MonkeyPat
             break
         assert time.monotonic() < deadline, "gw-a's claim never expired"
         time.sleep(0.02)
+
+
+# -- many keys at once (a gateway's reconcile) ----------------------------------------------------
+
+
+def test_lookup_many(store: Store) -> None:
+    from wgjit.store import MANY_CHUNK, Peer
+
+    n = MANY_CHUNK * 2 + 500  # three chunks
+    keys = [new_key() for _ in range(n)]
+    assert store.import_peers([Peer(f"m{i:05d}", k, ips()) for i, k in enumerate(keys)]).added == n
+    store.heartbeat("gw-a")
+    store.claim(keys[7], "gw-a")
+    store.revoke("m00009")
+    store.update_peer("m00011", disabled=True, expires_at=1234.5)  # lifecycle columns too
+    absent = [new_key() for _ in range(300)]
+    asked = keys + absent + keys[:50]  # unknown keys and duplicates mixed in
+    found = store.lookup_many(asked)
+    assert set(found) == set(keys)
+    for k in (keys[0], keys[7], keys[9], keys[11], keys[MANY_CHUNK], keys[-1]):
+        assert found[k] == store.lookup(k)  # the same Peer, holder and revoked flag included
+    assert found[keys[7]].holder == "gw-a" and found[keys[9]].revoked
+    assert found[keys[11]].disabled and found[keys[11]].expires_at == 1234.5
+    assert found[keys[11]].refusal(0.0) == "disabled" and found[keys[0]].refusal(0.0) is None
+    assert store.lookup_many(absent) == {}
+    assert store.lookup_many([]) == {}
+    assert store.lookup_many(iter_keys := tuple(keys[:3])) == {k: found[k] for k in iter_keys}
+
+
+def test_claim_many_takes_over_and_is_announced(
+    store: Store, open_same: Callable[[], Store]
+) -> None:
+    from wgjit.store import MANY_CHUNK, Peer
+
+    n = MANY_CHUNK + 700  # two chunks
+    keys = [new_key() for _ in range(n)]
+    store.import_peers([Peer(f"c{i:05d}", k, ips()) for i, k in enumerate(keys)])
+    a, b = store, open_same()  # two gateways
+    a.heartbeat("gw-a")
+    b.heartbeat("gw-b")
+    held_by_a = keys[::3]  # in both chunks
+    a.claim(held_by_a[0], "gw-a")
+    a.claim_many(held_by_a, "gw-a")
+    mine = keys[1:40:3]
+    b.claim_many(mine, "gw-b")
+    cursor = a.change_cursor()
+    gone = new_key()
+    a.add_peer("gone", gone, ips())
+    a.remove("gone")
+    cursor = a.change_cursor()
+    # gw-b adopts every peer: a's, its own, unclaimed ones, and a key no longer in the store
+    b.claim_many([*keys, gone, keys[0]], "gw-b")
+    changed, cursor = a.changes_since(cursor)
+    assert sorted(k.raw for k in changed) == sorted(k.raw for k in held_by_a)  # a learns ...
+    found = a.lookup_many(keys)
+    assert {p.holder for p in found.values()} == {"gw-b"}  # ... that b holds them now
+    assert a.lookup(gone) is None
+    b.claim_many(keys, "gw-b")  # again: nothing moves, nothing announced
+    assert a.changes_since(cursor) == ([], cursor)
+    b.claim_many([], "gw-b")
+    a.claim(keys[0], "gw-a")  # claim() and claim_many() announce alike
+    assert b.changes_since(cursor)[0] == [keys[0]]
+
+
+def test_two_threads_at_once(open_same: Callable[[], Store]) -> None:
+    """A gateway's workers: reconcile (lookup_many, claim_many) beside the knock path (lookup,
+    advance_handshake), the change feed and presence, all on one store object."""
+    from wgjit.store import Peer
+
+    store, admin = open_same(), open_same()
+    keys = [new_key() for _ in range(3000)]
+    admin.import_peers([Peer(f"w{i:05d}", k, ips()) for i, k in enumerate(keys)])
+    cursor = store.change_cursor()
+    start = threading.Barrier(3)
+    errors: list[BaseException] = []
+    fds: list[int | None] = []
+
+    def reconcile() -> None:
+        start.wait()
+        for _ in range(3):
+            assert len(store.lookup_many(keys)) == len(keys)
+            store.claim_many(keys, "gw-a")
+            fds.append(store.wakeup_fd())
+
+    def knocks(part: list[PublicKey]) -> Callable[[], None]:
+        def run() -> None:
+            start.wait()
+            for i, k in enumerate(part):
+                assert store.lookup(k) is not None
+                assert store.advance_handshake(Handshake(k, tai64n(i + 1), 1.0))
+                if i % 50 == 0:
+                    store.changes_since(cursor)
+                    store.heartbeat("gw-a")
+                    fds.append(store.wakeup_fd())
+
+        return run
+
+    def guarded(fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as e:  # pragma: no cover - reported below
+                errors.append(e)
+
+        return run
+
+    jobs = (reconcile, knocks(keys[:300]), knocks(keys[300:600]))
+    threads = [threading.Thread(target=guarded(f)) for f in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert {p.holder for p in store.lookup_many(keys).values()} == {"gw-a"}
+    assert len(set(fds)) == 1  # one wake-up fd for the life of the store (None for SQLite)
+
+
+@pytest.mark.parametrize("call", ["advance_handshake", "claim", "claim_many"])
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_held_row_lock_costs_a_call_its_timeout(
+    request: pytest.FixtureRequest, db: Path, backend: str, call: str
+) -> None:
+    """Another session (an operator's psql, an import) holds a peer's row: the call fails after
+    the lock timeout (1 s) instead of hanging; reads go on; once the lock is gone, so is the
+    error. SQLite locks the whole file for a writer, so there it is its busy timeout."""
+    import psycopg
+
+    k = new_key()
+    holder: psycopg.Connection[tuple[object, ...]] | sqlite3.Connection
+    if backend == "postgresql":
+        url = request.getfixturevalue("pg_url")
+        store: Store = open_store(url)
+        store.add_peer("alice", k, NETS)
+        holder = psycopg.connect(url)  # a transaction stays open
+        holder.execute("SELECT * FROM peers WHERE public_key = %s FOR UPDATE", (k.raw,))
+    else:
+        store = SQLiteStore(db, busy_timeout=1.0)
+        store.add_peer("alice", k, NETS)
+        holder = raw(db)
+        holder.execute("BEGIN IMMEDIATE")
+    run: Callable[[], object] = {
+        "advance_handshake": lambda: store.advance_handshake(Handshake(k, tai64n(1), 1.0)),
+        "claim": lambda: store.claim(k, "gw-a"),
+        "claim_many": lambda: store.claim_many([k], "gw-a"),
+    }[call]
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(StoreError, match=r"stayed locked by another session|is busy") as e:
+            run()
+        took = time.monotonic() - t0
+        assert 0.8 < took < 2.0, took
+        assert "\n" not in str(e.value)
+        assert store.lookup(k) is not None  # readers are not blocked
+        holder.rollback()
+        run()
+        peer = store.lookup(k)
+        assert peer is not None
+        assert peer.handshake_hwm == tai64n(1) or peer.holder == "gw-a"
+    finally:
+        holder.close()
+        store.close()
+
+
+def test_postgres_url_overrides_the_timeouts(pg_url: str) -> None:
+    import psycopg
+
+    def show(s: PostgresStore, name: str) -> str:
+        return str(s._run("show", lambda c: c.execute(f"SHOW {name}").fetchone()[0]))  # type: ignore[index]
+
+    with open_store(pg_url) as s:
+        assert isinstance(s, PostgresStore)
+        assert (s.connect_timeout, s.statement_timeout, s.lock_timeout) == (5, 5, 1)
+        assert (show(s, "lock_timeout"), show(s, "statement_timeout")) == ("1s", "5s")
+        assert s.answer_timeout == 6
+        for part in ("keepalives=1", "keepalives_idle=10", "tcp_user_timeout=10000"):
+            assert part in s._conninfo
+
+    url = f"{pg_url}&lock_timeout=200ms&statement_timeout=0.5s&connect_timeout=3&keepalives_idle=30"
+    k = new_key()
+    with open_store(url) as s:
+        assert isinstance(s, PostgresStore)
+        assert (s.connect_timeout, s.statement_timeout, s.lock_timeout) == (3, 0.5, 0.2)
+        assert (show(s, "lock_timeout"), show(s, "statement_timeout")) == ("200ms", "500ms")
+        assert "keepalives_idle=30" in s._conninfo and "connect_timeout=3" in s._conninfo
+        s.add_peer("alice", k, NETS)
+        with psycopg.connect(pg_url) as holder:
+            holder.execute("SELECT 1 FROM peers FOR UPDATE")
+            t0 = time.monotonic()
+            with pytest.raises(StoreError, match=r"locked by another session for over 0.2 s"):
+                s.advance_handshake(Handshake(k, tai64n(1), 1.0))
+            assert time.monotonic() - t0 < 0.9
+        with pytest.raises(StoreError, match=r"took over 0.5 s \(statement_timeout"):
+            s._run("sleep", lambda c: c.execute("SELECT pg_sleep(2)"))
+        assert s.lookup(k) is not None  # the connection is fine afterwards
+
+    # libpq's own `options` count too; a URL parameter wins over them
+    opts = "options=-c%20lock_timeout%3D3s%20-c%20statement_timeout%3D7s"
+    with open_store(f"{pg_url}&{opts}&statement_timeout=8s") as s:
+        assert isinstance(s, PostgresStore)
+        assert (s.statement_timeout, s.lock_timeout) == (8, 3)
+        assert (show(s, "lock_timeout"), show(s, "statement_timeout")) == ("3s", "8s")
+    with open_store(f"{pg_url}&statement_timeout=0") as s:  # no limit, no answer deadline
+        assert isinstance(s, PostgresStore) and s.answer_timeout is None
+        assert show(s, "statement_timeout") == "0"
+
+    secret = pg_url.replace("postgresql:///", "postgresql://wgjit:hunter2@/", 1)
+    for bad in (f"{secret}&lock_timeout=soon", f"{secret}&bogus=1"):
+        with pytest.raises(StoreError) as e:
+            open_store(bad)
+        assert "hunter2" not in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(StoreError, match="invalid lock_timeout 'soon'"):
+        open_store(f"{pg_url}&lock_timeout=soon")
 
 
 # -- bulk ----------------------------------------------------------------------------------------
@@ -874,3 +1115,70 @@ def test_create_false_never_creates(open_same: Callable[[], Store], tmp_path: Pa
     open_store(url).close()  # create=True (the default) initialises it
     with open_store(url, create=False) as s:
         assert s.list_peers() == []
+
+
+def _cluster_pids(srv: object) -> list[int]:
+    """The postmaster of a PostgresServer and its children (backends, background workers)."""
+    data = Path(str(getattr(srv, "data")))  # noqa: B009 - any server object with a data dir
+    main = int((data / "postmaster.pid").read_text().split()[0])
+    pids = [main]
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == main:
+            pids.append(int(stat_file.parent.name))
+    return pids
+
+
+def test_postgres_frozen_server_costs_a_call_its_answer_deadline() -> None:
+    """A server that stops answering (SIGSTOP; over TCP also a black-holed network) cannot
+    enforce statement_timeout: the client cuts the call at statement_timeout + 1 s, the calls
+    of the next second fail at once, and once the server answers again so does the store."""
+    import os
+    import select
+    import signal
+
+    from tests.pgserver import PostgresServer
+
+    with PostgresServer() as srv:
+        url = srv.create_database("frozen")
+        with open_store(f"{url}&statement_timeout=500ms") as s:
+            k = new_key()
+            s.add_peer("alice", k, NETS)
+            fd = s.wakeup_fd()
+            assert fd is not None
+            s.changes_since(0)
+            pids = _cluster_pids(srv)
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                t0 = time.monotonic()
+                with pytest.raises(StoreError, match=r"no answer from the database within 1.5 s"):
+                    s.lookup(k)
+                assert 1.4 < time.monotonic() - t0 < 2.5
+                t0 = time.monotonic()
+                with pytest.raises(StoreError, match="unreachable"):
+                    s.advance_handshake(Handshake(k, tai64n(1), 1.0))
+                assert time.monotonic() - t0 < 0.1
+                time.sleep(1.0)  # past the fail-fast second: each call waits again, bounded
+                t0 = time.monotonic()
+                with pytest.raises(StoreError):
+                    s.lookup_many([k])
+                assert time.monotonic() - t0 < 2.5
+            finally:
+                for pid in pids:
+                    os.kill(pid, signal.SIGCONT)
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    assert s.advance_handshake(Handshake(k, tai64n(1), 1.0))
+                    break
+                except StoreError:
+                    assert time.monotonic() < deadline, "the store never recovered"
+                    time.sleep(0.1)
+            assert s.wakeup_fd() == fd  # the LISTEN connection lived through the freeze
+            s.revoke("alice")
+            assert select.select([fd], [], [], 5)[0] == [fd]
+            assert s.changes_since(1)[0] == [k]

@@ -30,6 +30,7 @@ NETLINK_NETFILTER = 12
 NETLINK_NO_ENOBUFS = 5
 SOL_NETLINK = 270
 SO_RCVBUFFORCE = 33
+SO_TIMESTAMP = 29  # asm-generic/socket.h (SO_TIMESTAMP_OLD)
 
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
@@ -56,6 +57,7 @@ NFQA_CFG_F_FAIL_OPEN = 0x0001
 
 NFQA_PACKET_HDR = 1
 NFQA_VERDICT_HDR = 2
+NFQA_TIMESTAMP = 4
 NFQA_IFINDEX_INDEV = 5
 NFQA_PAYLOAD = 10
 
@@ -66,8 +68,11 @@ NF_ACCEPT = 1
 COPY_RANGE = 256
 DEFAULT_MAXLEN = 4096
 DEFAULT_RCVBUF = 4 << 20
-# how long a read packet may stay without a verdict before expire() releases it
+# how long a packet may stay queued without a verdict before expire() releases it
 DEFAULT_HOLD_TIMEOUT = 1.0
+# a kernel timestamp further in the past than this (or in the future) is not trusted: the
+# wall clock was stepped; the packet is then taken as queued when it was read
+MAX_STAMP_AGE = 10.0
 
 _NLMSGHDR = struct.Struct("=IHHII")  # length, type, flags, seq, pid (host order)
 _NFGENMSG = struct.Struct("!BBH")  # family, version, res_id (queue number, big-endian)
@@ -75,6 +80,7 @@ _NLATTR = struct.Struct("=HH")  # length, type
 _NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
 _PACKET_HDR = struct.Struct("!IHB")  # packet_id, hw_protocol, hook
 _VERDICT_HDR = struct.Struct("!II")  # verdict, packet_id
+_TIMESTAMP = struct.Struct("!QQ")  # struct nfqnl_msg_packet_timestamp: sec, usec (wall clock)
 
 
 class QueueError(OSError):
@@ -145,6 +151,8 @@ class QueuedPacket:
     packet_id: int
     ifindex: int
     payload: bytes
+    # when the kernel received it (unix seconds), if the kernel stamped it (see NfQueue)
+    timestamp: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,7 +199,13 @@ def parse_messages(data: bytes) -> Iterator[QueuedPacket | NetlinkError]:
                 packet_id = _PACKET_HDR.unpack_from(hdr)[0]
                 indev = attrs.get(NFQA_IFINDEX_INDEV)
                 ifindex = struct.unpack("!I", indev)[0] if indev and len(indev) == 4 else 0
-                yield QueuedPacket(queue, packet_id, ifindex, attrs.get(NFQA_PAYLOAD, b""))
+                raw_ts = attrs.get(NFQA_TIMESTAMP)
+                ts = None
+                if raw_ts is not None and len(raw_ts) == _TIMESTAMP.size:
+                    sec, usec = _TIMESTAMP.unpack(raw_ts)
+                    ts = sec + usec / 1e6
+                payload = attrs.get(NFQA_PAYLOAD, b"")
+                yield QueuedPacket(queue, packet_id, ifindex, payload, ts)
         pos += _align(length)
 
 
@@ -213,9 +227,10 @@ class NfQueue(Closing):
     then `flush()` to send the verdicts (one `sendmsg`). Packets that do not parse as a
     handshake initiation to `port` are dropped here and counted as `malformed`.
 
-    No packet stays held for ever: `expire(now)` releases (ACCEPT) any packet read more than
-    `hold_timeout` seconds ago and still without a verdict, and `close()` releases all of them
-    (closing the socket would make the kernel drop them). Release, not drop: a late ACCEPT
+    No packet stays held for ever: `expire(now)` releases (ACCEPT) any packet queued more
+    than `hold_timeout` seconds ago (by the kernel's timestamp, else by when it was read) and
+    still without a verdict, and `close()` releases all of them (closing the socket would make
+    the kernel drop them). Release, not drop: a late ACCEPT
     cannot admit anyone (the device authenticates every initiation and ignores keys it does
     not have), whereas a DROP would make a legitimate client wait for its 5 s retry; it is also
     what `--queue-bypass` does while no gateway listens. The queue is bound with FAIL_OPEN for
@@ -271,6 +286,11 @@ class NfQueue(Closing):
         self._request(
             flags_attr(NFQA_CFG_F_FAIL_OPEN, NFQA_CFG_F_FAIL_OPEN), "set the fail-open flag"
         )
+        # Ask the kernel to stamp received packets (net_enable_timestamp): queued packets then
+        # carry NFQA_TIMESTAMP, and the hold timeout counts from when the kernel queued a
+        # packet, not from when this process got round to reading it.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMP, 1)
         sock.setblocking(False)
 
     def _request(self, attrs: bytes, what: str) -> None:
@@ -317,15 +337,21 @@ class NfQueue(Closing):
                 raise QueueError(e.errno or errno.EIO, f"reading the queue: {e}") from None
             reads += 1
             now = time.monotonic()
+            wall = time.time()
             for m in parse_messages(data):
                 if not isinstance(m, QueuedPacket):
                     continue
-                knock = parse_knock(m.payload, ifindex=m.ifindex, received_at=now, port=self.port)
+                queued = now
+                if m.timestamp is not None and 0.0 <= wall - m.timestamp <= MAX_STAMP_AGE:
+                    queued = now - (wall - m.timestamp)
+                knock = parse_knock(
+                    m.payload, ifindex=m.ifindex, received_at=queued, port=self.port
+                )
                 if knock is None:
                     self.malformed += 1
                     self._verdict(m.packet_id, False)
                     continue
-                self._held[m.packet_id] = now
+                self._held[m.packet_id] = queued
                 out.append(Held(knock, m.packet_id))
         if self._out:
             self.flush()
@@ -360,14 +386,19 @@ class NfQueue(Closing):
                 time.sleep(0.001)
 
     def next_deadline(self) -> float | None:
-        """When `expire()` next has work (monotonic), or None."""
-        if not self._held:
-            return None
-        return min(self._held.values()) + self.hold_timeout
+        """When `expire()` next has work (monotonic), or None. Packets are held in the order
+        the kernel queued them, so the oldest is the first."""
+        for t in self._held.values():
+            return t + self.hold_timeout
+        return None
 
     def expire(self, now: float) -> int:
         """Release packets held longer than `hold_timeout`; returns how many."""
-        late = [pid for pid, t in self._held.items() if now - t >= self.hold_timeout]
+        late = []
+        for pid, t in self._held.items():
+            if now - t < self.hold_timeout:
+                break
+            late.append(pid)
         for pid in late:
             del self._held[pid]
             self._verdict(pid, True)

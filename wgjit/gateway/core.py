@@ -1,29 +1,60 @@
-"""The gateway's policy: what to do with each captured initiation, when to evict, what to sync.
+"""The gateway's policy as a sans-IO state machine: events in, effects out.
 
-`Gateway` receives knocks (already captured) and clock readings, and drives a Device and a Store
-through their small interfaces. It owns no socket and no timer: `wgjit.gateway.run` feeds it.
-Order on the hot path, cheapest first: own-interface and duplicate drops, global rate limit,
-mac1, per-source rate limit, static-key decryption (1 DH), negative cache and store lookup for
-keys not installed, authentication (static DH, cached per peer, + timestamp), anti-replay
-(atomic in the store), install, handshake completion.
+`Policy` never calls the store or the device. It takes events — a batch of captured knocks
+(`on_knocks`), the result of an effect it asked for (`on_done`), a clock tick (`on_tick`) — and
+returns effects (`wgjit.gateway.effects`): look peers up, admit (anti-replay + claim), install,
+remove, read the device's handshake times, read the change feed, and one `Verdict` per knock.
+The loop (`wgjit.gateway.run`) carries effects out on worker threads and feeds results back, so a
+slow store or device never holds the packet path; tests drive the same policy synchronously.
+
+Every knock gets exactly one verdict. Order on the hot path, cheapest first: own-interface and
+duplicate drops, mac1 (one BLAKE2s), per-source then global rate limits, static-key decryption
+(one X25519). An installed peer is then judged from memory (cached static DH + timestamp) with
+no store or device call. Any other key waits for a look-up (coalesced per key, batched per
+knock batch), then authentication, the stored anti-replay mark, admission (the mark advanced
+atomically in the store, the peer claimed) and the install. A knock still pending after
+`knock_budget` gets a fail-open verdict (the device refuses keys it does not have); a result
+that comes back after `max_install_age` installs nothing.
 """
 
 from __future__ import annotations
 
+import enum
+import math
 import socket
-import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from wgjit.addr import Endpoint, IPNetwork
+from wgjit.addr import Endpoint
 from wgjit.capture.packet import Knock
-from wgjit.device import Device, DeviceError, DeviceState, PeerConfig
+from wgjit.cookie import CookieChecker
+from wgjit.device import PeerState
 from wgjit.events import EventLog
+from wgjit.gateway.effects import (
+    Admit,
+    Admitted,
+    Changes,
+    Claim,
+    Effect,
+    Heartbeat,
+    Install,
+    Lookup,
+    Purpose,
+    ReadChanges,
+    ReadHandshakes,
+    RecordHandshakes,
+    Release,
+    Remove,
+    Update,
+    Verdict,
+)
 from wgjit.gateway.limits import KeyedRateLimiter, TokenBucket, TTLSet
-from wgjit.handshake import HandshakeError, Responder, Verified
-from wgjit.keys import PresharedKey, PublicKey
-from wgjit.store import ChangeFeedExpired, Handshake, Peer, Store, StoreError
+from wgjit.gateway.outcome import QUIET as _QUIET
+from wgjit.gateway.outcome import Outcome
+from wgjit.handshake import OFF_MAC1, OFF_MAC2, HandshakeError, Opened, Responder, Verified
+from wgjit.keys import PublicKey
+from wgjit.store import PRESENCE_TTL_S, ChangeFeedExpired, Handshake, Peer
 
 # WireGuard's REJECT_AFTER_TIME (messages.h): a session older than this is dead, so evicting a
 # peer idle for longer can never cut a live session.
@@ -31,30 +62,27 @@ REJECT_AFTER_TIME = 180.0
 DEFAULT_IDLE_TIMEOUT = 300.0
 DEFAULT_SWEEP_INTERVAL = 15.0
 MIN_SWEEP_INTERVAL = 1.0
+# A held initiation is released by the queue itself 1 s after the kernel queued it
+# (nfqueue.DEFAULT_HOLD_TIMEOUT); the policy gives its own fail-open verdict a little earlier.
+DEFAULT_KNOCK_BUDGET = 0.8
+# A client retries its initiation after REKEY_TIMEOUT (5 s, messages.h); a result older than
+# this would install the peer with an endpoint the client may have left.
+DEFAULT_MAX_INSTALL_AGE = 3.0
+DEFAULT_MAX_CLOCK_SKEW = 3600.0
+# messages.h UNDER_LOAD_AFTER_TIME: load lasts this long after its last sign
+UNDER_LOAD_FOR = 1.0
+# work per sweep step (a peer looked at costs 1, one evicted or forgotten EVICT_COST more:
+# its log line); the loop handles packets between steps
+SWEEP_STEP = 2000
+EVICT_COST = 10
 
-
-# outcomes that are normal or too frequent for a line each at info level
-_QUIET = frozenset({"duplicate", "rate_limited", "negative_cached", "already_installed"})
 
 # How the handshake is completed after an install (GatewayConfig.completion):
 #   hold   - the initiation waits in an NFQUEUE; the loop releases it once installed
 #   replay - the loop re-injects the captured initiation once installed
-#   invert - the device initiates back to the captured endpoint (complete_due)
+#   invert - the device initiates back to the captured endpoint
 #   none   - nothing: the client's 5 s retry does it (testing/benchmarks only)
 COMPLETIONS = ("hold", "replay", "invert", "none")
-
-# Outcomes whose held initiation is let through to the device (hold mode); everything else
-# (unknown, negatively cached, revoked, forged, replayed, malformed, duplicate, failed install)
-# is dropped. Let through without a judgement: own_interface (it came through the tunnel: not a
-# knock for us) and rate_limited (our limits protect the gateway's CPU; the device checks every
-# initiation itself and has its own limiter, so passing one on admits nobody, while dropping it
-# would let a noisy neighbour behind the same address block installed peers' handshakes).
-ACCEPT_OUTCOMES = frozenset({"installed", "already_installed", "own_interface", "rate_limited"})
-
-
-def release(outcome: str) -> bool:
-    """Whether a held initiation with this outcome goes on to the device (hold mode)."""
-    return outcome in ACCEPT_OUTCOMES
 
 
 class ConfigError(ValueError):
@@ -65,7 +93,7 @@ class ConfigError(ValueError):
 class GatewayConfig:
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     sweep_interval: float = DEFAULT_SWEEP_INTERVAL
-    change_poll_interval: float = 0.5  # revocations must reach the device within ~2 s
+    change_poll_interval: float = 0.5  # revocations must reach the device within ~1 s
     negative_cache_ttl: float = 30.0
     # the same datagram crossing several interfaces (bridge port, bridge) arrives within
     # microseconds; a short window also lets a replay be seen (and logged) as a replay
@@ -74,20 +102,40 @@ class GatewayConfig:
     per_source_burst: float = 20.0
     global_rate: float = 5000.0
     global_burst: float = 1000.0
-    # how long after a knock the gateway initiates back (see Gateway.complete_due)
+    # how long after a knock the gateway initiates back (invert mode, see modes.InvertMode)
     invert_delay: float = 0.005
     completion: str = "invert"  # one of COMPLETIONS
     # presence in a shared store: who we are (default: the host name), how often we say so
     gateway_id: str = ""
     heartbeat_interval: float = 5.0
+    # how often installed peers' newest handshake timestamps are written to the store (one
+    # batch): until then, a copy of one sent to another gateway is caught by the handoff check
+    mark_interval: float = 1.0
+    # an initiation whose timestamp is further ahead of our clock than this is refused
+    # (`future`): its mark would lock the peer out until the clock caught up
+    max_clock_skew: float = DEFAULT_MAX_CLOCK_SKEW
+    # a knock that waited longer than this in the kernel's queue is a sign of load
+    load_delay: float = 0.25
+    testing_always_under_load: bool = False
+    knock_budget: float = DEFAULT_KNOCK_BUDGET
+    max_install_age: float = DEFAULT_MAX_INSTALL_AGE
+    # knocks waiting for the store or the device at once; more are let through (fail-open)
+    max_pending: int = 4096
+    # a store call running longer than this marks the store stalled: new keys are let
+    # through at once (fail-open) instead of queueing behind it
+    store_stall_after: float = 2.0
     testing_short_timers: bool = False
     adopt_empty_store: bool = False  # reconcile may empty the device when the store is empty
 
     def validate(self) -> list[str]:
         """Raise ConfigError for unsafe values; return warnings to log."""
         warnings: list[str] = []
-        if self.idle_timeout <= 0 or self.sweep_interval <= 0:
-            raise ConfigError("--idle-timeout and --sweep-interval must be positive")
+        for name, value in (
+            ("--idle-timeout", self.idle_timeout),
+            ("--sweep-interval", self.sweep_interval),
+        ):
+            if not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"{name} must be a positive number of seconds, got {value}")
         short = self.idle_timeout < REJECT_AFTER_TIME or self.sweep_interval < MIN_SWEEP_INTERVAL
         if short and not self.testing_short_timers:
             if self.idle_timeout < REJECT_AFTER_TIME:
@@ -105,10 +153,15 @@ class GatewayConfig:
                 "--testing-short-timers is set: timers below production minimums are allowed "
                 "and peers may be evicted while their sessions are alive; never use in production"
             )
-        if self.per_source_rate <= 0 or self.global_rate <= 0:
+        if not (self.per_source_rate > 0 and self.global_rate > 0):
             raise ConfigError("rate limits must be positive")
         if self.completion not in COMPLETIONS:
             raise ConfigError(f"--mode must be one of {', '.join(COMPLETIONS)}")
+        if self.testing_always_under_load:
+            warnings.append(
+                "--testing-always-under-load is set: every initiation without a cookie gets a "
+                "cookie reply (clients wait for their 5 s retry); never use in production"
+            )
         if self.completion == "none":
             warnings.append(
                 "--testing-no-completion is set: new peers wait for their client's 5 s retry; "
@@ -121,23 +174,70 @@ class GatewayConfig:
 class Installed:
     name: str
     installed_at: float  # wall clock
-    # what the device was given, so a store change is pushed only if it changes something
-    allowed_ips: tuple[IPNetwork, ...]
-    preshared_key: PresharedKey | None
-    hwm: bytes | None = None  # newest timestamp known to the store
-    pending: Handshake | None = None  # newer timestamp seen, not yet written
+    # what the device was given (allowed IPs and PSK, as a hash: a peer's config objects
+    # would cost ~400 bytes each), so a store change is pushed only if it changes something
+    fingerprint: int
+    # the newest initiation timestamp accepted from this peer (here, or the store's mark at
+    # install): a handoff to the same or an older one is a replay
+    seen: bytes | None = None
+    # the timestamp this gateway itself advanced the store's mark to when it installed the
+    # peer (None if adopted from the device)
+    admitted: bytes | None = None
+
+
+def _source_key(source: Endpoint) -> object:
+    """What per-source limits count by: an IPv4 address, or an IPv6 /64 (one host's share;
+    anyone can have a /64 of addresses, as in the kernel's ratelimiter)."""
+    host = source.host
+    if host.version == 6:
+        return host.packed[:8]
+    return host
+
+
+def fingerprint(peer: Peer) -> int:
+    """What a peer's device config depends on, as one hash."""
+    return hash((frozenset(peer.allowed_ips), peer.preshared_key))
+
+
+@dataclass(slots=True)
+class _Knock:
+    """A knock waiting for a look-up, an admission or an install."""
+
+    knock: Knock
+    ticket: object  # what the loop needs to give the verdict; None once it has one
+    opened: Opened
+    verified: Verified | None = None
+
+
+class _Stage(enum.Enum):
+    LOOKUP = "lookup"
+    ADMIT = "admit"
+    INSTALL = "install"
+
+
+@dataclass(slots=True)
+class _Pending:
+    """One key on its way in: the knocks that asked for it and how far it got."""
+
+    key: PublicKey
+    stage: _Stage
+    knocks: list[_Knock]
+    peer: Peer | None = None
+    admitting: _Knock | None = None  # the knock whose timestamp and endpoint are used
 
 
 @dataclass
-class Gateway:
-    device: Device
-    store: Store
+class Policy:
+    """The gateway's decisions. Owns no socket, thread or clock: `now` (monotonic) comes with
+    every event and `wall` (unix time, for handshake marks and idle times) is injected."""
+
+    responder: Responder
     config: GatewayConfig
     log: EventLog
-    responder: Responder
-    clock: Callable[[], float] = time.monotonic
-    wall: Callable[[], float] = time.time
+    wall: Callable[[], float]
     ignore_ifindex: int = -1
+    # makes cookie replies under load; None where the loop cannot send them (no raw socket)
+    cookies: CookieChecker | None = None
     installed: dict[PublicKey, Installed] = field(default_factory=dict)
     counters: Counter[str] = field(default_factory=Counter)
     cursor: int = 0
@@ -150,251 +250,519 @@ class Gateway:
         self._per_source: KeyedRateLimiter[object] = KeyedRateLimiter(
             c.per_source_rate, c.per_source_burst
         )
-        self._completions: deque[tuple[float, PublicKey]] = deque()
         self._reject_log = TokenBucket(20.0, 50.0)  # bound log volume under attack
+        self._load_until = float("-inf")
+        self._reply = b""
+        self._error_log = TokenBucket(5.0, 20.0)
+        self._fail_log = TokenBucket(20.0, 50.0)
         self.gateway_id = c.gateway_id or socket.gethostname()
+        self._pending: dict[PublicKey, _Pending] = {}
+        self._pending_knocks = 0
+        # (deadline, knock, its pending entry) in arrival order: the knock budgets
+        self._budgets: deque[tuple[float, _Knock, _Pending]] = deque()
+        # store calls in flight: effect -> when issued (monotonic); for stall detection
+        self._store_calls: dict[int, float] = {}
+        self._next_sweep = math.inf
+        self._next_poll = math.inf
+        self._next_beat = math.inf
+        self._next_marks = math.inf
+        self._last_beat = 0.0
+        self._beat_failed = False
+        # installed peers whose newest handshake timestamp is not in the store yet
+        self._unwritten: set[PublicKey] = set()
+        self._writing_marks = False
+        self._sweeping = False
+        self._polling = False
+        self._sweep_started = 0.0
+        self._removed_during_sweep: set[PublicKey] = set()
+        self._sweep_work: Iterator[list[Effect]] | None = None
 
-    # -- lifecycle ------------------------------------------------------------------------
+    # -- start-up -------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Reconcile the device with the store, then start following the change feed."""
-        self.store.heartbeat(self.gateway_id)
-        self.cursor = self.store.change_cursor()
-        state = self.device.read()
-        removed = self._adopt(state, self.wall(), reason="reconcile")
-        self.log.info(
-            "reconcile", kept=len(self.installed), removed=removed, interface=self.device.name
+    def reconcile(self, device_peers: dict[PublicKey, PeerState], now: float) -> list[Effect]:
+        """Start: adopt the device's peers that the store allows (their config corrected
+        where the store changed it meanwhile), remove the others. The loop runs the returned
+        effects to completion (and then the timers start) before any knock is captured."""
+        self._next_sweep = now + self.config.sweep_interval
+        self._next_poll = now + self.config.change_poll_interval
+        self._next_beat = now + self.config.heartbeat_interval
+        self._next_marks = now + self.config.mark_interval
+        self._last_beat = now
+        effects: list[Effect] = [Heartbeat(self.gateway_id), ReadChanges(None)]
+        if device_peers:
+            last = {k: ps.last_handshake or 0.0 for k, ps in device_peers.items()}
+            ips = {k: ps.allowed_ips for k, ps in device_peers.items()}
+            effects.append(Lookup(tuple(last), Purpose.RECONCILE, last, ips))
+        return effects
+
+    # -- events ---------------------------------------------------------------------------
+
+    def on_knocks(self, batch: Iterable[tuple[Knock, object]], now: float) -> list[Effect]:
+        """Captured knocks (each with the loop's ticket for its verdict)."""
+        out: list[Effect] = []
+        lookups: list[PublicKey] = []
+        for knock, ticket in batch:
+            try:
+                outcome = self._knock(knock, ticket, now, lookups, out)
+            except Exception as e:  # a bug must cost one knock, never the gateway
+                self._error("knock_failed", e)
+                outcome = Outcome.ERROR
+            if outcome is Outcome.COOKIE:
+                self.counters[outcome] += 1
+                out.append(Verdict(ticket, outcome, knock, reply=self._reply))
+            elif outcome is not None:
+                self._verdict(out, ticket, outcome, knock)
+        if lookups:
+            out.append(self._store_call(Lookup(tuple(lookups), Purpose.ADMIT), now))
+        return out
+
+    def on_done(self, effect: Effect, result: object, error: Exception | None, now: float
+                ) -> list[Effect]:  # fmt: skip
+        """The loop finished `effect` (on a worker): `result` is its value, or `error`."""
+        self._store_calls.pop(id(effect), None)
+        out: list[Effect] = []
+        try:
+            self._done(effect, result, error, now, out)
+        except Exception as e:
+            self._error("result_failed", e, effect=type(effect).__name__)
+        return out
+
+    def on_tick(self, now: float) -> list[Effect]:
+        """Timers: knock budgets, the change feed, the sweep, the heartbeat."""
+        out: list[Effect] = []
+        budgets = self._budgets
+        while budgets and (budgets[0][1].ticket is None or budgets[0][0] <= now):
+            _, k, p = budgets.popleft()
+            if k.ticket is not None:
+                self._fail_open(out, p, k, Outcome.TIMEOUT, now)
+        if now >= self._next_poll and not self._polling:
+            self._polling = True
+            out.append(self._store_call(ReadChanges(self.cursor), now))
+        if now >= self._next_beat:
+            self._next_beat = now + self.config.heartbeat_interval
+            out.append(self._store_call(Heartbeat(self.gateway_id), now))
+        if now >= self._next_marks:
+            self._next_marks = now + self.config.mark_interval
+            out.extend(self._write_marks())
+        if self._sweep_work is not None:
+            step = next(self._sweep_work, None)
+            if step is None:
+                self._sweep_work = None
+                self._sweeping = False
+            else:
+                out.extend(step)
+        if now >= self._next_sweep and not self._sweeping:
+            self._sweeping = True
+            self._sweep_started = self.wall()
+            self._removed_during_sweep.clear()
+            out.append(ReadHandshakes())
+        return out
+
+    def next_deadline(self) -> float:
+        """When on_tick() next has work (monotonic)."""
+        if self._sweep_work is not None:
+            return -math.inf  # more sweep steps: now
+        due = min(
+            self._next_sweep if not self._sweeping else math.inf,
+            self._next_poll if not self._polling else math.inf,
+            self._next_beat,
+            self._next_marks if self._unwritten else math.inf,
         )
+        budgets = self._budgets
+        while budgets and budgets[0][1].ticket is None:
+            budgets.popleft()
+        return min(due, budgets[0][0]) if budgets else due
 
-    def shutdown(self) -> None:
-        self._flush_handshakes()
+    def wake_changes(self) -> None:
+        """The store signalled news (NOTIFY): read the feed at the next tick."""
+        self._next_poll = 0.0
 
-    def heartbeat(self) -> None:
-        """Tell the store we are alive (our claims on peers stay valid)."""
-        self.store.heartbeat(self.gateway_id)
+    def shutdown(self) -> list[Effect]:
+        self._writing_marks = False
+        return self._write_marks()
 
-    # -- hot path -------------------------------------------------------------------------
+    def store_stalled(self, now: float) -> bool:
+        """A store call has been running for longer than `store_stall_after`."""
+        limit = self.config.store_stall_after
+        return any(now - t > limit for t in self._store_calls.values())
 
-    def handle(self, knock: Knock) -> str:
-        """Process one captured initiation; returns the outcome (also counted)."""
-        try:
-            outcome = self._handle(knock)
-        except (DeviceError, StoreError) as e:
-            outcome = "install_failed"
-            self.log.error("install_failed", source=str(knock.source), error=str(e))
-        self.counters[outcome] += 1
-        if outcome in _QUIET:
-            self.log.debug("knock", outcome=outcome, source=str(knock.source))
-        return outcome
+    @property
+    def sweeping(self) -> bool:
+        """A sweep is under way (its device read, or its steps)."""
+        return self._sweeping
 
-    def _handle(self, knock: Knock) -> str:
-        now = knock.received_at
+    @property
+    def pending(self) -> int:
+        """Knocks waiting for the store or the device."""
+        return self._pending_knocks
+
+    # -- the hot path ---------------------------------------------------------------------
+
+    def _knock(
+        self,
+        knock: Knock,
+        ticket: object,
+        now: float,
+        lookups: list[PublicKey],
+        out: list[Effect],
+    ) -> Outcome | None:
+        """Judge one knock; an Outcome now, or None if it waits (then it is in _pending)."""
         if knock.ifindex == self.ignore_ifindex:
-            return "own_interface"
+            return Outcome.OWN_INTERFACE
+        payload = knock.payload
+        # garbage and other gateways' packets cost one BLAKE2s and nothing else
+        try:
+            self.responder.check_mac1(payload)
+        except HandshakeError as e:
+            return Outcome(e.reason)
         # the same datagram is seen on every interface it crosses (bridge port and bridge)
-        if self._dupes.seen(knock.payload[116:132], now):
-            return "duplicate"
+        if self._dupes.seen(payload[OFF_MAC1:OFF_MAC2], now):
+            return Outcome.DUPLICATE
+        if self._under_load(knock, now):
+            # like WireGuard under load: no DH for a sender that has not shown (mac2) it
+            # receives at its address; then at most per_source_rate of them per address
+            if self.cookies is not None and not self.cookies.mac2_ok(payload, knock.source, now):
+                self._reply = self.cookies.reply(payload, knock.source, now)
+                return Outcome.COOKIE
+            if not self._per_source.allow(_source_key(knock.source), now):
+                return Outcome.RATE_LIMITED
         if not self._global.allow(now):
-            return "rate_limited"
+            return Outcome.RATE_LIMITED
         try:
-            self.responder.check_mac1(knock.payload)
+            opened = self.responder.open_static(payload)
         except HandshakeError as e:
-            self.log.debug("reject", reason=e.reason, source=str(knock.source))
-            return e.reason
-        if not self._per_source.allow(knock.source.host, now):
-            return "rate_limited"
-        try:
-            opened = self.responder.open_static(knock.payload)
-        except HandshakeError as e:
-            self._reject(e.reason, knock.source)
-            return e.reason
+            self._reject(Outcome(e.reason), knock.source)
+            return Outcome(e.reason)
         key = opened.public_key  # claimed; proven only by authenticate()
         inst = self.installed.get(key)
-        peer = None
-        if inst is None:
-            # unknown keys are dropped before the second X25519: a flood of made-up keys
-            # costs one DH each, and a negatively cached key costs no store query
-            if self._negative.contains(key, now):
-                return "negative_cached"
-            peer = self.store.lookup(key)
-            if peer is None or peer.revoked:
-                reason = "unknown" if peer is None else "revoked"
-                self._negative.add(key, now)
-                self._reject(reason, knock.source, key, peer.name if peer else None)
-                return reason
-        try:
-            v = self.responder.authenticate(opened)
-        except HandshakeError as e:
-            self._reject(e.reason, knock.source, key, inst.name if inst else None)
-            return e.reason
         if inst is not None:
-            self._note_handshake(inst, v)
-            return "already_installed"
-        assert peer is not None
-        if peer.handshake_hwm is not None and v.timestamp.raw <= peer.handshake_hwm:
-            self._reject("replay", knock.source, v.public_key, peer.name)
-            return "replay"
-        if not self.store.advance_handshake(Handshake(v.public_key, v.timestamp.raw, self.wall())):
-            self._reject("replay", knock.source, v.public_key, peer.name)
-            return "replay"
-        # presence: a gateway holding this peer now learns (change feed) to drop it
-        previous = self.store.claim(v.public_key, self.gateway_id)
-        self._install(peer, knock.source, now)
-        self.installed[v.public_key] = Installed(
-            peer.name, self.wall(), peer.allowed_ips, peer.preshared_key, hwm=v.timestamp.raw
+            # the fast path: judged from memory, no store or device call
+            try:
+                v = self.responder.authenticate(opened)
+            except HandshakeError as e:
+                self._reject(Outcome(e.reason), knock.source, key, inst.name)
+                return Outcome(e.reason)
+            if self._future(v, knock.source, inst.name):
+                return Outcome.FUTURE
+            self._note_handshake(key, inst, v)
+            return Outcome.ALREADY_INSTALLED
+        # unknown keys are dropped before the second X25519: a flood of made-up keys costs
+        # one DH each, and a negatively cached key costs no store query
+        if self._negative.contains(key, now):
+            return Outcome.NEGATIVE_CACHED
+        p = self._pending.get(key)
+        if p is None and self.store_stalled(now):
+            return Outcome.STORE_UNAVAILABLE
+        if self._pending_knocks >= self.config.max_pending:
+            return Outcome.OVERLOADED
+        k = _Knock(knock, ticket, opened)
+        if p is None:
+            p = self._pending[key] = _Pending(key, _Stage.LOOKUP, [k])
+            lookups.append(key)
+        elif p.stage is _Stage.LOOKUP:
+            p.knocks.append(k)
+        else:
+            # the peer is known (admission or install under way): authenticate now
+            assert p.peer is not None
+            try:
+                k.verified = self.responder.authenticate(opened)
+            except HandshakeError as e:
+                self._reject(Outcome(e.reason), knock.source, key, p.peer.name)
+                return Outcome(e.reason)
+            if self._future(k.verified, knock.source, p.peer.name):
+                return Outcome.FUTURE
+            p.knocks.append(k)
+        self._pending_knocks += 1
+        self._budgets.append((knock.received_at + self.config.knock_budget, k, p))
+        return None
+
+    # -- results --------------------------------------------------------------------------
+
+    def _done(
+        self, effect: Effect, result: object, error: Exception | None, now: float,
+        out: list[Effect],
+    ) -> None:  # fmt: skip
+        if isinstance(effect, Lookup):
+            if error is not None:
+                self._error(f"{effect.purpose}_failed", error)
+                if effect.purpose is Purpose.ADMIT:
+                    for key in effect.keys:
+                        self._fail_pending(out, key, Outcome.INSTALL_FAILED, now)
+                return
+            assert isinstance(result, dict)
+            if effect.purpose is Purpose.ADMIT:
+                for key in effect.keys:
+                    self._looked_up(key, result.get(key), now, out)
+            elif effect.purpose in (Purpose.RECONCILE, Purpose.ADOPT):
+                assert effect.handshakes is not None
+                self._adopt(effect, result, out)
+            else:
+                self._recheck(effect.keys, result, out)
+        elif isinstance(effect, Admit):
+            self._admitted(effect, result, error, now, out)
+        elif isinstance(effect, Install):
+            self._installed(effect, error, now, out)
+        elif isinstance(effect, ReadHandshakes):
+            self._next_sweep = now + self.config.sweep_interval
+            if error is not None:
+                self._sweeping = False
+                self._error("sweep_failed", error)
+                return
+            assert isinstance(result, dict)
+            self._sweep_work = self._sweep_steps(result)
+        elif isinstance(effect, ReadChanges):
+            self._polling = False
+            self._next_poll = now + self.config.change_poll_interval
+            self._changes(effect, result, error, out)
+        elif isinstance(effect, RecordHandshakes):
+            self._writing_marks = False
+            if error is not None:
+                self._error("record_handshakes_failed", error)
+                self._unwritten.update(hs.public_key for hs in effect.handshakes)
+        elif isinstance(effect, Heartbeat):
+            self._beat(error, now, out)
+        elif isinstance(effect, Claim) and error is not None:
+            self._error("claim_failed", error)
+            self._beat_failed = True  # the next heartbeat claims everything we hold again
+        elif error is not None:
+            self._error(f"{effect.what}_failed", error)
+
+    def _looked_up(self, key: PublicKey, peer: Peer | None, now: float, out: list[Effect]
+                   ) -> None:  # fmt: skip
+        p = self._pending.get(key)
+        if p is None or p.stage is not _Stage.LOOKUP:
+            return
+        if peer is None or peer.revoked:
+            reason = Outcome.UNKNOWN if peer is None else Outcome.REVOKED
+            self._negative.add(key, now)
+            self._finish(out, p, reason, name=peer.name if peer else None)
+            return
+        p.peer = peer
+        best: _Knock | None = None
+        for k in list(p.knocks):
+            try:
+                k.verified = self.responder.authenticate(k.opened)
+            except HandshakeError as e:
+                self._drop_knock(out, p, k, Outcome(e.reason), peer.name)
+                continue
+            ts = k.verified.timestamp.raw
+            if self._future(k.verified, k.knock.source, peer.name):
+                self._drop_knock(out, p, k, Outcome.FUTURE, peer.name)
+                continue
+            if peer.handshake_hwm is not None and ts <= peer.handshake_hwm:
+                self._drop_knock(out, p, k, Outcome.REPLAY, peer.name)
+                continue
+            if best is None or (best.verified is not None and ts > best.verified.timestamp.raw):
+                best = k
+        if best is None:
+            self._forget(p)
+            return
+        if self._too_old(p, best, now, out):
+            return
+        assert best.verified is not None
+        p.stage, p.admitting = _Stage.ADMIT, best
+        hs = Handshake(key, best.verified.timestamp.raw, self.wall())
+        out.append(self._store_call(Admit(hs, self.gateway_id), now))
+
+    def _admitted(self, effect: Admit, result: object, error: Exception | None, now: float,
+                  out: list[Effect]) -> None:  # fmt: skip
+        key = effect.handshake.public_key
+        p = self._pending.get(key)
+        if p is None or p.stage is not _Stage.ADMIT or p.peer is None:
+            return
+        if error is not None:
+            self._error("install_failed", error, peer=p.peer.name)
+            self._finish(out, p, Outcome.INSTALL_FAILED, name=p.peer.name)
+            return
+        assert isinstance(result, Admitted)
+        if not result.fresh:
+            # another gateway accepted this or a newer timestamp meanwhile
+            self._finish(out, p, Outcome.REPLAY, name=p.peer.name)
+            return
+        assert p.admitting is not None
+        if self._too_old(p, p.admitting, now, out):
+            return
+        p.stage = _Stage.INSTALL
+        out.append(
+            Install(
+                p.peer,
+                p.admitting.knock.source,
+                effect.handshake.timestamp,
+                result.previous_holder,
+            )
         )
+
+    def _installed(self, effect: Install, error: Exception | None, now: float,
+                   out: list[Effect]) -> None:  # fmt: skip
+        peer = effect.peer
+        p = self._pending.get(peer.public_key)
+        if error is not None:
+            self._error("install_failed", error, peer=peer.name)
+            if p is not None:
+                self._finish(out, p, Outcome.INSTALL_FAILED, name=peer.name)
+            return
+        self.installed[peer.public_key] = Installed(
+            peer.name, self.wall(), fingerprint(peer), seen=effect.timestamp,
+            admitted=effect.timestamp,
+        )
+        self.counters["installs"] += 1
+        took = None
+        if p is not None and p.admitting is not None:
+            took = round((now - p.admitting.knock.received_at) * 1000, 2)
         self.log.info(
             "install",
             peer=peer.name,
-            key=v.public_key.short(),
-            endpoint=str(knock.source),
-            took_ms=round((self.clock() - now) * 1000, 2),
-            **({"from_gateway": previous} if previous else {}),
+            key=peer.public_key.short(),
+            endpoint=str(effect.endpoint),
+            took_ms=took,
+            **({"from_gateway": effect.previous_holder} if effect.previous_holder else {}),
         )
-        return "installed"
+        if p is None:
+            return
+        for k in p.knocks:
+            outcome = Outcome.INSTALLED if k is p.admitting else Outcome.ALREADY_INSTALLED
+            if k.verified is not None and k is not p.admitting:
+                self._note_handshake(peer.public_key, self.installed[peer.public_key], k.verified)
+            if k.ticket is not None:
+                self._verdict(out, k.ticket, outcome, k.knock, peer.public_key)
+                k.ticket = None
+            elif outcome is Outcome.INSTALLED:
+                # the verdict went out before the install finished (fail-open); the loop may
+                # still complete the handshake (replay, invert)
+                out.append(Verdict(None, Outcome.INSTALLED, k.knock, peer.public_key))
+        self._forget(p)
 
-    def _install(self, peer: Peer, endpoint: Endpoint, received_at: float) -> None:
-        self.device.set_peer(
-            PeerConfig(
-                peer.public_key,
-                endpoint=endpoint,
-                allowed_ips=peer.allowed_ips,
-                preshared_key=peer.preshared_key,
-            )
-        )
-        if self.config.completion == "invert":
-            self._completions.append((received_at + self.config.invert_delay, peer.public_key))
-
-    def next_completion(self) -> float | None:
-        """When complete_due() next has work (monotonic), or None."""
-        return self._completions[0][0] if self._completions else None
-
-    def complete_due(self, now: float) -> None:
-        """Role inversion for installs whose initiation the device has had time to see.
-
-        The device may still have the client's first initiation queued when the peer lands;
-        it then answers it itself. If the gateway's own initiation reached the client before
-        that answer, each side would overwrite the other's handshake state and both would
-        fail until the client's 5 s retry. Waiting `invert_delay` after the knock lets the
-        device finish with the client's initiation first; an inversion after a completed
-        handshake is harmless (one spare handshake).
-
-        A persistent keepalive switched on for a peer with no session makes the device send
-        a keepalive, which needs a handshake: the device initiates to the captured endpoint.
-        Switching it off right after leaves no keepalive behind; the initiation is already
-        on its way (a single transaction setting 1 then 0 would send nothing).
-        """
-        while self._completions and self._completions[0][0] <= now:
-            _, key = self._completions.popleft()
-            if key not in self.installed:
-                continue
-            self.device.set_peer(PeerConfig(key, persistent_keepalive=1, update_only=True))
-            self.device.set_peer(PeerConfig(key, persistent_keepalive=0, update_only=True))
-
-    def _note_handshake(self, inst: Installed, v: Verified) -> None:
-        ts = v.timestamp.raw
-        newest = inst.pending.timestamp if inst.pending else inst.hwm
-        if newest is None or ts > newest:
-            inst.pending = Handshake(v.public_key, ts, self.wall())
-
-    def _reject(
-        self,
-        reason: str,
-        source: Endpoint,
-        key: PublicKey | None = None,
-        name: str | None = None,
-    ) -> None:
-        if self._reject_log.allow(self.clock()):
-            self.log.info(
-                "reject",
-                reason=reason,
-                peer=name,
-                key=key.short() if key else None,
-                source=str(source),
-            )
-
-    # -- periodic work --------------------------------------------------------------------
-
-    def sweep(self) -> None:
-        """Evict idle peers, adopt or remove peers that appeared behind our back, and write
-        the handshake marks seen since the last sweep."""
-        wall = self.wall()
-        self._flush_handshakes()
-        state = self.device.read()
-        for key in [k for k in self.installed if k not in state.peers]:
-            del self.installed[key]  # removed by someone else
-        self._adopt(state, wall, reason="not_allowed")
-        idle: list[tuple[PublicKey, float]] = []
-        for key, ps in state.peers.items():
-            inst = self.installed.get(key)
+    def _sweep_steps(self, handshakes: dict[PublicKey, float]) -> Iterator[list[Effect]]:
+        """The sweep, in steps of about SWEEP_STEP units of work (a peer looked at: 1, a peer
+        forgotten or evicted: EVICT_COST; a step takes a few ms and the loop handles packets
+        between steps): forget peers the device lost (removed behind our back, device
+        restarted), evict idle peers, look up peers that appeared on the device without us.
+        Knocks, installs and evictions may happen between steps: a peer installed after the
+        device was read is neither lost nor idle, one evicted meanwhile is no stranger."""
+        started = self._sweep_started
+        installed = self.installed
+        work = 0
+        for key in list(installed):
+            work += 1
+            inst = installed.get(key)
+            if inst is not None and key not in handshakes and inst.installed_at < started:
+                del installed[key]
+                self.log.info("lost", peer=inst.name, key=key.short())
+                self.counters["lost"] += 1
+                work += EVICT_COST
+            if work >= SWEEP_STEP:
+                work = 0
+                yield []
+        cutoff = started - self.config.idle_timeout
+        strangers: dict[PublicKey, float] = {}
+        idle: list[PublicKey] = []
+        for key, last in handshakes.items():  # the sweep's own snapshot: nobody changes it
+            work += 1
+            inst = installed.get(key)
             if inst is None:
-                continue
-            last = max(ps.last_handshake or 0.0, inst.installed_at)
-            if wall - last >= self.config.idle_timeout:
-                idle.append((key, wall - last))
-        if idle:
-            self.device.remove_peers(k for k, _ in idle)
-            self.store.release((k for k, _ in idle), self.gateway_id)
-            for key, idle_for in idle:
-                inst = self.installed.pop(key)
+                if key not in self._pending and key not in self._removed_during_sweep:
+                    strangers[key] = last
+            elif last <= cutoff and inst.installed_at <= cutoff:
+                idle.append(key)
+                del installed[key]
                 self.log.info(
-                    "evict", reason="idle", peer=inst.name, key=key.short(), idle_s=round(idle_for)
-                )
-        self.counters["evicted_idle"] += len(idle)
+                    "evict", reason="idle", peer=inst.name, key=key.short(),
+                    idle_s=round(started - max(last, inst.installed_at)),
+                )  # fmt: skip
+                work += EVICT_COST
+            if work >= SWEEP_STEP:
+                work = 0
+                yield self._evict_idle(idle)
+                idle = []
+        yield self._evict_idle(idle)
+        if strangers:
+            yield [Lookup(tuple(strangers), Purpose.ADOPT, strangers)]
 
-    def poll_changes(self) -> None:
-        """Apply store changes (revocations, removals, new peers) since the last poll."""
-        try:
-            keys, self.cursor = self.store.changes_since(self.cursor)
-        except ChangeFeedExpired as e:
+    def _evict_idle(self, keys: list[PublicKey]) -> list[Effect]:
+        if not keys:
+            return []
+        self.counters["evicted_idle"] += len(keys)
+        return [Remove(tuple(keys)), Release(tuple(keys), self.gateway_id)]
+
+    def _changes(self, effect: ReadChanges, result: object, error: Exception | None,
+                 out: list[Effect]) -> None:  # fmt: skip
+        if isinstance(error, ChangeFeedExpired):
             # we fell behind the feed (or the store was replaced): recheck everything we hold
-            self.log.warning("change_feed_reset", error=str(e))
-            self.cursor = self.store.change_cursor()
+            self.log.warning("change_feed_reset", error=str(error))
+            self.cursor = 0
             self._negative.clear()
-            keys = list(self.installed)
-        gone: list[tuple[PublicKey, str, str]] = []
-        for key in keys:
+            out.append(ReadChanges(None))
+            if self.installed:
+                out.append(Lookup(tuple(self.installed), Purpose.RECHECK))
+            return
+        if error is not None:
+            self._error("poll_changes_failed", error)
+            return
+        assert isinstance(result, Changes)
+        self.cursor = result.cursor
+        if effect.cursor is None:  # start-up: we follow the feed from here
+            return
+        recheck = []
+        for key in result.keys:
             self._negative.discard(key)
+            if key in self.installed:
+                recheck.append(key)
+        if recheck:
+            out.append(Lookup(tuple(recheck), Purpose.RECHECK))
+
+    def _recheck(self, keys: Sequence[PublicKey], peers: dict[PublicKey, Peer],
+                 out: list[Effect]) -> None:  # fmt: skip
+        """Apply store changes to installed peers: revoked/removed/handed off → evict; new
+        allowed IPs or PSK → update the device."""
+        gone: list[tuple[PublicKey, str, str]] = []
+        claim: list[PublicKey] = []
+        for key in keys:
             inst = self.installed.get(key)
             if inst is None:
                 continue
-            peer = self.store.lookup(key)
+            peer = peers.get(key)
             if peer is None or peer.revoked:
                 gone.append((key, inst.name, "removed" if peer is None else "revoked"))
-            elif peer.holder is not None and peer.holder != self.gateway_id:
-                # another gateway installed it: the client moved there
-                gone.append((key, inst.name, "handoff"))
-            elif (
-                set(peer.allowed_ips) != set(inst.allowed_ips)
-                or peer.preshared_key != inst.preshared_key
-            ):
-                self.device.set_peer(
-                    PeerConfig(
-                        key,
-                        allowed_ips=peer.allowed_ips,
-                        preshared_key=peer.preshared_key,
-                        update_only=True,
-                    )
-                )
-                inst.allowed_ips, inst.preshared_key = peer.allowed_ips, peer.preshared_key
-                self.log.info("update", peer=peer.name, key=key.short())
-        if gone:
-            self.device.remove_peers(k for k, _, _ in gone)
-            for key, name, reason in gone:
-                del self.installed[key]
-                self.log.info("evict", reason=reason, peer=name, key=key.short())
-                self.counters["evicted_handoff" if reason == "handoff" else "evicted_store"] += 1
-
-    # -- helpers --------------------------------------------------------------------------
-
-    def _adopt(self, state: DeviceState, wall: float, reason: str) -> int:
-        """Track device peers the store allows (and claim them); remove the others, and those
-        another gateway holds. Returns how many removed."""
-        bad: list[tuple[PublicKey, str, str]] = []
-        for key, ps in state.peers.items():
-            if key in self.installed:
                 continue
-            peer = self.store.lookup(key)
+            if peer.holder is not None and peer.holder != self.gateway_id:
+                mark = peer.handshake_hwm
+                seen = inst.seen
+                if mark is not None and seen is not None and mark <= seen and mark != inst.admitted:
+                    # the other gateway admitted a timestamp we had already seen (and did not
+                    # admit ourselves): a copy of our client's initiation. The client is here;
+                    # take the peer back. (The other gateway, seeing its own admitted mark,
+                    # lets go.)
+                    self.log.warning(
+                        "handoff_refused", reason="replay", peer=peer.name, key=key.short(),
+                        to_gateway=peer.holder,
+                    )  # fmt: skip
+                    self.counters["handoff_refused"] += 1
+                    claim.append(key)
+                    continue
+                gone.append((key, inst.name, "handoff"))  # the client moved to that gateway
+                continue
+            if peer.holder is None:
+                claim.append(key)  # our claim expired (a pause): say again that we hold it
+            if fingerprint(peer) != inst.fingerprint:
+                out.append(Update(key, peer.allowed_ips, peer.preshared_key))
+                inst.fingerprint = fingerprint(peer)
+                self.log.info("update", peer=peer.name, key=key.short())
+        if claim:
+            out.append(Claim(tuple(claim), self.gateway_id))
+        self._evict(gone, out, release=False)
+
+    def _adopt(self, lookup: Lookup, peers: dict[PublicKey, Peer], out: list[Effect]) -> None:
+        """Track device peers the store allows (claim the unclaimed, correct a config the
+        store changed); remove the others, and those another gateway holds."""
+        assert lookup.handshakes is not None
+        reason = "reconcile" if lookup.purpose is Purpose.RECONCILE else "not_allowed"
+        bad: list[tuple[PublicKey, str, str]] = []
+        claim: list[PublicKey] = []
+        wall = self.wall()
+        for key, last in lookup.handshakes.items():
+            if key in self.installed or key in self._pending:
+                continue
+            peer = peers.get(key)
             if peer is None or peer.revoked:
                 bad.append((key, peer.name if peer else "-", reason))
                 continue
@@ -402,25 +770,195 @@ class Gateway:
                 bad.append((key, peer.name, "handoff"))
                 continue
             if peer.holder is None:
-                self.store.claim(key, self.gateway_id)
-            self.installed[key] = Installed(
-                peer.name,
-                ps.last_handshake or wall,
-                ps.allowed_ips,
-                peer.preshared_key,
-                hwm=peer.handshake_hwm,
-            )
+                claim.append(key)
+            fp = fingerprint(peer)
+            device_ips = lookup.allowed_ips.get(key) if lookup.allowed_ips else None
+            if device_ips is not None and set(device_ips) != set(peer.allowed_ips):
+                out.append(Update(key, peer.allowed_ips, peer.preshared_key))
+                self.log.info("update", peer=peer.name, key=key.short())
+            self.installed[key] = Installed(peer.name, last or wall, fp, seen=peer.handshake_hwm)
+        if claim:
+            out.append(Claim(tuple(claim), self.gateway_id))
+        for key, name, why in bad:
+            self.log.info("evict", reason=why, peer=name, key=key.short())
         if bad:
-            self.device.remove_peers(k for k, _, _ in bad)
-            for key, name, why in bad:
-                self.log.info("evict", reason=why, peer=name, key=key.short())
-        return len(bad)
+            out.append(Remove(tuple(k for k, _, _ in bad)))
+        if reason == "reconcile":
+            self.log.info("reconcile", kept=len(self.installed), removed=len(bad))
 
-    def _flush_handshakes(self) -> None:
-        pending = [i for i in self.installed.values() if i.pending]
-        if not pending:
+    # -- helpers --------------------------------------------------------------------------
+
+    def _evict(self, gone: list[tuple[PublicKey, str, str]], out: list[Effect],
+               release: bool) -> None:  # fmt: skip
+        if not gone:
             return
-        self.store.record_handshakes(i.pending for i in pending if i.pending)
-        for i in pending:
-            assert i.pending is not None
-            i.hwm, i.pending = i.pending.timestamp, None
+        keys = tuple(k for k, _, _ in gone)
+        out.append(Remove(keys))
+        if release:
+            out.append(Release(keys, self.gateway_id))
+        for key, name, reason in gone:
+            self.installed.pop(key, None)
+            self._removed_during_sweep.add(key)
+            self.log.info("evict", reason=reason, peer=name, key=key.short())
+            self.counters["evicted_handoff" if reason == "handoff" else "evicted_store"] += 1
+
+    def _store_call(self, effect: Effect, now: float) -> Effect:
+        self._store_calls[id(effect)] = now
+        return effect
+
+    def _too_old(self, p: _Pending, k: _Knock, now: float, out: list[Effect]) -> bool:
+        """A result for a knock older than max_install_age installs nothing."""
+        age = now - k.knock.received_at
+        if age <= self.config.max_install_age:
+            return False
+        self.log.warning(
+            "stale", stage=p.stage.value, key=p.key.short(), age_ms=round(age * 1000)
+        )
+        self._finish(out, p, Outcome.TIMEOUT, count=False)
+        self.counters["stale"] += 1
+        return True
+
+    def _fail_pending(self, out: list[Effect], key: PublicKey, outcome: Outcome, now: float
+                      ) -> None:  # fmt: skip
+        p = self._pending.get(key)
+        if p is not None:
+            self._finish(out, p, outcome)
+
+    def _fail_open(self, out: list[Effect], p: _Pending, k: _Knock, outcome: Outcome,
+                   now: float) -> None:  # fmt: skip
+        """Give a still-pending knock its (fail-open) verdict; the work goes on."""
+        if self._fail_log.allow(now):
+            self.log.warning(
+                "fail_open",
+                stage=p.stage.value,
+                key=p.key.short(),
+                source=str(k.knock.source),
+                age_ms=round((now - k.knock.received_at) * 1000),
+            )
+        self._verdict(out, k.ticket, outcome, k.knock)
+        k.ticket = None
+
+    def _drop_knock(self, out: list[Effect], p: _Pending, k: _Knock, outcome: Outcome,
+                    name: str | None) -> None:  # fmt: skip
+        p.knocks.remove(k)
+        self._pending_knocks -= 1
+        self._reject(outcome, k.knock.source, p.key, name)
+        if k.ticket is not None:
+            self._verdict(out, k.ticket, outcome, k.knock)
+        else:
+            self.counters[outcome] += 1
+
+    def _finish(self, out: list[Effect], p: _Pending, outcome: Outcome,
+                name: str | None = None, count: bool = True) -> None:  # fmt: skip
+        """Every knock of `p` gets `outcome` (those still without a verdict); `p` is done."""
+        if outcome is not Outcome.TIMEOUT:
+            self._reject(outcome, p.knocks[0].knock.source if p.knocks else None, p.key, name)
+        for k in p.knocks:
+            if k.ticket is not None:
+                self._verdict(out, k.ticket, outcome, k.knock)
+                k.ticket = None
+            elif count:
+                self.counters[outcome] += 1
+        self._forget(p)
+
+    def _forget(self, p: _Pending) -> None:
+        if self._pending.pop(p.key, None) is not None:
+            self._pending_knocks -= len(p.knocks)
+
+    def _verdict(self, out: list[Effect], ticket: object, outcome: Outcome, knock: Knock,
+                 key: PublicKey | None = None) -> None:  # fmt: skip
+        self.counters[outcome] += 1
+        if outcome in _QUIET:
+            self.log.debug("knock", outcome=outcome.value, source=str(knock.source))
+        out.append(Verdict(ticket, outcome, knock, key))
+
+    def _note_handshake(self, key: PublicKey, inst: Installed, v: Verified) -> None:
+        ts = v.timestamp.raw
+        if inst.seen is None or ts > inst.seen:
+            inst.seen = ts
+            self._unwritten.add(key)
+
+    def _under_load(self, knock: Knock, now: float) -> bool:
+        """Load, as WireGuard sees it, lasts UNDER_LOAD_FOR after its last sign: knocks that
+        waited in the kernel's queue longer than load_delay, or many knocks waiting for the
+        store or the device (1/8 of max_pending, like the kernel's 1/8 of its queue)."""
+        c = self.config
+        if (
+            now - knock.received_at > c.load_delay
+            or self._pending_knocks >= c.max_pending // 8
+            or c.testing_always_under_load
+        ):
+            if now >= self._load_until:
+                self.log.info("under_load", pending=self._pending_knocks)
+            self._load_until = now + UNDER_LOAD_FOR
+        return now < self._load_until
+
+    def _future(self, v: Verified, source: Endpoint, name: str) -> bool:
+        """A timestamp too far ahead of our clock: refused, and logged as suspicious (a
+        client clock far off, or someone with the static key but not the PSK trying to
+        push the peer's mark out of reach)."""
+        ahead = v.timestamp.to_unix() - self.wall()
+        if ahead <= self.config.max_clock_skew:
+            return False
+        self.log.warning(
+            "suspicious_timestamp", peer=name, key=v.public_key.short(), source=str(source),
+            ahead_s=round(ahead),
+        )  # fmt: skip
+        return True
+
+    def _write_marks(self) -> list[Effect]:
+        """The marks of installed peers' handshakes since the last write, in one batch."""
+        if not self._unwritten or self._writing_marks:
+            return []
+        wall = self.wall()
+        marks = []
+        for key in self._unwritten:
+            inst = self.installed.get(key)
+            if inst is not None and inst.seen is not None:
+                marks.append(Handshake(key, inst.seen, wall))
+        self._unwritten.clear()
+        if not marks:
+            return []
+        self._writing_marks = True
+        return [RecordHandshakes(tuple(marks))]
+
+    def _beat(self, error: Exception | None, now: float, out: list[Effect]) -> None:
+        """After a pause (the store was unreachable, the heartbeat late or lost) our claims
+        may have expired: look up everything we hold and claim it again (see _recheck)."""
+        if error is not None:
+            self._error("heartbeat_failed", error)
+            self._beat_failed = True
+            return
+        paused = self._beat_failed or now - self._last_beat > PRESENCE_TTL_S / 2
+        self._beat_failed = False
+        self._last_beat = now
+        if paused and self.installed:
+            self.log.info("reassert_claims", installed=len(self.installed))
+            out.append(Lookup(tuple(self.installed), Purpose.RECHECK))
+
+    def _reject(
+        self,
+        reason: Outcome,
+        source: Endpoint | None,
+        key: PublicKey | None = None,
+        name: str | None = None,
+    ) -> None:
+        if reason in _QUIET or reason.accepts:
+            return
+        if self._reject_log.allow(self._tick_clock()):
+            self.log.info(
+                "reject",
+                reason=reason.value,
+                peer=name,
+                key=key.short() if key else None,
+                source=str(source) if source else None,
+            )
+
+    def _tick_clock(self) -> float:
+        # the reject log's bucket only needs a monotone-enough clock; wall time is injected
+        return self.wall()
+
+    def _error(self, event: str, error: Exception, **fields: object) -> None:
+        self.counters["errors"] += 1
+        if self._error_log.allow(self._tick_clock()):
+            self.log.error(event, error=f"{error}" or type(error).__name__, **fields)

@@ -1,40 +1,55 @@
-"""The gateway's event loop: capture socket, timers and signals around the policy in core.py.
+"""The gateway's loop: the policy (core.py) wired to a completion mode, workers and signals.
 
-One thread, one selector: knocks are handled as they arrive, the change feed is polled every
-`change_poll_interval` (and at once when the store's wake-up fd, if it has one, becomes
-readable), idle peers are swept every `sweep_interval`, a heartbeat goes to the store every
-`heartbeat_interval`. SIGTERM/SIGINT stop it cleanly; SIGUSR1 logs the counters. A bad packet
-or a failed device/store call is logged and counted, never fatal.
-
-The mode (how a handshake is completed after an install) decides the capture source and what
-the loop does with the outcome the policy returns: `hold` reads initiations from an NFQUEUE
-(its own iptables rules, removed on exit) and issues the verdict; `replay` captures on
-AF_PACKET and re-injects an installed peer's initiation; `invert` captures on AF_PACKET and lets
-the policy make the device initiate back. `auto` picks the first that works, in that order.
-The loop decides no verdict itself.
+Start-up, in this order: read the device, reconcile it with the store (run to completion
+before anything is captured), then open the mode's capture (hold: its iptables rules go
+live only now), then serve. While serving, one thread runs a reactor: it reads knocks,
+hands them to the policy, gives verdicts, and sends every store and device call to worker
+threads (store: `store_threads`, device: one, in order) whose results come back as events.
+Nothing on that thread waits for the store or the device, so a slow database, a locked row or
+a big sweep never holds a packet. SIGTERM/SIGINT/SIGHUP stop it cleanly; SIGUSR1 logs the
+counters.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import selectors
+import gc
 import signal
 import socket
+import sys
 import time
-import traceback
 from types import FrameType
 
-from wgjit.capture.afpacket import PacketCapture
-from wgjit.capture.iptables import QueueRules, RuleError
-from wgjit.capture.nfqueue import NfQueue, QueueError
-from wgjit.capture.packet import Knock
-from wgjit.capture.replay import Reinjector, ReplayError
-from wgjit.device import Device, DeviceError, DeviceState
+from wgjit.cookie import CookieChecker
+from wgjit.device import Device
 from wgjit.events import EventLog
-from wgjit.gateway.core import Gateway, GatewayConfig, release
+from wgjit.gateway.core import GatewayConfig, Policy
+from wgjit.gateway.effects import (
+    DEVICE,
+    STORE,
+    SWEEP,
+    Effect,
+    ReadChanges,
+    Verdict,
+    perform,
+    run_inline,
+)
+from wgjit.gateway.modes import Batch, Mode, ModeError, open_mode
+from wgjit.gateway.reactor import Reactor, Workers
 from wgjit.handshake import Responder
-from wgjit.store import Store, StoreError
+from wgjit.store import Store
+
+# the GIL is handed over at least this often (seconds): a worker parsing a device dump holds
+# the packet path for at most about this long at a time (Python's default is 5 ms)
+SWITCH_INTERVAL = 0.001
+# how long a clean stop waits for store/device calls in flight (e.g. the last handshake marks)
+SHUTDOWN_WAIT = 5.0
+# Python's cyclic garbage collector pauses the thread for a full collection in proportion to
+# the heap: ~65 ms with 100 000 installed peers. Objects that survived this long are moved
+# out of its sight (gc.freeze; they are still freed by reference counting when dropped), so
+# a full collection only scans what is newer. Short-lived cycles are collected long before.
+GC_FREEZE_INTERVAL = 5.0
 
 
 class GatewayError(RuntimeError):
@@ -49,9 +64,13 @@ def serve(
     capture_interface: str | None = None,
     mode: str = "auto",
     queue_num: int | None = None,
+    store_threads: int = 2,
+    sweep_device: Device | None = None,
 ) -> int:
-    """Run the gateway until SIGTERM/SIGINT. `mode`: auto, hold, replay, invert (or none,
-    for tests); `queue_num` (hold): the NFQUEUE number, default the listen port."""
+    """Run the gateway until SIGTERM/SIGINT/SIGHUP. `mode`: auto, hold, replay, invert (or
+    none, for tests); `queue_num` (hold): the NFQUEUE number, default the listen port.
+    `sweep_device`: a second handle on the same device for sweeps (read on their own thread
+    while installs go on); without one, sweeps queue with the installs."""
     if mode != "auto":
         config = dataclasses.replace(config, completion=mode)
     for w in config.validate():
@@ -71,237 +90,208 @@ def serve(
         ifindex = socket.if_nametoindex(device.name)
     except OSError:
         ifindex = -1
-    with contextlib.ExitStack() as stack:
-        sources = _open_sources(
-            stack, mode, state.listen_port, queue_num, device.name, capture_interface, log
-        )
-        config = dataclasses.replace(config, completion=sources.mode)
-        gw = Gateway(
-            device, store, config, log, Responder(state.private_key), ignore_ifindex=ifindex
-        )
-        gw.start()
-        return _loop(gw, sources, config, log, device.name, state, capture_interface)
+    policy = Policy(
+        Responder(state.private_key), config, log, wall=time.time, ignore_ifindex=ifindex
+    )
+    # reconcile before anything is captured: the queue rules go live only once it is done
+    started = time.monotonic()
+    effects = policy.reconcile(state.peers, started)
+    state = dataclasses.replace(state, peers={})
+    run_inline(
+        effects, lambda e, r, err: policy.on_done(e, r, err, time.monotonic()), store, device
+    )
+    del effects
+    reconcile_ms = round((time.monotonic() - started) * 1000)
+    gc.freeze()
 
-
-@dataclasses.dataclass
-class _Sources:
-    mode: str
-    capture: PacketCapture | None = None
-    queue: NfQueue | None = None
-    reinjector: Reinjector | None = None
-    queue_num: int | None = None
-
-
-def _open_sources(
-    stack: contextlib.ExitStack,
-    mode: str,
-    port: int,
-    queue_num: int | None,
-    ifname: str,
-    capture_interface: str | None,
-    log: EventLog,
-) -> _Sources:
-    """Open what `mode` needs; for `auto`, the first of hold, replay, invert that works."""
-    if mode in ("auto", "hold"):
-        qnum = port if queue_num is None else queue_num
-        try:
-            queue = NfQueue(qnum, port)
-            rules = QueueRules(port, qnum, ifname)
-            try:
-                rules.install()  # removes what it inserted if it fails half way
-            except BaseException:
-                queue.close()
-                raise
-            stack.enter_context(queue)
-            stack.callback(rules.remove)  # runs before the queue is closed
-            if rules.removed_stale:
-                log.warning("stale_rules_removed", count=rules.removed_stale)
-            return _Sources("hold", queue=queue, queue_num=qnum)
-        except (QueueError, RuleError, OSError) as e:
-            if mode == "hold":
-                raise GatewayError(f"--mode hold: {e}") from None
-            log.warning("mode_unavailable", mode="hold", reason=str(e))
-    sources = _Sources(mode)
-    if mode in ("auto", "replay"):
-        try:
-            sources.reinjector = Reinjector()
-            stack.callback(sources.reinjector.close)
-            sources.mode = "replay"
-        except ReplayError as e:
-            if mode == "replay":
-                raise GatewayError(f"--mode replay: {e}") from None
-            log.warning("mode_unavailable", mode="replay", reason=str(e))
-            sources.mode = "invert"
-    sources.capture = stack.enter_context(PacketCapture(port, interface=capture_interface))
-    return sources
-
-
-def _loop(
-    gw: Gateway,
-    sources: _Sources,
-    config: GatewayConfig,
-    log: EventLog,
-    ifname: str,
-    state: DeviceState,
-    capture_interface: str | None,
-) -> int:
-    cap, queue, reinjector = sources.capture, sources.queue, sources.reinjector
-
-    stop = False
-    dump = False
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        nonlocal stop, dump
-        if signum == signal.SIGUSR1:
-            dump = True
-        else:
-            stop = True
-
-    wake_r, wake_w = socket.socketpair()
-    wake_r.setblocking(False)
-    wake_w.setblocking(False)
-    old_wakeup = signal.set_wakeup_fd(wake_w.fileno())
-    old_handlers = {
-        s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-    }
-    sel = selectors.DefaultSelector()
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(SWITCH_INTERVAL)
+    reactor = Reactor()
+    workers = Workers(reactor, {STORE: store_threads, DEVICE: 1, SWEEP: 1})
+    loop = _Loop(policy, store, device, sweep_device, reactor, workers, log)
     try:
-        if cap is not None:
-            sel.register(cap.fileno(), selectors.EVENT_READ, "capture")
-        if queue is not None:
-            sel.register(queue.fileno(), selectors.EVENT_READ, "queue")
-        sel.register(wake_r, selectors.EVENT_READ, "wake")
-        log.info(
-            "ready",
-            interface=ifname,
-            public_key=str(state.public_key),
-            listen_port=state.listen_port,
-            mode=sources.mode,
-            queue=sources.queue_num,
-            idle_timeout=config.idle_timeout,
-            sweep_interval=config.sweep_interval,
-            capture="nfqueue" if queue is not None else capture_interface or "all",
-        )
-        next_poll = time.monotonic() + config.change_poll_interval
-        next_sweep = time.monotonic() + config.sweep_interval
-        next_beat = time.monotonic() + config.heartbeat_interval
-        store_fd = _watch_store(sel, gw, None)
-        while not stop:
-            due = min(
-                next_poll,
-                next_sweep,
-                next_beat,
-                gw.next_completion() or next_poll,
-                (queue.next_deadline() if queue else None) or next_poll,
+        with contextlib.ExitStack() as stack:
+            try:
+                loop.mode = open_mode(
+                    stack,
+                    mode,
+                    port=state.listen_port,
+                    queue_num=queue_num,
+                    ifname=device.name,
+                    capture_interface=capture_interface,
+                    invert_delay=config.invert_delay,
+                    call_at=reactor.call_at,
+                    submit=loop.submit,
+                    log=log,
+                )
+            except ModeError as e:
+                raise GatewayError(str(e)) from None
+            if loop.mode.replier is not None:
+                policy.cookies = CookieChecker(policy.responder.public_key)
+            log.info(
+                "ready",
+                interface=device.name,
+                public_key=str(state.public_key),
+                listen_port=state.listen_port,
+                mode=loop.mode.name,
+                queue=getattr(getattr(loop.mode, "queue", None), "queue_num", None),
+                idle_timeout=config.idle_timeout,
+                sweep_interval=config.sweep_interval,
+                capture="nfqueue" if loop.mode.name == "hold" else capture_interface or "all",
+                installed=len(policy.installed),
+                cookies=policy.cookies is not None,
+                reconcile_ms=reconcile_ms,
             )
-            timeout = max(0.0, due - time.monotonic())
-            for key, _ in sel.select(timeout):
-                if key.data == "wake":
-                    with contextlib.suppress(BlockingIOError):
-                        wake_r.recv(4096)
-                elif key.data == "store":
-                    next_poll = 0.0  # the store has news (NOTIFY): read the feed now
-                elif key.data == "queue":
-                    assert queue is not None
-                    _release_batch(gw, queue, log)
-                else:
-                    assert cap is not None
-                    for knock in cap.recv_batch():
-                        outcome = _handle(gw, log, knock)
-                        if outcome == "installed" and reinjector is not None:
-                            _guarded(log, "replay", reinjector.send, knock)
-            now = time.monotonic()
-            _guarded(log, "complete", gw.complete_due, now)
-            if queue is not None and queue.expire(now):
-                log.warning("held_too_long", released=queue.expired)
-            if now >= next_poll:
-                _guarded(log, "poll_changes", gw.poll_changes)
-                next_poll = now + config.change_poll_interval
-                store_fd = _watch_store(sel, gw, store_fd)
-            if now >= next_beat:
-                _guarded(log, "heartbeat", gw.heartbeat)
-                next_beat = now + config.heartbeat_interval
-            if now >= next_sweep:
-                _guarded(log, "sweep", gw.sweep)
-                next_sweep = now + config.sweep_interval
-            if dump:
-                dump = False
-                log.info("stats", **_stats(gw, sources))
-        log.info("stopping", **_stats(gw, sources))
+            loop.run()
     finally:
-        sel.close()
-        signal.set_wakeup_fd(old_wakeup)
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-        wake_r.close()
-        wake_w.close()
-        _guarded(log, "shutdown", gw.shutdown)
+        sys.setswitchinterval(old_interval)
+        reactor.close()
     return 0
 
 
-def _watch_store(sel: selectors.BaseSelector, gw: Gateway, current: int | None) -> int | None:
-    """(Re)register the store's wake-up fd, if it has one (PostgreSQL's LISTEN connection).
-    Registered afresh each time: after a reconnect the new socket may reuse the old number,
-    and a closed fd silently leaves epoll. Without one, the timer polls the feed."""
-    if current is not None:
-        with contextlib.suppress(KeyError, ValueError, OSError):
-            sel.unregister(current)
-    try:
-        fd = gw.store.wakeup_fd()
-    except StoreError:
-        fd = None
-    if fd is not None:
-        sel.register(fd, selectors.EVENT_READ, "store")
-    return fd
+class _Loop:
+    """Carries out the policy's effects: verdicts through the mode, the rest on workers."""
 
+    def __init__(
+        self,
+        policy: Policy,
+        store: Store,
+        device: Device,
+        sweep_device: Device | None,
+        reactor: Reactor,
+        workers: Workers,
+        log: EventLog,
+    ) -> None:
+        self.policy = policy
+        self.store = store
+        self.device = device
+        self.sweep_device = sweep_device
+        self.reactor = reactor
+        self.workers = workers
+        self.log = log
+        self.mode: Mode = None  # type: ignore[assignment]  # set by serve() before run()
+        self._store_fd: int | None = None
+        self._stop_reason = ""
+        self._dump = False
 
-def _handle(gw: Gateway, log: EventLog, knock: Knock) -> str:
-    """gw.handle(knock); an unexpected error is logged and becomes outcome `error`."""
-    try:
-        return gw.handle(knock)
-    except Exception as e:
-        log.error(
-            "handle_failed",
-            error=f"{type(e).__name__}: {e}",
-            where=traceback.extract_tb(e.__traceback__)[-1].line,
-        )
-        return "error"
+    # -- effects --------------------------------------------------------------------------
 
+    def apply(self, effects: list[Effect]) -> None:
+        for e in effects:
+            if isinstance(e, Verdict):
+                self.mode.verdict(e)
+            else:
+                self.submit(e)
+        self.mode.flush()
 
-def _release_batch(gw: Gateway, queue: NfQueue, log: EventLog) -> None:
-    """Handle every queued initiation and give each the verdict its outcome calls for.
+    def submit(self, effect: Effect) -> None:
+        where, device = effect.where, self.device
+        if where == SWEEP:
+            if self.sweep_device is None:
+                where = DEVICE  # one handle: in order with the installs
+            else:
+                device = self.sweep_device
 
-    An install's verdict is sent at once (the client is waiting); the others are sent
-    together at the end of the batch."""
-    for held in queue.recv_batch():
-        outcome = _handle(gw, log, held.knock)
-        queue.verdict(held, release(outcome))
-        if outcome == "installed":
-            queue.flush()
-    queue.flush()
+        def call() -> object:
+            return perform(effect, self.store, device)
 
+        def done(result: object, error: Exception | None) -> None:
+            if isinstance(effect, ReadChanges) and error is None:
+                self._watch_store(getattr(result, "wakeup_fd", None))
+            self.apply(self.policy.on_done(effect, result, error, time.monotonic()))
 
-def _stats(gw: Gateway, sources: _Sources) -> dict[str, int]:
-    out = {"installed": len(gw.installed)}
-    if sources.capture is not None:
-        packets, drops = sources.capture.stats()
-        out.update(captured=packets, capture_drops=drops)
-    if sources.queue is not None:
-        out.update(sources.queue.stats())
-    if sources.reinjector is not None:
-        out.update(replayed=sources.reinjector.sent, replay_errors=sources.reinjector.errors)
-    return {**out, **dict(sorted(gw.counters.items()))}
+        self.workers.submit(where, call, done)
 
+    # -- the reactor's handlers -----------------------------------------------------------
 
-def _guarded(log: EventLog, what: str, fn: object, *args: object) -> None:
-    """Run one step; log and carry on if it fails (the gateway must keep running)."""
-    try:
-        fn(*args)  # type: ignore[operator]
-    except (DeviceError, StoreError) as e:
-        log.error(f"{what}_failed", error=str(e))
-    except Exception as e:
-        log.error(
-            f"{what}_failed",
-            error=f"{type(e).__name__}: {e}",
-            where=traceback.extract_tb(e.__traceback__)[-1].line,
-        )
+    def _on_knocks(self) -> None:
+        batch: Batch = self.mode.read()
+        if batch:
+            self.apply(self.policy.on_knocks(batch, time.monotonic()))
+
+    def next_deadline(self) -> float:
+        return self.policy.next_deadline()
+
+    def tick(self, now: float) -> None:
+        self.apply(self.policy.on_tick(now))
+
+    def _on_store_news(self) -> None:
+        # NOTIFY: read the feed now. The fd stays readable until the worker drains it, so
+        # stop watching it until that read comes back (it re-registers the current fd).
+        self.policy.wake_changes()
+        self._watch_store(None)
+
+    def _watch_store(self, fd: int | None) -> None:
+        """Watch the store's wake-up fd (PostgreSQL's LISTEN socket). Registered afresh after
+        every feed read: a reconnect may reuse the number, and a closed fd leaves epoll."""
+        if self._store_fd is not None:
+            self.reactor.remove_reader(self._store_fd)
+        self._store_fd = fd
+        if fd is not None:
+            try:
+                self.reactor.add_reader(fd, self._on_store_news)
+            except (ValueError, KeyError, OSError):
+                self._store_fd = None
+
+    # -- running --------------------------------------------------------------------------
+
+    def run(self) -> None:
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        old_wakeup = signal.set_wakeup_fd(wake_w.fileno())
+        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+        old_handlers = {s: signal.signal(s, self._on_signal) for s in signals}
+
+        def on_wake() -> None:
+            with contextlib.suppress(BlockingIOError):
+                wake_r.recv(4096)
+            if self._dump:
+                self._dump = False
+                self.log.info("stats", **self.stats())
+
+        try:
+            self.reactor.add_reader(wake_r.fileno(), on_wake)
+            self.reactor.add_reader(self.mode.fileno(), self._on_knocks)
+            self.reactor.add_ticker(self)
+            self.reactor.add_ticker(self.mode)
+            self._freeze_gc()
+            self.apply([])  # nothing yet; the first tick starts the timers' work
+            self.reactor.run()
+            self.log.info("stopping", reason=self._stop_reason, **self.stats())
+        finally:
+            signal.set_wakeup_fd(old_wakeup)
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+            self.reactor.remove_reader(wake_r.fileno())
+            wake_r.close()
+            wake_w.close()
+            for e in self.policy.shutdown():
+                self.submit(e)
+            if not self.workers.close(SHUTDOWN_WAIT):
+                self.log.warning("shutdown_incomplete", waited_s=SHUTDOWN_WAIT)
+
+    def _freeze_gc(self) -> None:
+        gc.freeze()
+        self.reactor.call_at(time.monotonic() + GC_FREEZE_INTERVAL, self._freeze_gc)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGUSR1:
+            self._dump = True
+        else:
+            self._stop_reason = signal.Signals(signum).name
+            self.reactor.stop()
+
+    def stats(self) -> dict[str, object]:
+        p = self.policy
+        out: dict[str, object] = {
+            "installed_now": len(p.installed),  # not "installed": the outcome counter
+            "pending": p.pending,
+            "loop_max_stall_ms": round(self.reactor.max_stall * 1000, 1),
+            "loop_max_stall_in": self.reactor.max_stall_what,
+            "store_calls": self.workers.busy(STORE),
+            "device_calls": self.workers.busy(DEVICE),
+            "log_dropped": self.log.dropped,
+        }
+        out.update(self.mode.stats())
+        return {**out, **dict(sorted(p.counters.items()))}

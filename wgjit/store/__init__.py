@@ -5,6 +5,10 @@ gateways). The store answers point queries by public key, advances the anti-repl
 mark atomically, records which gateway holds which peer (presence), and exposes a change feed
 (a monotonically increasing cursor) so gateways learn about revocations and handoffs. No policy
 here.
+
+Every method may be called from any thread, also by two threads at once, and no call waits
+without bound: each backend has its time limits (lock and statement timeouts, a deadline for
+an answer); a limit that runs out is a StoreError.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from wgjit.keys import PresharedKey, PublicKey
 DEFAULT_STORE_URL = "sqlite:///var/lib/wgjit/peers.db"
 # a gateway silent for longer than this (no heartbeat) loses its claims on peers
 PRESENCE_TTL_S = 30.0
+# lookup_many/claim_many send at most this many keys per query
+MANY_CHUNK = 1000
 
 
 class StoreError(Exception):
@@ -178,6 +184,12 @@ class Store(Protocol):
         """Point query by public key (the gateway's hot path)."""
         ...
 
+    def lookup_many(self, public_keys: Sequence[PublicKey]) -> dict[PublicKey, Peer]:
+        """lookup() for many keys: the peers of the keys that exist (absent keys are simply
+        missing; duplicates are fine). One query per MANY_CHUNK keys; each chunk is one
+        consistent read, the whole is not (a peer changed meanwhile is in the change feed)."""
+        ...
+
     def list_peers(self) -> list[Peer]: ...
 
     def revoke(self, name: str) -> Peer:
@@ -218,6 +230,14 @@ class Store(Protocol):
         """Record that `gateway_id` now holds the peer. If another gateway held it, that
         gateway learns it through the change feed (the key appears, lookup() shows the new
         holder); returns that previous holder, else None."""
+        ...
+
+    def claim_many(self, public_keys: Sequence[PublicKey], gateway_id: str) -> None:
+        """claim() for many keys (a gateway adopting the peers on its device at start): one
+        statement per MANY_CHUNK keys, each chunk atomic (a failure leaves the chunks before
+        it done; calling again is harmless). A key another gateway held appears in the change
+        feed, exactly as with claim(), so that gateway drops the peer. Keys no longer in the
+        store are skipped (their removal is in the change feed already)."""
         ...
 
     def release(self, public_keys: Iterable[PublicKey], gateway_id: str) -> None:

@@ -5,24 +5,57 @@ Same Store protocol as the SQLite backend: versioned schema migrations, atomic a
 holds which peer) and bulk import. NOTIFY on the feed is only a wake-up: nothing assumes a
 notification is delivered, readers always read the persistent feed from their cursor.
 It makes no policy decisions and never lets a psycopg exception escape: failures are StoreError.
+
+Threads: every method may be called from any thread, several at once (a connection pool; the
+LISTEN connection has a thread of its own that pokes an eventfd, see wakeup_fd()).
+
+Every wait is bounded. Defaults, each overridden by the same parameter in the store URL (e.g.
+`postgresql://db/wgjit?lock_timeout=3s&statement_timeout=30s&connect_timeout=10`):
+
+- `connect_timeout=5` (s): opening a connection. A call waits at most POOL_WAIT_S (2 s) for a
+  pooled connection; after such a wait failed, the calls of the next FAIL_FAST_S (1 s) fail at
+  once (the server is down: installed peers keep working, new ones cannot be admitted).
+- `lock_timeout=1s`: a row lock held by another session (an operator's open `psql`
+  transaction, a long import) costs a call that needs the row at most this, then it fails
+  ("stayed locked by another session").
+- `statement_timeout=5s`: the server cancels a statement that runs longer.
+- the answer deadline: a server that stops answering altogether (frozen by SIGSTOP, a hung
+  host, a network that silently drops packets) cannot cancel anything, so the client shuts the
+  connection down when a call has had no answer for statement_timeout + ANSWER_GRACE_S (6 s by
+  default; `statement_timeout=0` turns off both); the calls of the next FAIL_FAST_S fail at once.
+- `keepalives=1&keepalives_idle=10&keepalives_interval=3&keepalives_count=3` and
+  `tcp_user_timeout=10000` (ms), TCP only: a dead network path is noticed by the kernel within
+  about 10-20 s, also on idle connections (the LISTEN connection then reconnects).
+`statement_timeout` and `lock_timeout` take PostgreSQL durations (`1500ms`, `2s`, `1min`; a bare
+number is milliseconds) and are sent as `options=-c ...`; settings already in `options` (or
+PGOPTIONS) count too, and a URL parameter wins over both. `connect_timeout` also honours
+PGCONNECT_TIMEOUT.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
+import os
+import re
+import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Final, TypeVar
 
 import psycopg
 import psycopg_pool
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from wgjit.addr import InvalidAddress, IPNetwork, format_networks, parse_network
 from wgjit.closing import Closing
 from wgjit.keys import InvalidKey, PresharedKey, PublicKey
 from wgjit.store import (
     KEEP,
+    MANY_CHUNK,
     PRESENCE_TTL_S,
     ChangeFeedExpired,
     DuplicatePeer,
@@ -40,6 +73,22 @@ from wgjit.store.urls import redact, scrub
 
 CHANNEL: Final = "wgjit_changes"
 CONNECT_TIMEOUT_S: Final = 5.0
+STATEMENT_TIMEOUT_S: Final = 5.0
+LOCK_TIMEOUT_S: Final = 1.0
+# the client gives up on a call this long after the server should have cancelled it
+ANSWER_GRACE_S: Final = 1.0
+# libpq TCP settings (ignored on unix sockets); tcp_user_timeout in ms (libpq >= 12)
+TCP_DEFAULTS: Final = {
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "3",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "10000",
+}
+# a lost LISTEN connection is retried this often
+LISTEN_RETRY_S: Final = 1.0
+# a migration may wait this long for another process's migration (lock_timeout is for calls)
+MIGRATE_LOCK_WAIT_S: Final = 30.0
 # How long a call waits for a pooled connection, and how long after such a wait failed later
 # calls fail at once: while the database is down, a gateway's loop must not stall on every
 # store call (installed peers keep working; the loop keeps serving them).
@@ -189,6 +238,24 @@ _ADVANCE_SQL: Final = (
     "UPDATE peers SET handshake_hwm = %s, last_seen = %s"
     " WHERE public_key = %s AND (handshake_hwm IS NULL OR handshake_hwm < %s)"
 )
+_LOOKUP_MANY_SQL: Final = f"SELECT {_COLUMNS} FROM {_FROM} WHERE p.public_key = ANY(%s)"
+_PAGE_SQL: Final = f"SELECT {_COLUMNS} FROM {_FROM} WHERE p.name > %s ORDER BY p.name LIMIT 10000"
+# claim() for a chunk of keys in one statement. ON CONFLICT DO UPDATE works on the newest
+# version of each claim (locking it), and its WHERE leaves our own claims alone, so the updated
+# rows (xmax <> 0; inserted ones have xmax = 0) are exactly those taken from another gateway:
+# they go into the feed, as claim() puts them. FOR KEY SHARE skips peers deleted meanwhile.
+_CLAIM_MANY_SQL: Final = (
+    "WITH claimed AS ("
+    " INSERT INTO peer_claims AS c (public_key, gateway_id, claimed_at)"
+    f" SELECT p.public_key, %(gw)s, {_NOW} FROM peers p WHERE p.public_key = ANY(%(keys)s)"
+    " ORDER BY p.public_key FOR KEY SHARE OF p"
+    " ON CONFLICT (public_key) DO UPDATE"
+    " SET gateway_id = excluded.gateway_id, claimed_at = excluded.claimed_at"
+    " WHERE c.gateway_id <> excluded.gateway_id"
+    " RETURNING c.public_key, (c.xmax = 0) AS fresh)"
+    " SELECT wgjit_feed(ARRAY(SELECT public_key FROM claimed WHERE NOT fresh"
+    " ORDER BY public_key))"
+)
 _LAST_SEQ_SQL: Final = "SELECT coalesce(max(seq), 0) FROM peer_changes"
 
 
@@ -208,19 +275,27 @@ class PostgresStore(Closing):
         `wgjit store init` instead of being given one."""
         self.url = url
         self._create = create
-        self.connect_timeout = connect_timeout
         self._name = redact(url)
-        kwargs: dict[str, Any] = {"autocommit": True, "connect_timeout": int(connect_timeout)}
+        self._conninfo, limits = self._settings(url, connect_timeout)
+        self.connect_timeout, self.statement_timeout, self.lock_timeout = limits
+        # how long a call may go without an answer (None: statement_timeout=0, no limit)
+        self.answer_timeout = (
+            self.statement_timeout + ANSWER_GRACE_S if self.statement_timeout else None
+        )
+        self._watchdog = _Watchdog()
         try:
-            with psycopg.connect(url, **kwargs) as conn:
+            with psycopg.connect(self._conninfo, autocommit=True) as conn:
                 self.schema_version = self._migrate(conn)
         except psycopg.Error as e:
+            self._watchdog.close()
             raise self._error(e, "open it") from e
-        self._kwargs = kwargs
+        except BaseException:
+            self._watchdog.close()
+            raise
         self._pool: psycopg_pool.ConnectionPool[psycopg.Connection[tuple[Any, ...]]] | None
         self._pool = psycopg_pool.ConnectionPool(
-            url,
-            kwargs=kwargs,
+            self._conninfo,
+            kwargs={"autocommit": True},
             min_size=1,
             max_size=max_size,
             open=False,
@@ -228,26 +303,79 @@ class PostgresStore(Closing):
             name="wgjit",
         )
         try:
-            self._pool.open(wait=True, timeout=connect_timeout * 2)
+            self._pool.open(wait=True, timeout=self.connect_timeout * 2)
         except psycopg_pool.PoolTimeout as e:
             self._pool.close()
+            self._watchdog.close()
             raise StoreError(f"store {self._name}: cannot connect (timed out); {_HINT}") from e
-        self._listen_lock = threading.Lock()
-        self._listener: psycopg.Connection[tuple[Any, ...]] | None = None
-        self._listener_retry_at = 0.0
         self._down_until = 0.0  # monotonic; see FAIL_FAST_S
+        # the LISTEN side (see wakeup_fd): a thread, an eventfd it pokes, and whether it listens
+        self._closed = threading.Event()
+        self._listen_lock = threading.Lock()
+        self._listen_thread: threading.Thread | None = None
+        self._listen_started = threading.Event()  # set once the first attempt is over
+        self._wake_fd: int | None = None
+        self._listening = False
+
+    def _settings(self, url: str, connect_timeout: float) -> tuple[str, tuple[float, float, float]]:
+        """The libpq conninfo for `url` with our defaults filled in (see the module docstring),
+        and the effective (connect_timeout, statement_timeout, lock_timeout) in seconds."""
+        base, own = _split_own_params(url)
+        try:
+            params = conninfo_to_dict(base)
+        except psycopg.Error as e:
+            raise StoreError(
+                f"store {self._name}: invalid URL: {scrub(_first_line(e), url)}; {_HINT}"
+            ) from e
+        if "connect_timeout" not in params and "PGCONNECT_TIMEOUT" not in os.environ:
+            params["connect_timeout"] = str(max(1, math.ceil(connect_timeout)))
+        try:
+            connect_s = float(params.get("connect_timeout") or os.environ["PGCONNECT_TIMEOUT"])
+        except (KeyError, ValueError):
+            connect_s = connect_timeout
+        for k, v in TCP_DEFAULTS.items():
+            if k != "tcp_user_timeout" or psycopg.pq.version() >= 120000:
+                params.setdefault(k, v)
+        options = str(params.get("options") or os.environ.get("PGOPTIONS", "")).strip()
+        limits_ms = {
+            "statement_timeout": round(STATEMENT_TIMEOUT_S * 1000),
+            "lock_timeout": round(LOCK_TIMEOUT_S * 1000),
+        }
+        for m in _OPTION_SETTING.finditer(options):
+            limits_ms[m.group(1).replace("-", "_")] = self._duration_ms(m.group(1), m.group(2))
+        for k, v in own.items():
+            limits_ms[k] = self._duration_ms(k, v)
+        extra = " ".join(f"-c {k}={ms:d}ms" for k, ms in limits_ms.items())
+        params["options"] = f"{options} {extra}".strip()
+        limits = (
+            connect_s,
+            limits_ms["statement_timeout"] / 1000,
+            limits_ms["lock_timeout"] / 1000,
+        )
+        return make_conninfo("", **params), limits
+
+    def _duration_ms(self, name: str, text: str) -> int:
+        m = _DURATION.fullmatch(text.strip())
+        if m is None:
+            raise StoreError(
+                f"store {self._name}: invalid {name} {text!r}: give a duration such as 500ms, 2s"
+                f" or 1min (a bare number is milliseconds; 0 means no limit)"
+            )
+        return math.ceil(float(m.group(1)) * _UNIT_MS[m.group(2) or "ms"])
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     def close(self) -> None:
         pool, self._pool = self._pool, None
+        self._closed.set()  # the LISTEN thread ends within a second or so, closing its connection
         with self._listen_lock:
-            listener, self._listener = self._listener, None
-        if listener is not None:
-            with contextlib.suppress(psycopg.Error):
-                listener.close()
+            fd, self._wake_fd = self._wake_fd, None
+            self._listening = False
+        if fd is not None:
+            os.close(fd)
         if pool is not None:
             pool.close()
+        self._watchdog.close()
 
     def __repr__(self) -> str:
         return f"PostgresStore({self._name!r})"
@@ -398,6 +526,19 @@ class PostgresStore(Closing):
         )
         return self._peer(row) if row else None
 
+    def lookup_many(self, public_keys: Sequence[PublicKey]) -> dict[PublicKey, Peer]:
+        keys = list(dict.fromkeys(k.raw for k in public_keys))
+        found: dict[PublicKey, Peer] = {}
+        for i in range(0, len(keys), MANY_CHUNK):
+            rows = self._run(
+                f"look up {len(keys)} peers",
+                functools.partial(_fetchall, _LOOKUP_MANY_SQL, (keys[i : i + MANY_CHUNK],)),
+            )
+            for r in rows:
+                peer = self._peer(r)
+                found[peer.public_key] = peer
+        return found
+
     def list_peers(self) -> list[Peer]:
         rows = self._run(
             "list peers",
@@ -406,16 +547,16 @@ class PostgresStore(Closing):
         return [self._peer(r) for r in rows]
 
     def iter_peers(self) -> Iterator[Peer]:
-        pool = self._require_pool("list peers")
-        try:
-            with pool.connection() as conn, conn.transaction():
-                cur = conn.cursor(name="wgjit_export")
-                cur.itersize = 10000
-                cur.execute(f"SELECT {_COLUMNS} FROM {_FROM} ORDER BY p.name")
-                for row in cur:
-                    yield self._peer(row)
-        except psycopg.Error as e:
-            raise self._error(e, "list peers") from e
+        # pages by name (keyset): each page is one bounded call, and no connection is held
+        # while the caller works
+        after = ""
+        while True:
+            rows = self._run("list peers", functools.partial(_fetchall, _PAGE_SQL, (after,)))
+            if not rows:
+                return
+            for r in rows:
+                yield self._peer(r)
+            after = rows[-1][0]
 
     def revoke(self, name: str) -> Peer:
         def op(conn: psycopg.Connection[tuple[Any, ...]]) -> tuple[Any, ...]:
@@ -561,7 +702,9 @@ class PostgresStore(Closing):
             res.rejected.sort()
             return res
 
-        return self._run(f"import {len(peers)} peers", op)
+        # about ten statements, each bounded by statement_timeout on the server
+        budget = self.answer_timeout * 10 if self.answer_timeout else None
+        return self._run(f"import {len(peers)} peers", op, budget=budget)
 
     def _import_overlaps(self, conn: psycopg.Connection[tuple[Any, ...]]) -> list[tuple[int, str]]:
         """Rows of the import batch whose new prefixes overlap another stored peer's (one GiST
@@ -636,6 +779,16 @@ class PostgresStore(Closing):
                 raise UnknownPeer(f"peer {public_key.short()}... is no longer in the store") from e
             raise
 
+    def claim_many(self, public_keys: Sequence[PublicKey], gateway_id: str) -> None:
+        # sorted: concurrent claim_many calls lock rows in the same order (no deadlocks)
+        keys = sorted({k.raw for k in public_keys})
+        for i in range(0, len(keys), MANY_CHUNK):
+            chunk = keys[i : i + MANY_CHUNK]
+            self._run(
+                f"claim {len(keys)} peers",
+                functools.partial(_execute, _CLAIM_MANY_SQL, {"keys": chunk, "gw": gateway_id}),
+            )
+
     def release(self, public_keys: Iterable[PublicKey], gateway_id: str) -> None:
         keys = [k.raw for k in public_keys]
         if keys:
@@ -675,7 +828,7 @@ class PostgresStore(Closing):
 
     def changes_since(self, cursor: int) -> tuple[list[PublicKey], int]:
         cursor = max(cursor, 0)
-        self._drain_notifications()
+        self._drain_wakeups()  # before reading: a change committed after the read wakes again
 
         def op(conn: psycopg.Connection[tuple[Any, ...]]) -> tuple[list[PublicKey], int]:
             # one snapshot for the three reads
@@ -705,33 +858,81 @@ class PostgresStore(Closing):
         return self._run("read the change feed", op)
 
     def wakeup_fd(self) -> int | None:
-        """The LISTEN connection's socket; (re)connected lazily, at most once a second."""
+        """An eventfd that a thread of ours, listening on its own connection, makes readable
+        on NOTIFY, on losing that connection and on getting it back; None while it is not
+        listening (then poll). The number stays the same for the life of the store. The first
+        call starts that thread; until its first connection attempt is over (at most
+        connect_timeout and the answer deadline) calls wait for it, later calls never wait."""
         with self._listen_lock:
-            if self._listener is None and self._pool is not None:
-                now = time.monotonic()
-                if now >= self._listener_retry_at:
-                    self._listener_retry_at = now + 1.0
-                    try:
-                        conn = psycopg.connect(self.url, **self._kwargs)
-                        conn.execute(f"LISTEN {CHANNEL}")
-                        self._listener = conn
-                    except psycopg.Error:
-                        self._listener = None
-            return self._listener.fileno() if self._listener is not None else None
+            if self._pool is None:
+                return None
+            if self._listen_thread is None:
+                self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                self._listen_thread = threading.Thread(
+                    target=self._listen, name="wgjit-store-listen", daemon=True
+                )
+                self._listen_thread.start()
+        if not self._listen_started.is_set():
+            self._listen_started.wait(self.connect_timeout + (self.answer_timeout or 0) + 1)
+        with self._listen_lock:
+            return self._wake_fd if self._listening else None
 
-    def _drain_notifications(self) -> None:
-        with self._listen_lock:
-            conn = self._listener
+    def _listen(self) -> None:
+        """The LISTEN thread: (re)connect, wait for notifications, poke the eventfd."""
+        reconnect = False
+        while not self._closed.is_set():
+            conn = self._listen_connect()
+            self._set_listening(conn is not None, poke=reconnect)
+            self._listen_started.set()
+            reconnect = True
             if conn is None:
-                return
+                self._closed.wait(LISTEN_RETRY_S)
+                continue
             try:
-                for _ in conn.notifies(timeout=0):
-                    pass
+                while not self._closed.is_set():
+                    # a timeout now and then, only to notice close()
+                    for _ in conn.notifies(timeout=LISTEN_RETRY_S):
+                        self._poke()
             except psycopg.Error:
-                # lost: the caller reads the persistent feed anyway; wakeup_fd() reconnects
+                pass  # lost: the readers see None, poll, and are woken once we are back
+            finally:
                 with contextlib.suppress(psycopg.Error):
                     conn.close()
-                self._listener = None
+                self._set_listening(False, poke=True)
+
+    def _listen_connect(self) -> psycopg.Connection[tuple[Any, ...]] | None:
+        conn = None
+        try:
+            conn = psycopg.connect(self._conninfo, autocommit=True)
+            watch = self._watchdog.arm(conn.fileno(), self.answer_timeout or self.connect_timeout)
+            try:
+                conn.execute(f"LISTEN {CHANNEL}")
+            finally:
+                self._watchdog.disarm(watch)
+            return conn
+        except psycopg.Error:
+            if conn is not None:
+                with contextlib.suppress(psycopg.Error):
+                    conn.close()
+            return None
+
+    def _set_listening(self, listening: bool, *, poke: bool) -> None:
+        with self._listen_lock:
+            self._listening = listening and self._wake_fd is not None
+        if poke:
+            self._poke()
+
+    def _poke(self) -> None:
+        with self._listen_lock:  # close() may close the fd: never write to a stale number
+            if self._wake_fd is not None:
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_write(self._wake_fd, 1)
+
+    def _drain_wakeups(self) -> None:
+        with self._listen_lock:
+            if self._wake_fd is not None:
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(self._wake_fd)
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -743,33 +944,55 @@ class PostgresStore(Closing):
             raise StoreError(f"store {self._name} is closed (cannot {what})")
         return pool
 
-    def _run(self, what: str, fn: Callable[[psycopg.Connection[tuple[Any, ...]]], _T]) -> _T:
-        """Run `fn` on a pooled connection; on a broken connection (server restarted, network
-        cut) try again on a fresh one, a few times, so a gateway rides out a database restart."""
+    def _run(
+        self,
+        what: str,
+        fn: Callable[[psycopg.Connection[tuple[Any, ...]]], _T],
+        *,
+        budget: float | None = None,
+    ) -> _T:
+        """Run `fn` on a pooled connection, giving up (StoreError) when the server has not
+        answered within `budget` (default: the answer deadline). On a broken connection (server
+        restarted, network cut) or a lost deadlock, try again, a few times, so a gateway rides
+        out a database restart."""
         pool = self._require_pool(what)
         if time.monotonic() < self._down_until:
             raise StoreError(
-                f"store {self._name}: could not {what}: the database is unreachable (a connection"
-                " attempt just failed; retrying in the background)"
+                f"store {self._name}: could not {what}: the database is unreachable (a call"
+                " just failed to reach it; retrying in the background)"
             )
+        limit = budget or self.answer_timeout
         attempts = 0
         while True:
             attempts += 1
+            watch: _Watch | None = None
             try:
                 with pool.connection() as conn:
-                    return fn(conn)
+                    if limit is not None:
+                        watch = self._watchdog.arm(conn.fileno(), limit)
+                    try:
+                        return fn(conn)
+                    finally:
+                        if watch is not None:
+                            self._watchdog.disarm(watch)
             except psycopg_pool.PoolTimeout as e:  # an OperationalError: first
                 self._down_until = time.monotonic() + FAIL_FAST_S
                 raise StoreError(
                     f"store {self._name}: could not {what}: no connection to the database"
                     f" within {pool.timeout:g} s; is the server running?"
                 ) from e
-            except psycopg.OperationalError as e:
-                if attempts >= 3:
-                    raise self._error(e, what) from e
-                if attempts > 1:
-                    time.sleep(0.05)
             except psycopg.Error as e:
+                if watch is not None and watch.fired:
+                    self._down_until = time.monotonic() + FAIL_FAST_S
+                    raise StoreError(
+                        f"store {self._name}: could not {what}: no answer from the database"
+                        f" within {limit:g} s (is the server stopped or overloaded?);"
+                        " connection closed"
+                    ) from e
+                if attempts < 3 and _retryable(e):
+                    if attempts > 1:
+                        time.sleep(0.05)
+                    continue
                 raise self._error(e, what) from e
 
     def _prune(self, conn: psycopg.Connection[tuple[Any, ...]]) -> None:
@@ -792,7 +1015,25 @@ class PostgresStore(Closing):
 
     def _migrate(self, conn: psycopg.Connection[tuple[Any, ...]]) -> int:
         target = len(MIGRATIONS)
+        watch = self._watchdog.arm(
+            conn.fileno(), MIGRATE_LOCK_WAIT_S + (self.answer_timeout or self.connect_timeout)
+        )
+        try:
+            return self._migrate_in(conn, target)
+        except psycopg.Error as e:
+            if watch.fired:
+                raise StoreError(
+                    f"store {self._name}: could not open it: no answer from the database"
+                    " (is the server stopped or overloaded?)"
+                ) from e
+            raise
+        finally:
+            self._watchdog.disarm(watch)
+
+    def _migrate_in(self, conn: psycopg.Connection[tuple[Any, ...]], target: int) -> int:
         with conn.transaction():
+            # another process may be migrating: wait for it longer than a call waits for a lock
+            conn.execute(f"SET LOCAL lock_timeout = '{MIGRATE_LOCK_WAIT_S:g}s'")
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATE_LOCK,))
             if not self._create and not _scalar(
                 conn,
@@ -863,7 +1104,18 @@ class PostgresStore(Closing):
     def _error(self, e: psycopg.Error, what: str) -> StoreError:
         """One clear line for a failed psycopg call (libpq may quote the URL: scrubbed)."""
         reason = scrub(_first_line(e), self.url)
-        if isinstance(e, psycopg.OperationalError):
+        if isinstance(e, psycopg.errors.LockNotAvailable):
+            return StoreError(
+                f"store {self._name}: could not {what}: a row it needs stayed locked by another"
+                f" session for over {self.lock_timeout:g} s (lock_timeout); try again"
+            )
+        if isinstance(e, psycopg.errors.QueryCanceled) and "statement timeout" in reason:
+            return StoreError(
+                f"store {self._name}: could not {what}: the database took over"
+                f" {self.statement_timeout:g} s (statement_timeout; a URL parameter such as"
+                " statement_timeout=30s raises it)"
+            )
+        if isinstance(e, psycopg.OperationalError) and _retryable(e):
             return StoreError(
                 f"store {self._name}: could not {what}: cannot reach the database ({reason});"
                 f" check the server and the URL, or {_HINT}"
@@ -871,6 +1123,114 @@ class PostgresStore(Closing):
         if isinstance(e, psycopg.errors.InsufficientPrivilege):
             return StoreError(f"store {self._name}: could not {what}: permission denied ({reason})")
         return StoreError(f"store {self._name}: could not {what}: {reason}")
+
+
+def _retryable(e: psycopg.Error) -> bool:
+    """A failure another attempt may not meet: the connection broke (no SQLSTATE, class 08,
+    the server shutting down or starting) or the transaction lost a deadlock or serialisation
+    race. Not errors the server reported about the statement (lock_timeout, ...)."""
+    if not isinstance(e, psycopg.OperationalError):
+        return False
+    state = e.sqlstate
+    return state is None or state.startswith("08") or state in _RETRY_STATES
+
+
+_RETRY_STATES: Final = frozenset({"57P01", "57P02", "57P03", "40P01", "40001"})
+
+
+def _fetchall(
+    query: Any, params: Any, conn: psycopg.Connection[tuple[Any, ...]]
+) -> list[tuple[Any, ...]]:
+    return conn.execute(query, params).fetchall()
+
+
+def _execute(query: Any, params: Any, conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+    conn.execute(query, params)
+
+
+def _split_own_params(url: str) -> tuple[str, dict[str, str]]:
+    """The URL without the query parameters libpq does not know (statement_timeout,
+    lock_timeout: it would refuse the URL), and their values."""
+    base, sep, query = url.partition("?")
+    if not sep:
+        return url, {}
+    kept: list[str] = []
+    own: dict[str, str] = {}
+    for part in query.split("&"):
+        name, _, value = part.partition("=")
+        name = urllib.parse.unquote(name)
+        if name in ("statement_timeout", "lock_timeout"):
+            own[name] = urllib.parse.unquote(value)
+        elif part:
+            kept.append(part)
+    return (f"{base}?{'&'.join(kept)}" if kept else base), own
+
+
+# `-c lock_timeout=2s` or `--lock-timeout=2s` in libpq's `options`
+_OPTION_SETTING = re.compile(r"(?:-c\s*|--)(statement[_-]timeout|lock[_-]timeout)=(\S+)")
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(us|ms|s|min|h|d)?")
+_UNIT_MS: Final = {"us": 0.001, "ms": 1, "s": 1000, "min": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+class _Watch:
+    __slots__ = ("deadline", "fd", "fired")
+
+    def __init__(self, fd: int, deadline: float) -> None:
+        self.fd, self.deadline, self.fired = fd, deadline, False
+
+
+class _Watchdog:
+    """Shuts down the socket of a call that has had no answer by its deadline. The server
+    enforces statement_timeout, so a server that stops answering (SIGSTOP, a hung host, packets
+    silently dropped) holds a call until TCP gives up, or for ever on a unix socket; after a
+    shutdown(2) the waiting call fails at once. It holds a dup of each watched socket, so a
+    socket libpq closes meanwhile cannot be confused with a new one that reuses its number."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._armed: set[_Watch] = set()
+        self._wake_at = math.inf  # when the thread next looks (inf: when told)
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def arm(self, fd: int, seconds: float) -> _Watch:
+        watch = _Watch(os.dup(fd), time.monotonic() + seconds)
+        with self._cond:
+            self._armed.add(watch)
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(
+                    target=self._run, name="wgjit-store-watchdog", daemon=True
+                )
+                self._thread.start()
+            if watch.deadline < self._wake_at:
+                self._cond.notify()
+        return watch
+
+    def disarm(self, watch: _Watch) -> None:
+        with self._cond:
+            self._armed.discard(watch)
+        os.close(watch.fd)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._closed:
+                now = time.monotonic()
+                for watch in [w for w in self._armed if w.deadline <= now]:
+                    self._armed.discard(watch)
+                    watch.fired = True
+                    with contextlib.suppress(OSError):
+                        sock = socket.socket(fileno=watch.fd)
+                        try:
+                            sock.shutdown(socket.SHUT_RDWR)
+                        finally:
+                            sock.detach()  # the fd stays ours until disarm() closes it
+                self._wake_at = min((w.deadline for w in self._armed), default=math.inf)
+                self._cond.wait(None if self._wake_at == math.inf else self._wake_at - now)
 
 
 def _scalar(conn: psycopg.Connection[tuple[Any, ...]], query: Any) -> Any:

@@ -2,6 +2,12 @@
 atomic anti-replay marks, a trigger-fed change feed, versioned schema migrations, presence for
 gateways on the same host, bulk import).
 It makes no policy decisions and never lets a sqlite3 exception escape: failures are StoreError.
+
+Threads: a store has two connections, one for reads and one for writes, each behind its own
+lock, so any thread may call any method and a read never queues behind a write that waits for
+another process's lock (WAL lets readers run beside a writer). Waits are bounded by
+`busy_timeout` (default 5 s): for another process's write lock (SQLite's busy timeout) and for
+this process's other threads (the connection's lock); either way the call fails with "is busy".
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from wgjit.closing import Closing
 from wgjit.keys import InvalidKey, PresharedKey, PublicKey
 from wgjit.store import (
     KEEP,
+    MANY_CHUNK,
     PRESENCE_TTL_S,
     ChangeFeedExpired,
     DuplicatePeer,
@@ -189,6 +196,8 @@ _PRUNE_SQL: Final = (
     " (SELECT seq FROM sqlite_sequence WHERE name = 'peer_changes') + 1)"
 )
 
+_VARIABLE_LIMIT: Final = sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER
+
 # primary result codes (sqlite3.Error.sqlite_errorcode & 0xFF)
 _SQLITE_PERM, _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY = 3, 5, 6, 8
 _SQLITE_IOERR, _SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_CANTOPEN = 10, 11, 13, 14
@@ -238,8 +247,8 @@ def path_from_url(url: str) -> Path:
 
 
 class SQLiteStore(Closing):
-    """The Store protocol on one SQLite file. Thread-safe (one connection behind a lock);
-    several processes may open the same file at once."""
+    """The Store protocol on one SQLite file. Thread-safe (a reader and a writer connection,
+    each behind a lock); several processes may open the same file at once."""
 
     def __init__(
         self,
@@ -253,43 +262,67 @@ class SQLiteStore(Closing):
         self.path = Path(os.path.abspath(Path(path).expanduser()))
         self.busy_timeout = busy_timeout
         self._create = create
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _conn, the writer
+        self._rlock = threading.Lock()  # guards _rconn, the reader
         self._conn: sqlite3.Connection | None = None
+        self._rconn: sqlite3.Connection | None = None
         self._prepare_file()
+        conn = self._connect()
         try:
-            conn = sqlite3.connect(
-                # mode=rw: never creates the file (it may have been removed since the check)
-                self.path if create else f"file:{pathname2url(str(self.path))}?mode=rw",
-                uri=not create,
-                timeout=busy_timeout,
-                isolation_level=None,  # autocommit; transactions are explicit BEGIN ... COMMIT
-                check_same_thread=False,  # shared by a gateway's threads, serialised by _lock
-            )
-        except sqlite3.Error as e:
-            raise self._error(e, "open it") from e
-        try:
-            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000):d}")
             if not create and int(conn.execute("PRAGMA user_version").fetchone()[0]) == 0:
                 # checked before anything writes to the file (journal_mode = WAL does)
                 raise self._missing("is not an initialised wgjit store (empty or foreign)")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")  # durable enough in WAL mode, and fast
-            # 64 MiB page cache: the key index of millions of peers stays mostly in memory
-            conn.execute("PRAGMA cache_size = -65536")
             self._migrate(conn)
+            rconn = self._connect()
         except sqlite3.Error as e:
             conn.close()
             raise self._error(e, "open it") from e
         except BaseException:
             conn.close()
             raise
-        self._conn = conn
+        try:
+            rconn.execute("PRAGMA query_only = ON")
+            # the most keys one IN (...) may carry: SQLite's variable limit, less the others
+            self._chunk = max(1, min(MANY_CHUNK, rconn.getlimit(_VARIABLE_LIMIT) - 2))
+        except sqlite3.Error as e:
+            conn.close()
+            rconn.close()
+            raise self._error(e, "open it") from e
+        self._conn, self._rconn = conn, rconn
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(
+                # mode=rw: never creates the file (it may have been removed since the check)
+                self.path if self._create else f"file:{pathname2url(str(self.path))}?mode=rw",
+                uri=not self._create,
+                timeout=self.busy_timeout,
+                isolation_level=None,  # autocommit; transactions are explicit BEGIN ... COMMIT
+                check_same_thread=False,  # shared by a gateway's threads, serialised by a lock
+            )
+        except sqlite3.Error as e:
+            raise self._error(e, "open it") from e
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000):d}")
+            # 64 MiB page cache: the key index of millions of peers stays mostly in memory
+            conn.execute("PRAGMA cache_size = -65536")
+        except sqlite3.Error as e:
+            conn.close()
+            raise self._error(e, "open it") from e
+        return conn
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     def close(self) -> None:
         with self._lock:
             conn, self._conn = self._conn, None
+            if conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+        with self._rlock:
+            conn, self._rconn = self._rconn, None
             if conn is not None:
                 with contextlib.suppress(sqlite3.Error):
                     conn.close()
@@ -413,17 +446,33 @@ class SQLiteStore(Closing):
         return self._peer(result)
 
     def get_peer(self, name: str) -> Peer | None:
-        with self._op(f"read peer {name!r}") as conn:
+        with self._query(f"read peer {name!r}") as conn:
             row = conn.execute(_BY_NAME_SQL, (name,)).fetchone()
         return self._peer(row) if row else None
 
     def lookup(self, public_key: PublicKey) -> Peer | None:
-        with self._op("look up a peer") as conn:
+        with self._query("look up a peer") as conn:
             row = conn.execute(LOOKUP_SQL, (public_key.raw,)).fetchone()
         return self._peer(row) if row else None
 
+    def lookup_many(self, public_keys: Sequence[PublicKey]) -> dict[PublicKey, Peer]:
+        keys = list(dict.fromkeys(k.raw for k in public_keys))
+        found: dict[PublicKey, Peer] = {}
+        for i in range(0, len(keys), self._chunk):
+            chunk = keys[i : i + self._chunk]
+            # the lock is taken per chunk: other threads' calls run in between
+            with self._query(f"look up {len(keys)} peers") as conn:
+                rows = conn.execute(
+                    f"SELECT {_COLUMNS} FROM peers WHERE public_key IN ({_marks(len(chunk))})",
+                    chunk,
+                ).fetchall()
+            for r in rows:
+                peer = self._peer(r)
+                found[peer.public_key] = peer
+        return found
+
     def list_peers(self) -> list[Peer]:
-        with self._op("list peers") as conn:
+        with self._query("list peers") as conn:
             rows = conn.execute(f"SELECT {_COLUMNS} FROM peers ORDER BY name").fetchall()
         return [self._peer(r) for r in rows]
 
@@ -578,7 +627,7 @@ class SQLiteStore(Closing):
         # pages by name (keyset), so the lock is never held while the caller works
         after = ""
         while True:
-            with self._op("list peers") as conn:
+            with self._query("list peers") as conn:
                 rows = conn.execute(
                     f"SELECT {_COLUMNS} FROM peers WHERE name > ? ORDER BY name LIMIT 10000",
                     (after,),
@@ -617,6 +666,28 @@ class SQLiteStore(Closing):
             )
             return previous
 
+    def claim_many(self, public_keys: Sequence[PublicKey], gateway_id: str) -> None:
+        keys = list(dict.fromkeys(k.raw for k in public_keys))
+        for i in range(0, len(keys), self._chunk):
+            chunk = keys[i : i + self._chunk]
+            marks = _marks(len(chunk))
+            with self._write(f"claim {len(keys)} peers") as conn:
+                # first announce the keys another gateway held (as claim() does), then take all
+                conn.execute(
+                    f"INSERT INTO peer_changes (public_key, at) SELECT public_key, {_NOW_SQL}"
+                    f" FROM peer_claims WHERE public_key IN ({marks}) AND gateway_id <> ?"
+                    " ORDER BY public_key",
+                    (*chunk, gateway_id),
+                )
+                # our own claims are left as they are (no write: a restart's reconcile is cheap)
+                conn.execute(
+                    "INSERT INTO peer_claims (public_key, gateway_id, claimed_at)"
+                    f" SELECT public_key, ?, ? FROM peers WHERE public_key IN ({marks})"
+                    " ON CONFLICT (public_key) DO UPDATE SET gateway_id = excluded.gateway_id,"
+                    " claimed_at = excluded.claimed_at WHERE gateway_id <> excluded.gateway_id",
+                    (gateway_id, time.time(), *chunk),
+                )
+
     def release(self, public_keys: Iterable[PublicKey], gateway_id: str) -> None:
         params = [(k.raw, gateway_id) for k in public_keys]
         if params:
@@ -646,7 +717,7 @@ class SQLiteStore(Closing):
 
     def change_cursor(self) -> int:
         # the highest seq ever assigned (kept by AUTOINCREMENT even after pruning), not max(seq)
-        with self._op("read the change feed") as conn:
+        with self._query("read the change feed") as conn:
             return int(conn.execute(_LAST_SEQ_SQL).fetchone()[0])
 
     def changes_since(self, cursor: int) -> tuple[list[PublicKey], int]:
@@ -785,10 +856,17 @@ class SQLiteStore(Closing):
         conn.execute(_PRUNE_SQL, (now - CHANGE_RETENTION_S,))
 
     @contextlib.contextmanager
-    def _op(self, what: str) -> Iterator[sqlite3.Connection]:
-        """Hold the lock; turn sqlite3 errors into StoreError; roll back on any failure."""
-        with self._lock:
-            conn = self._conn
+    def _op(self, what: str, *, reader: bool = False) -> Iterator[sqlite3.Connection]:
+        """Hold the writer's lock (the reader's with `reader`) for at most busy_timeout; turn
+        sqlite3 errors into StoreError; roll back on any failure."""
+        lock = self._rlock if reader else self._lock
+        if not lock.acquire(timeout=self.busy_timeout):
+            raise StoreError(
+                f"store {self.path} is busy: another thread of this process kept it for over"
+                f" {self.busy_timeout:g} s (could not {what}); try again"
+            )
+        try:
+            conn = self._rconn if reader else self._conn
             if conn is None:
                 raise StoreError(f"store {self.path} is closed (cannot {what})")
             try:
@@ -799,6 +877,12 @@ class SQLiteStore(Closing):
             except BaseException:
                 _rollback(conn)
                 raise
+        finally:
+            lock.release()
+
+    def _query(self, what: str) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """The reader connection, for statements that only read."""
+        return self._op(what, reader=True)
 
     @contextlib.contextmanager
     def _write(self, what: str) -> Iterator[sqlite3.Connection]:
@@ -811,8 +895,8 @@ class SQLiteStore(Closing):
 
     @contextlib.contextmanager
     def _read(self, what: str) -> Iterator[sqlite3.Connection]:
-        """Several reads from one consistent snapshot."""
-        with self._op(what) as conn:
+        """Several reads from one consistent snapshot, on the reader connection."""
+        with self._op(what, reader=True) as conn:
             conn.execute("BEGIN")
             yield conn
             conn.execute("COMMIT")
@@ -874,6 +958,11 @@ def _timestamp(hs: Handshake) -> bytes:
     if len(ts) != TAI64N_LEN:
         raise ValueError(f"handshake timestamp must be {TAI64N_LEN} bytes (TAI64N), got {len(ts)}")
     return ts
+
+
+def _marks(n: int) -> str:
+    """`?, ?, ...`: n placeholders for an IN (...) list."""
+    return ", ".join("?" * n)
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

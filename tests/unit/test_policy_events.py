@@ -1,0 +1,308 @@
+"""The policy as a state machine: what it asks for, and what it does when answers are slow,
+fail, or never come. No threads: the test plays the loop and decides when results arrive."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from tests.unit.test_gateway_core import Clock, FakeDevice, events, initiation, knock
+from wgjit.addr import Endpoint, parse_networks
+from wgjit.capture.packet import Knock
+from wgjit.cookie import CookieChecker, add_mac2, open_cookie_reply
+from wgjit.device import PeerState
+from wgjit.events import EventLog
+from wgjit.gateway.core import GatewayConfig, Policy
+from wgjit.gateway.effects import (
+    Admit,
+    Effect,
+    Install,
+    Lookup,
+    Purpose,
+    ReadHandshakes,
+    Remove,
+    Verdict,
+    perform,
+    run_inline,
+)
+from wgjit.gateway.outcome import Outcome
+from wgjit.handshake import OFF_MAC1, OFF_MAC2, Responder
+from wgjit.keys import PrivateKey
+from wgjit.store import Store, StoreError, open_store
+
+
+class Loop:
+    """Plays the loop by hand: effects are kept until the test answers them."""
+
+    def __init__(self, tmp_path: Path, **config: object) -> None:
+        self.gw_key = PrivateKey.generate()
+        self.dev = FakeDevice(self.gw_key)
+        self.store: Store = open_store(str(tmp_path / "peers.db"))
+        self.out = io.StringIO()
+        self.clock = Clock()
+        self.policy = Policy(
+            Responder(self.gw_key),
+            GatewayConfig(**config),  # type: ignore[arg-type]
+            EventLog(self.out),
+            wall=self.clock,
+        )
+        self.pending: list[Effect] = []
+        self.verdicts: list[Verdict] = []
+        run_inline(
+            self.policy.reconcile({}, self.clock.t),
+            lambda e, r, err: self.policy.on_done(e, r, err, self.clock.t),
+            self.store,
+            self.dev,
+        )
+
+    def take(self, effects: list[Effect]) -> None:
+        for e in effects:
+            if isinstance(e, Verdict):
+                self.verdicts.append(e)
+            else:
+                self.pending.append(e)
+
+    def knock(self, k: Knock) -> None:
+        self.take(self.policy.on_knocks([(k, k)], self.clock.t))
+
+    def answer(self, kind: type, error: Exception | None = None) -> Effect:
+        """Carry out the oldest pending effect of `kind` (or fail it with `error`)."""
+        e = next(e for e in self.pending if isinstance(e, kind))
+        self.pending.remove(e)
+        result = None if error else perform(e, self.store, self.dev)
+        self.take(self.policy.on_done(e, result, error, self.clock.t))
+        return e
+
+    def tick(self) -> None:
+        self.take(self.policy.on_tick(self.clock.t))
+
+    def outcome(self, k: Knock) -> Outcome | None:
+        mine = [v.outcome for v in self.verdicts if v.ticket is k]
+        assert len(mine) <= 1
+        return mine[0] if mine else None
+
+    def peer(self, name: str) -> PrivateKey:
+        c = PrivateKey.generate()
+        self.store.add_peer(name, c.public_key(), parse_networks(f"100.65.0.{len(name)}/32"))
+        return c
+
+
+@pytest.fixture
+def loop(tmp_path: Path) -> Loop:
+    return Loop(tmp_path)
+
+
+def test_installed_peer_is_judged_while_another_key_waits_for_the_store(loop: Loop) -> None:
+    a, b = loop.peer("alice"), loop.peer("bob")
+    ka = knock(initiation(a, loop.gw_key, 1e9), loop.clock.t)
+    loop.knock(ka)
+    loop.answer(Lookup)
+    loop.answer(Admit)
+    loop.answer(Install)
+    assert loop.outcome(ka) == Outcome.INSTALLED
+    # bob's look-up is outstanding (a slow store): alice's next handshake needs nothing
+    kb = knock(initiation(b, loop.gw_key, 1e9), loop.clock.t)
+    loop.knock(kb)
+    assert loop.outcome(kb) is None and any(isinstance(e, Lookup) for e in loop.pending)
+    before = len(loop.pending)
+    ka2 = knock(initiation(a, loop.gw_key, 1e9 + 120), loop.clock.t)
+    loop.knock(ka2)
+    assert loop.outcome(ka2) == Outcome.ALREADY_INSTALLED
+    assert len(loop.pending) == before  # no store or device call for it
+
+
+def test_knocks_of_one_key_share_one_lookup_and_install(loop: Loop) -> None:
+    a = loop.peer("alice")
+    k1 = knock(initiation(a, loop.gw_key, 1e9), loop.clock.t)
+    k2 = knock(initiation(a, loop.gw_key, 1e9 + 1), loop.clock.t)
+    loop.knock(k1)
+    loop.knock(k2)
+    assert sum(isinstance(e, Lookup) for e in loop.pending) == 1
+    loop.answer(Lookup)
+    admit = loop.answer(Admit)
+    assert isinstance(admit, Admit) and admit.handshake.timestamp > b""  # the newest one
+    loop.answer(Install)
+    assert {loop.outcome(k1), loop.outcome(k2)} == {Outcome.INSTALLED, Outcome.ALREADY_INSTALLED}
+    assert loop.outcome(k2) == Outcome.INSTALLED  # the newer initiation was admitted
+    assert len(loop.dev.calls) == 1
+
+
+def test_slow_lookup_gets_a_fail_open_verdict_then_installs(loop: Loop) -> None:
+    a = loop.peer("alice")
+    k = knock(initiation(a, loop.gw_key, 1e9), loop.clock.t)
+    loop.knock(k)
+    assert loop.policy.next_deadline() <= k.received_at + 0.8
+    loop.clock.t += 0.79
+    loop.tick()
+    assert loop.outcome(k) is None
+    loop.clock.t += 0.02
+    loop.tick()
+    assert loop.outcome(k) == Outcome.TIMEOUT and Outcome.TIMEOUT.accepts
+    ev = events(loop.out, "fail_open")[-1]
+    assert ev["stage"] == "lookup" and 790 <= int(ev["age_ms"]) <= 820
+    # the answer comes within max_install_age: the peer is installed for the client's retry
+    loop.answer(Lookup)
+    loop.answer(Admit)
+    loop.answer(Install)
+    assert a.public_key() in loop.dev.peers
+    assert [v.outcome for v in loop.verdicts].count(Outcome.INSTALLED) == 1  # no ticket left
+    assert loop.verdicts[-1].ticket is None
+
+
+def test_answer_older_than_max_install_age_installs_nothing(loop: Loop) -> None:
+    a = loop.peer("alice")
+    k = knock(initiation(a, loop.gw_key, 1e9), loop.clock.t)
+    loop.knock(k)
+    loop.answer(Lookup)
+    loop.clock.t += 14  # the row was locked for 14 s
+    loop.tick()
+    loop.answer(Admit)
+    assert not any(isinstance(e, Install) for e in loop.pending)
+    assert a.public_key() not in loop.dev.peers
+    assert events(loop.out, "stale")[-1]["stage"] == "admit"
+    assert loop.policy.pending == 0
+
+
+def test_stalled_store_lets_new_keys_through_at_once(loop: Loop) -> None:
+    a, b = loop.peer("alice"), loop.peer("bob")
+    loop.knock(knock(initiation(a, loop.gw_key, 1e9), loop.clock.t))
+    loop.clock.t += 2.5  # the look-up has been running for 2.5 s
+    loop.tick()
+    kb = knock(initiation(b, loop.gw_key, 1e9), loop.clock.t)
+    loop.knock(kb)
+    assert loop.outcome(kb) == Outcome.STORE_UNAVAILABLE and Outcome.STORE_UNAVAILABLE.accepts
+    assert sum(isinstance(e, Lookup) for e in loop.pending) == 1
+    # once the store answers, new keys queue for it again
+    loop.answer(Lookup)
+    kb2 = knock(initiation(b, loop.gw_key, 1e9 + 1), loop.clock.t)
+    loop.knock(kb2)
+    assert loop.outcome(kb2) is None
+
+
+def test_failed_lookup_fails_open_and_caches_nothing(loop: Loop) -> None:
+    a = loop.peer("alice")
+    k = knock(initiation(a, loop.gw_key, 1e9), loop.clock.t)
+    loop.knock(k)
+    loop.answer(Lookup, StoreError("database is down"))
+    assert loop.outcome(k) == Outcome.INSTALL_FAILED
+    # not negatively cached: the next knock asks the store again
+    loop.knock(knock(initiation(a, loop.gw_key, 1e9 + 1), loop.clock.t))
+    assert any(isinstance(e, Lookup) for e in loop.pending)
+
+
+def test_pending_knocks_are_bounded(tmp_path: Path) -> None:
+    loop = Loop(tmp_path, max_pending=3)
+    outcomes = []
+    for i in range(5):
+        c = PrivateKey.generate()
+        src = Endpoint.parse(f"198.18.0.{20 + i}:4000")
+        k = knock(initiation(c, loop.gw_key, 1e9), loop.clock.t, src)
+        loop.knock(k)
+        outcomes.append(loop.outcome(k))
+    assert outcomes == [None, None, None, Outcome.OVERLOADED, Outcome.OVERLOADED]
+
+
+def test_sweep_forgets_peers_the_device_lost_and_adopts_strangers(loop: Loop) -> None:
+    a, b = loop.peer("alice"), loop.peer("bob")
+    loop.knock(knock(initiation(a, loop.gw_key, 1e9), loop.clock.t))
+    loop.answer(Lookup)
+    loop.answer(Admit)
+    loop.answer(Install)
+    assert a.public_key() in loop.policy.installed
+    # the device restarted empty; bob was added to it by hand
+    loop.dev.peers = {b.public_key(): PeerState(b.public_key())}
+    loop.clock.t += 16
+    loop.tick()
+    loop.answer(ReadHandshakes)
+    while loop.policy.sweeping:
+        loop.tick()
+    assert a.public_key() not in loop.policy.installed
+    assert events(loop.out, "lost")[-1]["peer"] == "alice"
+    lookup = loop.answer(Lookup)
+    assert isinstance(lookup, Lookup) and lookup.purpose is Purpose.ADOPT
+    assert b.public_key() in loop.policy.installed
+    # alice knocks again: installed afresh (not answered "already installed" from memory)
+    k = knock(initiation(a, loop.gw_key, 1e9 + 200), loop.clock.t)
+    loop.knock(k)
+    assert loop.outcome(k) is None and any(isinstance(e, Lookup) for e in loop.pending)
+
+
+def test_peer_installed_during_a_sweep_is_not_forgotten(loop: Loop) -> None:
+    a = loop.peer("alice")
+    loop.clock.t += 16
+    loop.tick()  # the sweep's device read is issued (and slow)
+    assert any(isinstance(e, ReadHandshakes) for e in loop.pending)
+    snapshot = perform(ReadHandshakes(), loop.store, loop.dev)  # read before the install
+    loop.knock(knock(initiation(a, loop.gw_key, 1e9), loop.clock.t))
+    loop.answer(Lookup)
+    loop.answer(Admit)
+    loop.answer(Install)
+    sweep = next(e for e in loop.pending if isinstance(e, ReadHandshakes))
+    loop.pending.remove(sweep)
+    loop.take(loop.policy.on_done(sweep, snapshot, None, loop.clock.t))
+    while loop.policy.sweeping:
+        loop.tick()
+    assert a.public_key() in loop.policy.installed
+    assert not any(isinstance(e, Remove) for e in loop.pending)
+
+
+def test_under_load_a_knock_without_mac2_gets_a_cookie_and_no_dh(tmp_path: Path) -> None:
+    loop = Loop(tmp_path)
+    loop.policy.cookies = CookieChecker(loop.gw_key.public_key())
+    a = loop.peer("alice")
+    pkt = initiation(a, loop.gw_key, 1e9)
+    # not under load: straight to the look-up
+    k0 = knock(pkt, loop.clock.t)
+    loop.knock(k0)
+    assert loop.outcome(k0) is None
+    # a knock that waited 300 ms in the kernel's queue means load
+    k = knock(initiation(a, loop.gw_key, 1e9 + 1), loop.clock.t - 0.3)
+    loop.knock(k)
+    assert loop.outcome(k) == Outcome.COOKIE and not Outcome.COOKIE.accepts
+    v = next(v for v in loop.verdicts if v.ticket is k)
+    assert v.reply is not None
+    assert events(loop.out, "under_load")
+    # the client puts the cookie into mac2 of its retry: admitted (while load lasts)
+    cookie = open_cookie_reply(v.reply, loop.gw_key.public_key(), k.payload[OFF_MAC1:OFF_MAC2])
+    retry = knock(add_mac2(initiation(a, loop.gw_key, 1e9 + 5), cookie), loop.clock.t)
+    loop.knock(retry)
+    assert loop.outcome(retry) is None  # waits for alice's look-up with the first knock
+    loop.answer(Lookup)
+    loop.answer(Admit)
+    loop.answer(Install)
+    assert loop.outcome(retry) == Outcome.INSTALLED
+    # load ends a second after its last sign
+    loop.clock.t += 1.5
+    k2 = knock(initiation(PrivateKey.generate(), loop.gw_key, 1e9), loop.clock.t)
+    loop.knock(k2)
+    assert loop.outcome(k2) is None
+
+
+def test_under_load_ipv6_senders_share_a_limit_per_64(tmp_path: Path) -> None:
+    loop = Loop(tmp_path, testing_always_under_load=True)  # no cookies: limits only
+    outcomes = []
+    for i in range(30):
+        src = Endpoint.parse(f"[fd18:0:0:1::{i + 1:x}]:4000")  # one /64, many addresses
+        k = knock(initiation(PrivateKey.generate(), loop.gw_key, 1e9), loop.clock.t, src)
+        loop.knock(k)
+        outcomes.append(loop.outcome(k))
+    assert outcomes.count(Outcome.RATE_LIMITED) == 10
+    other = knock(
+        initiation(PrivateKey.generate(), loop.gw_key, 1e9), loop.clock.t,
+        Endpoint.parse("[fd18:0:0:2::1]:4000"),
+    )  # fmt: skip
+    loop.knock(other)
+    assert loop.outcome(other) is None  # another /64 has its own budget
+
+
+def test_garbage_spends_no_budget(tmp_path: Path) -> None:
+    loop = Loop(tmp_path, global_rate=1.0, global_burst=1.0)
+    for _ in range(50):
+        junk = knock(initiation(PrivateKey.generate(), PrivateKey.generate(), 1e9), loop.clock.t)
+        loop.knock(junk)
+        assert loop.outcome(junk) == Outcome.BAD_MAC1
+    k = knock(initiation(loop.peer("alice"), loop.gw_key, 1e9), loop.clock.t)
+    loop.knock(k)
+    assert loop.outcome(k) is None  # the one token was still there

@@ -1,0 +1,257 @@
+"""What the policy asks the outside world to do, and the one place that does it.
+
+Effects are plain values returned by `wgjit.gateway.core.Policy`. Each names where it runs:
+`STORE`, `DEVICE` (changes to the device, in order), `SWEEP` (reading all of the device, on a
+thread of its own so installs never wait behind a big device's dump) or `LOOP` (verdicts, which
+the completion mode gives on the loop's thread). `perform()` maps a store or device effect to
+its call. The loop runs `perform()` on worker threads (`wgjit.gateway.run`); tests and start-up
+run it inline (`run_inline`). Effects compare by identity: the policy matches each result to
+the effect it issued.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from wgjit.addr import Endpoint, IPNetwork
+from wgjit.capture.packet import Knock
+from wgjit.device import Device, PeerConfig
+from wgjit.gateway.outcome import Outcome
+from wgjit.keys import PresharedKey, PublicKey
+from wgjit.store import Handshake, Peer, Store
+
+STORE = "store"
+DEVICE = "device"
+SWEEP = "sweep"
+LOOP = "loop"
+
+
+class Purpose(enum.StrEnum):
+    """Why peers are looked up (the result goes to a different decision)."""
+
+    ADMIT = "lookup"  # knocks of keys not installed
+    RECONCILE = "reconcile"  # the device's peers at start
+    ADOPT = "adopt"  # peers that appeared on the device behind our back
+    RECHECK = "recheck"  # installed peers the change feed mentioned
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Lookup:
+    where: ClassVar[str] = STORE
+    what: ClassVar[str] = "lookup"
+    keys: tuple[PublicKey, ...]
+    purpose: Purpose
+    # RECONCILE/ADOPT: each device peer's last handshake (unix s), to track it from there
+    handshakes: dict[PublicKey, float] | None = None
+    # RECONCILE: each device peer's allowed IPs, to correct what the store changed meanwhile
+    allowed_ips: dict[PublicKey, tuple[IPNetwork, ...]] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    fresh: bool  # the timestamp was newer than the stored mark, which now holds it
+    previous_holder: str | None = None
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Admit:
+    """Advance the peer's anti-replay mark (atomically; refused if not newer) and claim it."""
+
+    where: ClassVar[str] = STORE
+    what: ClassVar[str] = "admit"
+    handshake: Handshake
+    gateway_id: str
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Install:
+    where: ClassVar[str] = DEVICE
+    what: ClassVar[str] = "install"
+    peer: Peer
+    endpoint: Endpoint
+    timestamp: bytes  # the admitted handshake's, now the peer's mark
+    previous_holder: str | None = None
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Update:
+    where: ClassVar[str] = DEVICE
+    what: ClassVar[str] = "update"
+    key: PublicKey
+    allowed_ips: tuple[IPNetwork, ...]
+    preshared_key: PresharedKey | None
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Invert:
+    """Make the device initiate to the peer's endpoint (role inversion)."""
+
+    where: ClassVar[str] = DEVICE
+    what: ClassVar[str] = "invert"
+    key: PublicKey
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Remove:
+    where: ClassVar[str] = DEVICE
+    what: ClassVar[str] = "remove"
+    keys: tuple[PublicKey, ...]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ReadHandshakes:
+    """Every device peer's last handshake: what the sweep needs."""
+
+    where: ClassVar[str] = SWEEP
+    what: ClassVar[str] = "sweep"
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Release:
+    where: ClassVar[str] = STORE
+    what: ClassVar[str] = "release"
+    keys: tuple[PublicKey, ...]
+    gateway_id: str
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Claim:
+    where: ClassVar[str] = STORE
+    what: ClassVar[str] = "claim"
+    keys: tuple[PublicKey, ...]
+    gateway_id: str
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class RecordHandshakes:
+    where: ClassVar[str] = STORE
+    what: ClassVar[str] = "record_handshakes"
+    handshakes: tuple[Handshake, ...]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ReadChanges:
+    """The change feed after `cursor`; None: start following it (its current position)."""
+
+    where: ClassVar[str] = STORE
+    what: ClassVar[str] = "poll_changes"
+    cursor: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    keys: list[PublicKey]
+    cursor: int
+    # the store's wake-up fd as of now (it may change with reconnects), or None: poll
+    wakeup_fd: int | None = None
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Heartbeat:
+    where: ClassVar[str] = STORE
+    what: ClassVar[str] = "heartbeat"
+    gateway_id: str
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Verdict:
+    """The knock's outcome, for the completion mode: hold gives the kernel its verdict
+    (`ticket` is the held packet; None when it already had one), replay and invert act on
+    an install."""
+
+    where: ClassVar[str] = LOOP
+    what: ClassVar[str] = "verdict"
+    ticket: object
+    outcome: Outcome
+    knock: Knock
+    key: PublicKey | None = None  # for installs
+    reply: bytes | None = None  # a cookie reply to send to the knock's source
+
+
+Effect = (
+    Lookup | Admit | Install | Update | Invert | Remove | ReadHandshakes | Release | Claim
+    | RecordHandshakes | ReadChanges | Heartbeat | Verdict
+)  # fmt: skip
+
+
+def perform(effect: Effect, store: Store, device: Device) -> object:
+    """Carry out one store or device effect; returns what the policy's on_done() expects.
+    Raises what the store or device raises (StoreError, DeviceError, ...)."""
+    match effect:
+        case Lookup(keys=keys):
+            return store.lookup_many(keys)
+        case Admit(handshake=hs, gateway_id=gid):
+            if not store.advance_handshake(hs):
+                return Admitted(False)
+            return Admitted(True, store.claim(hs.public_key, gid))
+        case Install(peer=peer, endpoint=endpoint):
+            device.set_peer(
+                PeerConfig(
+                    peer.public_key,
+                    endpoint=endpoint,
+                    allowed_ips=peer.allowed_ips,
+                    preshared_key=peer.preshared_key,
+                )
+            )
+            return None
+        case Update(key=key, allowed_ips=ips, preshared_key=psk):
+            device.set_peer(PeerConfig(key, allowed_ips=ips, preshared_key=psk, update_only=True))
+            return None
+        case Invert(key=key):
+            # A keepalive switched on for a peer without a session makes the device send one,
+            # which needs a handshake: it initiates to the endpoint. Off right after, in a
+            # second transaction (1 then 0 in one would send nothing).
+            device.set_peer(PeerConfig(key, persistent_keepalive=1, update_only=True))
+            device.set_peer(PeerConfig(key, persistent_keepalive=0, update_only=True))
+            return None
+        case Remove(keys=keys):
+            device.remove_peers(keys)
+            return None
+        case ReadHandshakes():
+            return device.handshakes()
+        case Release(keys=keys, gateway_id=gid):
+            store.release(keys, gid)
+            return None
+        case Claim(keys=keys, gateway_id=gid):
+            store.claim_many(keys, gid)
+            return None
+        case RecordHandshakes(handshakes=hss):
+            store.record_handshakes(hss)
+            return None
+        case ReadChanges(cursor=cursor):
+            changed: list[PublicKey] = []
+            if cursor is None:
+                position = store.change_cursor()
+            else:
+                changed, position = store.changes_since(cursor)
+            return Changes(changed, position, store.wakeup_fd())
+        case Heartbeat(gateway_id=gid):
+            store.heartbeat(gid)
+            return None
+    raise TypeError(f"{type(effect).__name__} is not a store or device effect")
+
+
+def run_inline(
+    effects: Sequence[Effect],
+    on_done: Callable[[Effect, object, Exception | None], Sequence[Effect]],
+    store: Store,
+    device: Device,
+    on_verdict: Callable[[Verdict], None] | None = None,
+) -> None:
+    """Carry out `effects` and everything their results lead to, one at a time, on this
+    thread (start-up, tests). Verdicts go to `on_verdict`."""
+    todo = list(effects)
+    while todo:
+        effect = todo.pop(0)
+        if isinstance(effect, Verdict):
+            if on_verdict is not None:
+                on_verdict(effect)
+            continue
+        try:
+            result, error = perform(effect, store, device), None
+        except Exception as e:
+            result, error = None, e
+        todo.extend(on_done(effect, result, error))

@@ -1,0 +1,70 @@
+"""What became of one knock: a stable label for logs, counters and metrics, and whether a held
+initiation with that outcome goes on to the device."""
+
+from __future__ import annotations
+
+import enum
+
+
+class Outcome(enum.StrEnum):
+    """What became of one knock: a stable label for logs, counters and metrics."""
+
+    INSTALLED = "installed"
+    ALREADY_INSTALLED = "already_installed"
+    OWN_INTERFACE = "own_interface"  # came through the tunnel itself: not a knock for us
+    DUPLICATE = "duplicate"  # the same datagram seen again (bridge port + bridge) or replayed
+    RATE_LIMITED = "rate_limited"
+    COOKIE = "cookie"  # under load, no valid mac2: answered with a cookie reply, no DH
+    MALFORMED = "malformed"
+    BAD_MAC1 = "bad_mac1"
+    BAD_STATIC = "bad_static"
+    FORGED = "forged"  # static key decrypted, but the sender does not hold its private key
+    UNKNOWN = "unknown"
+    REVOKED = "revoked"
+    NEGATIVE_CACHED = "negative_cached"
+    REPLAY = "replay"
+    FUTURE = "future"  # timestamp too far ahead of the gateway's clock
+    TIMEOUT = "timeout"  # still pending after the knock budget: fail-open
+    OVERLOADED = "overloaded"  # too many knocks pending: fail-open
+    STORE_UNAVAILABLE = "store_unavailable"  # the store is stalled: fail-open, nothing pending
+    INSTALL_FAILED = "install_failed"  # a store or device call failed: fail-open
+    ERROR = "error"  # an unexpected exception while judging this knock: fail-open
+
+    @property
+    def accepts(self) -> bool:
+        """Whether a held initiation with this outcome goes on to the device (hold mode).
+
+        Dropped: what is known to be unwanted (unknown, revoked, forged, replayed, malformed,
+        duplicate). Everything else passes: the device authenticates every initiation and
+        ignores keys it does not have, so passing one admits nobody, while dropping a real
+        client's initiation costs it a 5 s retry. Rate-limited ones pass because our limits
+        protect the gateway's CPU, not the device (it has its own limiter)."""
+        return self in ACCEPTS
+
+
+ACCEPTS = frozenset(
+    {
+        Outcome.INSTALLED,
+        Outcome.ALREADY_INSTALLED,
+        Outcome.OWN_INTERFACE,
+        Outcome.RATE_LIMITED,
+        Outcome.TIMEOUT,
+        Outcome.OVERLOADED,
+        Outcome.STORE_UNAVAILABLE,
+        Outcome.INSTALL_FAILED,
+        Outcome.ERROR,
+    }
+)
+# outcomes that are normal or too frequent for a line each at info level
+QUIET = frozenset(
+    {
+        Outcome.DUPLICATE,
+        Outcome.RATE_LIMITED,
+        Outcome.NEGATIVE_CACHED,
+        Outcome.ALREADY_INSTALLED,
+        Outcome.MALFORMED,
+        Outcome.BAD_MAC1,
+        Outcome.OWN_INTERFACE,
+        Outcome.COOKIE,
+    }
+)
