@@ -51,8 +51,8 @@ class InstalledDevice:
         self.key = key
         self.peers = {k: PeerState(k) for k in peers}
 
-    def read(self) -> DeviceState:
-        return DeviceState(self.name, self.key, PORT, dict(self.peers))
+    def read(self, peers: bool = True) -> DeviceState:
+        return DeviceState(self.name, self.key, PORT, dict(self.peers) if peers else {})
 
     def handshakes(self) -> dict[PublicKey, float]:
         return dict.fromkeys(self.peers, 0.0)
@@ -84,7 +84,7 @@ def inner(n: int) -> None:
         gw = Policy(Responder(gw_key), config, EventLog(io.StringIO()), wall=time.time)
         now = time.monotonic
         run_inline(
-            gw.reconcile(device.read().peers, now()),
+            gw.reconcile(device.handshakes(), now()),
             lambda e, r, err: gw.on_done(e, r, err, now()),
             store,
             device,

@@ -219,7 +219,7 @@ def _config_plan(args: argparse.Namespace, *, have_private: bool) -> _ConfigPlan
     if args.interface:
         dev = open_device(args.interface)
         try:
-            state = dev.read()
+            state = dev.read(peers=False)  # only its key and port
         finally:
             dev.close()
         gateway_key = gateway_key or state.public_key

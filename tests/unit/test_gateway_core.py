@@ -35,8 +35,8 @@ class FakeDevice:
         self.peers: dict[PublicKey, PeerState] = {}
         self.calls: list[PeerConfig] = []
 
-    def read(self) -> DeviceState:
-        return DeviceState(self.name, self.private_key, 51820, dict(self.peers))
+    def read(self, peers: bool = True) -> DeviceState:
+        return DeviceState(self.name, self.private_key, 51820, dict(self.peers) if peers else {})
 
     def set_peer(self, config: PeerConfig) -> None:
         self.calls.append(config)

@@ -318,10 +318,11 @@ class DumpParser:
     The kernel spreads peers over several messages and may split one peer's allowed IPs: the
     continuation repeats only the public key and carries the rest of the list."""
 
-    def __init__(self, ifname: str) -> None:
+    def __init__(self, ifname: str, peers: bool = True) -> None:
         self.ifname = ifname
         self.private_key: PrivateKey | None = None
         self.listen_port = 0
+        self.with_peers = peers
         self._peers: dict[PublicKey, _PeerBuilder] = {}
 
     def feed(self, attrs: bytes | memoryview) -> None:
@@ -332,7 +333,7 @@ class DumpParser:
                 self.private_key = PrivateKey(raw) if any(raw) else None
             elif kind == WGDEVICE_A_LISTEN_PORT and len(val) >= 2:
                 (self.listen_port,) = _U16.unpack_from(val)
-            elif kind == WGDEVICE_A_PEERS:
+            elif kind == WGDEVICE_A_PEERS and self.with_peers:
                 for _, peer in iter_attrs(val):
                     self._feed_peer(peer)
 
@@ -541,8 +542,8 @@ class NetlinkDevice(Closing):
 
     # -- the Device protocol ------------------------------------------------------------------
 
-    def read(self) -> DeviceState:
-        return self._dump("get", DumpParser).result()
+    def read(self, peers: bool = True) -> DeviceState:
+        return self._dump("get", lambda name: DumpParser(name, peers)).result()
 
     def handshakes(self) -> dict[PublicKey, float]:
         return self._dump("handshakes", HandshakeParser).result()

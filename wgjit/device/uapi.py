@@ -64,7 +64,9 @@ class UAPIDevice(Closing):
 
     # -- the Device protocol ------------------------------------------------------------------
 
-    def read(self) -> DeviceState:
+    def read(self, peers: bool = True) -> DeviceState:
+        if not peers:
+            return self._transact("get", b"get=1\n\n", lambda: InterfaceReader(self.name)).state
         reply = self._transact("get", b"get=1\n\n", _TextReply)
         return parse_get(self.name, reply.body)
 
@@ -394,6 +396,52 @@ class HandshakeReader:
             ) from None
         finally:
             self._key, self._sec, self._nsec = key, sec, nsec
+
+
+# the lines read(peers=False) needs; the regex engine steps over the peers' lines
+_INTERFACE_LINE = re.compile(rb"\n(private_key|listen_port|errno)=([^\n]*)(?=\n)")
+
+
+class InterfaceReader:
+    """The device's private key and listen port from a `get=1` response fed in chunks; the
+    peers' lines (all but a few of a big device's) are never split or decoded."""
+
+    __slots__ = ("_tail", "errno", "ifname", "last_line", "listen_port", "private_key")
+
+    def __init__(self, ifname: str) -> None:
+        self.ifname = ifname
+        self.private_key: PrivateKey | None = None
+        self.listen_port = 0
+        self.errno: int | None = None
+        self.last_line = "(no errno line)"
+        self._tail = b"\n"
+
+    def feed(self, data: bytes) -> None:
+        buf = self._tail + data
+        end = buf.rfind(b"\n") + 1
+        for name, value in _INTERFACE_LINE.findall(buf, 0, end):
+            try:
+                if name == b"private_key":
+                    raw = binascii.a2b_hex(value)
+                    self.private_key = PrivateKey(raw) if any(raw) else None
+                elif name == b"listen_port":
+                    self.listen_port = int(value)
+                else:
+                    self.last_line = "errno=" + value.decode("ascii", "replace")
+                    self.errno = _errno_of(self.last_line)
+            except (InvalidKey, ValueError) as e:
+                what = name.decode()
+                raise DeviceError(f"{self.ifname}: get: cannot parse {what}: {e}") from None
+        self._tail = buf[end - 1 :]
+
+    def finish(self) -> int | None:
+        if self._tail != b"\n":
+            self.feed(b"\n")
+        return self.errno
+
+    @property
+    def state(self) -> DeviceState:
+        return DeviceState(self.ifname, self.private_key, self.listen_port)
 
 
 def _peer_lines(config: PeerConfig) -> list[str]:

@@ -26,10 +26,9 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from wgjit.addr import Endpoint
+from wgjit.addr import Endpoint, IPNetwork
 from wgjit.capture.packet import Knock
 from wgjit.cookie import CookieChecker
-from wgjit.device import PeerState
 from wgjit.events import EventLog
 from wgjit.gateway.effects import (
     Admit,
@@ -53,7 +52,7 @@ from wgjit.gateway.limits import KeyedRateLimiter, TokenBucket, TTLSet
 from wgjit.gateway.outcome import QUIET as _QUIET
 from wgjit.gateway.outcome import Outcome
 from wgjit.handshake import OFF_MAC1, OFF_MAC2, HandshakeError, Opened, Responder, Verified
-from wgjit.keys import PublicKey
+from wgjit.keys import PresharedKey, PublicKey
 from wgjit.store import PRESENCE_TTL_S, ChangeFeedExpired, Handshake, Peer
 
 # WireGuard's REJECT_AFTER_TIME (messages.h): a session older than this is dead, so evicting a
@@ -71,6 +70,8 @@ DEFAULT_MAX_INSTALL_AGE = 3.0
 DEFAULT_MAX_CLOCK_SKEW = 3600.0
 # messages.h UNDER_LOAD_AFTER_TIME: load lasts this long after its last sign
 UNDER_LOAD_FOR = 1.0
+# device peers looked up per store call at start (bounds the Peer objects alive at once)
+RECONCILE_CHUNK = 4096
 # work per sweep step (a peer looked at costs 1, one evicted or forgotten EVICT_COST more:
 # its log line); the loop handles packets between steps
 SWEEP_STEP = 2000
@@ -276,23 +277,28 @@ class Policy:
         self._sweep_started = 0.0
         self._removed_during_sweep: set[PublicKey] = set()
         self._sweep_work: Iterator[list[Effect]] | None = None
+        self._reconciling = [0, 0, 0]
 
     # -- start-up -------------------------------------------------------------------------
 
-    def reconcile(self, device_peers: dict[PublicKey, PeerState], now: float) -> list[Effect]:
-        """Start: adopt the device's peers that the store allows (their config corrected
-        where the store changed it meanwhile), remove the others. The loop runs the returned
-        effects to completion (and then the timers start) before any knock is captured."""
+    def reconcile(self, device_peers: dict[PublicKey, float], now: float) -> list[Effect]:
+        """Start: adopt the device's peers (key -> last handshake) that the store allows,
+        pushing the store's config to them (it may have changed while we were down), and
+        remove the others. The loop runs the returned effects to completion (and then the
+        timers start) before any knock is captured."""
         self._next_sweep = now + self.config.sweep_interval
         self._next_poll = now + self.config.change_poll_interval
         self._next_beat = now + self.config.heartbeat_interval
         self._next_marks = now + self.config.mark_interval
         self._last_beat = now
         effects: list[Effect] = [Heartbeat(self.gateway_id), ReadChanges(None)]
-        if device_peers:
-            last = {k: ps.last_handshake or 0.0 for k, ps in device_peers.items()}
-            ips = {k: ps.allowed_ips for k, ps in device_peers.items()}
-            effects.append(Lookup(tuple(last), Purpose.RECONCILE, last, ips))
+        keys = list(device_peers)
+        for i in range(0, len(keys), RECONCILE_CHUNK):
+            chunk = {k: device_peers[k] for k in keys[i : i + RECONCILE_CHUNK]}
+            effects.append(Lookup(tuple(chunk), Purpose.RECONCILE, chunk))
+        self._reconciling = [len(effects) - 2, 0, 0]  # look-ups to go, kept, removed
+        if not keys:
+            self.log.info("reconcile", kept=0, removed=0)
         return effects
 
     # -- events ---------------------------------------------------------------------------
@@ -716,6 +722,7 @@ class Policy:
         allowed IPs or PSK → update the device."""
         gone: list[tuple[PublicKey, str, str]] = []
         claim: list[PublicKey] = []
+        update: list[tuple[PublicKey, tuple[IPNetwork, ...], PresharedKey | None]] = []
         for key in keys:
             inst = self.installed.get(key)
             if inst is None:
@@ -744,20 +751,23 @@ class Policy:
             if peer.holder is None:
                 claim.append(key)  # our claim expired (a pause): say again that we hold it
             if fingerprint(peer) != inst.fingerprint:
-                out.append(Update(key, peer.allowed_ips, peer.preshared_key))
+                update.append((key, peer.allowed_ips, peer.preshared_key))
                 inst.fingerprint = fingerprint(peer)
                 self.log.info("update", peer=peer.name, key=key.short())
+        if update:
+            out.append(Update(tuple(update)))
         if claim:
             out.append(Claim(tuple(claim), self.gateway_id))
         self._evict(gone, out, release=False)
 
     def _adopt(self, lookup: Lookup, peers: dict[PublicKey, Peer], out: list[Effect]) -> None:
-        """Track device peers the store allows (claim the unclaimed, correct a config the
-        store changed); remove the others, and those another gateway holds."""
+        """Track device peers the store allows (claim the unclaimed, push the store's config
+        to them); remove the others, and those another gateway holds."""
         assert lookup.handshakes is not None
         reason = "reconcile" if lookup.purpose is Purpose.RECONCILE else "not_allowed"
         bad: list[tuple[PublicKey, str, str]] = []
         claim: list[PublicKey] = []
+        update: list[tuple[PublicKey, tuple[IPNetwork, ...], PresharedKey | None]] = []
         wall = self.wall()
         for key, last in lookup.handshakes.items():
             if key in self.installed or key in self._pending:
@@ -771,20 +781,25 @@ class Policy:
                 continue
             if peer.holder is None:
                 claim.append(key)
-            fp = fingerprint(peer)
-            device_ips = lookup.allowed_ips.get(key) if lookup.allowed_ips else None
-            if device_ips is not None and set(device_ips) != set(peer.allowed_ips):
-                out.append(Update(key, peer.allowed_ips, peer.preshared_key))
-                self.log.info("update", peer=peer.name, key=key.short())
-            self.installed[key] = Installed(peer.name, last or wall, fp, seen=peer.handshake_hwm)
+            update.append((key, peer.allowed_ips, peer.preshared_key))
+            self.installed[key] = Installed(
+                peer.name, last or wall, fingerprint(peer), seen=peer.handshake_hwm
+            )
+        if update:
+            out.append(Update(tuple(update)))
         if claim:
             out.append(Claim(tuple(claim), self.gateway_id))
         for key, name, why in bad:
             self.log.info("evict", reason=why, peer=name, key=key.short())
         if bad:
             out.append(Remove(tuple(k for k, _, _ in bad)))
-        if reason == "reconcile":
-            self.log.info("reconcile", kept=len(self.installed), removed=len(bad))
+        if lookup.purpose is Purpose.RECONCILE:
+            r = self._reconciling
+            r[0] -= 1
+            r[1] += len(update)
+            r[2] += len(bad)
+            if r[0] == 0:
+                self.log.info("reconcile", kept=r[1], removed=r[2])
 
     # -- helpers --------------------------------------------------------------------------
 

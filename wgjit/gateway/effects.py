@@ -46,8 +46,6 @@ class Lookup:
     purpose: Purpose
     # RECONCILE/ADOPT: each device peer's last handshake (unix s), to track it from there
     handshakes: dict[PublicKey, float] | None = None
-    # RECONCILE: each device peer's allowed IPs, to correct what the store changed meanwhile
-    allowed_ips: dict[PublicKey, tuple[IPNetwork, ...]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,11 +76,11 @@ class Install:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Update:
+    """Give installed peers the store's config (allowed IPs, PSK), in one batch."""
+
     where: ClassVar[str] = DEVICE
     what: ClassVar[str] = "update"
-    key: PublicKey
-    allowed_ips: tuple[IPNetwork, ...]
-    preshared_key: PresharedKey | None
+    peers: tuple[tuple[PublicKey, tuple[IPNetwork, ...], PresharedKey | None], ...]
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -197,8 +195,13 @@ def perform(effect: Effect, store: Store, device: Device) -> object:
                 )
             )
             return None
-        case Update(key=key, allowed_ips=ips, preshared_key=psk):
-            device.set_peer(PeerConfig(key, allowed_ips=ips, preshared_key=psk, update_only=True))
+        case Update(peers=peers):
+            device.set_peers(
+                [
+                    PeerConfig(key, allowed_ips=ips, preshared_key=psk, update_only=True)
+                    for key, ips, psk in peers
+                ]
+            )
             return None
         case Invert(key=key):
             # A keepalive switched on for a peer without a session makes the device send one,
@@ -242,10 +245,11 @@ def run_inline(
     on_verdict: Callable[[Verdict], None] | None = None,
 ) -> None:
     """Carry out `effects` and everything their results lead to, one at a time, on this
-    thread (start-up, tests). Verdicts go to `on_verdict`."""
-    todo = list(effects)
+    thread (start-up, tests). Verdicts go to `on_verdict`. Depth first: what a result leads
+    to runs before the next effect (a chunk of reconcile is done before the next is read)."""
+    todo = list(reversed(effects))
     while todo:
-        effect = todo.pop(0)
+        effect = todo.pop()
         if isinstance(effect, Verdict):
             if on_verdict is not None:
                 on_verdict(effect)
@@ -254,4 +258,4 @@ def run_inline(
             result, error = perform(effect, store, device), None
         except Exception as e:
             result, error = None, e
-        todo.extend(on_done(effect, result, error))
+        todo.extend(reversed(on_done(effect, result, error)))
