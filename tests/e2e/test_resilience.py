@@ -409,7 +409,13 @@ def test_sixty_thousand_peers_new_peer_never_waits(pg: PostgresServer, tmp_path:
                     i = len(rtts)
                     c = clients[i % len(clients)]
                     key = PrivateKey.generate()  # a new stored peer: installed on the knock
-                    store.add_peer(f"jit-{i}", key.public_key(), parse_networks(c.tunnel_ip))
+                    # the same client under many keys: overlapping on purpose
+                    store.add_peer(
+                        f"jit-{i}",
+                        key.public_key(),
+                        parse_networks(c.tunnel_ip),
+                        allow_overlap=True,
+                    )
                     c.set_private_key(key)
                     rtts.append(reconnect(c, gw, timeout=3))
                 answered = [r for r in rtts if r is not None]

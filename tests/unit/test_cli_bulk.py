@@ -162,3 +162,36 @@ def test_redact(raw_url: str, shown: str) -> None:
     from wgjit.store.postgres import redact
 
     assert redact(raw_url) == shown
+
+
+def test_export_is_private_atomic_and_never_overwrites_by_chance(
+    url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    psk = PresharedKey.generate().b64()
+    src = tmp_path / "in.csv"
+    src.write_text(f"name,public_key,allowed_ips,preshared_key\na,{key()},100.65.0.2/32,{psk}\n")
+    assert run(capsys, "peer", "import", str(src))[0] == 0
+
+    old = tmp_path / "old.jsonl"
+    old.write_text("previous backup\n")
+    old.chmod(0o644)
+    rc, out, err = run(capsys, "peer", "export", str(old))
+    assert rc == 1 and err == f"wgjit: error: {old} exists; pass --force to replace it\n"
+    assert old.read_text() == "previous backup\n"
+    rc, out, err = run(capsys, "peer", "export", str(old), "--force")
+    assert rc == 0 and psk in old.read_text()
+    assert stat.S_IMODE(old.stat().st_mode) == 0o600  # a 0644 file does not stay 0644
+
+    precious = tmp_path / "precious"
+    precious.write_text("keep")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(precious)
+    for extra in ([], ["--force"]):
+        rc, _, err = run(capsys, "peer", "export", str(link), *extra)
+        assert rc == 1 and "is a symbolic link" in err and err.count("\n") == 1
+    assert precious.read_text() == "keep" and link.is_symlink()
+
+    rc, _, err = run(capsys, "peer", "export", str(tmp_path / "no" / "dir.jsonl"))
+    assert rc == 1 and err.startswith("wgjit: error: cannot write") and err.count("\n") == 1
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert leftovers == []

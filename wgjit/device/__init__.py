@@ -130,7 +130,13 @@ def open_device(ifname: str, backend: str = "auto") -> Device:
             raise
         # auto: the user may have meant wireguard-go, so name both fixes
         sock = uapi_socket_path(ifname)
-        if isinstance(e, WireGuardModuleMissing):
+        kind = _other_kind(ifname)
+        if kind is not None:
+            msg = (
+                f"interface {ifname!r} is {kind}, not a WireGuard interface; give the WireGuard"
+                " interface (`wg show interfaces` lists them)"
+            )
+        elif isinstance(e, WireGuardModuleMissing):
             msg = (
                 f"interface {ifname!r} has no wireguard-go socket at {sock} and kernel "
                 "WireGuard is not available: load it with `modprobe wireguard` "
@@ -147,3 +153,25 @@ def open_device(ifname: str, backend: str = "auto") -> Device:
                 f"at {sock}; is wireguard-go running?"
             )
         raise type(e)(msg, e.errno) from None
+
+
+# link types (ARPHRD_*, /sys/class/net/IFNAME/type) of interfaces that are certainly not
+# WireGuard; kernel WireGuard and TUN (wireguard-go) are ARPHRD_NONE (65534)
+_LINK_KINDS = {1: "an Ethernet interface", 772: "the loopback interface", 768: "an IP tunnel",
+               769: "an IPv6 tunnel", 776: "an IPv6-in-IPv4 tunnel", 778: "a GRE tunnel",
+               32: "an InfiniBand interface", 801: "a wireless interface"}  # fmt: skip
+
+
+def _other_kind(ifname: str) -> str | None:
+    """What `ifname` is if it exists in this namespace and is certainly not WireGuard."""
+    import socket
+    from pathlib import Path
+
+    try:
+        socket.if_nametoindex(ifname)
+        link_type = int((Path("/sys/class/net") / ifname / "type").read_text())
+    except (OSError, ValueError):
+        return None
+    if link_type == 65534:
+        return None
+    return _LINK_KINDS.get(link_type, f"a network interface of link type {link_type}")

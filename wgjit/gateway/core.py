@@ -130,6 +130,7 @@ class GatewayConfig:
     # through at once (fail-open) instead of queueing behind it
     store_stall_after: float = 2.0
     testing_short_timers: bool = False
+    adopt_empty_store: bool = False  # reconcile may empty the device when the store is empty
 
     def validate(self) -> list[str]:
         """Raise ConfigError for unsafe values; return warnings to log."""

@@ -19,9 +19,10 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, Final
 
-from wgjit.addr import InvalidAddress, parse_networks
+from wgjit.addr import InvalidAddress, IPNetwork, parse_networks
 from wgjit.keys import InvalidKey, PresharedKey, PublicKey
 from wgjit.store import InvalidPeerName, Peer, Store, validate_peer_name
+from wgjit.store.prefixes import overlaps_within
 
 FORMATS: Final = ("csv", "jsonl")
 FIELDS: Final = ("name", "public_key", "allowed_ips", "preshared_key", "revoked")
@@ -115,7 +116,10 @@ def read_rows(stream: IO[str], fmt: str) -> Iterator[tuple[int, Peer | BulkError
     """(line number, peer or the error for that line) for every record in the file."""
     if fmt == "csv":
         reader = csv.DictReader(stream)
-        header = reader.fieldnames or []
+        header = list(reader.fieldnames or [])
+        if header and header[0].startswith("\ufeff"):  # a byte order mark read as text
+            header[0] = header[0][1:]
+            reader.fieldnames = header
         missing = [f for f in REQUIRED if f not in header]
         if missing:
             raise BulkError(
@@ -154,16 +158,17 @@ def import_file(
     strict: bool = False,
     progress: Callable[[int], None] | None = None,
     batch_size: int = BATCH_SIZE,
+    allow_overlap: bool = False,
 ) -> ImportReport:
     """Import every good row in batches (each batch one transaction; re-running is harmless).
     Bad rows (format, duplicates within the file, conflicts with stored peers) are reported
     with their line numbers and skipped. `strict`: the file is checked first, against itself and
-    against the store (one point query per row), and nothing is written if any row is bad; a
-    conflicting peer written by someone else between the check and the import is still only
-    found while writing."""
+    against the store (each batch imported with dry_run: the same checks, nothing written),
+    and nothing is written if any row is bad; a conflicting peer written by someone else
+    between the check and the import is still only found while writing."""
     report = ImportReport()
     if strict:
-        check = _validate(read_rows(stream, fmt), store)
+        check = _validate(read_rows(stream, fmt), store, allow_overlap)
         if check.bad:
             return check
         stream.seek(0)
@@ -175,7 +180,7 @@ def import_file(
     def flush() -> None:
         if not batch:
             return
-        res = store.import_peers(batch)
+        res = store.import_peers(batch, allow_overlap=allow_overlap)
         report.added += res.added
         report.updated += res.updated
         report.unchanged += res.unchanged
@@ -213,30 +218,47 @@ def _duplicate(p: Peer, names: set[str], keys: set[bytes]) -> str | None:
     return None
 
 
-def _conflict(store: Store, p: Peer) -> str | None:
-    """Why the store would refuse this row (the same reasons Store.import_peers gives)."""
-    by_key = store.lookup(p.public_key)
-    if by_key is not None:
-        if by_key.name != p.name:
-            return f"public key is already used by peer {by_key.name!r}"
-        return None
-    if store.get_peer(p.name) is not None:
-        return "a peer with this name exists with another public key"
-    return None
-
-
-def _validate(rows: Iterable[tuple[int, Peer | BulkError]], store: Store) -> ImportReport:
+def _validate(
+    rows: Iterable[tuple[int, Peer | BulkError]],
+    store: Store,
+    allow_overlap: bool,
+    batch_size: int = BATCH_SIZE,
+) -> ImportReport:
     report = ImportReport()
     names: set[str] = set()
     keys: set[bytes] = set()
+    batch: list[Peer] = []
+    lines: list[int] = []
+    prefixes: list[tuple[int, str, tuple[IPNetwork, ...]]] = []  # the whole file's, for overlaps
+
+    def check() -> None:
+        res = store.import_peers(batch, allow_overlap=allow_overlap, dry_run=True)
+        report.bad.extend(BadRow(lines[i], why) for i, why in res.rejected)
+        batch.clear()
+        lines.clear()
+
     for line, item in rows:
         report.rows += 1
         if isinstance(item, BulkError):
             report.bad.append(BadRow(line, str(item)))
-        else:
-            why = _duplicate(item, names, keys) or _conflict(store, item)
-            if why:
+            continue
+        why = _duplicate(item, names, keys)
+        if why:
+            report.bad.append(BadRow(line, why))
+            continue
+        batch.append(item)
+        lines.append(line)
+        prefixes.append((line, item.name, item.allowed_ips))
+        if len(batch) >= batch_size:
+            check()
+    if batch:
+        check()
+    if not allow_overlap:  # across batches (each dry run sees only its own batch)
+        seen = {b.line for b in report.bad}
+        for line, why in overlaps_within(prefixes).items():
+            if line not in seen:
                 report.bad.append(BadRow(line, why))
+    report.bad.sort(key=lambda b: b.line)
     return report
 
 
