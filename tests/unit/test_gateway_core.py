@@ -310,3 +310,35 @@ def test_reconcile_corrects_allowed_ips_the_store_changed_meanwhile(tmp_path: Pa
     g.start()
     assert dev.peers[k].allowed_ips == parse_networks("100.65.0.9/32")
     assert k in g.installed
+
+
+def test_disabled_peer_evicted_and_refused_then_back_when_enabled(env: Env) -> None:
+    g, dev, store, gw_key, out, clock = env
+    c = PrivateKey.generate()
+    store.add_peer("alice", c.public_key(), parse_networks("100.65.0.11/32"))
+    assert g.handle(knock(initiation(c, gw_key, 1e9), clock.t)) == "installed"
+    store.update_peer("alice", disabled=True)
+    g.poll_changes()
+    assert c.public_key() not in dev.peers
+    assert events(out, "evict")[-1]["reason"] == "disabled"
+    clock.t += 3
+    assert g.handle(knock(initiation(c, gw_key, 1e9 + 1), clock.t)) == "disabled"
+    store.update_peer("alice", disabled=False)
+    g.poll_changes()  # the change also clears the negative cache
+    assert g.handle(knock(initiation(c, gw_key, 1e9 + 2), clock.t)) == "installed"
+
+
+def test_expired_peer_evicted_when_the_time_comes_and_refused(env: Env) -> None:
+    g, dev, store, gw_key, out, clock = env
+    c = PrivateKey.generate()
+    store.add_peer("temp", c.public_key(), parse_networks("100.65.0.12/32"),
+                   expires_at=clock.t + 60)  # fmt: skip
+    assert g.handle(knock(initiation(c, gw_key, 1e9), clock.t)) == "installed"
+    clock.t += 59
+    g.tick()
+    assert c.public_key() in dev.peers
+    clock.t += 1.5
+    g.tick()  # no store change announces an expiry: the gateway's own timer does
+    assert c.public_key() not in dev.peers
+    assert events(out, "evict")[-1]["reason"] == "expired"
+    assert g.handle(knock(initiation(c, gw_key, 1e9 + 1), clock.t)) == "expired"

@@ -20,6 +20,7 @@ that comes back after `max_install_age` installs nothing.
 from __future__ import annotations
 
 import enum
+import heapq
 import math
 import socket
 from collections import Counter, deque
@@ -188,6 +189,7 @@ class Installed:
     # the timestamp this gateway itself advanced the store's mark to when it installed the
     # peer (None if adopted from the device)
     admitted: bytes | None = None
+    expires_at: float | None = None  # unix time; evicted then (reason expired)
 
 
 def _source_key(source: Endpoint) -> object:
@@ -285,6 +287,7 @@ class Policy:
         self._next_check = math.inf
         self._checking = False
         self._identity: object = _UNKNOWN
+        self._expiries: list[tuple[float, PublicKey]] = []  # a heap of (unix time, key)
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -363,6 +366,8 @@ class Policy:
         if now >= self._next_marks:
             self._next_marks = now + self.config.mark_interval
             out.extend(self._write_marks())
+        if self._expiries and self._expiries[0][0] <= self.wall():
+            self._expire(out)
         if self._sweep_work is not None:
             step = next(self._sweep_work, None)
             if step is None:
@@ -556,11 +561,13 @@ class Policy:
         p = self._pending.get(key)
         if p is None or p.stage is not _Stage.LOOKUP:
             return
-        if peer is None or peer.revoked:
-            reason = Outcome.UNKNOWN if peer is None else Outcome.REVOKED
+        refused = "unknown" if peer is None else peer.refusal(self.wall())
+        if refused is not None:
+            reason = Outcome(refused)  # unknown, revoked, disabled, expired
             self._negative.add(key, now)
             self._finish(out, p, reason, name=peer.name if peer else None)
             return
+        assert peer is not None
         p.peer = peer
         best: _Knock | None = None
         for k in list(p.knocks):
@@ -625,10 +632,11 @@ class Policy:
             if p is not None:
                 self._finish(out, p, Outcome.INSTALL_FAILED, name=peer.name)
             return
-        self.installed[peer.public_key] = Installed(
+        inst = self.installed[peer.public_key] = Installed(
             peer.name, self.wall(), fingerprint(peer), seen=effect.timestamp,
             admitted=effect.timestamp,
         )
+        self._expire_at(peer.public_key, inst, peer.expires_at)
         self.counters["installs"] += 1
         took = None
         if p is not None and p.admitting is not None:
@@ -741,14 +749,17 @@ class Policy:
         gone: list[tuple[PublicKey, str, str]] = []
         claim: list[PublicKey] = []
         update: list[tuple[PublicKey, tuple[IPNetwork, ...], PresharedKey | None]] = []
+        wall = self.wall()
         for key in keys:
             inst = self.installed.get(key)
             if inst is None:
                 continue
             peer = peers.get(key)
-            if peer is None or peer.revoked:
-                gone.append((key, inst.name, "removed" if peer is None else "revoked"))
+            refused = "removed" if peer is None else peer.refusal(wall)
+            if refused is not None:
+                gone.append((key, inst.name, refused))
                 continue
+            assert peer is not None
             if peer.holder is not None and peer.holder != self.gateway_id:
                 mark = peer.handshake_hwm
                 seen = inst.seen
@@ -768,6 +779,7 @@ class Policy:
                 continue
             if peer.holder is None:
                 claim.append(key)  # our claim expired (a pause): say again that we hold it
+            self._expire_at(key, inst, peer.expires_at)
             if fingerprint(peer) != inst.fingerprint:
                 update.append((key, peer.allowed_ips, peer.preshared_key))
                 inst.fingerprint = fingerprint(peer)
@@ -791,8 +803,9 @@ class Policy:
             if key in self.installed or key in self._pending:
                 continue
             peer = peers.get(key)
-            if peer is None or peer.revoked:
-                bad.append((key, peer.name if peer else "-", reason))
+            refused = None if peer is None else peer.refusal(wall)
+            if peer is None or refused is not None:
+                bad.append((key, peer.name if peer else "-", refused or reason))
                 continue
             if peer.holder is not None and peer.holder != self.gateway_id:
                 bad.append((key, peer.name, "handoff"))
@@ -800,9 +813,10 @@ class Policy:
             if peer.holder is None:
                 claim.append(key)
             update.append((key, peer.allowed_ips, peer.preshared_key))
-            self.installed[key] = Installed(
+            inst = self.installed[key] = Installed(
                 peer.name, last or wall, fingerprint(peer), seen=peer.handshake_hwm
             )
+            self._expire_at(key, inst, peer.expires_at)
         if update:
             out.append(Update(tuple(update)))
         if claim:
@@ -954,6 +968,24 @@ class Policy:
             return []
         self._writing_marks = True
         return [RecordHandshakes(tuple(marks))]
+
+    def _expire_at(self, key: PublicKey, inst: Installed, expires_at: float | None) -> None:
+        if expires_at != inst.expires_at:
+            inst.expires_at = expires_at
+            if expires_at is not None:
+                heapq.heappush(self._expiries, (expires_at, key))
+
+    def _expire(self, out: list[Effect]) -> None:
+        """Evict installed peers whose expiry passed (it is no store change: nothing in the
+        change feed says so when the time comes)."""
+        wall = self.wall()
+        gone = []
+        while self._expiries and self._expiries[0][0] <= wall:
+            when, key = heapq.heappop(self._expiries)
+            inst = self.installed.get(key)
+            if inst is not None and inst.expires_at == when:
+                gone.append((key, inst.name, "expired"))
+        self._evict(gone, out, release=True)
 
     def _device_identity(self, identity: object) -> None:
         """A device created anew (wireguard-go restarted, interface re-added) has none of

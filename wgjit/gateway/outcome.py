@@ -21,6 +21,8 @@ class Outcome(enum.StrEnum):
     FORGED = "forged"  # static key decrypted, but the sender does not hold its private key
     UNKNOWN = "unknown"
     REVOKED = "revoked"
+    DISABLED = "disabled"
+    EXPIRED = "expired"
     NEGATIVE_CACHED = "negative_cached"
     REPLAY = "replay"
     FUTURE = "future"  # timestamp too far ahead of the gateway's clock
