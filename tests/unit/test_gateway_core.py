@@ -342,3 +342,25 @@ def test_expired_peer_evicted_when_the_time_comes_and_refused(env: Env) -> None:
     assert c.public_key() not in dev.peers
     assert events(out, "evict")[-1]["reason"] == "expired"
     assert g.handle(knock(initiation(c, gw_key, 1e9 + 1), clock.t)) == "expired"
+
+
+@pytest.mark.parametrize("adopt", [False, True])
+def test_a_store_that_knows_none_of_the_device_peers_removes_nothing(
+    tmp_path: Path, adopt: bool
+) -> None:
+    gw_key = PrivateKey.generate()
+    dev = FakeDevice(gw_key)
+    store = open_store(str(tmp_path / "other.db"))
+    store.add_peer("someone-else", PrivateKey.generate().public_key(),
+                   parse_networks("100.65.0.2/32"))  # fmt: skip
+    live = [PrivateKey.generate().public_key() for _ in range(3)]
+    for k in live:
+        dev.peers[k] = PeerState(k)
+    g = SyncGateway(dev, store, GatewayConfig(adopt_empty_store=adopt), EventLog(io.StringIO()),
+                    Responder(gw_key), Clock())  # fmt: skip
+    g.start()
+    if adopt:
+        assert g.policy.refused_start is None and dev.peers == {}
+    else:
+        assert g.policy.refused_start and "--adopt-empty-store" in g.policy.refused_start
+        assert set(dev.peers) == set(live)  # the live peers are still there

@@ -131,7 +131,9 @@ class GatewayConfig:
     # through at once (fail-open) instead of queueing behind it
     store_stall_after: float = 2.0
     testing_short_timers: bool = False
-    adopt_empty_store: bool = False  # reconcile may empty the device when the store is empty
+    # reconcile may remove every device peer (a store that knows none of them); without
+    # it the gateway refuses to start (the store is likely the wrong one)
+    adopt_empty_store: bool = False
 
     def validate(self) -> list[str]:
         """Raise ConfigError for unsafe values; return warnings to log."""
@@ -283,7 +285,10 @@ class Policy:
         self._sweep_started = 0.0
         self._removed_during_sweep: set[PublicKey] = set()
         self._sweep_work: Iterator[list[Effect]] | None = None
-        self._reconciling = [0, 0, 0]
+        self._reconciling = [0, 0, 0]  # look-ups to go, peers kept, peers the store knows
+        self._reconcile_bad: list[tuple[PublicKey, str, str]] = []
+        # why the policy refuses to start (set by reconcile), or None
+        self.refused_start: str | None = None
         self._next_check = math.inf
         self._checking = False
         self._identity: object = _UNKNOWN
@@ -308,7 +313,7 @@ class Policy:
             chunk = {k: device_peers[k] for k in keys[i : i + RECONCILE_CHUNK]}
             effects.append(Lookup(tuple(chunk), Purpose.RECONCILE, chunk))
         lookups = sum(isinstance(e, Lookup) for e in effects)
-        self._reconciling = [lookups, 0, 0]  # look-ups to go, kept, removed
+        self._reconciling = [lookups, 0, 0]
         if not keys:
             self.log.info("reconcile", kept=0, removed=0)
         return effects
@@ -821,17 +826,34 @@ class Policy:
             out.append(Update(tuple(update)))
         if claim:
             out.append(Claim(tuple(claim), self.gateway_id))
+        if lookup.purpose is not Purpose.RECONCILE:
+            self._remove(bad, out)
+            return
+        # at start, removals wait for the whole device to be looked up: a store that knows
+        # none of the device's peers is more likely the wrong store than a list of strangers
+        r = self._reconciling
+        r[0] -= 1
+        r[1] += len(update)
+        r[2] += len(peers)
+        self._reconcile_bad.extend(bad)
+        if r[0] > 0:
+            return
+        bad, self._reconcile_bad = self._reconcile_bad, []
+        if bad and r[2] == 0 and not self.config.adopt_empty_store:
+            self.refused_start = (
+                f"the store knows none of the {len(bad)} peers on the device, so starting would "
+                "remove them all; is it the right store? To start anyway (and remove them), "
+                "pass --adopt-empty-store"
+            )
+            return
+        self._remove(bad, out)
+        self.log.info("reconcile", kept=r[1], removed=len(bad))
+
+    def _remove(self, bad: list[tuple[PublicKey, str, str]], out: list[Effect]) -> None:
         for key, name, why in bad:
             self.log.info("evict", reason=why, peer=name, key=key.short())
         if bad:
             out.append(Remove(tuple(k for k, _, _ in bad)))
-        if lookup.purpose is Purpose.RECONCILE:
-            r = self._reconciling
-            r[0] -= 1
-            r[1] += len(update)
-            r[2] += len(bad)
-            if r[0] == 0:
-                self.log.info("reconcile", kept=r[1], removed=r[2])
 
     # -- helpers --------------------------------------------------------------------------
 

@@ -103,6 +103,8 @@ def serve(
         effects, lambda e, r, err: policy.on_done(e, r, err, time.monotonic()), store, device
     )
     del effects
+    if policy.refused_start:
+        raise GatewayError(policy.refused_start)
     reconcile_ms = round((time.monotonic() - started) * 1000)
     gc.collect()
     gc.freeze()
