@@ -293,6 +293,8 @@ class Policy:
         self._checking = False
         self._identity: object = _UNKNOWN
         self._expiries: list[tuple[float, PublicKey]] = []  # a heap of (unix time, key)
+        # hash of an allowed IP -> the peer last installed with it (for prefix_conflict)
+        self._prefixes: dict[int, PublicKey] = {}
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -642,6 +644,7 @@ class Policy:
             admitted=effect.timestamp,
         )
         self._expire_at(peer.public_key, inst, peer.expires_at)
+        self._claim_prefixes(peer)
         self.counters["installs"] += 1
         took = None
         if p is not None and p.admitting is not None:
@@ -822,6 +825,7 @@ class Policy:
                 peer.name, last or wall, fingerprint(peer), seen=peer.handshake_hwm
             )
             self._expire_at(key, inst, peer.expires_at)
+            self._claim_prefixes(peer)
         if update:
             out.append(Update(tuple(update)))
         if claim:
@@ -990,6 +994,22 @@ class Policy:
             return []
         self._writing_marks = True
         return [RecordHandshakes(tuple(marks))]
+
+    def _claim_prefixes(self, peer: Peer) -> None:
+        """Log when an install takes an allowed IP that another installed peer holds: the
+        device's cryptokey routing moves it, and the other peer silently loses its traffic
+        (possible only with peers added with --allow-overlap)."""
+        key = peer.public_key
+        for net in peer.allowed_ips:
+            h = hash((net.version, int(net.network_address), net.prefixlen))
+            holder = self._prefixes.get(h)
+            if holder is not None and holder != key and holder in self.installed:
+                self.log.warning(
+                    "prefix_conflict", prefix=str(net), peer=peer.name, key=key.short(),
+                    taken_from=self.installed[holder].name,
+                )  # fmt: skip
+                self.counters["prefix_conflicts"] += 1
+            self._prefixes[h] = key
 
     def _expire_at(self, key: PublicKey, inst: Installed, expires_at: float | None) -> None:
         if expires_at != inst.expires_at:
