@@ -31,7 +31,9 @@ def _fmt_value(v: Any) -> str:
 
 
 def format_logfmt(fields: dict[str, Any]) -> str:
-    return " ".join(f"{k}={_fmt_value(v)}" for k, v in fields.items() if v is not None)
+    return " ".join(
+        f"{k}={_fmt_value(v)}" for k, v in fields.items() if v is not None and k[0] != "_"
+    )
 
 
 _PAIR = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
@@ -78,7 +80,8 @@ class EventLog:
 
     def subscribe(self, listener: Callable[[str, dict[str, Any]], None]) -> None:
         """Call `listener(event, fields)` for every event (debug ones too), on the emitting
-        thread: it must only take note (metrics count, hooks enqueue), never block."""
+        thread: it must only take note (metrics count, hooks enqueue), never block. Fields
+        whose name starts with `_` (objects for listeners, e.g. `_peer`) are not logged."""
         self._listeners.append(listener)
 
     def emit(self, event: str, level: str = "info", **fields: Any) -> None:
@@ -90,7 +93,9 @@ class EventLog:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
         record: dict[str, Any] = {"ts": ts, "level": level, "event": event, **fields}
         if self.fmt == "json":
-            line = json.dumps({k: v for k, v in record.items() if v is not None}, default=str)
+            line = json.dumps(
+                {k: v for k, v in record.items() if v is not None and k[0] != "_"}, default=str
+            )
         else:
             line = format_logfmt(record)
         if self._queue is not None:

@@ -51,3 +51,15 @@ def test_listeners_see_every_event_with_its_fields() -> None:
     log.info("install", peer="a")
     log.debug("knock", outcome="duplicate")  # not written, still seen
     assert seen == [("install", {"peer": "a"}), ("knock", {"outcome": "duplicate"})]
+
+
+def test_underscore_fields_reach_listeners_but_are_not_logged() -> None:
+    seen: list[dict[str, object]] = []
+    for fmt in ("text", "json"):
+        stream = io.StringIO()
+        log = EventLog(stream, fmt=fmt)
+        log.subscribe(lambda event, fields: seen.append(fields))
+        marker = object()
+        log.info("install", peer="a", _peer=marker)
+        assert seen[-1] == {"peer": "a", "_peer": marker}
+        assert "_peer" not in stream.getvalue() and "peer" in stream.getvalue()

@@ -40,6 +40,7 @@ from wgjit.gateway.effects import (
 from wgjit.gateway.modes import Batch, Mode, ModeError, open_mode
 from wgjit.gateway.reactor import Reactor, Workers
 from wgjit.handshake import Responder
+from wgjit.sdnotify import notify as sd_notify
 from wgjit.store import Store
 
 # the GIL is handed over at least this often (seconds): a worker parsing a device dump holds
@@ -147,6 +148,7 @@ def serve(
                 cookies=policy.cookies is not None,
                 reconcile_ms=reconcile_ms,
             )
+            sd_notify(f"READY=1\nSTATUS=serving {device.name}, {len(policy.installed)} installed")
             loop.run()
     finally:
         sys.setswitchinterval(old_interval)
