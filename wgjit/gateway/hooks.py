@@ -148,12 +148,11 @@ class HookRunner:
         self._counts_lock = threading.Lock()
         self.counts = {"run": 0, "failed": 0, "timed_out": 0, "dropped": 0}
         self._dropped_logged = 0
+        self._running: dict[int, int] = {}  # hook thread -> the process group it runs
         self._fail_log = _RateLimited(clock)
         self._drop_log = _RateLimited(clock)
         base = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith("WGJIT_") and k != "PGPASSWORD"
+            k: v for k, v in os.environ.items() if not k.startswith("WGJIT_") and k != "PGPASSWORD"
         }
         base[ENV_INTERFACE] = interface
         if gateway_id:
@@ -211,11 +210,20 @@ class HookRunner:
         env = self._environment(job, known)
         argv = self.commands[job.event]
         started = self._clock()
+        me = threading.get_ident()
+
+        def running(pid: int) -> None:
+            with self._counts_lock:
+                self._running[me] = pid
+
         try:
-            rc, tail = run_with_timeout(argv, env, left)
+            rc, tail = run_with_timeout(argv, env, left, running)
         except OSError as e:
             self._failed(job, error=f"cannot run {argv[0]}: {e.strerror or e}")
             return
+        finally:
+            with self._counts_lock:
+                self._running.pop(me, None)
         with self._counts_lock:
             self.counts["run"] += 1
         took = round((self._clock() - started) * 1000, 1)
@@ -224,7 +232,9 @@ class HookRunner:
                 self.counts["timed_out"] += 1
             self._failed(job, timeout_s=round(left, 3), output=tail)
         elif rc != 0:
-            self._failed(job, status=rc, took_ms=took, output=tail)
+            stopping = rc == -signal.SIGKILL and self._stop_at is not None
+            self._failed(job, status=rc, took_ms=took, output=tail,
+                         why="killed: the gateway is stopping" if stopping else None)  # fmt: skip
         else:
             self.log.debug("hook_done", hook=job.event, peer=job.fields.get("peer"), took_ms=took)
 
@@ -284,12 +294,12 @@ class HookRunner:
             suppressed=suppressed or None,
         )
 
-    def _report_drops(self) -> None:
+    def _report_drops(self, force: bool = False) -> None:
         with self._counts_lock:
             dropped = self.counts["dropped"]
         if dropped == self._dropped_logged:
             return
-        if self._drop_log.allow() is None:
+        if self._drop_log.allow() is None and not force:
             return
         with self._counts_lock:
             new = dropped - self._dropped_logged
@@ -315,10 +325,18 @@ class HookRunner:
                 q.put_nowait(None)  # full: the thread sees _stop_at once it has drained it
         if not self.commands:
             return
-        deadline = time.monotonic() + wait + 2.0
+        deadline = time.monotonic() + wait
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
-        self._report_drops()
+        # hooks started before close() have their own timeout: stop them now
+        with self._counts_lock:
+            groups = list(self._running.values())
+        for pgid in groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGKILL)
+        for t in self._threads:
+            t.join(1.0)
+        self._report_drops(force=True)
         with self._counts_lock:
             counts = dict(self.counts)
         if counts["failed"] or counts["dropped"]:
@@ -326,11 +344,15 @@ class HookRunner:
 
 
 def run_with_timeout(
-    argv: Sequence[str], env: Mapping[str, str], timeout: float
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    timeout: float,
+    started: Callable[[int], None] | None = None,
 ) -> tuple[int | None, str]:
     """Run `argv` (no shell) in a new session; its exit status (None: timed out, its whole
     process group killed) and the last OUTPUT_TAIL characters of its output. Returns when the
-    process exits, even if something it started in the background still holds the output."""
+    process exits, even if something it started in the background still holds the output.
+    `started(pid)` is called once it runs (its process group is `pid`)."""
     deadline = time.monotonic() + timeout
     proc = subprocess.Popen(
         list(argv),
@@ -342,6 +364,8 @@ def run_with_timeout(
         close_fds=True,
     )
     assert proc.stdout is not None
+    if started is not None:
+        started(proc.pid)
     out = proc.stdout.fileno()
     os.set_blocking(out, False)
     tail = b""
