@@ -5,11 +5,10 @@ store: 503 while PostgreSQL is stopped, 200 once it is back."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 
-from tests.pgserver import PostgresServer, PostgresUnavailable
+from tests.pgserver import PostgresServer
 from wgjit.addr import parse_networks
 from wgjit.lab import Host, Lab, LabError, first_ping, wait_for
 from wgjit.store import open_store
@@ -25,17 +24,6 @@ try:
 except urllib.error.HTTPError as e:
     print(e.code); print(e.read().decode())
 """
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PostgresServer]:
-    try:
-        server = PostgresServer()
-        server.start()
-    except PostgresUnavailable as e:
-        pytest.fail(str(e), pytrace=False)
-    yield server
-    server.close()
 
 
 def fetch(gw: Host, path: str) -> tuple[int, str]:
