@@ -461,7 +461,7 @@ class Policy:
         if not self._global.allow(now):
             return Outcome.RATE_LIMITED
         try:
-            opened = self.responder.open_static(payload)
+            opened = self.responder.open_static(payload, mac1_checked=True)
         except HandshakeError as e:
             self._reject(Outcome(e.reason), knock.source)
             return Outcome(e.reason)
