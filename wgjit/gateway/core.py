@@ -461,7 +461,7 @@ class Policy:
         if not self._global.allow(now):
             return Outcome.RATE_LIMITED
         try:
-            opened = self.responder.open_static(payload)
+            opened = self.responder.open_static(payload, mac1_checked=True)
         except HandshakeError as e:
             self._reject(Outcome(e.reason), knock.source)
             return Outcome(e.reason)
@@ -519,7 +519,9 @@ class Policy:
                 self._error(f"{effect.purpose}_failed", error)
                 if effect.purpose is Purpose.ADMIT:
                     for key in effect.keys:
-                        self._fail_pending(out, key, Outcome.INSTALL_FAILED, now)
+                        p = self._pending.get(key)
+                        if p is not None:
+                            self._finish(out, p, Outcome.INSTALL_FAILED)
                 return
             assert isinstance(result, dict)
             if effect.purpose is Purpose.ADMIT:
@@ -891,12 +893,6 @@ class Policy:
         self.counters["stale"] += 1
         return True
 
-    def _fail_pending(self, out: list[Effect], key: PublicKey, outcome: Outcome, now: float
-                      ) -> None:  # fmt: skip
-        p = self._pending.get(key)
-        if p is not None:
-            self._finish(out, p, outcome)
-
     def _fail_open(self, out: list[Effect], p: _Pending, k: _Knock, outcome: Outcome,
                    now: float) -> None:  # fmt: skip
         """Give a still-pending knock its (fail-open) verdict; the work goes on."""
@@ -1061,7 +1057,7 @@ class Policy:
     ) -> None:
         if reason in _QUIET or reason.accepts:
             return
-        if self._reject_log.allow(self._tick_clock()):
+        if self._reject_log.allow(self.wall()):
             self.log.info(
                 "reject",
                 reason=reason.value,
@@ -1070,11 +1066,7 @@ class Policy:
                 source=str(source) if source else None,
             )
 
-    def _tick_clock(self) -> float:
-        # the reject log's bucket only needs a monotone-enough clock; wall time is injected
-        return self.wall()
-
     def _error(self, event: str, error: Exception, **fields: object) -> None:
         self.counters["errors"] += 1
-        if self._error_log.allow(self._tick_clock()):
+        if self._error_log.allow(self.wall()):
             self.log.error(event, error=f"{error}" or type(error).__name__, **fields)
