@@ -32,6 +32,8 @@ from wgjit.clientconf import (
     parse_dns,
     parse_endpoint,
 )
+from wgjit.config import ConfigFileError, FileConfig
+from wgjit.config import read as read_config_file
 from wgjit.device import BACKENDS, DeviceError, open_device
 from wgjit.events import EventLog
 from wgjit.files import FileRefused, check_target, private_file, write_private_bytes
@@ -56,6 +58,9 @@ class CLIError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: `wgjit: error: ...` and the help to read, exit 2."""
+
+    # the subcommands' parsers by name, where a config file needs them (`gateway`)
+    commands: dict[str, argparse.ArgumentParser]
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"wgjit: error: {message} (see `{self.prog} --help`)\n")
@@ -88,6 +93,18 @@ def _seconds(flag: str) -> Callable[[str], float]:
         if not math.isfinite(value) or value <= 0:
             raise CLIError(f"{flag} {text.strip()} is not a finite positive number of seconds")
         return value
+
+    return parse
+
+
+def _hook(flag: str) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        from wgjit.gateway.hooks import HookError, parse_command
+
+        try:
+            return parse_command(text)
+        except HookError as e:
+            raise CLIError(f"{flag} {e}") from None
 
     return parse
 
@@ -522,9 +539,8 @@ def cmd_store_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_gateway(args: argparse.Namespace) -> int:
-    from wgjit.gateway.run import serve
-
+def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
+    """The gateway's settings, checked; a bad value from a config file is named by its key."""
     config = GatewayConfig(
         idle_timeout=args.idle_timeout,
         sweep_interval=args.sweep_interval,
@@ -533,7 +549,20 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         adopt_empty_store=args.adopt_empty_store,
         testing_always_under_load=args.testing_always_under_load,
     )
-    config.validate()  # fail before touching the device
+    try:
+        config.validate()
+    except ConfigError as e:
+        file_config: FileConfig | None = getattr(args, "file_config", None)
+        if file_config is None:
+            raise
+        raise ConfigError(file_config.blame(str(e), args)) from None
+    return config
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from wgjit.gateway.run import serve
+
+    config = _gateway_config(args)  # fail before touching the device
     metrics_listen = None
     if args.metrics_listen:
         from wgjit.gateway.metrics import MetricsError, parse_listen
@@ -558,6 +587,20 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         )
         if not args.adopt_empty_store:
             _refuse_empty_store(store, device, args.store)
+        if args.on_install or args.on_evict:
+            from wgjit.gateway.hooks import HookRunner
+
+            commands = {"install": args.on_install, "evict": args.on_evict}
+            hooks = HookRunner(
+                {event: argv for event, argv in commands.items() if argv},
+                log,
+                interface=device.name,
+                gateway_id=args.gateway_id,
+                timeout=args.hook_timeout,
+                lookup=store.get_peer,  # on a hook thread, for events without the peer
+            )
+            log.subscribe(hooks)  # it only enqueues: never delays the packet path
+            stack.callback(hooks.close, min(args.hook_timeout, 5.0))
         return serve(
             device,
             store,
@@ -594,6 +637,15 @@ def _refuse_empty_store(store: Store, device: Any, url: str) -> None:
         )
 
 
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Check a gateway config file as `wgjit gateway --config FILE` would, without starting."""
+    gateway = _parse_args(build_parser(), ["gateway", "--config", args.file], need_interface=False)
+    _gateway_config(gateway)
+    fc: FileConfig = gateway.file_config
+    print(f"{args.file}: ok ({len(fc.values)} settings: {', '.join(fc.keys.values()) or 'none'})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from wgjit.demo import run_demo
 
@@ -626,7 +678,7 @@ def _config_options(p: argparse.ArgumentParser) -> None:
                    help="also a QR code: on the terminal (stderr), or into FILE.png")  # fmt: skip
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> _Parser:
     p = _Parser(
         prog="wgjit", description="Just-in-time WireGuard peers: install a peer when it knocks."
     )
@@ -733,7 +785,13 @@ def build_parser() -> argparse.ArgumentParser:
     gw = sub.add_parser(
         "gateway", parents=[after], help="run the JIT gateway on a WireGuard interface"
     )
-    gw.add_argument("--interface", "-i", required=True, help="configured WireGuard interface")
+    # required, from the command line or the config file (checked in _parse_args)
+    gw.add_argument("--interface", "-i", help="configured WireGuard interface (required)")
+    gw.add_argument(
+        "--config", metavar="FILE.toml",
+        help="read settings from this TOML file: keys are these flags without the dashes "
+             "(idle_timeout or idle-timeout); flags given here override it",
+    )  # fmt: skip
     gw.add_argument("--gateway-id", default=socket.gethostname(),
                     help="this gateway's name in a shared store (default: host name)")  # fmt: skip
     gw.add_argument("--idle-timeout", type=_seconds("--idle-timeout"),
@@ -769,7 +827,23 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--capture-interface", help="capture on this interface only (default all)")
     gw.add_argument("--log-format", choices=("text", "json"), default="text")
     gw.add_argument("--debug", action="store_true", help="also log malformed packets")
+    gw.add_argument("--on-install", type=_hook("--on-install"), metavar="CMD",
+                    help="run CMD (split like a shell would, but no shell) after a peer is "
+                         "installed, with WGJIT_PEER, WGJIT_KEY, WGJIT_ALLOWED_IPS, "
+                         "WGJIT_ENDPOINT, WGJIT_INTERFACE in its environment")  # fmt: skip
+    gw.add_argument("--on-evict", type=_hook("--on-evict"), metavar="CMD",
+                    help="run CMD after a peer is evicted (the same variables, and "
+                         "WGJIT_REASON)")  # fmt: skip
+    gw.add_argument(
+        "--hook-timeout", type=_seconds("--hook-timeout"), default=10.0, metavar="SECONDS",
+        help="kill a hook (its whole process group) after this long (default 10)",
+    )  # fmt: skip
     gw.set_defaults(func=cmd_gateway)
+
+    cc = sub.add_parser("check-config", help="check a gateway config file without starting")
+    cc.add_argument("file", metavar="FILE.toml")
+    cc.set_defaults(func=cmd_check_config)
+    p.commands = {"gateway": gw}
 
     demo = sub.add_parser("demo", help="live demo in throwaway network namespaces")
     demo.add_argument("--connects", type=_int_range("--connects", 1, 100000), default=20,
@@ -778,11 +852,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _parse_args(
+    parser: _Parser, argv: Sequence[str] | None, *, need_interface: bool = True
+) -> argparse.Namespace:
+    """Parse the command line; for `gateway --config FILE`, the file's values become the
+    defaults and the command line is parsed again (so flags win, and every value passes its
+    flag's check). The store's URL: --store, else WGJIT_STORE, else the file, else the default."""
+    args = parser.parse_args(argv)
+    if args.command != "gateway":
+        return args
+    gw = parser.commands["gateway"]
+    file_config = None
+    if args.config is not None:
+        file_config = read_config_file(args.config, gw)
+        values = dict(file_config.values)
+        store = values.pop("store", None)
+        if store is not None and "WGJIT_STORE" not in os.environ:
+            parser.set_defaults(store=store)
+        gw.set_defaults(**values)
+        args = parser.parse_args(argv)
+    args.file_config = file_config
+    if need_interface and not args.interface:
+        gw.error("the following arguments are required: --interface/-i (or interface in --config)")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-    except CLIError as e:
+        args = _parse_args(parser, argv)
+    except (CLIError, ConfigFileError) as e:
         print(f"wgjit: error: {e}", file=sys.stderr)
         return 1
     try:
@@ -798,6 +897,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         GatewayError,
         CaptureError,
         BulkError,
+        ConfigFileError,
         AlreadyRunning,
         LockError,
         FileRefused,

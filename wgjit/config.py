@@ -80,11 +80,11 @@ def check(path: str, data: dict[str, Any], parser: argparse.ArgumentParser) -> F
         for s in action.option_strings:
             out.flags[s] = action.dest
     for key, value in data.items():
-        action = options.get(key)
-        if action is None:
+        if key not in options:
             hint = difflib.get_close_matches(key, sorted(options), n=1)
             why = f" (did you mean {hint[0]}?)" if hint else ""
             raise ConfigFileError(f"{path}: {key}: unknown setting{why}")
+        action = options[key]
         if action.dest in out.values:
             raise ConfigFileError(
                 f"{path}: {key}: set twice (as {out.keys[action.dest]} and {key})"
