@@ -1,22 +1,35 @@
-"""Hooks, a config file and sd_notify on a real wireguard-go gateway.
+"""Hooks, a config file, sd_notify and no root, on a real wireguard-go gateway.
 
 A gateway started from a TOML file (plus a flag) tells $NOTIFY_SOCKET it is ready; its
 install hook writes its environment, adds routes (contrib/hooks/wgjit-routes) and then hangs
 for 30 s: the next peer's first ping is as fast as ever, the hook is killed (its whole process
 group) at --hook-timeout and logged; the evict hook gets the same peer and removes the routes.
+As the systemd unit runs it, a gateway with only CAP_NET_ADMIN and CAP_NET_RAW admits peers in
+hold mode (iptables, NFQUEUE) and its hooks change routes.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from wgjit.addr import parse_networks
-from wgjit.lab import Client, GatewayProcess, Host, Lab, first_ping, time_factor, wait_for
+from wgjit.lab import (
+    Client,
+    GatewayProcess,
+    Host,
+    Lab,
+    first_ping,
+    time_factor,
+    wait_for,
+)
 from wgjit.store import open_store
 
 pytestmark = pytest.mark.netns
@@ -31,6 +44,19 @@ def lab() -> Iterator[Lab]:
         lb.add_client()
         lb.add_client()
         yield lb
+
+
+@pytest.fixture
+def gw(lab: Lab) -> Host:
+    """The gateway's device with no peers and no hook routes; clients with no session."""
+    g = lab.gateway
+    assert g is not None
+    for key in g.peers():
+        g.wg("set", g.ifname, "peer", key, "remove")
+    g.run("ip", "route", "flush", "proto", "250")
+    for c in lab.clients:
+        c.connect_to(g)
+    return g
 
 
 def _env(path: Path) -> dict[str, str]:
@@ -50,10 +76,8 @@ def _routes(gw: Host) -> str:
 
 
 def test_slow_hooks_never_delay_a_connect_and_see_the_peer(
-    lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    lab: Lab, gw: Host, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    gw = lab.gateway
-    assert gw is not None
     alice, bob = lab.clients
     url = f"sqlite:///{tmp_path / 'peers.db'}"
     with open_store(url) as store:
@@ -130,3 +154,41 @@ def _connects_and_hooks(
     assert env["WGJIT_ENDPOINT"] == installed["endpoint"]
     wait_for("alice's route to go", lambda: alice.tunnel_ip not in _routes(gw))
     assert f"{bob.tunnel_ip} dev {gw.ifname}" in _routes(gw)
+
+
+CAPS = "-all,+net_admin,+net_raw"
+
+
+def test_only_two_capabilities_like_the_unit(lab: Lab, gw: Host, tmp_path: Path) -> None:
+    """uid 0 (wireguard-go's UAPI socket is root's, and it exits if the socket's owner
+    changes) but only CAP_NET_ADMIN and CAP_NET_RAW, as the unit with `User=root`."""
+    alice = lab.clients[0]
+    url = f"sqlite:///{tmp_path / 'peers.db'}"
+    with open_store(url) as store:
+        store.add_peer("alice", alice.public_key, parse_networks(f"{alice.tunnel_ip}/32"))
+    cmd = [
+        "ip", "netns", "exec", gw.ns,
+        "setpriv", f"--inh-caps={CAPS}", f"--ambient-caps={CAPS}", f"--bounding-set={CAPS}",
+        sys.executable, "-m", "wgjit", "--store", url, "gateway", "--interface", gw.ifname,
+        "--mode", "hold", "--on-install", str(ROUTES_HOOK), "--on-evict", str(ROUTES_HOOK),
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            bufsize=1, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    lab.procs.append(proc)
+    g = GatewayProcess(proc)
+    g.start_reader()
+    try:
+        g.wait_event("ready", timeout=60, mode="hold")
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        for line in ("CapEff:\t0000000000003000", "CapBnd:\t0000000000003000"):
+            assert line in status, status  # CAP_NET_ADMIN (12) and CAP_NET_RAW (13) only
+        assert "NFQUEUE" in gw.run("iptables", "-S")
+        rtt = first_ping(alice, gw, "a connect through a gateway with two capabilities")
+        assert rtt < 1000 * time_factor(), rtt
+        g.wait_event("install", peer="alice")
+        # its hook, with the same two capabilities, added the route
+        wait_for("alice's route", lambda: f"{alice.tunnel_ip} dev {gw.ifname}" in _routes(gw))
+    finally:
+        assert g.stop() == 0, "\n".join(g.lines[-30:])
+    assert not g.events("hook_failed"), g.lines
+    assert "NFQUEUE" not in gw.run("iptables", "-S")  # removed on the way out
