@@ -119,23 +119,30 @@ def test_without_the_peer_in_the_event_the_store_is_asked_by_name(tmp_path: Path
 
     def lookup(name: str) -> Peer | None:
         asked.append(name)
+        if name == "-":
+            raise ValueError("invalid peer name '-'")
         return {"alice": alice, "bob": bob_now}.get(name)
 
-    runner = HookRunner({"install": _dump_env(tmp_path)}, log, interface="wg0", lookup=lookup)
+    cmd = _dump_env(tmp_path)
+    runner = HookRunner({"install": cmd, "evict": cmd}, log, interface="wg0", lookup=lookup)
     log.subscribe(runner)
     log.info("install", peer="alice", key=alice.public_key.short(), endpoint="192.0.2.1:5")
     # bob was rotated since: the stored key is not the one installed, so no key is guessed
     log.info("install", peer="bob", key="AAAAAAAA", endpoint="192.0.2.2:5")
+    # a store that fails (down, or a name it refuses): the hook runs all the same
+    log.info("evict", reason="reconcile", peer="-", key="BBBBBBBB")
     _wait_for(tmp_path / "install-alice")
     _wait_for(tmp_path / "install-bob")
+    _wait_for(tmp_path / "evict--")
     runner.close()
+    assert _env_file(tmp_path / "evict--")["WGJIT_REASON"] == "reconcile"
     a = _env_file(tmp_path / "install-alice")
     assert a["WGJIT_KEY"] == alice.public_key.b64()
     assert a["WGJIT_ALLOWED_IPS"] == "100.65.0.2/32"
     b = _env_file(tmp_path / "install-bob")
     assert "WGJIT_KEY" not in b and "WGJIT_ALLOWED_IPS" not in b
     assert b["WGJIT_ENDPOINT"] == "192.0.2.2:5" and b["WGJIT_PEER"] == "bob"
-    assert sorted(asked) == ["alice", "bob"]
+    assert sorted(asked) == ["-", "alice", "bob"]
 
 
 def test_a_hung_hook_never_blocks_the_emitting_thread_and_drops_are_counted(

@@ -254,7 +254,10 @@ class HookRunner:
         if what is None and self.lookup is not None and name:
             # off the packet path: a store call on this hook thread; the short key tells a
             # renamed or rotated peer (or another peer by that name) apart
-            found = self.lookup(name)
+            try:
+                found = self.lookup(name)
+            except Exception:  # the store down, a name it refuses ("-"): run without
+                found = None
             if found is not None and found.public_key.short() == short:
                 what = _Known(found.public_key.b64(), format_networks(found.allowed_ips), "")
         if job.event == "install":
