@@ -275,6 +275,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         sweep_interval=args.sweep_interval,
         testing_short_timers=args.testing_short_timers,
         gateway_id=args.gateway_id,
+        testing_always_under_load=args.testing_always_under_load,
     )
     config.validate()  # fail before touching the device
     # log lines never block the packet path: a slow reader costs dropped lines, counted
@@ -388,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--testing-no-completion", action="store_true",
                     help="TESTING ONLY: install peers but do nothing to complete the handshake "
                          "(the client's own 5 s retry does; for latency comparisons)")  # fmt: skip
+    gw.add_argument("--testing-always-under-load", action="store_true",
+                    help="TESTING ONLY: act as under load all the time (cookie replies to "
+                         "every initiation without a valid mac2)")  # fmt: skip
     gw.add_argument("--backend", choices=BACKENDS, default="auto")
     gw.add_argument("--capture-interface", help="capture on this interface only (default all)")
     gw.add_argument("--log-format", choices=("text", "json"), default="text")
