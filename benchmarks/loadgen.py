@@ -160,12 +160,16 @@ def load_namespace(gateway_ns: str) -> Iterator[str]:
         _run("ip", "-n", ns, "addr", "add", f"{OUR_ADDRESS}/24", "dev", "eth0")
         _run("ip", "-n", ns, "link", "set", "eth0", "up")
         _run("ip", "-n", ns, "route", "add", "local", str(CLIENT_NET), "dev", "lo")
+        # a namespace of an earlier run had our address with another MAC: forget it, or the
+        # gateway's answers go to a dead MAC until its neighbour entry is probed again (~5 s)
+        _run("ip", "-n", gateway_ns, "neigh", "flush", "to", OUR_ADDRESS, check=False)
         _run("ip", "-n", gateway_ns, "route", "add", str(ROUTED), "via", OUR_ADDRESS)
         routed = True
         yield ns
     finally:
         if routed:
             _run("ip", "-n", gateway_ns, "route", "del", str(ROUTED), check=False)
+        _run("ip", "-n", gateway_ns, "neigh", "flush", "to", OUR_ADDRESS, check=False)
         _run("ip", "netns", "delete", ns, check=False)
 
 
@@ -344,11 +348,11 @@ def run(cfg: Config) -> dict[str, Any]:
     forged_pool = [forge(v, cfg.gateway_key) for v in victims] if "spoofed" in cfg.flood else []
     if "spoofed" in cfg.flood and not cfg.keys:
         raise LoadgenError("spoofed forgeries need stored keys (--keys)")
-    replay_pool = [
-        build_initiation(k, cfg.gateway_key) for k in cfg.keys[:64]
-    ] if "replay" in cfg.flood else []  # fmt: skip
-    if "replay" in cfg.flood and not replay_pool:
-        raise LoadgenError("replays need stored keys (--keys)")
+    # replays are copies of initiations that were answered (so seen and accepted) before: a
+    # peer's first initiation once it is answered; until one is, replay turns send nothing
+    replay_pool: list[bytes] = []
+    if "replay" in cfg.flood and not cfg.clients:
+        raise LoadgenError("replays copy the clients' answered initiations: need --clients")
     malformed = malformed_packets()
     raw = None
     if "spoofed" in cfg.flood:
@@ -404,6 +408,8 @@ def run(cfg: Config) -> dict[str, Any]:
                 flood_socks[k % len(flood_socks)].sendto(
                     b"\x01\x00\x00\x00" + os.urandom(144), gw)  # fmt: skip
             elif kind == "replay":
+                if not replay_pool:
+                    return
                 flood_socks[k % len(flood_socks)].sendto(replay_pool[k % len(replay_pool)], gw)
             elif kind == "malformed":
                 flood_socks[k % len(flood_socks)].sendto(malformed[k % len(malformed)], gw)
@@ -435,6 +441,8 @@ def run(cfg: Config) -> dict[str, Any]:
             if p.answered is None:
                 p.answered = now
                 p.answered_attempt = hit[1]
+                if len(replay_pool) < 1024:
+                    replay_pool.append(p.attempts[hit[1]])
         elif len(data) == COOKIE_REPLY_SIZE and data[0] == MSG_COOKIE:
             received["cookie_reply" if p is not None else "cookie_reply_to_flood"] += 1
             if p is None:
