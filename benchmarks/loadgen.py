@@ -534,6 +534,7 @@ def run(cfg: Config) -> dict[str, Any]:
         "answered": len(answered),
         "answered_2s": sum(1 for x in lat if x <= ANSWER_WINDOW),
         "answered_first_attempt": sum(1 for p in answered if p.answered_attempt == 0),
+        "answered_by_attempt": dict(Counter(str(p.answered_attempt) for p in answered)),
         "peers_with_cookie": sum(1 for p in peers if p.cookies),
         "mac2_sent": sum(p.mac2_sent for p in peers),
         "latency": _percentiles(lat),
