@@ -93,7 +93,15 @@ def nfqueue_stats(gw: Host) -> str:
     text = gw.run("cat", "/proc/net/netfilter/nfnetlink_queue").split()
     if len(text) < 7:
         return "no queue"
-    return f"kernel queue: held {text[2]}, dropped full {text[5]}, dropped netlink {text[6]}"
+    return (f"kernel queue: queued {text[7]}, dropped full {text[5]}, dropped netlink "
+            f"{text[6]}; backlog drops (softnet_stat, all CPUs) so far {softnet_drops()}")
+
+
+def softnet_drops() -> int:
+    """Packets the kernel dropped because a CPU's input backlog was full (veth delivers
+    through it): the second column of /proc/net/softnet_stat, summed."""
+    return sum(int(line.split()[1], 16)
+               for line in Path("/proc/net/softnet_stat").read_text().splitlines())
 
 
 def pct(n: int, d: int) -> str:
