@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.unit.test_gateway_core import Clock, FakeDevice, events, initiation, knock
+from tests.wgref import reference_initiation
 from wgjit.addr import Endpoint, parse_networks
 from wgjit.capture.packet import Knock
 from wgjit.cookie import CookieChecker, add_mac2, open_cookie_reply
@@ -331,3 +332,23 @@ def test_device_created_anew_is_swept_at_once(loop: Loop) -> None:
     while loop.policy.sweeping:
         loop.tick()
     assert a.public_key() not in loop.policy.installed
+
+
+def test_a_knock_dropped_from_a_waiting_group_gets_one_verdict(loop: Loop) -> None:
+    """A forged initiation waiting with a real one for the same key is refused when the
+    look-up comes back, and never times out afterwards (a second, fail-open verdict)."""
+    victim, attacker = PrivateKey.generate(), PrivateKey.generate()
+    loop.store.add_peer("alice", victim.public_key(), parse_networks("100.65.0.11/32"))
+    real = knock(initiation(victim, loop.gw_key, 1e9), loop.clock.t)
+    forged = knock(
+        reference_initiation(victim.public_key(), attacker, loop.gw_key.public_key()),
+        loop.clock.t, Endpoint.parse("198.18.0.66:1"),
+    )  # fmt: skip
+    loop.knock(real)
+    loop.knock(forged)
+    loop.answer(Lookup)
+    assert loop.outcome(forged) == Outcome.FORGED
+    loop.clock.t += 0.9  # past the knock budget while alice's admission is under way
+    loop.tick()
+    assert [v.outcome for v in loop.verdicts if v.ticket is forged] == [Outcome.FORGED]
+    assert loop.policy.counters[Outcome.TIMEOUT] == 1  # alice's, not the forgery's

@@ -1,0 +1,206 @@
+"""Under load, at CI scale (issue 10): a herd, a flood, a cookie round. Correctness, not timing.
+
+Real wireguard-go gateway in hold mode, SQLite store, `benchmarks/loadgen.py` (run as a
+process of its own, in a namespace of its own plugged into the lab's bridge) and stock
+wireguard-go clients. Each test starts its own gateway on its own store, with an empty device.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from benchmarks.loadgen import make_keys, read_keys
+from wgjit.lab import Client, GatewayProcess, Host, Lab, wait_for
+
+pytestmark = pytest.mark.netns
+
+ROOT = Path(__file__).resolve().parents[2]
+N_CLIENTS = 5
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    with Lab() as lb:
+        lb.add_gateway()
+        for _ in range(N_CLIENTS):
+            lb.add_client()
+        yield lb
+
+
+def gw_host(lab: Lab) -> Host:
+    assert lab.gateway is not None
+    return lab.gateway
+
+
+@pytest.fixture
+def store_url(tmp_path: Path, lab: Lab) -> str:
+    gw = gw_host(lab)
+    for key in gw.peers():  # every test starts with an empty device
+        gw.wg("set", gw.ifname, "peer", key, "remove")
+    for c in lab.clients:
+        c.connect_to(gw)
+    return f"sqlite:///{tmp_path / 'peers.db'}"
+
+
+def wgjit(store_url: str, *args: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "wgjit", "--store", store_url, *args],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+
+
+def stored_keys(store_url: str, tmp_path: Path, n: int) -> Path:
+    """`n` loadgen keys, imported into the store the way an operator would."""
+    keys = tmp_path / "lg.keys"
+    csv = make_keys(n, keys)
+    assert keys.stat().st_mode & 0o777 == 0o600
+    wgjit(store_url, "peer", "import", str(csv))
+    return keys
+
+
+def add_client(store_url: str, c: Client, name: str) -> None:
+    wgjit(store_url, "peer", "add", name, "--allowed-ips", f"{c.tunnel_ip}/32",
+          "--public-key", c.public_key.b64())  # fmt: skip
+
+
+def loadgen(lab: Lab, tmp_path: Path, *args: str, timeout: float = 60) -> dict[str, object]:
+    gw = gw_host(lab)
+    out = tmp_path / "loadgen.json"
+    p = subprocess.run(
+        [sys.executable, "-m", "benchmarks.loadgen", "--gateway-netns", gw.ns,
+         "--gateway-key", gw.public_key.b64(), "--json", str(out), "--seed", "10", *args],
+        capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    print(p.stdout)
+    report: dict[str, object] = json.loads(out.read_text())
+    return report
+
+
+def stats(g: GatewayProcess) -> dict[str, str]:
+    before = len(g.events("stats"))
+    g.proc.send_signal(signal.SIGUSR1)
+    wait_for("stats line", lambda: len(g.events("stats")) > before)
+    return g.events("stats")[-1]
+
+
+def rss_kb(g: GatewayProcess) -> int:
+    # `ip netns exec` execs the gateway in place: the pid is the gateway's
+    for line in Path(f"/proc/{g.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def public_keys(keys: Path) -> set[str]:
+    return {k.public_key().b64() for k in read_keys(keys)}
+
+
+@pytest.fixture
+def gateway_factory(lab: Lab, store_url: str) -> Iterator[list[GatewayProcess]]:
+    started: list[GatewayProcess] = []
+    yield started
+    for g in started:
+        assert g.stop() == 0, "gateway did not stop cleanly:\n" + "\n".join(g.lines[-20:])
+
+
+def test_herd_of_500(lab: Lab, store_url: str, tmp_path: Path,
+                     gateway_factory: list[GatewayProcess]) -> None:  # fmt: skip
+    """500 stored peers knock within 1 s: every one answered (with a client's retries),
+    exactly those installed."""
+    keys = stored_keys(store_url, tmp_path, 500)
+    g = lab.start_gateway(store_url, "--mode", "hold")
+    gateway_factory.append(g)
+    r = loadgen(lab, tmp_path, "--keys", str(keys), "--clients", "500", "--spread", "1")
+    assert r["answered"] == 500, r
+    received = r["received"]
+    assert isinstance(received, dict)
+    assert received.get("response_unmatched", 0) == 0, r
+    device = set(gw_host(lab).peers())
+    assert device == public_keys(keys)  # nobody else, nobody unknown
+    answered = r["answered_keys"]
+    assert isinstance(answered, list) and set(answered) == device
+    s = stats(g)
+    assert int(s["installed_now"]) == r["answered"] == 500, s
+    assert "unknown" not in s, s
+
+
+def test_flood_while_clients_connect(lab: Lab, store_url: str, tmp_path: Path,
+                                     gateway_factory: list[GatewayProcess]) -> None:  # fmt: skip
+    """5 s of unknown keys, bad mac1, malformed packets and spoofed forgeries of stored keys at
+    a few thousand pkt/s: five stock clients still connect, the forged keys and unknown keys
+    are never installed, the gateway's memory stays bounded."""
+    keys = stored_keys(store_url, tmp_path, 64)  # the forgeries' victims, never knocking
+    for i, c in enumerate(lab.clients):
+        add_client(store_url, c, f"client-{i}")
+    g = lab.start_gateway(store_url, "--mode", "hold")
+    gateway_factory.append(g)
+    rss_before = rss_kb(g)
+    gw = gw_host(lab)
+    rtts: dict[int, float | None] = {}
+
+    def connect(i: int, c: Client) -> None:
+        # 12 s: the client's own retries (5 s apart) count; a stock client keeps trying
+        rtts[i] = c.ping(gw.tunnel_ip, timeout=12)
+
+    result: dict[str, object] = {}
+
+    def flood() -> None:
+        result.update(loadgen(lab, tmp_path, "--keys", str(keys),
+                              "--flood", "unknown,bad_mac1,spoofed,malformed",
+                              "--flood-rate", "3000", "--flood-seconds", "5"))  # fmt: skip
+
+    f = threading.Thread(target=flood)
+    f.start()
+    wait_for("the flood to begin", lambda: stats(g).get("bad_mac1"), timeout=15)
+    threads = [threading.Thread(target=connect, args=(i, c)) for i, c in enumerate(lab.clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    f.join()
+    rss_after = rss_kb(g)
+    s = stats(g)
+    print(f"\nfirst pings during the flood: {rtts}\nRSS {rss_before} -> {rss_after} kB\n{s}")
+    assert all(rtts[i] is not None for i in range(N_CLIENTS)), rtts
+    sent = result["sent"]
+    assert isinstance(sent, dict) and sent["spoofed"] > 1000, result
+    assert int(s["bad_mac1"]) >= 1000, s
+    assert int(s["forged"]) + int(s.get("timeout", 0)) + int(s.get("cookie", 0)) > 0, s
+    device = set(gw.peers())
+    assert device == {c.public_key.b64() for c in lab.clients}, "only the clients installed"
+    assert device.isdisjoint(public_keys(keys))
+    received = result["received"]
+    assert isinstance(received, dict) and not received.get("response_to_flood"), result
+    assert rss_after - rss_before < 50_000, f"RSS grew by {rss_after - rss_before} kB"
+
+
+def test_cookie_round(lab: Lab, store_url: str, tmp_path: Path,
+                      gateway_factory: list[GatewayProcess]) -> None:  # fmt: skip
+    """Always under load: a stock client gets a cookie reply, retries with mac2 and is
+    admitted; so are the load generator's clients, which follow cookies the same way."""
+    alice = lab.clients[0]
+    add_client(store_url, alice, "alice")
+    keys = stored_keys(store_url, tmp_path, 20)
+    g = lab.start_gateway(store_url, "--mode", "hold", "--testing-always-under-load")
+    gateway_factory.append(g)
+    assert any("never use in production" in line for line in g.lines)
+    gw = gw_host(lab)
+    rtt = alice.ping(gw.tunnel_ip, timeout=12)
+    assert rtt is not None, "the client never got in after its cookie"
+    print(f"\nfirst ping through the cookie round: {rtt} ms")
+    s = stats(g)
+    assert int(s["cookie"]) >= 1 and int(s["installed"]) >= 1, s
+    assert alice.public_key.b64() in gw.peers()
+    r = loadgen(lab, tmp_path, "--keys", str(keys), "--clients", "20", "--spread", "0.2")
+    assert r["answered"] == 20 and r["peers_with_cookie"] == 20, r
+    assert r["answered_first_attempt"] == 0, "without mac2 nobody is admitted under load"
+    s = stats(g)
+    assert int(s["installed_now"]) == 21, s
