@@ -74,6 +74,7 @@ def test_install_and_evict_get_the_peer_in_their_environment(
 ) -> None:
     monkeypatch.setenv("WGJIT_STORE", "postgresql://u:secret@db/wgjit")
     monkeypatch.setenv("PGPASSWORD", "secret")
+    monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
     monkeypatch.setenv("HOOK_TEST_KEPT", "yes")
     log, _ = _log()
     cmd = _dump_env(tmp_path)
@@ -97,7 +98,8 @@ def test_install_and_evict_get_the_peer_in_their_environment(
         "WGJIT_ALLOWED_IPS": "100.65.0.2/32,fd00::2/128",
         "WGJIT_ENDPOINT": "[2001:db8::7]:41641",
     }
-    assert inst["HOOK_TEST_KEPT"] == "yes" and "PGPASSWORD" not in inst
+    assert inst["HOOK_TEST_KEPT"] == "yes"
+    assert "PGPASSWORD" not in inst and "NOTIFY_SOCKET" not in inst
     ev = _env_file(tmp_path / "evict-alice")
     # the evict hook is told what the install hook was told (to withdraw what it announced)
     assert {k: v for k, v in ev.items() if k.startswith("WGJIT_")} == {

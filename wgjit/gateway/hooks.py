@@ -45,8 +45,10 @@ LOG_INTERVAL = 1.0
 # how much of a failed hook's output (stdout and stderr together) its log line shows
 OUTPUT_TAIL = 200
 
-# what a hook finds in its environment (besides the gateway's own, minus WGJIT_* and
-# PGPASSWORD: a hook has no business with the store's credentials)
+# the gateway's environment variables a hook does not get (besides WGJIT_*): the store's
+# credentials, and systemd's socket (a hook is not the service)
+_HIDDEN = frozenset({"PGPASSWORD", "NOTIFY_SOCKET"})
+# what a hook finds in its environment, besides the rest of the gateway's
 ENV_EVENT = "WGJIT_EVENT"  # install | evict
 ENV_INTERFACE = "WGJIT_INTERFACE"  # the gateway's WireGuard interface
 ENV_GATEWAY_ID = "WGJIT_GATEWAY_ID"
@@ -152,7 +154,7 @@ class HookRunner:
         self._fail_log = _RateLimited(clock)
         self._drop_log = _RateLimited(clock)
         base = {
-            k: v for k, v in os.environ.items() if not k.startswith("WGJIT_") and k != "PGPASSWORD"
+            k: v for k, v in os.environ.items() if not k.startswith("WGJIT_") and k not in _HIDDEN
         }
         base[ENV_INTERFACE] = interface
         if gateway_id:
