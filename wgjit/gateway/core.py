@@ -659,6 +659,7 @@ class Policy:
             endpoint=str(effect.endpoint),
             took_ms=took,
             **({"from_gateway": effect.previous_holder} if effect.previous_holder else {}),
+            _peer=peer,  # for listeners (hooks): not logged
         )
         if p is None:
             return
@@ -709,7 +710,7 @@ class Policy:
                 idle.append(key)
                 del installed[key]
                 self.log.info(
-                    "evict", reason="idle", peer=inst.name, key=key.short(),
+                    "evict", reason="idle", peer=inst.name, key=key.short(), _key=key,
                     idle_s=round(started - max(last, inst.installed_at)),
                 )  # fmt: skip
                 work += EVICT_COST
@@ -858,7 +859,7 @@ class Policy:
 
     def _remove(self, bad: list[tuple[PublicKey, str, str]], out: list[Effect]) -> None:
         for key, name, why in bad:
-            self.log.info("evict", reason=why, peer=name, key=key.short())
+            self.log.info("evict", reason=why, peer=name, key=key.short(), _key=key)
         if bad:
             out.append(Remove(tuple(k for k, _, _ in bad)))
 
@@ -875,7 +876,7 @@ class Policy:
         for key, name, reason in gone:
             self.installed.pop(key, None)
             self._removed_during_sweep.add(key)
-            self.log.info("evict", reason=reason, peer=name, key=key.short())
+            self.log.info("evict", reason=reason, peer=name, key=key.short(), _key=key)
             self.counters["evicted_handoff" if reason == "handoff" else "evicted_store"] += 1
 
     def _store_call(self, effect: Effect, now: float) -> Effect:
