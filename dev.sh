@@ -8,7 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 APT_PACKAGES=(wireguard-go wireguard-tools iptables iproute2 iputils-ping
-    qemu-system-x86 linux-image-amd64 kmod busybox-static)  # kernel WireGuard tests under qemu
+    qemu-system-x86 linux-image-amd64 kmod busybox-static  # kernel WireGuard tests under qemu
+    systemd)  # systemd-analyze verify checks contrib/systemd (not started: just the binaries)
 VENV=.venv
 # PostgreSQL server binaries: the store tests initdb a throwaway cluster. The machine image has
 # Debian's postgresql-15; install the server only where it is missing.
