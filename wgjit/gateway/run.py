@@ -100,76 +100,72 @@ def serve(
     policy = Policy(
         Responder(state.private_key), config, log, wall=time.time, ignore_ifindex=ifindex
     )
-    metrics = server = None
-    if metrics_listen is not None:
-        metrics = GatewayMetrics(device.name)
-        try:
-            server = MetricsServer(metrics, *metrics_listen)
-        except MetricsError as e:
-            raise GatewayError(str(e)) from None
-        log.subscribe(metrics.on_event)
-    # reconcile before anything is captured: the queue rules go live only once it is done
-    started = time.monotonic()
-    effects = policy.reconcile(device.handshakes(), started)
-    run_inline(
-        effects, lambda e, r, err: policy.on_done(e, r, err, time.monotonic()), store, device
-    )
-    del effects
-    if policy.refused_start:
-        raise GatewayError(policy.refused_start)
-    reconcile_ms = round((time.monotonic() - started) * 1000)
-    gc.collect()
-    gc.freeze()
-
-    old_interval = sys.getswitchinterval()
-    sys.setswitchinterval(SWITCH_INTERVAL)
-    reactor = Reactor()
-    workers = Workers(reactor, {STORE: store_threads, DEVICE: 1, SWEEP: 1})
-    loop = _Loop(policy, store, device, sweep_device, reactor, workers, log, metrics)
-    try:
-        with contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack:  # closed in reverse: capture first, metrics last
+        metrics = server = None
+        if metrics_listen is not None:
+            metrics = GatewayMetrics(device.name)
             try:
-                loop.mode = open_mode(
-                    stack,
-                    mode,
-                    port=state.listen_port,
-                    queue_num=queue_num,
-                    ifname=device.name,
-                    capture_interface=capture_interface,
-                    invert_delay=config.invert_delay,
-                    call_at=reactor.call_at,
-                    submit=loop.submit,
-                    log=log,
-                )
-            except ModeError as e:
+                server = MetricsServer(metrics, *metrics_listen)
+            except MetricsError as e:
                 raise GatewayError(str(e)) from None
-            if loop.mode.replier is not None:
-                policy.cookies = CookieChecker(policy.responder.public_key)
-            log.info(
-                "ready",
-                interface=device.name,
-                public_key=str(state.public_key),
-                listen_port=state.listen_port,
-                mode=loop.mode.name,
-                queue=getattr(getattr(loop.mode, "queue", None), "queue_num", None),
-                idle_timeout=config.idle_timeout,
-                sweep_interval=config.sweep_interval,
-                capture="nfqueue" if loop.mode.name == "hold" else capture_interface or "all",
-                installed=len(policy.installed),
-                cookies=policy.cookies is not None,
-                metrics=f"{metrics_listen[0]}:{server.port}" if server and metrics_listen else None,
-                reconcile_ms=reconcile_ms,
+            stack.callback(server.close)
+            log.subscribe(metrics.on_event)
+        # reconcile before anything is captured: the queue rules go live only once it is done
+        started = time.monotonic()
+        effects = policy.reconcile(device.handshakes(), started)
+        run_inline(
+            effects, lambda e, r, err: policy.on_done(e, r, err, time.monotonic()), store, device
+        )
+        del effects
+        if policy.refused_start:
+            raise GatewayError(policy.refused_start)
+        reconcile_ms = round((time.monotonic() - started) * 1000)
+        gc.collect()
+        gc.freeze()
+
+        stack.callback(sys.setswitchinterval, sys.getswitchinterval())
+        sys.setswitchinterval(SWITCH_INTERVAL)
+        reactor = Reactor()
+        stack.callback(reactor.close)
+        workers = Workers(reactor, {STORE: store_threads, DEVICE: 1, SWEEP: 1})
+        loop = _Loop(policy, store, device, sweep_device, reactor, workers, log, metrics)
+        try:
+            loop.mode = open_mode(
+                stack,
+                mode,
+                port=state.listen_port,
+                queue_num=queue_num,
+                ifname=device.name,
+                capture_interface=capture_interface,
+                invert_delay=config.invert_delay,
+                call_at=reactor.call_at,
+                submit=loop.submit,
+                log=log,
             )
-            if metrics is not None:
-                metrics.watch(loop.stats)
-                metrics.ready = True
-            sd_notify(f"READY=1\nSTATUS=serving {device.name}, {len(policy.installed)} installed")
-            loop.run()
-    finally:
-        sys.setswitchinterval(old_interval)
-        reactor.close()
-        if server is not None:
-            server.close()
+        except ModeError as e:
+            raise GatewayError(str(e)) from None
+        if loop.mode.replier is not None:
+            policy.cookies = CookieChecker(policy.responder.public_key)
+        log.info(
+            "ready",
+            interface=device.name,
+            public_key=str(state.public_key),
+            listen_port=state.listen_port,
+            mode=loop.mode.name,
+            queue=getattr(getattr(loop.mode, "queue", None), "queue_num", None),
+            idle_timeout=config.idle_timeout,
+            sweep_interval=config.sweep_interval,
+            capture="nfqueue" if loop.mode.name == "hold" else capture_interface or "all",
+            installed_now=len(policy.installed),
+            cookies=policy.cookies is not None,
+            metrics=f"{metrics_listen[0]}:{server.port}" if server and metrics_listen else None,
+            reconcile_ms=reconcile_ms,
+        )
+        if metrics is not None:
+            metrics.watch(loop.stats)
+            metrics.ready = True
+        sd_notify(f"READY=1\nSTATUS=serving {device.name}, {len(policy.installed)} installed")
+        loop.run()
     return 0
 
 
