@@ -98,6 +98,7 @@ _MIGRATE_LOCK: Final = 0x776A6974_0002
 _HINT: Final = "choose another with --store or WGJIT_STORE"
 
 _T = TypeVar("_T")
+_NOW: Final = "extract(epoch FROM clock_timestamp())"
 
 # Each step is a list of statements run in order, all steps in one transaction; the schema
 # version (wgjit_schema.version) is the number of steps applied. Never edit a released step.
@@ -183,7 +184,6 @@ MIGRATIONS: list[tuple[str, ...]] = [
     ),
 ]
 
-_NOW: Final = "extract(epoch FROM clock_timestamp())"
 _COLUMNS: Final = (
     "p.name, p.public_key, p.allowed_ips, p.preshared_key, p.revoked, p.created_at,"
     " p.updated_at, p.last_seen, p.handshake_hwm, c.gateway_id"
@@ -215,6 +215,17 @@ _CLAIM_MANY_SQL: Final = (
     " SELECT wgjit_feed(ARRAY(SELECT public_key FROM claimed WHERE NOT fresh"
     " ORDER BY public_key))"
 )
+_CLAIM_READ_SQL: Final = "SELECT gateway_id FROM peer_claims WHERE public_key = %s FOR UPDATE"
+_CLAIM_INSERT_SQL: Final = (
+    "INSERT INTO peer_claims (public_key, gateway_id, claimed_at)"
+    f" VALUES (%s, %s, {_NOW}) ON CONFLICT (public_key) DO NOTHING"
+)
+_CLAIM_TAKE_SQL: Final = (
+    f"UPDATE peer_claims SET gateway_id = %s, claimed_at = {_NOW} WHERE public_key = %s"
+)
+# claim() reads again when another gateway's claim appeared between its read and its insert;
+# each round needs a claim inserted (and removed again) by others in a few milliseconds
+CLAIM_ATTEMPTS: Final = 5
 _LAST_SEQ_SQL: Final = "SELECT coalesce(max(seq), 0) FROM peer_changes"
 _PASSWORD = re.compile(r"(://[^:/?#@]*:)[^@/?#]*@|(password=)[^&\s]*")
 
@@ -556,29 +567,31 @@ class PostgresStore(Closing):
     # -- presence -------------------------------------------------------------------------------
 
     def claim(self, public_key: PublicKey, gateway_id: str) -> str | None:
+        # The holder may release, and another gateway claim, at any moment. So the claim is
+        # read and locked first (a row that exists stays as read until we commit); only if
+        # there is none is one inserted, and if another gateway inserted one in between (the
+        # insert does nothing), it is read again. Inserting first and locking afterwards lost
+        # the claim silently when the holder released in between: nothing left to lock, an
+        # UPDATE of no row, None returned, and the peer unclaimed.
         def op(conn: psycopg.Connection[tuple[Any, ...]]) -> str | None:
             with conn.transaction():
-                cur = conn.execute(
-                    f"INSERT INTO peer_claims (public_key, gateway_id, claimed_at)"
-                    f" VALUES (%s, %s, {_NOW}) ON CONFLICT (public_key) DO NOTHING",
-                    (public_key.raw, gateway_id),
-                )
-                if cur.rowcount == 1:
-                    return None
-                row = conn.execute(
-                    "SELECT gateway_id FROM peer_claims WHERE public_key = %s FOR UPDATE",
-                    (public_key.raw,),
-                ).fetchone()
-                conn.execute(
-                    f"UPDATE peer_claims SET gateway_id = %s, claimed_at = {_NOW}"
-                    " WHERE public_key = %s",
-                    (gateway_id, public_key.raw),
-                )
-                previous = str(row[0]) if row else None
-                if previous is None or previous == gateway_id:
-                    return None
-                conn.execute("SELECT wgjit_feed(ARRAY[%s::bytea])", (public_key.raw,))
-                return previous
+                for _ in range(CLAIM_ATTEMPTS):
+                    row = conn.execute(_CLAIM_READ_SQL, (public_key.raw,)).fetchone()
+                    if row is None:
+                        cur = conn.execute(_CLAIM_INSERT_SQL, (public_key.raw, gateway_id))
+                        if cur.rowcount == 1:
+                            return None
+                        continue  # claimed by another gateway since we looked
+                    previous = str(row[0])
+                    if previous == gateway_id:
+                        return None
+                    conn.execute(_CLAIM_TAKE_SQL, (gateway_id, public_key.raw))
+                    conn.execute("SELECT wgjit_feed(ARRAY[%s::bytea])", (public_key.raw,))
+                    return previous
+            raise StoreError(
+                f"store {self._name}: could not claim peer {public_key.short()}...: its claim"
+                f" changed {CLAIM_ATTEMPTS} times while we tried; try again"
+            )
 
         try:
             return self._run("claim a peer", op)

@@ -425,6 +425,8 @@ class SQLiteStore(Closing):
     # -- presence -------------------------------------------------------------------------------
 
     def claim(self, public_key: PublicKey, gateway_id: str) -> str | None:
+        # read and write in one IMMEDIATE transaction: no other connection writes between
+        # the read of the holder and the new claim (a release waits for our commit)
         with self._write("claim a peer") as conn:
             if (
                 conn.execute(
