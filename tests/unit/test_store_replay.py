@@ -1,8 +1,10 @@
-"""Stores keep anti-replay on both backends: a claim is never lost when another gateway
-releases or claims the same peer half-way through it."""
+"""Stores keep anti-replay across everything an operator does, on both backends: removed keys
+keep their marks, imports never move a mark backwards, a mark can be reset; and a claim is
+never lost when another gateway releases or claims the same peer half-way through it."""
 
 from __future__ import annotations
 
+import sqlite3
 import struct
 import threading
 from collections.abc import Callable, Iterator
@@ -14,7 +16,7 @@ import pytest
 
 from wgjit.addr import parse_networks
 from wgjit.keys import PrivateKey, PublicKey
-from wgjit.store import Store, open_store
+from wgjit.store import Handshake, Peer, Store, UnknownPeer, open_store
 from wgjit.store.postgres import PostgresStore
 from wgjit.store.sqlite import SQLiteStore
 
@@ -57,6 +59,161 @@ def mark_of(store: Store, name: str) -> bytes | None:
     peer = store.get_peer(name)
     assert peer is not None
     return peer.handshake_hwm
+
+
+# -- removed keys keep their marks -----------------------------------------------------------
+
+
+def test_a_removed_key_added_back_keeps_its_mark(store: Store) -> None:
+    k = new_key()
+    assert store.add_peer("alice", k, NETS).handshake_hwm is None  # never seen: no mark
+    assert store.advance_handshake(Handshake(k, tai64n(100), 1.0))
+    store.remove("alice")
+    again = store.add_peer("alice2", k, NETS)  # under any name
+    assert again.handshake_hwm == tai64n(100)
+    assert mark_of(store, "alice2") == tai64n(100)
+    assert not store.advance_handshake(Handshake(k, tai64n(100), 2.0))  # still a replay
+    assert store.advance_handshake(Handshake(k, tai64n(101), 2.0))
+    # removed again: the newer mark is kept; a key never seen before has none
+    store.remove("alice2")
+    assert store.add_peer("alice", k, NETS).handshake_hwm == tai64n(101)
+    assert store.add_peer("bob", new_key(), NETS).handshake_hwm is None
+    # a peer removed before any handshake leaves nothing behind
+    store.remove("bob")
+    store.remove("alice")
+    assert store.add_peer("alice", k, NETS).handshake_hwm == tai64n(101)
+
+
+def test_a_removed_key_imported_back_keeps_the_later_mark(store: Store) -> None:
+    k, j = new_key(), new_key()
+    store.add_peer("alice", k, NETS)
+    store.add_peer("bob", j, NETS)
+    store.advance_handshake(Handshake(k, tai64n(100), 1.0))
+    store.advance_handshake(Handshake(j, tai64n(100), 1.0))
+    store.remove("alice")
+    store.remove("bob")
+    res = store.import_peers(
+        [
+            Peer("alice", k, NETS, handshake_hwm=tai64n(50)),  # an older backup
+            Peer("bob", j, NETS, handshake_hwm=tai64n(200)),  # a newer one
+            Peer("carol", new_key(), NETS),
+        ]
+    )
+    assert (res.added, res.reused_keys) == (3, 2)
+    assert mark_of(store, "alice") == tai64n(100)
+    assert mark_of(store, "bob") == tai64n(200)
+    assert mark_of(store, "carol") is None
+    # back in the store: removing and re-adding keeps working from the new marks
+    store.remove("bob")
+    assert store.add_peer("bob", j, NETS).handshake_hwm == tai64n(200)
+
+
+def _raw_sql(store: Store, sql: str, *params: object) -> None:
+    """One statement outside the store's methods (an administrator, a later wgjit command)."""
+    if isinstance(store, SQLiteStore):
+        with sqlite3.connect(store.path, isolation_level=None) as conn:
+            conn.execute(sql, params)
+        return
+    assert isinstance(store, PostgresStore)
+    with psycopg.connect(store.url, autocommit=True) as pg:
+        pg.execute(sql.replace("?", "%s"), params)  # type: ignore[arg-type]
+
+
+def test_a_key_change_retires_the_old_mark_and_restores_the_new(store: Store) -> None:
+    """Changing a peer's key in place (a key rotation) counts as removing the old key and
+    adding the new one, whoever issues the UPDATE."""
+    old, new, other = new_key(), new_key(), new_key()
+    store.add_peer("alice", old, NETS)
+    store.add_peer("bob", new, NETS)
+    store.advance_handshake(Handshake(old, tai64n(100), 1.0))
+    store.advance_handshake(Handshake(new, tai64n(300), 1.0))
+    store.remove("bob")  # `new` retired with its mark
+    _raw_sql(store, "UPDATE peers SET public_key = ? WHERE name = 'alice'", new.raw)
+    assert mark_of(store, "alice") == tai64n(300)  # the greater of the row's and new's marks
+    assert store.add_peer("carol", old, NETS).handshake_hwm == tai64n(100)
+    # carol's key changes: `old` is retired again, with the mark the row had
+    _raw_sql(store, "UPDATE peers SET public_key = ? WHERE name = 'carol'", other.raw)
+    assert store.add_peer("dave", old, NETS).handshake_hwm == tai64n(100)
+
+
+def test_upgraded_store_keeps_marks_of_keys_removed_after_the_upgrade(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from wgjit.store import postgres as pg_mod
+    from wgjit.store import sqlite as sqlite_mod
+
+    for mod, url in (
+        (sqlite_mod, f"sqlite://{tmp_path}/old.db"),
+        (pg_mod, request.getfixturevalue("pg_url")),
+    ):
+        k = new_key()
+        full = mod.MIGRATIONS
+        monkeypatch.setattr(mod, "MIGRATIONS", full[: len(full) - 1])  # a store made before
+        with open_store(url) as old:
+            old.add_peer("alice", k, NETS)
+            old.advance_handshake(Handshake(k, tai64n(100), 1.0))
+        monkeypatch.setattr(mod, "MIGRATIONS", full)
+        with open_store(url) as upgraded:
+            upgraded.remove("alice")
+            assert upgraded.add_peer("alice", k, NETS).handshake_hwm == tai64n(100)
+
+
+# -- import never moves a mark backwards ------------------------------------------------------
+
+
+def test_import_moves_marks_only_forward(store: Store) -> None:
+    k = new_key()
+    store.add_peer("alice", k, NETS)
+    res = store.import_peers([Peer("alice", k, NETS, handshake_hwm=tai64n(100))])
+    assert (res.updated, res.unchanged) == (1, 0)  # a mark is news
+    assert mark_of(store, "alice") == tai64n(100)
+    store.advance_handshake(Handshake(k, tai64n(150), 1.0))
+    for older in (tai64n(100), tai64n(149), None):
+        res = store.import_peers([Peer("alice", k, NETS, handshake_hwm=older)])
+        assert (res.updated, res.unchanged) == (0, 1)
+        assert mark_of(store, "alice") == tai64n(150)
+    res = store.import_peers([Peer("alice", k, NETS, handshake_hwm=tai64n(151))])
+    assert res.updated == 1 and mark_of(store, "alice") == tai64n(151)
+    new = store.import_peers([Peer("new", new_key(), NETS, handshake_hwm=tai64n(7))])
+    assert (new.added, new.reused_keys) == (1, 0) and mark_of(store, "new") == tai64n(7)
+    with pytest.raises(ValueError, match="12 bytes"):
+        store.import_peers([Peer("bad", new_key(), NETS, handshake_hwm=b"short")])
+
+
+def test_mark_changes_are_not_in_the_change_feed(store: Store) -> None:
+    """Gateways act on what they see in the feed; a mark restored, imported or reset changes
+    nothing a gateway holding the peer would do (see README: anti-replay)."""
+    k = new_key()
+    store.add_peer("alice", k, NETS)
+    store.advance_handshake(Handshake(k, tai64n(100), 1.0))
+    cursor = store.change_cursor()
+    store.import_peers([Peer("alice", k, NETS, handshake_hwm=tai64n(200))])
+    store.reset_handshake_mark("alice")
+    assert store.changes_since(cursor) == ([], cursor)
+
+
+# -- reset ------------------------------------------------------------------------------------
+
+
+def test_reset_handshake_mark(store: Store, open_same: Callable[[], Store]) -> None:
+    k = new_key()
+    store.add_peer("alice", k, NETS)
+    far = tai64n(4_000_000_000)  # a client clock years ahead
+    store.advance_handshake(Handshake(k, far, 1.0))
+    store.heartbeat("gw-a")
+    store.claim(k, "gw-a")
+    assert not store.advance_handshake(Handshake(k, tai64n(100), 2.0))  # locked out
+    before = open_same().reset_handshake_mark("alice")
+    assert (before.handshake_hwm, before.holder) == (far, "gw-a")  # what it was
+    peer = store.lookup(k)
+    assert peer is not None and peer.handshake_hwm is None and peer.holder == "gw-a"
+    assert store.advance_handshake(Handshake(k, tai64n(100), 2.0))  # let in again
+    with pytest.raises(UnknownPeer):
+        store.reset_handshake_mark("ghost")
+    # a reset peer removed and re-added has the mark it had when removed, no older one
+    store.reset_handshake_mark("alice")
+    store.remove("alice")
+    assert store.add_peer("alice", k, NETS).handshake_hwm is None
 
 
 # -- the claim race (issue 11, item 5) ----------------------------------------------------------

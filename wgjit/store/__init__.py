@@ -89,6 +89,8 @@ class ImportResult:
     updated: int = 0
     unchanged: int = 0
     rejected: list[tuple[int, str]] = field(default_factory=list)
+    # added peers whose key the store had seen before (removed): they keep its replay mark
+    reused_keys: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +110,9 @@ class Store(Protocol):
         allowed_ips: tuple[IPNetwork, ...],
         preshared_key: PresharedKey | None = None,
     ) -> Peer:
-        """Raises DuplicatePeer if the name or the key exists, InvalidPeerName for a bad name."""
+        """Raises DuplicatePeer if the name or the key exists, InvalidPeerName for a bad name.
+        A key the store had before (its peer removed) keeps its anti-replay mark: the returned
+        peer's handshake_hwm is then not None."""
         ...
 
     def get_peer(self, name: str) -> Peer | None: ...
@@ -130,7 +134,14 @@ class Store(Protocol):
         ...
 
     def remove(self, name: str) -> Peer:
-        """Delete; returns what was deleted; raises UnknownPeer."""
+        """Delete; returns what was deleted; raises UnknownPeer. The key's anti-replay mark is
+        kept (a table of retired keys), so adding or importing the key again restores it."""
+        ...
+
+    def reset_handshake_mark(self, name: str) -> Peer:
+        """Clear the peer's anti-replay mark (the next initiation with any timestamp is
+        admitted once); returns the peer as it was; raises UnknownPeer. Not a change-feed
+        entry: a gateway holding the peer keeps what it has seen (its device does too)."""
         ...
 
     def advance_handshake(self, hs: Handshake) -> bool:
@@ -185,7 +196,9 @@ class Store(Protocol):
         """Add or update (by name) a batch of peers in one transaction: idempotent. A row whose
         key belongs to another peer, or whose name exists with another key, is rejected. An
         import can revoke a peer but never reinstates a revoked one (an old file re-imported
-        must not bring back revoked peers): remove and re-add it for that."""
+        must not bring back revoked peers): remove and re-add it for that. Likewise a peer's
+        handshake_hwm only moves forward: the stored mark becomes the later of the stored
+        and the imported one (and a new peer whose key was retired keeps the retired mark)."""
         ...
 
     def iter_peers(self) -> Iterator[Peer]:

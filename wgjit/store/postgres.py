@@ -182,6 +182,48 @@ MIGRATIONS: list[tuple[str, ...]] = [
         )""",
         "CREATE INDEX peer_claims_by_gateway ON peer_claims (gateway_id)",
     ),
+    # 2: the store never forgets a key's anti-replay mark. A key leaving the peers table (the
+    #    peer removed, or its key changed) leaves its mark in retired_keys; a key coming back
+    #    (added, imported, or a key changed to it) takes the greater of its mark and the
+    #    retired one, and the retired row goes. A key is in at most one of the two tables.
+    #    Only the mark moves: no feed entry (the feed triggers ignore handshake_hwm).
+    (
+        """CREATE TABLE retired_keys (
+            public_key bytea PRIMARY KEY CHECK (length(public_key) = 32),
+            handshake_hwm bytea NOT NULL CHECK (length(handshake_hwm) = 12),
+            retired_at double precision NOT NULL
+        )""",
+        f"""CREATE FUNCTION wgjit_retire() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF old.handshake_hwm IS NOT NULL
+                AND (TG_OP = 'DELETE' OR old.public_key IS DISTINCT FROM new.public_key) THEN
+                INSERT INTO retired_keys (public_key, handshake_hwm, retired_at)
+                    VALUES (old.public_key, old.handshake_hwm, {_NOW})
+                    ON CONFLICT (public_key) DO UPDATE
+                    SET handshake_hwm = greatest(retired_keys.handshake_hwm,
+                                                 excluded.handshake_hwm),
+                        retired_at = excluded.retired_at;
+            END IF;
+            RETURN NULL;
+        END $$""",
+        """CREATE FUNCTION wgjit_restore() RETURNS trigger LANGUAGE plpgsql AS $$
+        DECLARE
+            kept bytea;
+        BEGIN
+            IF TG_OP = 'INSERT' OR old.public_key IS DISTINCT FROM new.public_key THEN
+                DELETE FROM retired_keys WHERE public_key = new.public_key
+                    RETURNING handshake_hwm INTO kept;
+                IF kept IS NOT NULL THEN
+                    new.handshake_hwm := greatest(new.handshake_hwm, kept);
+                END IF;
+            END IF;
+            RETURN new;
+        END $$""",
+        """CREATE TRIGGER peers_retire AFTER DELETE OR UPDATE OF public_key ON peers
+            FOR EACH ROW EXECUTE FUNCTION wgjit_retire()""",
+        """CREATE TRIGGER peers_restore BEFORE INSERT OR UPDATE OF public_key ON peers
+            FOR EACH ROW EXECUTE FUNCTION wgjit_restore()""",
+    ),
 ]
 
 _COLUMNS: Final = (
@@ -361,7 +403,7 @@ class PostgresStore(Closing):
         nets = tuple(allowed_ips)
         now = time.time()
 
-        def op(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+        def op(conn: psycopg.Connection[tuple[Any, ...]]) -> bytes | None:
             with conn.transaction():
                 if conn.execute("SELECT 1 FROM peers WHERE name = %s", (name,)).fetchone():
                     raise DuplicatePeer(f"peer {name!r} already exists")
@@ -373,9 +415,11 @@ class PostgresStore(Closing):
                         f"public key {public_key.short()}... is already used by peer {row[0]!r}"
                     )
                 try:
-                    conn.execute(
+                    # a key used before keeps its mark (migration 2's trigger puts it on the row)
+                    row = conn.execute(
                         "INSERT INTO peers (name, public_key, allowed_ips, preshared_key,"
-                        " revoked, created_at, updated_at) VALUES (%s, %s, %s, %s, false, %s, %s)",
+                        " revoked, created_at, updated_at) VALUES (%s, %s, %s, %s, false, %s, %s)"
+                        " RETURNING handshake_hwm",
                         (
                             name,
                             public_key.raw,
@@ -384,13 +428,14 @@ class PostgresStore(Closing):
                             now,
                             now,
                         ),
-                    )
+                    ).fetchone()
                 except psycopg.errors.UniqueViolation as e:  # a concurrent add won the race
                     raise DuplicatePeer(f"peer {name!r} or its key already exists") from e
                 self._prune(conn)
+                return bytes(row[0]) if row and row[0] is not None else None
 
-        self._run(f"add peer {name!r}", op)
-        return Peer(name, public_key, nets, preshared_key, False, now, now)
+        mark = self._run(f"add peer {name!r}", op)
+        return Peer(name, public_key, nets, preshared_key, False, now, now, handshake_hwm=mark)
 
     def get_peer(self, name: str) -> Peer | None:
         row = self._run(
@@ -465,12 +510,25 @@ class PostgresStore(Closing):
 
         return self._peer(self._run(f"remove peer {name!r}", op))
 
+    def reset_handshake_mark(self, name: str) -> Peer:
+        def op(conn: psycopg.Connection[tuple[Any, ...]]) -> tuple[Any, ...]:
+            with conn.transaction():
+                row = conn.execute(_BY_NAME_SQL + " FOR UPDATE OF p", (name,)).fetchone()
+                if row is None:
+                    raise UnknownPeer(f"no peer named {name!r}")
+                conn.execute("UPDATE peers SET handshake_hwm = NULL WHERE name = %s", (name,))
+                return row
+
+        return self._peer(self._run(f"reset the replay mark of peer {name!r}", op))
+
     def import_peers(self, peers: Sequence[Peer]) -> ImportResult:
         result = ImportResult()
         if not peers:
             return result
         for p in peers:
             validate_peer_name(p.name)
+            if p.handshake_hwm is not None and len(p.handshake_hwm) != TAI64N_LEN:
+                raise ValueError(f"peer {p.name!r}: a handshake mark is {TAI64N_LEN} bytes")
 
         def op(conn: psycopg.Connection[tuple[Any, ...]]) -> ImportResult:
             res = ImportResult()
@@ -478,12 +536,12 @@ class PostgresStore(Closing):
             with conn.transaction():
                 conn.execute(
                     "CREATE TEMP TABLE IF NOT EXISTS wgjit_import (i int, name text,"
-                    " public_key bytea, allowed_ips text, preshared_key bytea, revoked boolean)"
-                    " ON COMMIT DELETE ROWS"
+                    " public_key bytea, allowed_ips text, preshared_key bytea, revoked boolean,"
+                    " handshake_hwm bytea) ON COMMIT DELETE ROWS"
                 )
                 with conn.cursor().copy(
-                    "COPY wgjit_import (i, name, public_key, allowed_ips, preshared_key, revoked)"
-                    " FROM STDIN"
+                    "COPY wgjit_import (i, name, public_key, allowed_ips, preshared_key, revoked,"
+                    " handshake_hwm) FROM STDIN"
                 ) as copy:
                     for i, p in enumerate(peers):
                         copy.write_row(
@@ -494,6 +552,7 @@ class PostgresStore(Closing):
                                 format_networks(p.allowed_ips),
                                 p.preshared_key.raw if p.preshared_key else None,
                                 p.revoked,
+                                p.handshake_hwm,
                             )
                         )
                 # rows whose key is another peer's, or whose name has another key
@@ -514,19 +573,31 @@ class PostgresStore(Closing):
                         "DELETE FROM wgjit_import WHERE i = ANY(%s)",
                         ([i for i, _ in res.rejected],),
                     )
+                # the rows left are new peers or updates of the same key: a retired key is new
+                res.reused_keys = int(
+                    _scalar(
+                        conn,
+                        "SELECT count(*) FROM wgjit_import w"
+                        " JOIN retired_keys r ON r.public_key = w.public_key",
+                    )
+                )
+                # an import revokes but never reinstates, and moves a mark only forward (a new
+                # row with a retired key takes the retired mark if greater: migration 2)
                 cur = conn.execute(
                     "INSERT INTO peers (name, public_key, allowed_ips, preshared_key, revoked,"
-                    " created_at, updated_at)"
-                    " SELECT name, public_key, allowed_ips, preshared_key, revoked, %s, %s"
-                    " FROM wgjit_import ORDER BY i"
+                    " handshake_hwm, created_at, updated_at)"
+                    " SELECT name, public_key, allowed_ips, preshared_key, revoked,"
+                    " handshake_hwm, %s, %s FROM wgjit_import ORDER BY i"
                     " ON CONFLICT (name) DO UPDATE SET allowed_ips = excluded.allowed_ips,"
                     " preshared_key = excluded.preshared_key,"
                     " revoked = peers.revoked OR excluded.revoked,"
+                    " handshake_hwm = greatest(peers.handshake_hwm, excluded.handshake_hwm),"
                     " updated_at = excluded.updated_at"
-                    " WHERE (peers.allowed_ips, peers.preshared_key, peers.revoked)"
-                    " IS DISTINCT FROM"
+                    " WHERE (peers.allowed_ips, peers.preshared_key, peers.revoked,"
+                    " peers.handshake_hwm) IS DISTINCT FROM"
                     " (excluded.allowed_ips, excluded.preshared_key,"
-                    " peers.revoked OR excluded.revoked)"
+                    " peers.revoked OR excluded.revoked,"
+                    " greatest(peers.handshake_hwm, excluded.handshake_hwm))"
                     " RETURNING (xmax = 0)",
                     (now, now),
                 )

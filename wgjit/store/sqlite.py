@@ -51,6 +51,20 @@ _OTHER_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 # current time as a Unix timestamp, computed by SQLite (sqlite 3.40 has no unixepoch('subsec'))
 _NOW_SQL: Final = "((julianday('now') - 2440587.5) * 86400.0)"
 
+# trigger bodies of migration 3 (retired keys keep their marks)
+_RETIRE_OLD: Final = f"""INSERT INTO retired_keys (public_key, handshake_hwm, retired_at)
+                VALUES (old.public_key, old.handshake_hwm, {_NOW_SQL})
+                ON CONFLICT (public_key) DO UPDATE
+                SET handshake_hwm = max(handshake_hwm, excluded.handshake_hwm),
+                    retired_at = excluded.retired_at;"""
+_RESTORE_NEW: Final = """UPDATE peers
+                SET handshake_hwm = (SELECT r.handshake_hwm FROM retired_keys r
+                                     WHERE r.public_key = new.public_key)
+                WHERE id = new.id AND (handshake_hwm IS NULL OR handshake_hwm <
+                    (SELECT r.handshake_hwm FROM retired_keys r
+                     WHERE r.public_key = new.public_key));
+            DELETE FROM retired_keys WHERE public_key = new.public_key;"""
+
 # Each step is a list of statements run in order; the schema version (PRAGMA user_version) is
 # the number of steps applied. Never edit a released step: append a new one.
 MIGRATIONS: list[tuple[str, ...]] = [
@@ -111,6 +125,39 @@ MIGRATIONS: list[tuple[str, ...]] = [
         "CREATE INDEX peer_claims_by_gateway ON peer_claims (gateway_id)",
         """CREATE TRIGGER peers_claims_delete AFTER DELETE ON peers BEGIN
             DELETE FROM peer_claims WHERE public_key = old.public_key;
+        END""",
+    ),
+    # 3: the store never forgets a key's anti-replay mark. A key leaving the peers table (the
+    #    peer removed, or its key changed) leaves its mark in retired_keys; a key coming back
+    #    (added, imported, or a key changed to it) takes the greater of its mark and the
+    #    retired one, and the retired row goes. A key is in at most one of the two tables.
+    #    Only the mark moves: no feed entry (the feed triggers ignore handshake_hwm).
+    (
+        """CREATE TABLE retired_keys (
+            public_key BLOB PRIMARY KEY CHECK (length(public_key) = 32),
+            handshake_hwm BLOB NOT NULL CHECK (length(handshake_hwm) = 12),
+            retired_at REAL NOT NULL
+        )""",
+        f"""CREATE TRIGGER peers_retire_delete AFTER DELETE ON peers
+            WHEN old.handshake_hwm IS NOT NULL
+        BEGIN
+            {_RETIRE_OLD}
+        END""",
+        f"""CREATE TRIGGER peers_retire_rekey AFTER UPDATE OF public_key ON peers
+            WHEN old.public_key IS NOT new.public_key AND old.handshake_hwm IS NOT NULL
+        BEGIN
+            {_RETIRE_OLD}
+        END""",
+        f"""CREATE TRIGGER peers_restore_insert AFTER INSERT ON peers
+            WHEN EXISTS (SELECT 1 FROM retired_keys WHERE public_key = new.public_key)
+        BEGIN
+            {_RESTORE_NEW}
+        END""",
+        f"""CREATE TRIGGER peers_restore_rekey AFTER UPDATE OF public_key ON peers
+            WHEN old.public_key IS NOT new.public_key
+              AND EXISTS (SELECT 1 FROM retired_keys WHERE public_key = new.public_key)
+        BEGIN
+            {_RESTORE_NEW}
         END""",
     ),
 ]
@@ -287,8 +334,15 @@ class SQLiteStore(Closing):
                     now,
                 ),
             )
+            # a key used before keeps its mark (migration 3's trigger put it on the row)
+            mark = conn.execute(
+                "SELECT handshake_hwm FROM peers WHERE name = ?", (name,)
+            ).fetchone()[0]
             self._prune(conn, now)
-        return Peer(name, public_key, nets, preshared_key, False, now, now)
+        return Peer(
+            name, public_key, nets, preshared_key, False, now, now,
+            handshake_hwm=bytes(mark) if mark is not None else None,
+        )  # fmt: skip
 
     def get_peer(self, name: str) -> Peer | None:
         with self._query(f"read peer {name!r}") as conn:
@@ -345,6 +399,14 @@ class SQLiteStore(Closing):
             self._prune(conn, now)
         return self._peer(row)
 
+    def reset_handshake_mark(self, name: str) -> Peer:
+        with self._write(f"reset the replay mark of peer {name!r}") as conn:
+            row = conn.execute(_BY_NAME_SQL, (name,)).fetchone()
+            if row is None:
+                raise UnknownPeer(f"no peer named {name!r}")
+            conn.execute("UPDATE peers SET handshake_hwm = NULL WHERE name = ?", (name,))
+        return self._peer(row)
+
     # -- handshakes -----------------------------------------------------------------------------
 
     def advance_handshake(self, hs: Handshake) -> bool:
@@ -366,6 +428,8 @@ class SQLiteStore(Closing):
             return res
         for p in peers:
             validate_peer_name(p.name)
+            if p.handshake_hwm is not None and len(p.handshake_hwm) != TAI64N_LEN:
+                raise ValueError(f"peer {p.name!r}: a handshake mark is {TAI64N_LEN} bytes")
         now = time.time()
         with self._write(f"import {len(peers)} peers") as conn:
             new: list[tuple[Any, ...]] = []
@@ -380,27 +444,45 @@ class SQLiteStore(Closing):
                     res.rejected.append((i, f"public key is already used by peer {by_key[0]!r}"))
                     continue
                 row = conn.execute(
-                    "SELECT public_key, allowed_ips, preshared_key, revoked FROM peers"
-                    " WHERE name = ?",
+                    "SELECT public_key, allowed_ips, preshared_key, revoked, handshake_hwm"
+                    " FROM peers WHERE name = ?",
                     (p.name,),
                 ).fetchone()
                 if row is None:
-                    new.append((p.name, p.public_key.raw, ips, psk, int(p.revoked), now, now))
-                elif bytes(row[0]) != p.public_key.raw:
+                    new.append(
+                        (p.name, p.public_key.raw, ips, psk, int(p.revoked), p.handshake_hwm,
+                         now, now)
+                    )  # fmt: skip
+                    continue
+                if bytes(row[0]) != p.public_key.raw:
                     res.rejected.append((i, "a peer with this name exists with another public key"))
-                elif (row[1], row[2], bool(row[3])) != (ips, psk, bool(row[3]) or p.revoked):
-                    # an import revokes but never reinstates (see Store.import_peers)
-                    changed.append((ips, psk, int(bool(row[3]) or p.revoked), now, p.name))
+                    continue
+                # an import revokes but never reinstates (see Store.import_peers), and moves a
+                # mark only forward
+                stored = bytes(row[4]) if row[4] is not None else None
+                mark = _later(stored, p.handshake_hwm)
+                if (row[1], row[2], bool(row[3]), stored) != (
+                    ips, psk, bool(row[3]) or p.revoked, mark
+                ):  # fmt: skip
+                    changed.append((ips, psk, int(bool(row[3]) or p.revoked), mark, now, p.name))
                 else:
                     res.unchanged += 1
+            if new:
+                res.reused_keys = sum(
+                    conn.execute(
+                        "SELECT count(*) FROM retired_keys WHERE public_key = ?", (values[1],)
+                    ).fetchone()[0]
+                    for values in new
+                )
+            # new rows with a retired key take its mark if greater (migration 3's trigger)
             conn.executemany(
                 "INSERT INTO peers (name, public_key, allowed_ips, preshared_key, revoked,"
-                " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                " handshake_hwm, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 new,
             )
             conn.executemany(
                 "UPDATE peers SET allowed_ips = ?, preshared_key = ?, revoked = ?,"
-                " updated_at = ? WHERE name = ?",
+                " handshake_hwm = ?, updated_at = ? WHERE name = ?",
                 changed,
             )
             res.added, res.updated = len(new), len(changed)
@@ -707,6 +789,13 @@ def _timestamp(hs: Handshake) -> bytes:
     if len(ts) != TAI64N_LEN:
         raise ValueError(f"handshake timestamp must be {TAI64N_LEN} bytes (TAI64N), got {len(ts)}")
     return ts
+
+
+def _later(a: bytes | None, b: bytes | None) -> bytes | None:
+    """The later of two marks (TAI64N compares bytewise); None only if both are."""
+    if a is None or (b is not None and b > a):
+        return b
+    return a
 
 
 def _marks(n: int) -> str:
