@@ -61,13 +61,14 @@ def test_import_export_round_trip(
         "allowed_ips": ["100.65.0.3/32", "fd65::3/128"],
         "preshared_key": psk,
         "revoked": True,
+        "handshake_mark": None,
     }
     # the export imports back unchanged; CSV export too
     rc, out, _ = run(capsys, "peer", "import", str(dst))
     assert rc == 0 and "3 unchanged" in out
     rc, out, _ = run(capsys, "peer", "export", "--format", "csv")
-    assert out.splitlines()[0] == "name,public_key,allowed_ips,preshared_key,revoked"
-    assert out.splitlines()[2] == f"b,{k[1]},100.65.0.3/32 fd65::3/128,{psk},true"
+    assert out.splitlines()[0] == "name,public_key,allowed_ips,preshared_key,revoked,handshake_mark"
+    assert out.splitlines()[2] == f"b,{k[1]},100.65.0.3/32 fd65::3/128,{psk},true,"
 
 
 def test_bad_rows_by_line_number_and_strict(

@@ -1,12 +1,15 @@
 """Bulk peer files: read and write CSV or JSON lines, import in batches, export as a stream.
 
 Formats (chosen by file extension `.csv` / `.jsonl` / `.ndjson`, or explicitly):
-  CSV:  header `name,public_key,allowed_ips,preshared_key,revoked`; only the first three are
-        required; allowed_ips separated by spaces or commas (quote the field); revoked is
-        true/false/1/0/yes/no (empty: false); preshared_key base64 or empty.
+  CSV:  header `name,public_key,allowed_ips,preshared_key,revoked,handshake_mark`; only the
+        first three are required; allowed_ips separated by spaces or commas (quote the field);
+        revoked is true/false/1/0/yes/no (empty: false); preshared_key base64 or empty;
+        handshake_mark the peer's anti-replay mark (the TAI64N timestamp of the newest
+        initiation accepted from it) as 24 hex digits, or empty.
   JSON lines: one object per line with the same keys; allowed_ips a list or a string.
 Importing is idempotent and updates peers by name; it can revoke a peer but never reinstates a
-revoked one (re-importing an old file must not bring revoked peers back).
+revoked one (re-importing an old file must not bring revoked peers back), and it moves a mark
+only forward (a restored backup must not let old captured initiations in again).
 Row validation here; conflicts with stored peers are decided by the store. It prints nothing:
 progress and reports go through the callbacks the CLI gives.
 """
@@ -24,7 +27,10 @@ from wgjit.keys import InvalidKey, PresharedKey, PublicKey
 from wgjit.store import InvalidPeerName, Peer, Store, validate_peer_name
 
 FORMATS: Final = ("csv", "jsonl")
-FIELDS: Final = ("name", "public_key", "allowed_ips", "preshared_key", "revoked")
+FIELDS: Final = (
+    "name", "public_key", "allowed_ips", "preshared_key", "revoked", "handshake_mark"
+)  # fmt: skip
+MARK_LEN: Final = 12  # TAI64N
 REQUIRED: Final = ("name", "public_key", "allowed_ips")
 BATCH_SIZE: Final = 10000
 
@@ -46,6 +52,7 @@ class ImportReport:
     updated: int = 0
     unchanged: int = 0
     bad: list[BadRow] = field(default_factory=list)
+    reused_keys: int = 0  # added with a key the store had before: its replay mark is kept
 
 
 def format_for(path: str | None, explicit: str | None) -> str:
@@ -108,7 +115,26 @@ def row_to_peer(row: dict[str, Any]) -> Peer:
             psk = PresharedKey.from_b64(str(row["preshared_key"]).strip())
         except InvalidKey as e:
             raise BulkError(f"field preshared_key: {e}") from None
-    return Peer(name, key, nets, psk, _revoked(row.get("revoked")))
+    return Peer(
+        name, key, nets, psk, _revoked(row.get("revoked")),
+        handshake_hwm=_mark(row.get("handshake_mark")),
+    )  # fmt: skip
+
+
+def _mark(value: Any) -> bytes | None:
+    if value in (None, ""):
+        return None
+    text = str(value).strip()
+    try:
+        mark = bytes.fromhex(text)
+    except ValueError:
+        mark = b""
+    if len(mark) != MARK_LEN or len(text) != 2 * MARK_LEN:
+        raise BulkError(
+            f"field handshake_mark: {text[:40]!r} is not a mark; give the {2 * MARK_LEN} hex"
+            " digits `peer export` writes (TAI64N), or leave it empty"
+        )
+    return mark
 
 
 def read_rows(stream: IO[str], fmt: str) -> Iterator[tuple[int, Peer | BulkError]]:
@@ -179,6 +205,7 @@ def import_file(
         report.added += res.added
         report.updated += res.updated
         report.unchanged += res.unchanged
+        report.reused_keys += res.reused_keys
         report.bad.extend(BadRow(lines[i], why) for i, why in res.rejected)
         batch.clear()
         lines.clear()
@@ -248,6 +275,8 @@ def peer_record(p: Peer) -> dict[str, Any]:
         "allowed_ips": [str(n) for n in p.allowed_ips],
         "preshared_key": p.preshared_key.b64() if p.preshared_key else None,
         "revoked": p.revoked,
+        # without it, a restored backup would admit every initiation ever captured once more
+        "handshake_mark": p.handshake_hwm.hex() if p.handshake_hwm else None,
     }
 
 
@@ -269,6 +298,7 @@ def export_peers(
                     " ".join(rec["allowed_ips"]),
                     rec["preshared_key"] or "",
                     "true" if p.revoked else "false",
+                    rec["handshake_mark"] or "",
                 ]
             )
         else:
