@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import socket
 import sys
@@ -22,6 +23,7 @@ from wgjit.device import BACKENDS, DeviceError, open_device
 from wgjit.events import EventLog
 from wgjit.gateway.core import (
     DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CLOCK_SKEW,
     DEFAULT_SWEEP_INTERVAL,
     ConfigError,
     GatewayConfig,
@@ -50,7 +52,23 @@ def _peer_dict(p: Peer) -> dict[str, Any]:
         "created_at": p.created_at,
         "updated_at": p.updated_at,
         "last_seen": p.last_seen,
+        # the newest initiation accepted from the peer (anti-replay), by the client's clock
+        "handshake_mark": _mark_time(p.handshake_hwm) if p.handshake_hwm else None,
+        "holder": p.holder,  # the gateway that has it installed, if any
     }
+
+
+def _mark_time(mark: bytes) -> str:
+    """A TAI64N mark as ISO 8601 UTC (`2026-11-24T07:30:01.204Z`); hex if out of range."""
+    from datetime import UTC, datetime
+
+    from wgjit.handshake import Timestamp
+
+    try:
+        t = datetime.fromtimestamp(Timestamp(mark).to_unix(), UTC)
+    except (ValueError, OverflowError, OSError):
+        return f"TAI64N {mark.hex()} (out of range)"
+    return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _client_config(
@@ -96,6 +114,13 @@ def cmd_peer_add(args: argparse.Namespace) -> int:
     psk = PresharedKey.generate() if args.preshared_key else None
     with _store(args) as store:
         peer = store.add_peer(args.name, public, nets, psk)
+    if peer.handshake_hwm is not None:
+        print(
+            f"wgjit: note: key was used before; its replay mark from"
+            f" {_mark_time(peer.handshake_hwm)} is kept (initiations up to then stay refused;"
+            " `wgjit peer reset-replay` clears it)",
+            file=sys.stderr,
+        )
     if private is None:
         print(f"added peer {peer.name} ({public.b64()}) allowed-ips {format_networks(nets)}")
         return 0
@@ -168,6 +193,52 @@ def cmd_peer_remove(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_peer_reset_replay(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        p = _get(store, args.name)
+        if p.handshake_hwm is None:
+            print(f"peer {p.name} has no replay mark; nothing to reset")
+            return 0
+        if not args.yes:
+            _confirm_reset(p)
+        was = store.reset_handshake_mark(p.name)
+    mark = _mark_time(was.handshake_hwm) if was.handshake_hwm else "none"
+    held = f", installed on gateway {was.holder}" if was.holder else ""
+    print(
+        f"wgjit: reset-replay: cleared the replay mark of peer {was.name}"
+        f" (key {was.public_key.short()}..., was {mark}{held})",
+        file=sys.stderr,
+    )
+    if was.holder:
+        print(
+            f"gateway {was.holder} has the peer installed and, like its device, refuses"
+            " timestamps up to the old mark until it evicts the idle peer; to apply the reset"
+            f" there at once: wg set IFNAME peer {was.public_key.b64()} remove"
+        )
+    return 0
+
+
+def _confirm_reset(p: Peer) -> None:
+    if not sys.stdin.isatty():
+        raise CLIError(
+            f"refusing to reset the replay mark of peer {p.name} unconfirmed: standard input is"
+            " not a terminal to ask on; pass --yes"
+        )
+    assert p.handshake_hwm is not None
+    print(
+        f"peer {p.name}: replay mark {_mark_time(p.handshake_hwm)}"
+        + (f", installed on gateway {p.holder}" if p.holder else "")
+        + ".\nClearing it lets any initiation of this key ever captured install the peer once"
+        " more (with the sender's address). Do it only for a client locked out by a mark\n"
+        "ahead of its clock.\ntype the peer name to confirm: ",
+        end="",
+        file=sys.stderr,
+        flush=True,
+    )
+    if sys.stdin.readline().strip() != p.name:
+        raise CLIError(f"not confirmed; the replay mark of peer {p.name} is unchanged")
+
+
 def cmd_peer_import(args: argparse.Namespace) -> int:
     from wgjit.store.bulk import format_for, import_file
 
@@ -192,6 +263,12 @@ def cmd_peer_import(args: argparse.Namespace) -> int:
         print(f"wgjit: {args.file}:{bad.line}: {bad.reason}", file=sys.stderr)
     if len(report.bad) > 100:
         print(f"wgjit: ... and {len(report.bad) - 100} more bad rows", file=sys.stderr)
+    if report.reused_keys:
+        print(
+            f"wgjit: note: {report.reused_keys} added peers have keys used before; their replay"
+            " marks are kept",
+            file=sys.stderr,
+        )
     if args.strict and report.bad and report.added + report.updated + report.unchanged == 0:
         raise CLIError(
             f"{len(report.bad)} bad rows in {args.file}; nothing imported (--strict); fix them"
@@ -275,6 +352,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         sweep_interval=args.sweep_interval,
         testing_short_timers=args.testing_short_timers,
         gateway_id=args.gateway_id,
+        max_clock_skew=_clock_skew(args.max_clock_skew),
     )
     config.validate()  # fail before touching the device
     # log lines never block the packet path: a slow reader costs dropped lines, counted
@@ -296,6 +374,19 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         device.close()
         store.close()
         log.close()
+
+
+# a client's clock a little off must never lock it out: a minute at least
+MIN_MAX_CLOCK_SKEW = 60.0
+
+
+def _clock_skew(value: float) -> float:
+    if not math.isfinite(value) or value < MIN_MAX_CLOCK_SKEW:
+        raise ConfigError(
+            f"--max-clock-skew {value:g} is out of range: give a finite number of seconds"
+            f" >= {MIN_MAX_CLOCK_SKEW:g} (default {DEFAULT_MAX_CLOCK_SKEW:g})"
+        )
+    return value
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -344,6 +435,11 @@ def build_parser() -> argparse.ArgumentParser:
     rm = psub.add_parser("remove", help="delete a peer from the store")
     rm.add_argument("name")
     rm.set_defaults(func=cmd_peer_remove)
+    rr = psub.add_parser("reset-replay", help="clear a peer's anti-replay mark (a client locked"
+                         " out by a timestamp ahead of its clock)")  # fmt: skip
+    rr.add_argument("name")
+    rr.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    rr.set_defaults(func=cmd_peer_reset_replay)
     im = psub.add_parser("import", help="add or update peers from a CSV or JSON-lines file")
     im.add_argument("file", help="FILE.csv or FILE.jsonl ('-': standard input, with --format)")
     im.add_argument("--format", choices=("csv", "jsonl"), help="default: from the extension")
@@ -372,6 +468,11 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--sweep-interval", type=float, default=DEFAULT_SWEEP_INTERVAL,
                     help=f"seconds between idle sweeps (default {DEFAULT_SWEEP_INTERVAL:g})",
                     )  # fmt: skip
+    gw.add_argument("--max-clock-skew", type=float, default=DEFAULT_MAX_CLOCK_SKEW,
+                    metavar="SECONDS",
+                    help="refuse initiations timestamped further ahead of this host's clock "
+                         f"(logged: suspicious_timestamp; default {DEFAULT_MAX_CLOCK_SKEW:g}, "
+                         f"minimum {MIN_MAX_CLOCK_SKEW:g})")  # fmt: skip
     gw.add_argument("--testing-short-timers", action="store_true",
                     help="TESTING ONLY: allow timers below production minimums")  # fmt: skip
     gw.add_argument("--mode", choices=("auto", "hold", "replay", "invert"), default="auto",
