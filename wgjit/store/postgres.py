@@ -89,6 +89,13 @@ MIGRATE_LOCK_WAIT_S: Final = 30.0
 # store call (installed peers keep working; the loop keeps serving them).
 POOL_WAIT_S: Final = 2.0
 FAIL_FAST_S: Final = 1.0
+# The pool replaces a lost connection in the background, retrying after 1, 2, 4, 8, ... s for
+# up to its reconnect_timeout: after a 40 s outage the next try came ~20 s after the server
+# was back (minutes after a longer one), and no peer could be admitted meanwhile. So each
+# series of tries ends after this long; the next call that wants a connection starts a new
+# one, at once: a server that is back is reached within a few seconds, however long it was
+# gone.
+RECONNECT_CYCLE_S: Final = 10.0
 CHANGE_RETENTION_S: Final = 86400.0
 TAI64N_LEN: Final = 12
 # pg_advisory_xact_lock keys: feed writers are serialised so that sequence numbers are handed
@@ -310,6 +317,7 @@ class PostgresStore(Closing):
             max_size=max_size,
             open=False,
             timeout=POOL_WAIT_S,
+            reconnect_timeout=RECONNECT_CYCLE_S,
             name="wgjit",
         )
         try:
