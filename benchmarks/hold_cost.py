@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from wgjit.addr import parse_networks
@@ -51,14 +51,23 @@ class InstalledDevice:
         self.key = key
         self.peers = {k: PeerState(k) for k in peers}
 
-    def read(self) -> DeviceState:
-        return DeviceState(self.name, self.key, PORT, dict(self.peers))
+    def read(self, peers: bool = True) -> DeviceState:
+        return DeviceState(self.name, self.key, PORT, dict(self.peers) if peers else {})
+
+    def handshakes(self) -> dict[PublicKey, float]:
+        return dict.fromkeys(self.peers, 0.0)
 
     def set_peer(self, config: PeerConfig) -> None:
         pass
 
+    def set_peers(self, configs: Sequence[PeerConfig]) -> None:
+        pass
+
     def remove_peers(self, keys: Iterable[PublicKey]) -> None:
         pass
+
+    def identity(self) -> object:
+        return id(self)
 
     def close(self) -> None:
         pass
@@ -78,7 +87,7 @@ def inner(n: int) -> None:
         gw = Policy(Responder(gw_key), config, EventLog(io.StringIO()), wall=time.time)
         now = time.monotonic
         run_inline(
-            gw.reconcile(device.read().peers, now()),
+            gw.reconcile(device.handshakes(), now()),
             lambda e, r, err: gw.on_done(e, r, err, now()),
             store,
             device,

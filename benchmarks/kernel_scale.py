@@ -8,8 +8,9 @@ docs/benchmarks.md, "Kernel WireGuard (qemu TCG)", for the exact command):
 Creates one kernel WireGuard interface of its own (`wjscale<pid>`, in the current network
 namespace) and deletes it at the end. Measures, in this order: JIT installs on an empty
 device (endpoint + one /32, then the role-inversion keepalive on/off: what the gateway does per
-knock); one-by-one installs (a sample); batched installs up to N; a full read with N peers (what
-an idle sweep costs); JIT installs with N peers present; one-by-one removals (a sample,
+knock); one-by-one installs (a sample); batched installs up to N (set_peers); a full read with
+N peers (what an idle sweep cost before handshakes()); handshakes() with N peers (what an idle
+sweep needs); JIT installs with N peers present; one-by-one removals (a sample,
 extrapolated to N); one batched removal of all the rest. Prints a Markdown table.
 """
 
@@ -42,6 +43,7 @@ class Result:
     install_one_by_one_per_s: float
     install_batched_per_s: float
     read_full_s: float
+    handshakes_s: float
     jit_full_ms_median: float
     jit_full_ms_p99: float
     remove_one_by_one_per_s: float
@@ -107,7 +109,7 @@ def _measure(dev: NetlinkDevice, n: int, sample: int, log: Callable[[str], None]
     one_rate = sample / (time.perf_counter() - t)
     log(f"one-by-one install: {one_rate:.0f} peers/s ({sample} peers)")
     t = time.perf_counter()
-    dev.set_peers(_config(i, keys[i]) for i in range(sample, n))
+    dev.set_peers([_config(i, keys[i]) for i in range(sample, n)])
     batch_rate = (n - sample) / (time.perf_counter() - t)
     log(f"batched install: {batch_rate:.0f} peers/s ({n - sample} peers)")
 
@@ -118,6 +120,13 @@ def _measure(dev: NetlinkDevice, n: int, sample: int, log: Callable[[str], None]
         raise RuntimeError(f"expected {n} peers on the device, read {len(state.peers)}")
     del state
     log(f"full read with {n} peers: {read_s:.2f} s")
+    t = time.perf_counter()
+    handshakes = dev.handshakes()
+    handshakes_s = time.perf_counter() - t
+    if len(handshakes) != n or any(handshakes.values()):
+        raise RuntimeError(f"expected {n} peers that never shook hands, got {len(handshakes)}")
+    del handshakes
+    log(f"handshakes() with {n} peers: {handshakes_s:.2f} s")
 
     jit_full, jit_keys = _jit(dev, 2 * n, JIT_SAMPLES)
     dev.remove_peers(jit_keys)
@@ -143,6 +152,7 @@ def _measure(dev: NetlinkDevice, n: int, sample: int, log: Callable[[str], None]
         install_one_by_one_per_s=one_rate,
         install_batched_per_s=batch_rate,
         read_full_s=read_s,
+        handshakes_s=handshakes_s,
         jit_full_ms_median=statistics.median(jit_full),
         jit_full_ms_p99=_percentile(jit_full, 99),
         remove_one_by_one_per_s=one_remove_rate,
@@ -163,6 +173,8 @@ def table(r: Result) -> str:
         (f"install batched ({r.peers - r.sample:,} peers)",
          f"{r.install_batched_per_s:,.0f} peers/s"),
         (f"full read (dump) of {r.peers:,} peers", f"{r.read_full_s:.2f} s"),
+        (f"handshakes() (same dump, key + time only) of {r.peers:,} peers",
+         f"{r.handshakes_s:.2f} s"),
         (f"remove one by one ({r.sample:,} peers)", f"{r.remove_one_by_one_per_s:,.0f} peers/s"),
         (f"remove one by one, extrapolated to {r.peers:,}",
          f"~{r.remove_one_by_one_extrapolated_s:,.0f} s (estimate)"),

@@ -12,6 +12,7 @@ import glob
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -101,6 +102,47 @@ class PostgresServer:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+    def postmaster_pid(self) -> int | None:
+        try:
+            return int((self.data / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def children(self, postmaster: int) -> list[int]:
+        """The postmaster's child processes (backends, background workers)."""
+        out = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:  # exited meanwhile
+                continue
+            # after the command name (which may hold spaces and parentheses): state, ppid
+            if int(stat.rsplit(")", 1)[1].split()[1]) == postmaster:
+                out.append(int(entry.name))
+        return sorted(out)
+
+    def freeze(self) -> list[int]:
+        """SIGSTOP the whole server: connections stay open and nothing answers (a hung or
+        black-holed database). Returns the pids stopped, for `thaw()`."""
+        postmaster = self.postmaster_pid()
+        if postmaster is None:
+            raise PostgresUnavailable("the server is not running (no postmaster.pid)")
+        os.kill(postmaster, signal.SIGSTOP)  # first: a stopped postmaster forks nothing new
+        pids = [postmaster]
+        for pid in self.children(postmaster):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+                pids.append(pid)
+        return pids
+
+    def thaw(self, pids: list[int]) -> None:
+        """SIGCONT what `freeze()` stopped, children first."""
+        for pid in reversed(pids):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
 
     def close(self) -> None:
         with contextlib.suppress(PostgresUnavailable):

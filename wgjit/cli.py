@@ -8,19 +8,33 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import datetime
+import io
 import json
 import math
 import os
+import re
 import socket
 import sys
-from collections.abc import Sequence
-from typing import Any
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 from wgjit import __version__
 from wgjit.addr import InvalidAddress, format_networks, parse_networks
 from wgjit.capture.afpacket import CaptureError
+from wgjit.clientconf import (
+    DEFAULT_PORT,
+    ClientConfig,
+    ConfigInputError,
+    parse_allowed,
+    parse_dns,
+    parse_endpoint,
+)
 from wgjit.device import BACKENDS, DeviceError, open_device
 from wgjit.events import EventLog
+from wgjit.files import FileRefused, check_target, private_file, write_private_bytes
 from wgjit.gateway.core import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_CLOCK_SKEW,
@@ -28,18 +42,69 @@ from wgjit.gateway.core import (
     ConfigError,
     GatewayConfig,
 )
+from wgjit.gateway.lock import AlreadyRunning, LockError
+from wgjit.gateway.lock import acquire as acquire_lock
 from wgjit.gateway.run import GatewayError
 from wgjit.keys import InvalidKey, PresharedKey, PrivateKey, PublicKey
-from wgjit.store import DEFAULT_STORE_URL, Peer, Store, StoreError, open_store
+from wgjit.store import DEFAULT_STORE_URL, KEEP, Peer, Store, StoreError, open_store
 from wgjit.store.bulk import BulkError
+from wgjit.store.urls import redact, scrub
 
 
 class CLIError(Exception):
     pass
 
 
-def _store(args: argparse.Namespace) -> Store:
-    return open_store(args.store)
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `wgjit: error: ...` and the help to read, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"wgjit: error: {message} (see `{self.prog} --help`)\n")
+
+
+# Value checks run as argparse `type=` functions. They raise CLIError, which argparse does not
+# catch (it only catches ValueError/TypeError/ArgumentTypeError), so main() prints it as one
+# line with exit status 1, like every other bad value.
+
+
+def _int_range(flag: str, lo: int, hi: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise CLIError(f"{flag} {text!r} is not a whole number; use {lo}-{hi}") from None
+        if not lo <= value <= hi:
+            raise CLIError(f"{flag} {value} is out of range; use {lo}-{hi}")
+        return value
+
+    return parse
+
+
+def _seconds(flag: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text.strip())
+        except ValueError:
+            raise CLIError(f"{flag} {text!r} is not a number of seconds") from None
+        if not math.isfinite(value) or value <= 0:
+            raise CLIError(f"{flag} {text.strip()} is not a finite positive number of seconds")
+        return value
+
+    return parse
+
+
+def _store(args: argparse.Namespace, *, create: bool = False) -> Store:
+    """Only commands that add peers (and `store init`/`migrate`) create a store: any other
+    command on a missing store fails, naming the path and `wgjit store init`."""
+    return open_store(args.store, create=create)
+
+
+def _iso(ts: float | None) -> str | None:
+    """Unix seconds as ISO 8601 in UTC (`2026-12-01T09:30:00Z`); None stays None."""
+    if ts is None:
+        return None
+    text = datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="seconds")
+    return text.replace("+00:00", "Z")
 
 
 def _peer_dict(p: Peer) -> dict[str, Any]:
@@ -48,10 +113,13 @@ def _peer_dict(p: Peer) -> dict[str, Any]:
         "public_key": p.public_key.b64(),
         "allowed_ips": [str(n) for n in p.allowed_ips],
         "preshared_key": p.preshared_key is not None,
+        "state": p.state,
         "revoked": p.revoked,
-        "created_at": p.created_at,
-        "updated_at": p.updated_at,
-        "last_seen": p.last_seen,
+        "disabled": p.disabled,
+        "expires_at": _iso(p.expires_at),
+        "created_at": _iso(p.created_at),
+        "updated_at": _iso(p.updated_at),
+        "last_seen": _iso(p.last_seen),
         # the newest initiation accepted from the peer (anti-replay), by the client's clock
         "handshake_mark": _mark_time(p.handshake_hwm) if p.handshake_hwm else None,
         "holder": p.holder,  # the gateway that has it installed, if any
@@ -60,36 +128,50 @@ def _peer_dict(p: Peer) -> dict[str, Any]:
 
 def _mark_time(mark: bytes) -> str:
     """A TAI64N mark as ISO 8601 UTC (`2026-11-24T07:30:01.204Z`); hex if out of range."""
-    from datetime import UTC, datetime
-
     from wgjit.handshake import Timestamp
 
     try:
-        t = datetime.fromtimestamp(Timestamp(mark).to_unix(), UTC)
+        t = datetime.datetime.fromtimestamp(Timestamp(mark).to_unix(), datetime.UTC)
     except (ValueError, OverflowError, OSError):
         return f"TAI64N {mark.hex()} (out of range)"
     return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _client_config(
-    private: PrivateKey,
-    peer: Peer,
-    gateway_key: str,
-    endpoint: str,
-    client_allowed_ips: str,
-) -> str:
-    lines = [
-        "[Interface]",
-        f"PrivateKey = {private.b64()}",
-        f"Address = {format_networks(peer.allowed_ips).replace(',', ', ')}",
-        "",
-        "[Peer]",
-        f"PublicKey = {gateway_key}",
-    ]
-    if peer.preshared_key is not None:
-        lines.append(f"PresharedKey = {peer.preshared_key.b64()}")
-    lines += [f"Endpoint = {endpoint}", f"AllowedIPs = {client_allowed_ips}"]
-    return "\n".join(lines) + "\n"
+_RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _when(flag: str, *, never: bool = False) -> Callable[[str], float | None]:
+    """`--expires WHEN`: ISO 8601 (a time without offset is local time) or a duration from
+    now (`90m`, `12h`, `30d`, `2w`); `never` (where allowed) clears it. Must be in the future."""
+
+    def parse(text: str) -> float | None:
+        t = text.strip()
+        if never and t.lower() == "never":
+            return None
+        m = _RELATIVE.fullmatch(t.lower())
+        if m:
+            # to the whole second: an export writes it exactly, so re-importing it is a no-op
+            at = float(math.ceil(time.time() + float(m.group(1)) * _UNIT_S[m.group(2)]))
+        else:
+            try:
+                dt = datetime.datetime.fromisoformat(t)
+            except ValueError:
+                raise CLIError(
+                    f"{flag} {t!r} is neither ISO 8601 (2027-01-31 or 2027-01-31T18:00:00Z)"
+                    f" nor a duration like 30d, 12h, 90m{' nor never' if never else ''}"
+                ) from None
+            if dt.tzinfo is None:
+                dt = dt.astimezone()  # local time, as the operator's clock shows it
+            at = dt.timestamp()
+        if not math.isfinite(at) or at <= time.time():
+            raise CLIError(
+                f"{flag} {t} is not in the future; to refuse the peer now use"
+                " `wgjit peer disable NAME`"
+            )
+        return at
+
+    return parse
 
 
 def cmd_peer_add(args: argparse.Namespace) -> int:
@@ -100,44 +182,195 @@ def cmd_peer_add(args: argparse.Namespace) -> int:
     else:
         private = PrivateKey.generate()
         public = private.public_key()
-    gateway_key = None
-    if private is not None:
-        # resolve everything the client config needs before writing to the store
-        if args.gateway_public_key:
-            gateway_key = PublicKey.from_b64(args.gateway_public_key).b64()
-        elif args.interface:
-            dev = open_device(args.interface)
-            try:
-                gateway_key = str(dev.read().public_key)
-            finally:
-                dev.close()
+    # every client-config input is checked before anything is written to the store
+    plan = _config_plan(args, have_private=private is not None)
     psk = PresharedKey.generate() if args.preshared_key else None
-    with _store(args) as store:
-        peer = store.add_peer(args.name, public, nets, psk)
+    with _store(args, create=True) as store:
+        peer = store.add_peer(
+            args.name,
+            public,
+            nets,
+            psk,
+            allow_overlap=args.allow_overlap,
+            expires_at=args.expires,
+        )
     if peer.handshake_hwm is not None:
-        print(
-            f"wgjit: note: key was used before; its replay mark from"
-            f" {_mark_time(peer.handshake_hwm)} is kept (initiations up to then stay refused;"
-            " `wgjit peer reset-replay` clears it)",
-            file=sys.stderr,
-        )
-    if private is None:
+        _note_kept_mark(peer)
+    if private is None and args.output is None:
         print(f"added peer {peer.name} ({public.b64()}) allowed-ips {format_networks(nets)}")
-        return 0
-    if gateway_key is None:
         print(
-            "wgjit: note: gateway public key unknown; pass --interface IFNAME or "
-            "--gateway-public-key KEY to fill it in",
+            f"wgjit: note: `wgjit peer config {peer.name}` prints its client config (gateway"
+            " key, endpoint, preshared key; its owner fills in the private key)",
             file=sys.stderr,
         )
-        gateway_key = "<gateway public key: wg show IFNAME public-key>"
-    conf = _client_config(private, peer, gateway_key, args.endpoint, args.client_allowed_ips)
-    print(f"# wg-quick config for peer {peer.name}; the private key is not stored anywhere else")
-    print(conf, end="")
+        return 0
+    _emit_config(args, plan, peer, private)
+    return 0
+
+
+def _note_kept_mark(peer: Peer) -> None:
+    """Say that the peer's key was used before and keeps its replay mark (a retired key)."""
+    assert peer.handshake_hwm is not None
+    print(
+        f"wgjit: note: key was used before; its replay mark from"
+        f" {_mark_time(peer.handshake_hwm)} is kept (initiations up to then stay refused;"
+        " `wgjit peer reset-replay` clears it)",
+        file=sys.stderr,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _ConfigPlan:
+    gateway_key: PublicKey | None
+    endpoint: str | None
+    allowed_ips: tuple[Any, ...]
+    dns: tuple[str, ...]
+
+
+def _config_plan(args: argparse.Namespace, *, have_private: bool) -> _ConfigPlan:
+    """Check every client-config option and read what the interface knows (its public key,
+    and its listen port as the endpoint's default port); CLIError before anything is written."""
+    if args.qr and not have_private:
+        raise CLIError(
+            "--qr needs the peer's private key, which wgjit does not have (it keeps none): omit"
+            " --public-key to let wgjit generate the key pair, or use `wgjit peer rotate NAME`"
+        )
+    if args.output is not None:
+        check_target(args.output, force=args.force)
+    if args.qr and args.qr != "-":
+        if not args.qr.lower().endswith(".png"):
+            raise CLIError(f"--qr {args.qr!r}: give FILE.png, or --qr alone for the terminal")
+        check_target(args.qr, force=args.force)
+    gateway_key = None
+    port = DEFAULT_PORT
+    if args.gateway_public_key:
+        gateway_key = PublicKey.from_b64(args.gateway_public_key)
+    if args.interface:
+        dev = open_device(args.interface)
+        try:
+            state = dev.read(peers=False)  # only its key and port
+        finally:
+            dev.close()
+        gateway_key = gateway_key or state.public_key
+        port = state.listen_port or port
+    try:
+        endpoint = parse_endpoint(args.endpoint, port) if args.endpoint else None
+        allowed = parse_allowed(args.client_allowed_ips)
+        dns = parse_dns(args.dns) if args.dns is not None else ()
+    except ConfigInputError as e:
+        raise CLIError(str(e)) from None
+    return _ConfigPlan(gateway_key, endpoint, allowed, dns)
+
+
+def _emit_config(
+    args: argparse.Namespace, plan: _ConfigPlan, peer: Peer, private: PrivateKey | None
+) -> None:
+    """The config to stdout or --output (0600); the QR code to stderr or --qr FILE.png."""
+    conf = ClientConfig(
+        addresses=peer.allowed_ips,
+        private_key=private,
+        gateway_key=plan.gateway_key,
+        preshared_key=peer.preshared_key,
+        endpoint=plan.endpoint,
+        allowed_ips=plan.allowed_ips,
+        dns=plan.dns,
+        mtu=args.mtu,
+        persistent_keepalive=args.persistent_keepalive,
+    )
+    text = conf.render()
+    for gap in conf.missing():
+        print(f"wgjit: note: the config lacks {gap}: fill it in", file=sys.stderr)
+    head = f"# wg-quick config for peer {peer.name}"
+    if private is not None:
+        head += "; the private key is not stored anywhere else"
+    if args.output is not None:
+        with private_file(args.output, force=args.force) as out:
+            out.write(f"{head}\n{text}")
+        print(f"wrote the client config of peer {peer.name} to {args.output}", file=sys.stderr)
+    else:
+        print(head)
+        print(text, end="")
+        sys.stdout.flush()
     if args.qr:
         import segno
 
-        segno.make(conf, error="l").terminal(compact=True)
+        qr = segno.make(text, error="l")
+        if args.qr == "-":
+            qr.terminal(out=sys.stderr, compact=True)  # stdout stays the config alone
+        else:
+            buf = io.BytesIO()
+            qr.save(buf, kind="png", scale=6)
+            write_private_bytes(args.qr, buf.getvalue(), force=args.force)
+            print(f"wrote the QR code to {args.qr}", file=sys.stderr)
+
+
+def cmd_peer_config(args: argparse.Namespace) -> int:
+    plan = _config_plan(args, have_private=False)
+    with _store(args) as store:
+        peer = _get(store, args.name)
+    why = peer.refusal(time.time())
+    if why:
+        print(f"wgjit: note: peer {peer.name} is {why}: gateways refuse it", file=sys.stderr)
+    _emit_config(args, plan, peer, None)
+    return 0
+
+
+def cmd_peer_disable(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        p = store.update_peer(args.name, disabled=True)
+    print(f"disabled peer {p.name}; running gateways evict it and refuse it until enabled")
+    return 0
+
+
+def cmd_peer_enable(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        p = store.update_peer(args.name, disabled=False)
+    why = p.refusal(time.time())
+    print(f"enabled peer {p.name}" + (f" (still refused: {why})" if why else ""))
+    return 0
+
+
+def cmd_peer_set(args: argparse.Namespace) -> int:
+    changes: dict[str, Any] = {}
+    if args.allowed_ips is not None:
+        changes["allowed_ips"] = parse_networks(args.allowed_ips)
+    if args.rename is not None:
+        changes["new_name"] = args.rename
+    if args.expires is not KEEP:
+        changes["expires_at"] = args.expires
+    if not changes:
+        raise CLIError("nothing to change; give --allowed-ips, --rename or --expires")
+    with _store(args) as store:
+        p = store.update_peer(args.name, allow_overlap=args.allow_overlap, **changes)
+    expiry = _iso(p.expires_at) or "never"
+    print(
+        f"peer {p.name}: allowed-ips {format_networks(p.allowed_ips)}, expires {expiry};"
+        " running gateways apply it within seconds"
+    )
+    return 0
+
+
+def cmd_peer_rotate(args: argparse.Namespace) -> int:
+    private = None
+    if args.public_key:
+        public = PublicKey.from_b64(args.public_key)
+    else:
+        private = PrivateKey.generate()
+        public = private.public_key()
+    plan = _config_plan(args, have_private=private is not None)
+    with _store(args) as store:
+        old = _get(store, args.name)
+        # a peer with a preshared key gets a new one too: the old config is dead either way
+        psk = PresharedKey.generate() if old.preshared_key is not None else None
+        peer = store.update_peer(args.name, public_key=public, preshared_key=psk)
+    if peer.handshake_hwm is not None:  # the new key was used before (a retired key)
+        _note_kept_mark(peer)
+    print(
+        f"# rotated peer {peer.name}: {old.public_key.b64()} is refused from now on, "
+        f"{public.b64()} replaces it",
+        file=sys.stderr,
+    )
+    _emit_config(args, plan, peer, private)
     return 0
 
 
@@ -151,11 +384,11 @@ def cmd_peer_list(args: argparse.Namespace) -> int:
         print("no peers")
         return 0
     w = max(4, *(len(p.name) for p in peers))
-    print(f"{'NAME':<{w}}  {'PUBLIC KEY':<44}  {'STATE':<7}  ALLOWED IPS")
+    print(f"{'NAME':<{w}}  {'PUBLIC KEY':<44}  {'STATE':<8}  {'EXPIRES':<20}  ALLOWED IPS")
     for p in peers:
-        state = "revoked" if p.revoked else "active"
         print(
-            f"{p.name:<{w}}  {p.public_key.b64():<44}  {state:<7}  {format_networks(p.allowed_ips)}"
+            f"{p.name:<{w}}  {p.public_key.b64():<44}  {p.state:<8}"
+            f"  {_iso(p.expires_at) or '-':<20}  {format_networks(p.allowed_ips)}"
         )
     return 0
 
@@ -243,20 +476,37 @@ def cmd_peer_import(args: argparse.Namespace) -> int:
     from wgjit.store.bulk import format_for, import_file
 
     fmt = format_for(args.file, args.format)
+    # utf-8-sig: a UTF-8 byte order mark (spreadsheet exports write one) is skipped
     try:
-        stream = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8", newline="")  # noqa: SIM115
+        wrapper = None
+        if args.file == "-":
+            stream = sys.stdin
+            if hasattr(sys.stdin, "buffer"):
+                wrapper = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig", newline="")
+                stream = wrapper
+        else:
+            stream = open(args.file, encoding="utf-8-sig", newline="")  # noqa: SIM115
     except OSError as e:
         raise CLIError(f"cannot read {args.file}: {e.strerror}; check the path") from None
     total = os.fstat(stream.fileno()).st_size if args.file != "-" else 0
     progress = _progress("imported", total, stream) if sys.stderr.isatty() else None
     try:
-        with _store(args) as store:
-            report = import_file(store, stream, fmt, strict=args.strict, progress=progress)
+        with _store(args, create=True) as store:
+            report = import_file(
+                store,
+                stream,
+                fmt,
+                strict=args.strict,
+                progress=progress,
+                allow_overlap=args.allow_overlap,
+            )
     except UnicodeDecodeError as e:
         raise CLIError(f"{args.file} is not UTF-8 text ({e.reason}); convert it first") from None
     finally:
-        if stream is not sys.stdin:
+        if args.file != "-":
             stream.close()
+        elif wrapper is not None:
+            wrapper.detach()  # leave sys.stdin's buffer open
     if progress:
         print(file=sys.stderr)
     for bad in report.bad[:100]:
@@ -286,26 +536,23 @@ def cmd_peer_export(args: argparse.Namespace) -> int:
 
     target = args.file or "-"
     fmt = format_for(target, args.format or (None if args.file else "jsonl"))
-    try:
-        # 0600: the export holds preshared keys
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600) if target != "-" else -1
-        out = sys.stdout if fd < 0 else open(fd, "w", encoding="utf-8", newline="")  # noqa: SIM115
-    except OSError as e:
-        raise CLIError(f"cannot write {target}: {e.strerror}; check the path") from None
-    progress = _progress("exported", 0, None) if target != "-" and sys.stderr.isatty() else None
-    try:
+    if target == "-":
         with _store(args) as store:
-            n = export_peers(store.iter_peers(), out, fmt, progress)
-    except BrokenPipeError:  # `wgjit peer export | head`: the reader has seen enough
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            try:
+                export_peers(store.iter_peers(), sys.stdout, fmt)
+                sys.stdout.flush()
+            except BrokenPipeError:  # `wgjit peer export | head`: the reader has seen enough
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    finally:
-        if out is not sys.stdout:
-            out.close()
-    if target != "-":
-        if progress:
-            print(file=sys.stderr)
-        print(f"exported {n} peers to {target}")
+    # it holds preshared keys: 0600, via a temporary file and a rename, never through a link,
+    # an existing file replaced only with --force (checked before the store is read)
+    check_target(target, force=args.force)
+    progress = _progress("exported", 0, None) if sys.stderr.isatty() else None
+    with _store(args) as store, private_file(target, force=args.force) as out:
+        n = export_peers(store.iter_peers(), out, fmt, progress)
+    if progress:
+        print(file=sys.stderr)
+    print(f"exported {n} peers to {target}")
     return 0
 
 
@@ -327,21 +574,35 @@ def _progress(verb: str, total: int, stream: Any) -> Any:
     return show
 
 
-def cmd_store_migrate(args: argparse.Namespace) -> int:
-    with _store(args) as store:
-        version = getattr(store, "schema_version", None)
-        if version is None:
-            from wgjit.store.sqlite import MIGRATIONS
+def _schema_version(store: Store) -> int:
+    version = getattr(store, "schema_version", None)
+    if version is None:
+        from wgjit.store.sqlite import MIGRATIONS
 
-            version = len(MIGRATIONS)
-    print(f"store {_redact(args.store)} is at schema version {version}")
+        version = len(MIGRATIONS)
+    return int(version)
+
+
+def cmd_store_init(args: argparse.Namespace) -> int:
+    try:
+        with _store(args) as store:
+            print(
+                f"store {redact(args.store)} already exists"
+                f" (schema version {_schema_version(store)})"
+            )
+            return 0
+    except StoreError:
+        pass  # missing or empty: create it below (a store that is damaged fails again there)
+    with _store(args, create=True) as store:
+        print(f"created store {redact(args.store)} (schema version {_schema_version(store)})")
     return 0
 
 
-def _redact(url: str) -> str:
-    from wgjit.store.postgres import redact
-
-    return redact(url)
+def cmd_store_migrate(args: argparse.Namespace) -> int:
+    with _store(args, create=True) as store:
+        version = _schema_version(store)
+    print(f"store {redact(args.store)} is at schema version {version}")
+    return 0
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
@@ -353,14 +614,25 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         testing_short_timers=args.testing_short_timers,
         gateway_id=args.gateway_id,
         max_clock_skew=_clock_skew(args.max_clock_skew),
+        adopt_empty_store=args.adopt_empty_store,
     )
     config.validate()  # fail before touching the device
-    # log lines never block the packet path: a slow reader costs dropped lines, counted
-    log = EventLog(fmt=args.log_format, debug=args.debug, background=True)
-    store = _store(args)
-    device = open_device(args.interface, args.backend)
     mode = "none" if args.testing_no_completion else args.mode
-    try:
+    with contextlib.ExitStack() as stack:
+        # log lines never block the packet path: a slow reader costs dropped lines, counted
+        log = EventLog(fmt=args.log_format, debug=args.debug, background=True)
+        stack.callback(log.close)  # closed last: the other closes may still log
+        store = stack.enter_context(contextlib.closing(_store(args)))
+        device = stack.enter_context(contextlib.closing(open_device(args.interface, args.backend)))
+        # one gateway per interface, taken before anything changes the device or iptables
+        # (opening the device above only connects to it); released when this process ends
+        stack.enter_context(acquire_lock(device.name))
+        # a second handle for sweeps: reading a big device never delays an install
+        sweep_device = stack.enter_context(
+            contextlib.closing(open_device(args.interface, args.backend))
+        )
+        if not args.adopt_empty_store:
+            _refuse_empty_store(store, device, args.store)
         return serve(
             device,
             store,
@@ -369,11 +641,31 @@ def cmd_gateway(args: argparse.Namespace) -> int:
             capture_interface=args.capture_interface,
             mode=mode,
             queue_num=args.queue_num,
+            sweep_device=sweep_device,
         )
+    raise AssertionError("unreachable")
+
+
+def _refuse_empty_store(store: Store, device: Any, url: str) -> None:
+    """A gateway on a store with no peers would remove every peer on the device at start
+    (reconcile): almost always the wrong store. Refuse unless --adopt-empty-store."""
+    peers = store.iter_peers()
+    try:
+        empty = next(peers, None) is None
     finally:
-        device.close()
-        store.close()
-        log.close()
+        close = getattr(peers, "close", None)
+        if close is not None:
+            close()
+    if not empty:
+        return
+    # handshakes(): one entry per peer, at a fraction of read()'s cost on a big device
+    on_device = len(device.handshakes())
+    if on_device:
+        raise CLIError(
+            f"store {redact(url)} has no peers but interface {device.name} has {on_device}:"
+            " starting would remove them all; check --store / WGJIT_STORE, or pass"
+            " --adopt-empty-store if the device's peers really must go"
+        )
 
 
 # a client's clock a little off must never lock it out: a minute at least
@@ -395,77 +687,154 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(connects=args.connects)
 
 
+ALLOW_OVERLAP_HELP = (
+    "accept allowed IPs that overlap another peer's, link-local ranges and 0.0.0.0/0 or ::/0"
+    " (deliberate designs: exit nodes, site-to-site links; WireGuard routes a prefix to one"
+    " installed peer at a time)"
+)
+
+
+def _config_options(p: argparse.ArgumentParser) -> None:
+    """Options of the client configs that add, rotate and config print."""
+    p.add_argument("--endpoint", metavar="HOST[:PORT]",
+                   help="the gateway as clients reach it (port default: --interface's listen "
+                        f"port, else {DEFAULT_PORT})")  # fmt: skip
+    p.add_argument("--interface", help="read the gateway's public key and port from it")
+    p.add_argument("--gateway-public-key", help="the gateway's public key (base64)")
+    p.add_argument("--client-allowed-ips", default="0.0.0.0/0, ::/0",
+                   help="AllowedIPs: what the client routes through the tunnel")  # fmt: skip
+    p.add_argument("--dns", metavar="ADDR[,...]", help="DNS servers / search domains")
+    p.add_argument("--mtu", type=_int_range("--mtu", 576, 65535), help="tunnel MTU")
+    p.add_argument("--persistent-keepalive", type=_int_range("--persistent-keepalive", 1, 65535),
+                   metavar="SECONDS", help="for clients behind NAT (25 is usual)")  # fmt: skip
+    p.add_argument("--output", "-o", metavar="FILE", help="write the config to FILE (0600)")
+    p.add_argument("--force", action="store_true", help="replace --output/--qr files")
+    p.add_argument("--qr", nargs="?", const="-", metavar="FILE.png",
+                   help="also a QR code: on the terminal (stderr), or into FILE.png")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="wgjit", description="Just-in-time WireGuard peers: install a peer when it knocks."
     )
     p.add_argument("--version", action="version", version=f"wgjit {__version__}")
+    store_help = f"store URL (env WGJIT_STORE; default {DEFAULT_STORE_URL})"
     p.add_argument(
-        "--store",
-        default=os.environ.get("WGJIT_STORE", DEFAULT_STORE_URL),
-        help=f"store URL (env WGJIT_STORE; default {DEFAULT_STORE_URL})",
+        "--store", default=os.environ.get("WGJIT_STORE", DEFAULT_STORE_URL), help=store_help
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # --store after the command too (`wgjit peer list --store X`): SUPPRESS keeps the value
+    # given before the command (or the default) when it is not repeated after it
+    after = _Parser(add_help=False)
+    after.add_argument("--store", default=argparse.SUPPRESS, help=store_help)
+
+    def sub_parsers(parent: Any, dest: str, metavar: str) -> Any:
+        return parent.add_subparsers(
+            dest=dest, required=True, metavar=metavar, parser_class=_Parser
+        )
+
+    sub = sub_parsers(p, "command", "COMMAND")
 
     peer = sub.add_parser("peer", help="manage peers in the store")
-    psub = peer.add_subparsers(dest="peer_command", required=True, metavar="ACTION")
-    add = psub.add_parser("add", help="add a peer (generates a key and client config if none)")
+    psub = sub_parsers(peer, "peer_command", "ACTION")
+    add = psub.add_parser(
+        "add", parents=[after], help="add a peer (generates a key and client config if none)"
+    )
     add.add_argument("name")
     add.add_argument("--allowed-ips", required=True, help="CIDR[,CIDR...] routed to this peer")
     add.add_argument("--public-key", help="the peer's public key (base64); omit to generate")
     add.add_argument("--preshared-key", action="store_true", help="generate a preshared key")
-    add.add_argument("--endpoint", default="<gateway address>:51820",
-                     help="gateway HOST:PORT for the generated client config")  # fmt: skip
-    add.add_argument("--interface", help="read the gateway public key from this interface")
-    add.add_argument("--gateway-public-key", help="gateway public key for the client config")
-    add.add_argument("--client-allowed-ips", default="0.0.0.0/0, ::/0",
-                     help="AllowedIPs in the generated client config")  # fmt: skip
-    add.add_argument("--qr", action="store_true", help="also print the config as a QR code")
+    add.add_argument("--allow-overlap", action="store_true", help=ALLOW_OVERLAP_HELP)
+    _config_options(add)
+    add.add_argument("--expires", type=_when("--expires"), default=None, metavar="WHEN",
+                     help="refuse the peer from then on: ISO 8601 or 30d, 12h, 90m")  # fmt: skip
     add.set_defaults(func=cmd_peer_add)
-    ls = psub.add_parser("list", help="list peers")
+    ls = psub.add_parser("list", parents=[after], help="list peers")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_peer_list)
-    show = psub.add_parser("show", help="show one peer")
+    show = psub.add_parser("show", parents=[after], help="show one peer")
     show.add_argument("name")
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=cmd_peer_show)
-    rv = psub.add_parser("revoke", help="revoke a peer; gateways evict it")
+    rv = psub.add_parser("revoke", parents=[after], help="revoke a peer; gateways evict it")
     rv.add_argument("name")
     rv.set_defaults(func=cmd_peer_revoke)
-    rm = psub.add_parser("remove", help="delete a peer from the store")
+    for verb, func, what in (
+        ("disable", cmd_peer_disable, "refuse a peer (gateways evict it) until enabled again"),
+        ("enable", cmd_peer_enable, "let a disabled peer connect again"),
+    ):
+        pp = psub.add_parser(verb, parents=[after], help=what)
+        pp.add_argument("name")
+        pp.set_defaults(func=func)
+    st_ = psub.add_parser("set", parents=[after], help="change a peer's allowed IPs, name, expiry")
+    st_.add_argument("name")
+    st_.add_argument("--allowed-ips", help="CIDR[,CIDR...]: replaces the peer's list")
+    st_.add_argument("--rename", metavar="NEW", help="a new name")
+    st_.add_argument("--expires", type=_when("--expires", never=True), default=KEEP,
+                     metavar="WHEN", help="ISO 8601, 30d/12h/90m from now, or never")  # fmt: skip
+    st_.add_argument("--allow-overlap", action="store_true", help=ALLOW_OVERLAP_HELP)
+    st_.set_defaults(func=cmd_peer_set)
+    ro = psub.add_parser(
+        "rotate", parents=[after], help="give a peer a new key pair (the old key is refused)"
+    )
+    ro.add_argument("name")
+    ro.add_argument("--public-key", help="the new public key (base64); omit to generate")
+    _config_options(ro)
+    ro.set_defaults(func=cmd_peer_rotate)
+    cf = psub.add_parser("config", parents=[after], help="print a peer's wg-quick client config")
+    cf.add_argument("name")
+    _config_options(cf)
+    cf.set_defaults(func=cmd_peer_config)
+    rm = psub.add_parser("remove", parents=[after], help="delete a peer from the store")
     rm.add_argument("name")
     rm.set_defaults(func=cmd_peer_remove)
-    rr = psub.add_parser("reset-replay", help="clear a peer's anti-replay mark (a client locked"
-                         " out by a timestamp ahead of its clock)")  # fmt: skip
+    rr = psub.add_parser("reset-replay", parents=[after],
+                         help="clear a peer's anti-replay mark (a client locked out by a"
+                              " timestamp ahead of its clock)")  # fmt: skip
     rr.add_argument("name")
     rr.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     rr.set_defaults(func=cmd_peer_reset_replay)
-    im = psub.add_parser("import", help="add or update peers from a CSV or JSON-lines file")
+    im = psub.add_parser(
+        "import", parents=[after], help="add or update peers from a CSV or JSON-lines file"
+    )
     im.add_argument("file", help="FILE.csv or FILE.jsonl ('-': standard input, with --format)")
     im.add_argument("--format", choices=("csv", "jsonl"), help="default: from the extension")
     im.add_argument("--strict", action="store_true",
                     help="import nothing if any row is bad (default: skip bad rows)")  # fmt: skip
+    im.add_argument("--allow-overlap", action="store_true", help=ALLOW_OVERLAP_HELP)
     im.set_defaults(func=cmd_peer_import)
-    ex = psub.add_parser("export", help="write all peers (with preshared keys) to a file")
+    ex = psub.add_parser(
+        "export", parents=[after], help="write all peers (with preshared keys) to a file"
+    )
     ex.add_argument(
         "file", nargs="?", help="FILE.csv or FILE.jsonl (default: JSON lines to stdout)"
     )
     ex.add_argument("--format", choices=("csv", "jsonl"), help="default: from the extension")
+    ex.add_argument("--force", action="store_true", help="replace FILE if it exists")
     ex.set_defaults(func=cmd_peer_export)
 
     st = sub.add_parser("store", help="manage the store itself")
-    ssub = st.add_subparsers(dest="store_command", required=True, metavar="ACTION")
-    mig = ssub.add_parser("migrate", help="apply pending schema migrations (also done on start)")
+    ssub = sub_parsers(st, "store_command", "ACTION")
+    mig = ssub.add_parser(
+        "migrate", parents=[after], help="apply pending schema migrations (also done on start)"
+    )
     mig.set_defaults(func=cmd_store_migrate)
+    ini = ssub.add_parser(
+        "init", parents=[after], help="create an empty store (nothing else creates one by chance)"
+    )
+    ini.set_defaults(func=cmd_store_init)
 
-    gw = sub.add_parser("gateway", help="run the JIT gateway on a WireGuard interface")
+    gw = sub.add_parser(
+        "gateway", parents=[after], help="run the JIT gateway on a WireGuard interface"
+    )
     gw.add_argument("--interface", "-i", required=True, help="configured WireGuard interface")
     gw.add_argument("--gateway-id", default=socket.gethostname(),
                     help="this gateway's name in a shared store (default: host name)")  # fmt: skip
-    gw.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT,
+    gw.add_argument("--idle-timeout", type=_seconds("--idle-timeout"),
+                    default=DEFAULT_IDLE_TIMEOUT,
                     help="evict peers with no handshake for this many seconds "
                          f"(default {DEFAULT_IDLE_TIMEOUT:g}, minimum 180)")  # fmt: skip
-    gw.add_argument("--sweep-interval", type=float, default=DEFAULT_SWEEP_INTERVAL,
+    gw.add_argument("--sweep-interval", type=_seconds("--sweep-interval"),
+                    default=DEFAULT_SWEEP_INTERVAL,
                     help=f"seconds between idle sweeps (default {DEFAULT_SWEEP_INTERVAL:g})",
                     )  # fmt: skip
     gw.add_argument("--max-clock-skew", type=float, default=DEFAULT_MAX_CLOCK_SKEW,
@@ -480,11 +849,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "holds the initiation until installed), replay (re-inject it), invert "
                          "(the gateway initiates back); auto: the first that works, in that "
                          "order (default)")  # fmt: skip
-    gw.add_argument("--queue-num", type=int, default=None,
+    gw.add_argument("--queue-num", type=_int_range("--queue-num", 0, 65535), default=None,
                     help="NFQUEUE number for --mode hold (default: the listen port)")  # fmt: skip
     gw.add_argument("--testing-no-completion", action="store_true",
                     help="TESTING ONLY: install peers but do nothing to complete the handshake "
                          "(the client's own 5 s retry does; for latency comparisons)")  # fmt: skip
+    gw.add_argument("--adopt-empty-store", action="store_true",
+                    help="start even if the store has no peers while the interface has some "
+                         "(they are removed); without it the gateway refuses, since an empty "
+                         "store is almost always a wrong --store")  # fmt: skip
     gw.add_argument("--backend", choices=BACKENDS, default="auto")
     gw.add_argument("--capture-interface", help="capture on this interface only (default all)")
     gw.add_argument("--log-format", choices=("text", "json"), default="text")
@@ -492,7 +865,7 @@ def build_parser() -> argparse.ArgumentParser:
     gw.set_defaults(func=cmd_gateway)
 
     demo = sub.add_parser("demo", help="live demo in throwaway network namespaces")
-    demo.add_argument("--connects", type=int, default=20,
+    demo.add_argument("--connects", type=_int_range("--connects", 1, 100000), default=20,
                       help="connects per latency measurement (default 20)")  # fmt: skip
     demo.set_defaults(func=cmd_demo)
     return p
@@ -500,7 +873,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except CLIError as e:
+        print(f"wgjit: error: {e}", file=sys.stderr)
+        return 1
     try:
         rc: int = args.func(args)
         return rc
@@ -514,8 +891,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         GatewayError,
         CaptureError,
         BulkError,
+        AlreadyRunning,
+        LockError,
+        FileRefused,
     ) as e:
-        print(f"wgjit: error: {e}", file=sys.stderr)
+        # last line of defence: no message shows the store's password, whatever quoted it
+        text = " ".join(scrub(str(e), args.store).split())
+        print(f"wgjit: error: {text}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

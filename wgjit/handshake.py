@@ -31,7 +31,7 @@ INITIATION_SIZE = 148
 CONSTRUCTION = b"Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s"
 IDENTIFIER = b"WireGuard v1 zx2c4 Jason@zx2c4.com"
 LABEL_MAC1 = b"mac1----"
-LABEL_COOKIE = b"cookie--"  # mac2 (cookie) key label; listed for completeness, mac2 is not checked
+LABEL_COOKIE = b"cookie--"  # cookie reply key label (wgjit.cookie)
 # Field offsets of the initiation (struct message_handshake_initiation, all little-endian):
 # type(1) reserved(3) sender_index(4) ephemeral(32) static(32+16) timestamp(12+16) mac1 mac2
 OFF_SENDER_INDEX = 4

@@ -413,6 +413,7 @@ class Lab:
         gw = gateway or self.gateway
         if gw is None:
             raise LabError("add_gateway() first")
+        open_store(store_url).close()  # the gateway never creates its store (`store init`)
         cmd = [
             "ip", "netns", "exec", gw.ns, sys.executable, "-m", "wgjit",
             "--store", store_url, "gateway", "--interface", gw.ifname, *args,
@@ -475,14 +476,25 @@ def measure_connects(
     try:
         if not jit:
             key = PrivateKey.generate()
-            store.add_peer(f"{prefix}-pre", key.public_key(), parse_networks(client.tunnel_ip))
+            # the same client under many keys, one at a time: overlapping on purpose
+            store.add_peer(
+                f"{prefix}-pre",
+                key.public_key(),
+                parse_networks(client.tunnel_ip),
+                allow_overlap=True,
+            )
             gw.wg("set", gw.ifname, "peer", key.public_key().b64(), "allowed-ips",
                   f"{client.tunnel_ip}/32")  # fmt: skip
             client.set_private_key(key)
         for i in range(n):
             if jit:
                 key = PrivateKey.generate()
-                store.add_peer(f"{prefix}-{i}", key.public_key(), parse_networks(client.tunnel_ip))
+                store.add_peer(
+                    f"{prefix}-{i}",
+                    key.public_key(),
+                    parse_networks(client.tunnel_ip),
+                    allow_overlap=True,
+                )
                 client.set_private_key(key)
             results.append(
                 first_ping(client, gw, what=f"connect {i} ({'JIT' if jit else 'pre-installed'})")
@@ -496,7 +508,8 @@ def preinstall(client: Client, gw: Host, store_url: str, name: str) -> None:
     """Give `client` a new key that is in the store and already on the gateway's device."""
     key = PrivateKey.generate()
     with open_store(store_url) as store:
-        store.add_peer(name, key.public_key(), parse_networks(client.tunnel_ip))
+        # the client may be in the store under its own key too: overlapping on purpose
+        store.add_peer(name, key.public_key(), parse_networks(client.tunnel_ip), allow_overlap=True)
     gw.wg("set", gw.ifname, "peer", key.public_key().b64(), "allowed-ips",
           f"{client.tunnel_ip}/32")  # fmt: skip
     client.set_private_key(key)

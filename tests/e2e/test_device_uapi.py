@@ -11,7 +11,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -199,11 +199,33 @@ def test_absent_keys_on_a_full_device(dev: UAPIDevice) -> None:
     dev.remove_peers([absent, keys[0]])
     dev.set_peer(PeerConfig(keys[0], persistent_keepalive=3))  # fills the device again
     dev.set_peer(PeerConfig(absent, persistent_keepalive=3, update_only=True))
+    t = time.perf_counter()
     peers = dev.read().peers
+    read_s = time.perf_counter() - t
     assert len(peers) == 1 << 16 and absent not in peers
     assert peers[keys[0]].persistent_keepalive == 3
     with pytest.raises(UAPIError, match="errno=-22"):
         dev.set_peer(PeerConfig(absent))  # a real add on a full device still fails
+
+    t = time.perf_counter()
+    hs = dev.handshakes()
+    hs_s = time.perf_counter() - t
+    print(f"\n65 536 peers: read() {read_s * 1e3:.0f} ms, handshakes() {hs_s * 1e3:.0f} ms")
+    assert hs == dict.fromkeys(peers, 0.0)
+
+    # the same quirk inside a batch: the absent update is dropped, the rest applied
+    dev.set_peers(
+        [PeerConfig(absent, persistent_keepalive=4, update_only=True),
+         PeerConfig(keys[1], persistent_keepalive=4, update_only=True),
+         PeerConfig(absent, persistent_keepalive=5, update_only=True),
+         PeerConfig(keys[2], persistent_keepalive=5, update_only=True)]
+    )  # fmt: skip
+    peers = dev.read().peers
+    assert absent not in peers
+    assert (peers[keys[1]].persistent_keepalive, peers[keys[2]].persistent_keepalive) == (4, 5)
+    with pytest.raises(UAPIError, match=r"set_peers \(2 peers\) failed: .*errno=-22"):
+        dev.set_peers([PeerConfig(keys[1], persistent_keepalive=6, update_only=True),
+                       PeerConfig(absent)])  # fmt: skip
 
 
 def test_set_peer_latency(dev: UAPIDevice) -> None:
@@ -226,6 +248,86 @@ def test_set_peer_latency(dev: UAPIDevice) -> None:
         f"\nset_peer: add {per_call * 1e6:.0f} us/call, update_only {per_update * 1e6:.0f} us/call"
     )
     assert per_call < 0.002 and per_update < 0.002
+
+
+def test_handshakes_of_peers_that_never_shook_hands(dev: UAPIDevice) -> None:
+    assert dev.handshakes() == {}
+    keys = [new_key() for _ in range(50)]
+    dev.set_peers([PeerConfig(k, ep("198.18.98.2:51821"), (net(f"10.3.0.{i}/32"),))
+                   for i, k in enumerate(keys)])  # fmt: skip
+    assert dev.handshakes() == dict.fromkeys(keys, 0.0)
+    dev.remove_peers(keys[:10])
+    assert dev.handshakes() == dict.fromkeys(keys[10:], 0.0)
+
+
+def test_set_peers_is_one_transaction_with_every_field(dev: UAPIDevice, gw: WireguardGo) -> None:
+    psk = PresharedKey.generate()
+    configs = [
+        PeerConfig(new_key(), ep(f"198.18.98.2:{1024 + i}"),
+                   (net(f"10.2.{i // 256}.{i % 256}/32"), net(f"fd65:98::{i:x}/128")),
+                   preshared_key=psk if i % 2 else None, persistent_keepalive=i % 3)
+        for i in range(2000)
+    ]  # fmt: skip
+    t = time.perf_counter()
+    dev.set_peers(configs)
+    batch_s = time.perf_counter() - t
+    peers = dev.read().peers
+    assert len(peers) == 2000
+    for c in configs:
+        assert peers[c.public_key] == PeerState(
+            c.public_key, c.endpoint, c.allowed_ips or (),
+            persistent_keepalive=c.persistent_keepalive or 0,
+        )  # fmt: skip
+    psks = dict(
+        line.split("\t")
+        for line in gw.ns.run("wg", "show", gw.ifname, "preshared-keys").splitlines()
+    )
+    assert psks == {c.public_key.b64(): psk.b64() if c.preshared_key else "(none)"
+                    for c in configs}  # fmt: skip
+
+    ones = [replace(c, public_key=new_key()) for c in configs]
+    t = time.perf_counter()
+    for c in ones:
+        dev.set_peer(c)
+    one_s = time.perf_counter() - t
+    print(f"\n2000 peers: set_peer one by one {one_s * 1e3:.0f} ms, "
+          f"set_peers {batch_s * 1e3:.0f} ms")  # fmt: skip
+
+
+def test_set_peers_updates_in_order_and_never_creates(dev: UAPIDevice) -> None:
+    present, absent, added = new_key(), new_key(), new_key()
+    dev.set_peer(PeerConfig(present, ep("198.18.98.2:51821"), (net("100.65.98.2/32"),)))
+    dev.set_peers(
+        [PeerConfig(absent, ep("198.18.98.5:51821"), (net("100.65.98.5/32"),),
+                    persistent_keepalive=1, update_only=True),
+         PeerConfig(present, persistent_keepalive=7, update_only=True),
+         PeerConfig(added, allowed_ips=(net("100.65.98.3/32"),), persistent_keepalive=9),
+         PeerConfig(added, allowed_ips=(net("100.65.98.4/32"),), update_only=True),
+         PeerConfig(present, endpoint=ep("[fd18:98::2]:40000"), update_only=True)]
+    )  # fmt: skip
+    peers = dev.read().peers
+    assert set(peers) == {present, added}
+    p_ips, a_ips = (net("100.65.98.2/32"),), (net("100.65.98.4/32"),)
+    assert peers[present] == PeerState(present, ep("[fd18:98::2]:40000"), p_ips,
+                                       persistent_keepalive=7)  # fmt: skip
+    assert peers[added] == PeerState(added, None, a_ips, persistent_keepalive=9)
+    dev.set_peers([])  # nothing to do
+
+
+def test_set_peers_error_fails_the_batch_then_device_still_usable(dev: UAPIDevice) -> None:
+    configs = [PeerConfig(new_key(), allowed_ips=(net(f"10.4.0.{i}/32"),)) for i in range(20)]
+    configs[10] = replace(configs[10], persistent_keepalive=70000)
+    with pytest.raises(DeviceError) as e:
+        dev.set_peers(configs)
+    assert str(e.value).startswith(f"{dev.name}: set_peers (20 peers) failed: ")
+    assert "errno=-22" in str(e.value)
+    # not atomic: wireguard-go applied the peers before the bad line (and created that one)
+    assert set(configs[i].public_key for i in range(10)) <= set(dev.handshakes())
+    configs[10] = replace(configs[10], persistent_keepalive=5)
+    dev.set_peers(configs)  # the whole batch again: re-applying is harmless
+    peers = dev.read().peers
+    assert set(peers) == {c.public_key for c in configs}
+    assert peers[configs[10].public_key].persistent_keepalive == 5
 
 
 # -- errors and reconnection -------------------------------------------------------------------
@@ -394,6 +496,10 @@ def test_role_inversion_keepalive_on_then_off(pair: Pair) -> None:
     state = pair.dev.read().peers[pair.client_key]
     assert state.persistent_keepalive == 0
     assert pair.client_dev.read().peers[pair.gw_key].last_handshake is not None
+    # handshakes() says the same as read(), and the time is now
+    assert state.last_handshake is not None
+    assert pair.dev.handshakes() == {pair.client_key: state.last_handshake}
+    assert abs(state.last_handshake - time.time()) < 5
 
     # no lingering keepalive: once the confirming keepalive is out, the gateway stays silent
     # (a 1 s persistent keepalive would add 32 bytes within this 1.5 s window)
@@ -406,6 +512,21 @@ def test_role_inversion_keepalive_on_then_off(pair: Pair) -> None:
 
     # and the session carries the client's traffic
     pair.client.ns.run("ping", "-c", "1", "-W", "2", "100.65.98.1")
+
+
+def test_role_inversion_in_one_set_peers_batch(pair: Pair) -> None:
+    """Two sections for the same peer in one `set=1` (what set_peers sends for an install and
+    its keepalive off): wireguard-go finishes the first section, sending the keepalive that
+    starts the handshake, before it reads the second. So installs with role inversion can
+    be batched."""
+    assert pair.dev.handshakes() == {}
+    pair.dev.set_peers(
+        [client_config(pair, keepalive=1),
+         PeerConfig(pair.client_key, persistent_keepalive=0, update_only=True)]
+    )  # fmt: skip
+    wait_until("the gateway's handshake with the client",
+               lambda: pair.dev.handshakes()[pair.client_key] > 0, timeout=2.0)  # fmt: skip
+    assert pair.dev.read().peers[pair.client_key].persistent_keepalive == 0
 
 
 def test_keepalive_on_and_off_in_one_transaction_sends_nothing(pair: Pair) -> None:

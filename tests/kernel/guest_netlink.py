@@ -1,9 +1,10 @@
 """NetlinkDevice against real kernel WireGuard; runs INSIDE the qemu guest (tests/kernel).
 
 Mirrors tests/e2e/test_device_uapi.py: reading, adding, updating (update_only, replaced
-allowed IPs), batched removal, the errors a kernel user meets, the interface vanishing and
-coming back, and role inversion between two kernel interfaces. Not collected on the host (the
-file name does not start with test_): test_kernel.py passes it to pytest in the guest.
+allowed IPs), batched adds and updates (set_peers), batched removal, handshakes(), the errors
+a kernel user meets, the interface vanishing and coming back, and role inversion between two
+kernel interfaces (also batched). Not collected on the host (the file name does not start with
+test_): test_kernel.py passes it to pytest in the guest.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 
 from tests.e2e.conftest import Netns, unique_name, wait_until
 from wgjit.addr import Endpoint, IPNetwork
-from wgjit.device import DeviceNotFound, PeerConfig, PeerState, open_device
+from wgjit.device import DeviceError, DeviceNotFound, PeerConfig, PeerState, open_device
 from wgjit.device.netlink import (
     InterfaceMissing,
     NetlinkDevice,
@@ -226,9 +227,9 @@ def test_batch_remove_leaves_others_untouched(dev: NetlinkDevice) -> None:
         dev.set_peer(PeerConfig(k, ep("198.18.98.2:51821"), (n,), persistent_keepalive=25))
     doomed = [new_key() for _ in range(3000)]
     dev.set_peers(
-        PeerConfig(k, allowed_ips=(net(f"10.1.{i // 256}.{i % 256}/32"),))
-        for i, k in enumerate(doomed)
-    )
+        [PeerConfig(k, allowed_ips=(net(f"10.1.{i // 256}.{i % 256}/32"),))
+         for i, k in enumerate(doomed)]
+    )  # fmt: skip
     assert len(dev.read().peers) == 3003
 
     t = time.perf_counter()
@@ -255,6 +256,77 @@ def test_the_device_own_key_is_ignored_as_peer(dev: NetlinkDevice) -> None:
     assert own is not None
     dev.set_peer(PeerConfig(own, allowed_ips=(net("100.65.98.2/32"),)))
     assert dev.read().peers == {}
+
+
+def test_handshakes_of_peers_that_never_shook_hands(dev: NetlinkDevice) -> None:
+    assert dev.handshakes() == {}
+    keys = [new_key() for _ in range(50)]
+    dev.set_peers([PeerConfig(k, ep("198.18.98.2:51821"), (net(f"10.3.0.{i}/32"),))
+                   for i, k in enumerate(keys)])  # fmt: skip
+    assert dev.handshakes() == dict.fromkeys(keys, 0.0)
+    dev.remove_peers(keys[:10])
+    assert dev.handshakes() == dict.fromkeys(keys[10:], 0.0)
+
+
+def test_set_peers_many_per_message_with_every_field(dev: NetlinkDevice, gw: KernelWg) -> None:
+    """3 000 peers of ~150 bytes: a few 64 KiB messages, not 3 000."""
+    psk = PresharedKey.generate()
+    configs = [
+        PeerConfig(new_key(), ep(f"198.18.98.2:{1024 + i}"),
+                   (net(f"10.2.{i // 256}.{i % 256}/32"), net(f"fd65:98::{i:x}/128")),
+                   preshared_key=psk if i % 2 else None, persistent_keepalive=i % 3)
+        for i in range(3000)
+    ]  # fmt: skip
+    t = time.perf_counter()
+    dev.set_peers(configs)
+    print(f"\nset_peers: 3000 peers took {(time.perf_counter() - t) * 1e3:.0f} ms")
+    peers = dev.read().peers
+    assert len(peers) == 3000
+    for c in configs:
+        assert peers[c.public_key] == PeerState(
+            c.public_key, c.endpoint, c.allowed_ips or (),
+            persistent_keepalive=c.persistent_keepalive or 0,
+        )  # fmt: skip
+    psks = dict(
+        line.split("\t") for line in gw.wg("show", gw.ifname, "preshared-keys").splitlines()
+    )
+    assert psks == {c.public_key.b64(): psk.b64() if c.preshared_key else "(none)"
+                    for c in configs}  # fmt: skip
+    assert dev.handshakes() == dict.fromkeys(peers, 0.0)
+
+
+def test_set_peers_updates_in_order_and_never_creates(dev: NetlinkDevice) -> None:
+    present, absent, added = new_key(), new_key(), new_key()
+    dev.set_peer(PeerConfig(present, ep("198.18.98.2:51821"), (net("100.65.98.2/32"),)))
+    dev.set_peers(
+        [PeerConfig(absent, ep("198.18.98.5:51821"), (net("100.65.98.5/32"),),
+                    persistent_keepalive=1, update_only=True),
+         PeerConfig(present, persistent_keepalive=7, update_only=True),
+         PeerConfig(added, allowed_ips=(net("100.65.98.3/32"),), persistent_keepalive=9),
+         PeerConfig(added, allowed_ips=(net("100.65.98.4/32"),), update_only=True),
+         PeerConfig(present, endpoint=ep("[fd18:98::2]:40000"), update_only=True)]
+    )  # fmt: skip
+    peers = dev.read().peers
+    assert set(peers) == {present, added}
+    p_ips, a_ips = (net("100.65.98.2/32"),), (net("100.65.98.4/32"),)
+    assert peers[present] == PeerState(present, ep("[fd18:98::2]:40000"), p_ips,
+                                       persistent_keepalive=7)  # fmt: skip
+    assert peers[added] == PeerState(added, None, a_ips, persistent_keepalive=9)
+    dev.set_peers([])  # nothing to do
+
+
+def test_set_peers_errors_name_the_interface(dev: NetlinkDevice, gw: KernelWg) -> None:
+    configs = [PeerConfig(new_key(), allowed_ips=(net(f"10.4.0.{i}/32"),)) for i in range(20)]
+    bad = list(configs)
+    bad[10] = replace(bad[10], persistent_keepalive=70000)
+    with pytest.raises(DeviceError, match=rf"^{gw.ifname}: set_peers \(20 peers\): persistent"):
+        dev.set_peers(bad)
+    assert dev.handshakes() == {}  # every peer is checked before anything is sent
+    gw.ns.run("ip", "link", "del", gw.ifname)
+    with pytest.raises(InterfaceMissing, match=f"interface '{gw.ifname}' does not exist"):
+        dev.set_peers(configs)
+    with pytest.raises(InterfaceMissing):
+        dev.handshakes()
 
 
 # -- errors a kernel user meets ---------------------------------------------------------------
@@ -377,6 +449,9 @@ def test_role_inversion_keepalive_on_then_off(pair: Pair) -> None:
         print(f"\nrole inversion on kernel WireGuard: {(time.monotonic() - t0) * 1e3:.0f} ms")
         state = dev.read().peers[pair.client_key]
         assert state.persistent_keepalive == 0
+        assert state.last_handshake is not None
+        assert dev.handshakes() == {pair.client_key: state.last_handshake}
+        assert abs(state.last_handshake - time.time()) < 10
         # no lingering keepalive: a 1 s keepalive would add 32 bytes within this 2.5 s window
         time.sleep(0.5)
         tx = dev.read().peers[pair.client_key].tx_bytes
@@ -385,3 +460,26 @@ def test_role_inversion_keepalive_on_then_off(pair: Pair) -> None:
             assert dev.read().peers[pair.client_key].tx_bytes == tx
             time.sleep(0.1)
     pair.client.ns.run("ping", "-c", "1", "-W", "3", "100.65.98.1")
+
+    # a peer whose allowed IPs span several dump messages: the continuations carry only the
+    # key, and handshakes() keeps the time from the first part
+    with InNs(pair.gw.ns), NetlinkDevice(pair.gw.ifname) as dev:
+        many = (net("100.65.98.2/32"), *(net(f"10.{i // 256}.{i % 256}.0/24") for i in range(1500)))
+        dev.set_peer(PeerConfig(pair.client_key, allowed_ips=many, update_only=True))
+        state = dev.read().peers[pair.client_key]
+        assert len(state.allowed_ips) == 1501 and state.last_handshake
+        assert dev.handshakes() == {pair.client_key: state.last_handshake}
+
+
+def test_role_inversion_in_one_set_peers_batch(pair: Pair) -> None:
+    """The kernel sends the keepalive (starting the handshake) while it applies the first peer
+    of the message, before it reads the keepalive-off update: role inversion can be batched."""
+    with InNs(pair.gw.ns), NetlinkDevice(pair.gw.ifname) as dev:
+        dev.set_peers(
+            [PeerConfig(pair.client_key, ep(f"198.18.98.2:{CLIENT_PORT}"),
+                        (net("100.65.98.2/32"),), persistent_keepalive=1),
+             PeerConfig(pair.client_key, persistent_keepalive=0, update_only=True)]
+        )  # fmt: skip
+        wait_until("the gateway's handshake with the client",
+                   lambda: dev.handshakes()[pair.client_key] > 0, timeout=4.0)  # fmt: skip
+        assert dev.read().peers[pair.client_key].persistent_keepalive == 0

@@ -175,7 +175,7 @@ def test_guest_pytest_passed(guest: GuestRun) -> None:
 
 
 def test_netlink_device_on_kernel_wireguard(guest: GuestRun) -> None:
-    check_group(guest, "tests.kernel.guest_netlink", 15)
+    check_group(guest, "tests.kernel.guest_netlink", 20)
 
 
 def test_gateway_e2e_on_kernel_wireguard(guest: GuestRun) -> None:

@@ -61,7 +61,7 @@ class SyncGateway:
         )
 
     def start(self) -> None:
-        self.run(self.policy.reconcile(self.device.read().peers, self.clock()))
+        self.run(self.policy.reconcile(self.device.handshakes(), self.clock()))
 
     def handle(self, knock: Knock) -> Outcome:
         seen = len(self.verdicts)

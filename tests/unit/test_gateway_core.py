@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
@@ -35,8 +35,8 @@ class FakeDevice:
         self.peers: dict[PublicKey, PeerState] = {}
         self.calls: list[PeerConfig] = []
 
-    def read(self) -> DeviceState:
-        return DeviceState(self.name, self.private_key, 51820, dict(self.peers))
+    def read(self, peers: bool = True) -> DeviceState:
+        return DeviceState(self.name, self.private_key, 51820, dict(self.peers) if peers else {})
 
     def set_peer(self, config: PeerConfig) -> None:
         self.calls.append(config)
@@ -56,9 +56,19 @@ class FakeDevice:
             ),
         )
 
+    def handshakes(self) -> dict[PublicKey, float]:
+        return {k: ps.last_handshake or 0.0 for k, ps in self.peers.items()}
+
+    def set_peers(self, configs: Sequence[PeerConfig]) -> None:
+        for c in configs:
+            self.set_peer(c)
+
     def remove_peers(self, keys: Iterable[PublicKey]) -> None:
         for k in keys:
             self.peers.pop(k, None)
+
+    def identity(self) -> object:
+        return id(self)
 
     def close(self) -> None:
         pass
@@ -217,12 +227,23 @@ def test_reconcile_removes_what_store_does_not_allow(tmp_path: Path) -> None:
     assert set(g.installed) == {keep}
 
 
-def test_per_source_rate_limit(env: Env) -> None:
-    g, dev, store, gw_key, out, clock = env
-    c = PrivateKey.generate()
-    outcomes = [g.handle(knock(initiation(c, gw_key, 1e9 + i), clock.t)) for i in range(40)]
-    assert outcomes.count("rate_limited") == 20
-    assert outcomes.count("unknown") + outcomes.count("negative_cached") == 20
+def test_per_source_rate_limit_only_under_load(tmp_path: Path) -> None:
+    """Like the kernel's: a crowd behind one address (NAT) is not limited while the gateway
+    keeps up; under load each address gets per_source_rate."""
+    for under_load, limited in ((False, 0), (True, 20)):
+        gw_key = PrivateKey.generate()
+        g = SyncGateway(
+            FakeDevice(gw_key), open_store(str(tmp_path / f"{under_load}.db")),
+            GatewayConfig(testing_always_under_load=under_load), EventLog(io.StringIO()),
+            Responder(gw_key), Clock(),
+        )  # fmt: skip
+        g.start()
+        outcomes = [
+            g.handle(knock(initiation(PrivateKey.generate(), gw_key, 1e9), g.clock()))
+            for _ in range(40)
+        ]
+        assert outcomes.count("rate_limited") == limited
+        assert outcomes.count("unknown") == 40 - limited
 
 
 def test_short_timers_need_explicit_testing_flag() -> None:
@@ -289,3 +310,57 @@ def test_reconcile_corrects_allowed_ips_the_store_changed_meanwhile(tmp_path: Pa
     g.start()
     assert dev.peers[k].allowed_ips == parse_networks("100.65.0.9/32")
     assert k in g.installed
+
+
+def test_disabled_peer_evicted_and_refused_then_back_when_enabled(env: Env) -> None:
+    g, dev, store, gw_key, out, clock = env
+    c = PrivateKey.generate()
+    store.add_peer("alice", c.public_key(), parse_networks("100.65.0.11/32"))
+    assert g.handle(knock(initiation(c, gw_key, 1e9), clock.t)) == "installed"
+    store.update_peer("alice", disabled=True)
+    g.poll_changes()
+    assert c.public_key() not in dev.peers
+    assert events(out, "evict")[-1]["reason"] == "disabled"
+    clock.t += 3
+    assert g.handle(knock(initiation(c, gw_key, 1e9 + 1), clock.t)) == "disabled"
+    store.update_peer("alice", disabled=False)
+    g.poll_changes()  # the change also clears the negative cache
+    assert g.handle(knock(initiation(c, gw_key, 1e9 + 2), clock.t)) == "installed"
+
+
+def test_expired_peer_evicted_when_the_time_comes_and_refused(env: Env) -> None:
+    g, dev, store, gw_key, out, clock = env
+    c = PrivateKey.generate()
+    store.add_peer("temp", c.public_key(), parse_networks("100.65.0.12/32"),
+                   expires_at=clock.t + 60)  # fmt: skip
+    assert g.handle(knock(initiation(c, gw_key, 1e9), clock.t)) == "installed"
+    clock.t += 59
+    g.tick()
+    assert c.public_key() in dev.peers
+    clock.t += 1.5
+    g.tick()  # no store change announces an expiry: the gateway's own timer does
+    assert c.public_key() not in dev.peers
+    assert events(out, "evict")[-1]["reason"] == "expired"
+    assert g.handle(knock(initiation(c, gw_key, 1e9 + 1), clock.t)) == "expired"
+
+
+@pytest.mark.parametrize("adopt", [False, True])
+def test_a_store_that_knows_none_of_the_device_peers_removes_nothing(
+    tmp_path: Path, adopt: bool
+) -> None:
+    gw_key = PrivateKey.generate()
+    dev = FakeDevice(gw_key)
+    store = open_store(str(tmp_path / "other.db"))
+    store.add_peer("someone-else", PrivateKey.generate().public_key(),
+                   parse_networks("100.65.0.2/32"))  # fmt: skip
+    live = [PrivateKey.generate().public_key() for _ in range(3)]
+    for k in live:
+        dev.peers[k] = PeerState(k)
+    g = SyncGateway(dev, store, GatewayConfig(adopt_empty_store=adopt), EventLog(io.StringIO()),
+                    Responder(gw_key), Clock())  # fmt: skip
+    g.start()
+    if adopt:
+        assert g.policy.refused_start is None and dev.peers == {}
+    else:
+        assert g.policy.refused_start and "--adopt-empty-store" in g.policy.refused_start
+        assert set(dev.peers) == set(live)  # the live peers are still there

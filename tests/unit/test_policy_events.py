@@ -11,6 +11,7 @@ import pytest
 from tests.unit.test_gateway_core import Clock, FakeDevice, events, initiation, knock
 from wgjit.addr import Endpoint, parse_networks
 from wgjit.capture.packet import Knock
+from wgjit.cookie import CookieChecker, add_mac2, open_cookie_reply
 from wgjit.device import PeerState
 from wgjit.events import EventLog
 from wgjit.gateway.core import GatewayConfig, Policy
@@ -21,13 +22,14 @@ from wgjit.gateway.effects import (
     Lookup,
     Purpose,
     ReadHandshakes,
+    ReadIdentity,
     Remove,
     Verdict,
     perform,
     run_inline,
 )
 from wgjit.gateway.outcome import Outcome
-from wgjit.handshake import Responder
+from wgjit.handshake import OFF_MAC1, OFF_MAC2, Responder
 from wgjit.keys import PrivateKey
 from wgjit.store import Store, StoreError, open_store
 
@@ -245,3 +247,87 @@ def test_peer_installed_during_a_sweep_is_not_forgotten(loop: Loop) -> None:
         loop.tick()
     assert a.public_key() in loop.policy.installed
     assert not any(isinstance(e, Remove) for e in loop.pending)
+
+
+def test_under_load_a_knock_without_mac2_gets_a_cookie_and_no_dh(tmp_path: Path) -> None:
+    loop = Loop(tmp_path)
+    loop.policy.cookies = CookieChecker(loop.gw_key.public_key())
+    a = loop.peer("alice")
+    pkt = initiation(a, loop.gw_key, 1e9)
+    # not under load: straight to the look-up
+    k0 = knock(pkt, loop.clock.t)
+    loop.knock(k0)
+    assert loop.outcome(k0) is None
+    # a knock that waited 300 ms in the kernel's queue means load
+    k = knock(initiation(a, loop.gw_key, 1e9 + 1), loop.clock.t - 0.3)
+    loop.knock(k)
+    assert loop.outcome(k) == Outcome.COOKIE and not Outcome.COOKIE.accepts
+    v = next(v for v in loop.verdicts if v.ticket is k)
+    assert v.reply is not None
+    assert events(loop.out, "under_load")
+    # the client puts the cookie into mac2 of its retry: admitted (while load lasts)
+    cookie = open_cookie_reply(v.reply, loop.gw_key.public_key(), k.payload[OFF_MAC1:OFF_MAC2])
+    retry = knock(add_mac2(initiation(a, loop.gw_key, 1e9 + 5), cookie), loop.clock.t)
+    loop.knock(retry)
+    assert loop.outcome(retry) is None  # waits for alice's look-up with the first knock
+    loop.answer(Lookup)
+    loop.answer(Admit)
+    loop.answer(Install)
+    assert loop.outcome(retry) == Outcome.INSTALLED
+    # load ends a second after its last sign
+    loop.clock.t += 1.5
+    k2 = knock(initiation(PrivateKey.generate(), loop.gw_key, 1e9), loop.clock.t)
+    loop.knock(k2)
+    assert loop.outcome(k2) is None
+
+
+def test_under_load_ipv6_senders_share_a_limit_per_64(tmp_path: Path) -> None:
+    loop = Loop(tmp_path, testing_always_under_load=True)  # no cookies: limits only
+    outcomes = []
+    for i in range(30):
+        src = Endpoint.parse(f"[fd18:0:0:1::{i + 1:x}]:4000")  # one /64, many addresses
+        k = knock(initiation(PrivateKey.generate(), loop.gw_key, 1e9), loop.clock.t, src)
+        loop.knock(k)
+        outcomes.append(loop.outcome(k))
+    assert outcomes.count(Outcome.RATE_LIMITED) == 10
+    other = knock(
+        initiation(PrivateKey.generate(), loop.gw_key, 1e9), loop.clock.t,
+        Endpoint.parse("[fd18:0:0:2::1]:4000"),
+    )  # fmt: skip
+    loop.knock(other)
+    assert loop.outcome(other) is None  # another /64 has its own budget
+
+
+def test_garbage_spends_no_budget(tmp_path: Path) -> None:
+    loop = Loop(tmp_path, global_rate=1.0, global_burst=1.0)
+    for _ in range(50):
+        junk = knock(initiation(PrivateKey.generate(), PrivateKey.generate(), 1e9), loop.clock.t)
+        loop.knock(junk)
+        assert loop.outcome(junk) == Outcome.BAD_MAC1
+    k = knock(initiation(loop.peer("alice"), loop.gw_key, 1e9), loop.clock.t)
+    loop.knock(k)
+    assert loop.outcome(k) is None  # the one token was still there
+
+
+def test_device_created_anew_is_swept_at_once(loop: Loop) -> None:
+    a = loop.peer("alice")
+    loop.knock(knock(initiation(a, loop.gw_key, 1e9), loop.clock.t))
+    loop.answer(Lookup)
+    loop.answer(Admit)
+    loop.answer(Install)
+    loop.clock.t += 1.0
+    loop.tick()
+    loop.answer(ReadIdentity)  # the same device: nothing to do
+    assert not any(isinstance(e, ReadHandshakes) for e in loop.pending)
+    # wireguard-go restarts: an empty device with a new identity
+    loop.dev.peers.clear()
+    loop.dev.identity = lambda: "new"  # type: ignore[method-assign]
+    loop.clock.t += 1.0
+    loop.tick()
+    loop.answer(ReadIdentity)
+    assert events(loop.out, "device_changed")
+    loop.tick()  # the sweep is due now, not in 15 s
+    loop.answer(ReadHandshakes)
+    while loop.policy.sweeping:
+        loop.tick()
+    assert a.public_key() not in loop.policy.installed

@@ -14,13 +14,18 @@ from typing import Any
 import psycopg
 import pytest
 
-from wgjit.addr import parse_networks
+from wgjit.addr import IPNetwork, parse_networks
 from wgjit.keys import PrivateKey, PublicKey
-from wgjit.store import Handshake, Peer, Store, UnknownPeer, open_store
+from wgjit.store import Handshake, Peer, PeerRefused, Store, UnknownPeer, open_store
 from wgjit.store.postgres import PostgresStore
 from wgjit.store.sqlite import SQLiteStore
 
 NETS = parse_networks("100.65.0.2/32")
+
+
+def net(i: int) -> tuple[IPNetwork, ...]:
+    """Another peer's prefix (stores refuse overlapping ones)."""
+    return parse_networks(f"100.65.1.{i}/32")
 
 
 def tai64n(seconds: int, nanos: int = 0) -> bytes:
@@ -77,7 +82,7 @@ def test_a_removed_key_added_back_keeps_its_mark(store: Store) -> None:
     # removed again: the newer mark is kept; a key never seen before has none
     store.remove("alice2")
     assert store.add_peer("alice", k, NETS).handshake_hwm == tai64n(101)
-    assert store.add_peer("bob", new_key(), NETS).handshake_hwm is None
+    assert store.add_peer("bob", new_key(), net(1)).handshake_hwm is None
     # a peer removed before any handshake leaves nothing behind
     store.remove("bob")
     store.remove("alice")
@@ -87,7 +92,7 @@ def test_a_removed_key_added_back_keeps_its_mark(store: Store) -> None:
 def test_a_removed_key_imported_back_keeps_the_later_mark(store: Store) -> None:
     k, j = new_key(), new_key()
     store.add_peer("alice", k, NETS)
-    store.add_peer("bob", j, NETS)
+    store.add_peer("bob", j, net(1))
     store.advance_handshake(Handshake(k, tai64n(100), 1.0))
     store.advance_handshake(Handshake(j, tai64n(100), 1.0))
     store.remove("alice")
@@ -95,8 +100,8 @@ def test_a_removed_key_imported_back_keeps_the_later_mark(store: Store) -> None:
     res = store.import_peers(
         [
             Peer("alice", k, NETS, handshake_hwm=tai64n(50)),  # an older backup
-            Peer("bob", j, NETS, handshake_hwm=tai64n(200)),  # a newer one
-            Peer("carol", new_key(), NETS),
+            Peer("bob", j, net(1), handshake_hwm=tai64n(200)),  # a newer one
+            Peer("carol", new_key(), net(2)),
         ]
     )
     assert (res.added, res.reused_keys) == (3, 2)
@@ -105,7 +110,7 @@ def test_a_removed_key_imported_back_keeps_the_later_mark(store: Store) -> None:
     assert mark_of(store, "carol") is None
     # back in the store: removing and re-adding keeps working from the new marks
     store.remove("bob")
-    assert store.add_peer("bob", j, NETS).handshake_hwm == tai64n(200)
+    assert store.add_peer("bob", j, net(1)).handshake_hwm == tai64n(200)
 
 
 def _raw_sql(store: Store, sql: str, *params: object) -> None:
@@ -124,16 +129,49 @@ def test_a_key_change_retires_the_old_mark_and_restores_the_new(store: Store) ->
     adding the new one, whoever issues the UPDATE."""
     old, new, other = new_key(), new_key(), new_key()
     store.add_peer("alice", old, NETS)
-    store.add_peer("bob", new, NETS)
+    store.add_peer("bob", new, net(1))
     store.advance_handshake(Handshake(old, tai64n(100), 1.0))
     store.advance_handshake(Handshake(new, tai64n(300), 1.0))
     store.remove("bob")  # `new` retired with its mark
     _raw_sql(store, "UPDATE peers SET public_key = ? WHERE name = 'alice'", new.raw)
     assert mark_of(store, "alice") == tai64n(300)  # the greater of the row's and new's marks
-    assert store.add_peer("carol", old, NETS).handshake_hwm == tai64n(100)
+    assert store.add_peer("carol", old, net(2)).handshake_hwm == tai64n(100)
     # carol's key changes: `old` is retired again, with the mark the row had
     _raw_sql(store, "UPDATE peers SET public_key = ? WHERE name = 'carol'", other.raw)
-    assert store.add_peer("dave", old, NETS).handshake_hwm == tai64n(100)
+    assert store.add_peer("dave", old, net(3)).handshake_hwm == tai64n(100)
+
+
+def test_rotation_retires_the_old_mark_and_restores_the_new(store: Store) -> None:
+    """update_peer(public_key=...) (`peer rotate`): the old key's mark is retired, not
+    forgotten; the peer starts afresh with the new key, or from the new key's retired mark;
+    the old key's claim goes, and the feed announces both keys."""
+    k1, k2, k3 = new_key(), new_key(), new_key()
+    store.add_peer("alice", k1, NETS)
+    store.advance_handshake(Handshake(k1, tai64n(100), 1.0))
+    store.heartbeat("gw-a")
+    store.claim(k1, "gw-a")
+    cursor = store.change_cursor()
+    rotated = store.update_peer("alice", public_key=k2)
+    assert (rotated.public_key, rotated.handshake_hwm, rotated.holder) == (k2, None, None)
+    assert (rotated.last_seen, store.lookup(k1)) == (None, None)
+    assert set(store.changes_since(cursor)[0]) == {k1, k2}
+    assert store.advance_handshake(Handshake(k2, tai64n(5), 2.0))  # a fresh start
+    # the old key keeps its mark: added again under any name, a captured initiation of it
+    # is still refused
+    assert store.add_peer("old-alice", k1, net(1)).handshake_hwm == tai64n(100)
+    assert not store.advance_handshake(Handshake(k1, tai64n(100), 3.0))
+    store.remove("old-alice")
+    # rotating back to a retired key takes its mark (and retires the current one, tai64n(5))
+    back = store.update_peer("alice", public_key=k1)
+    assert back.handshake_hwm == tai64n(100) and mark_of(store, "alice") == tai64n(100)
+    # a key that never had a mark is retired as nothing
+    store.update_peer("alice", public_key=k3)
+    assert store.add_peer("k2", k2, net(2)).handshake_hwm == tai64n(5)
+    store.update_peer("alice", public_key=k1)
+    assert store.add_peer("k3", k3, net(3)).handshake_hwm is None
+    # re-applying the same key changes nothing
+    same = store.update_peer("alice", public_key=k1)
+    assert same.handshake_hwm == tai64n(100)
 
 
 def test_upgraded_store_keeps_marks_of_keys_removed_after_the_upgrade(
@@ -158,6 +196,50 @@ def test_upgraded_store_keeps_marks_of_keys_removed_after_the_upgrade(
             assert upgraded.add_peer("alice", k, NETS).handshake_hwm == tai64n(100)
 
 
+def test_a_store_made_before_retired_keys_upgrades_with_everything_in_it(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The retired-keys step comes after every step that stores made without it have (SQLite
+    5 after 1-4, PostgreSQL 4 after 1-3): such a store upgrades in place and keeps its peers,
+    prefixes, lifecycle, claims and marks."""
+    from wgjit.store import postgres as pg_mod
+    from wgjit.store import sqlite as sqlite_mod
+
+    for mod, url, before in (
+        (sqlite_mod, f"sqlite://{tmp_path}/old.db", 4),
+        (pg_mod, request.getfixturevalue("pg_url"), 3),
+    ):
+        full = mod.MIGRATIONS
+        assert len(full) == before + 1 and "retired_keys" in str(full[-1][0])
+        k, j = new_key(), new_key()
+        monkeypatch.setattr(mod, "MIGRATIONS", full[:before])  # the schema before
+        with open_store(url) as old:
+            old.add_peer("alice", k, NETS, expires_at=4_000_000_000.0)
+            old.add_peer("bob", j, net(1))
+            old.update_peer("bob", disabled=True)
+            old.advance_handshake(Handshake(k, tai64n(100), 1.0))
+            old.advance_handshake(Handshake(j, tai64n(200), 1.0))
+            old.heartbeat("gw-a")
+            old.claim(k, "gw-a")
+        monkeypatch.setattr(mod, "MIGRATIONS", full)
+        with open_store(url) as new:
+            alice, bob = new.get_peer("alice"), new.get_peer("bob")
+            assert alice is not None and bob is not None
+            assert (alice.handshake_hwm, alice.holder, alice.expires_at) == (
+                tai64n(100), "gw-a", 4_000_000_000.0
+            )  # fmt: skip
+            assert (bob.handshake_hwm, bob.disabled, bob.refusal(0.0)) == (
+                tai64n(200), True, "disabled"
+            )  # fmt: skip
+            with pytest.raises(PeerRefused):  # the prefix index survived
+                new.add_peer("carol", new_key(), NETS)
+            # and the new step works on the old rows
+            new.remove("bob")
+            new.update_peer("alice", public_key=j)
+            assert mark_of(new, "alice") == tai64n(200)
+            assert new.add_peer("carol", k, net(2)).handshake_hwm == tai64n(100)
+
+
 # -- import never moves a mark backwards ------------------------------------------------------
 
 
@@ -174,10 +256,56 @@ def test_import_moves_marks_only_forward(store: Store) -> None:
         assert mark_of(store, "alice") == tai64n(150)
     res = store.import_peers([Peer("alice", k, NETS, handshake_hwm=tai64n(151))])
     assert res.updated == 1 and mark_of(store, "alice") == tai64n(151)
-    new = store.import_peers([Peer("new", new_key(), NETS, handshake_hwm=tai64n(7))])
+    new = store.import_peers([Peer("new", new_key(), net(1), handshake_hwm=tai64n(7))])
     assert (new.added, new.reused_keys) == (1, 0) and mark_of(store, "new") == tai64n(7)
     with pytest.raises(ValueError, match="12 bytes"):
-        store.import_peers([Peer("bad", new_key(), NETS, handshake_hwm=b"short")])
+        store.import_peers([Peer("bad", new_key(), net(2), handshake_hwm=b"short")])
+
+
+def test_import_restores_lifecycle_and_never_widens_access(store: Store) -> None:
+    """A new peer is imported as written (a restored backup: disabled, expiry); an existing
+    one can be disabled or given an earlier expiry by an import, never enabled or extended
+    (an old file re-imported must not undo `peer disable` or a shortened expiry)."""
+    k, j = new_key(), new_key()
+    res = store.import_peers(
+        [
+            Peer("alice", k, NETS, disabled=True, expires_at=2_000_000_000.0),
+            Peer("bob", j, net(1)),
+        ]
+    )
+    alice = store.get_peer("alice")
+    assert res.added == 2 and alice is not None
+    assert (alice.disabled, alice.expires_at) == (True, 2_000_000_000.0)
+    # the same rows again: nothing to do
+    res = store.import_peers(
+        [Peer("alice", k, NETS, disabled=True, expires_at=2_000_000_000.0), Peer("bob", j, net(1))]
+    )
+    assert (res.updated, res.unchanged) == (0, 2)
+    # an old file: enabled, later or no expiry: alice stays as she is
+    for exp in (None, 3_000_000_000.0):
+        res = store.import_peers([Peer("alice", k, NETS, expires_at=exp)])
+        assert (res.updated, res.unchanged) == (0, 1)
+    alice = store.get_peer("alice")
+    assert alice is not None and (alice.disabled, alice.expires_at) == (True, 2_000_000_000.0)
+    # an earlier expiry and disabling do apply
+    cursor = store.change_cursor()
+    res = store.import_peers(
+        [
+            Peer("alice", k, NETS, expires_at=1_900_000_000.0),
+            Peer("bob", j, net(1), disabled=True, expires_at=2_500_000_000.0),
+        ]
+    )
+    assert res.updated == 2
+    alice, bob = store.get_peer("alice"), store.get_peer("bob")
+    assert alice is not None and bob is not None
+    assert (alice.disabled, alice.expires_at) == (True, 1_900_000_000.0)
+    assert (bob.disabled, bob.expires_at) == (True, 2_500_000_000.0)
+    assert set(store.changes_since(cursor)[0]) == {k, j}  # gateways must hear of both
+    # `peer enable` is how a peer comes back
+    store.update_peer("alice", disabled=False)
+    res = store.import_peers([Peer("alice", k, NETS, expires_at=1_900_000_000.0)])
+    alice = store.get_peer("alice")
+    assert res.unchanged == 1 and alice is not None and not alice.disabled
 
 
 def test_mark_changes_are_not_in_the_change_feed(store: Store) -> None:

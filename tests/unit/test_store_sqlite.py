@@ -3,6 +3,7 @@ PostgreSQL); migrations, files and errors of the SQLite backend."""
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 import stat
 import struct
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from wgjit.addr import parse_networks
+from wgjit.addr import IPNetwork, parse_networks
 from wgjit.keys import PresharedKey, PrivateKey, PublicKey
 from wgjit.store import (
     ChangeFeedExpired,
@@ -31,6 +32,13 @@ from wgjit.store.postgres import PostgresStore
 from wgjit.store.sqlite import LOOKUP_SQL, MIGRATIONS, SQLiteStore, path_from_url
 
 NETS = parse_networks("100.65.0.2/32,fd00:65::2/128")
+_free = itertools.count(10)
+
+
+def ips() -> tuple[IPNetwork, ...]:
+    """Prefixes no other peer of the test holds (a store refuses overlapping ones)."""
+    n = next(_free)
+    return parse_networks(f"100.66.{n // 250}.{n % 250}/32,fd00:66::{n:x}/128")
 
 
 def tai64n(seconds: int, nanos: int = 0) -> bytes:
@@ -103,7 +111,7 @@ def test_add_get_lookup_list(store: Store) -> None:
 def test_list_sorted_by_name_and_empty(store: Store) -> None:
     assert store.list_peers() == []
     for name in ["zed", "alice", "mike"]:
-        store.add_peer(name, new_key(), NETS)
+        store.add_peer(name, new_key(), ips())
     assert [p.name for p in store.list_peers()] == ["alice", "mike", "zed"]
 
 
@@ -117,7 +125,7 @@ def test_no_allowed_ips_round_trips(store: Store) -> None:
 def test_preshared_key_round_trips(store: Store, open_same: Callable[[], Store]) -> None:
     psk = PresharedKey.generate()
     k = new_key()
-    store.add_peer("alice", k, NETS, psk)
+    store.add_peer("alice", k, ips(), psk)
     with open_same() as other:
         peer = other.lookup(k)
     assert peer is not None and peer.preshared_key == psk
@@ -125,26 +133,26 @@ def test_preshared_key_round_trips(store: Store, open_same: Callable[[], Store])
 
 
 def test_duplicate_name(store: Store) -> None:
-    store.add_peer("alice", new_key(), NETS)
+    store.add_peer("alice", new_key(), ips())
     cursor = store.change_cursor()
     with pytest.raises(DuplicatePeer, match=r"^peer 'alice' already exists$"):
-        store.add_peer("alice", new_key(), NETS)
+        store.add_peer("alice", new_key(), ips())
     assert len(store.list_peers()) == 1
     assert store.change_cursor() == cursor  # the failed insert left no trace
 
 
 def test_duplicate_key(store: Store) -> None:
     k = new_key()
-    store.add_peer("bob", k, NETS)
+    store.add_peer("bob", k, ips())
     with pytest.raises(DuplicatePeer) as e:
-        store.add_peer("alice", k, NETS)
+        store.add_peer("alice", k, ips())
     assert str(e.value) == f"public key {k.short()}... is already used by peer 'bob'"
     assert store.get_peer("alice") is None
 
 
 @pytest.mark.parametrize("name", ["a", "A" * 64, "alice@laptop.example-1_x", "-", "1.2"])
 def test_valid_names(store: Store, name: str) -> None:
-    assert store.add_peer(name, new_key(), NETS).name == name
+    assert store.add_peer(name, new_key(), ips()).name == name
 
 
 @pytest.mark.parametrize(
@@ -152,14 +160,14 @@ def test_valid_names(store: Store, name: str) -> None:
 )
 def test_invalid_names(store: Store, name: str) -> None:
     with pytest.raises(InvalidPeerName, match=r"letters, digits, '\.', '_', '@' and '-'"):
-        store.add_peer(name, new_key(), NETS)
+        store.add_peer(name, new_key(), ips())
     assert issubclass(InvalidPeerName, StoreError)
     assert store.list_peers() == []
 
 
 def test_revoke(store: Store) -> None:
     k = new_key()
-    added = store.add_peer("alice", k, NETS)
+    added = store.add_peer("alice", k, ips())
     revoked = store.revoke("alice")
     assert revoked.revoked and revoked.updated_at >= added.updated_at
     assert revoked.created_at == added.created_at
@@ -179,12 +187,12 @@ def test_revoke_and_remove_unknown(store: Store) -> None:
 
 def test_remove(store: Store) -> None:
     k = new_key()
-    added = store.add_peer("alice", k, NETS)
+    added = store.add_peer("alice", k, ips())
     assert store.remove("alice") == added
     assert store.lookup(k) is None and store.get_peer("alice") is None
     with pytest.raises(UnknownPeer):
         store.remove("alice")
-    store.add_peer("alice", k, NETS)  # name and key are free again
+    store.add_peer("alice", k, ips())  # name and key are free again
 
 
 def test_lookup_is_an_indexed_point_query(sqlite_store: SQLiteStore, db: Path) -> None:
@@ -199,7 +207,7 @@ def test_lookup_is_an_indexed_point_query(sqlite_store: SQLiteStore, db: Path) -
 
 def test_advance_handshake_is_monotonic(store: Store) -> None:
     k = new_key()
-    store.add_peer("alice", k, NETS)
+    store.add_peer("alice", k, ips())
     assert store.advance_handshake(Handshake(k, tai64n(1000, 500), 10.0))
     assert not store.advance_handshake(Handshake(k, tai64n(1000, 500), 11.0))  # equal: replay
     assert not store.advance_handshake(Handshake(k, tai64n(1000, 499), 12.0))  # lower
@@ -217,7 +225,7 @@ def test_advance_handshake_is_monotonic(store: Store) -> None:
 def test_advance_handshake_unknown_key_and_bad_timestamp(store: Store) -> None:
     assert not store.advance_handshake(Handshake(new_key(), tai64n(1), 1.0))
     k = new_key()
-    store.add_peer("alice", k, NETS)
+    store.add_peer("alice", k, ips())
     with pytest.raises(ValueError, match="12 bytes"):
         store.advance_handshake(Handshake(k, b"short", 1.0))
 
@@ -227,7 +235,7 @@ def test_advance_handshake_is_atomic_across_threads_and_connections(
 ) -> None:
     k = new_key()
     stores = [open_same(), open_same()]
-    stores[0].add_peer("alice", k, NETS)
+    stores[0].add_peer("alice", k, ips())
     wins: list[int] = []
     lock = threading.Lock()
 
@@ -250,9 +258,9 @@ def test_advance_handshake_is_atomic_across_threads_and_connections(
 
 def test_record_handshakes_batch(store: Store) -> None:
     ka, kb, kc = new_key(), new_key(), new_key()
-    store.add_peer("a", ka, NETS)
-    store.add_peer("b", kb, NETS)
-    store.add_peer("c", kc, NETS)
+    store.add_peer("a", ka, ips())
+    store.add_peer("b", kb, ips())
+    store.add_peer("c", kc, ips())
     assert store.advance_handshake(Handshake(kc, tai64n(500), 5.0))
     cursor = store.change_cursor()
     store.record_handshakes(
@@ -289,7 +297,7 @@ def test_change_feed(store: Store) -> None:
     assert keys == [ka] and c1 == store.change_cursor() > 0
     assert store.changes_since(c1) == ([], c1)
 
-    store.add_peer("bob", kb, NETS)
+    store.add_peer("bob", kb, ips())
     store.revoke("alice")
     keys, c2 = store.changes_since(c1)
     assert keys == [kb, ka] and c2 > c1
@@ -312,7 +320,7 @@ def test_change_feed(store: Store) -> None:
 def test_change_feed_direct_updates(sqlite_store: SQLiteStore, db: Path) -> None:
     """Triggers, not the Python code, feed the feed: edits by other tools are seen too."""
     k, k2 = new_key(), new_key()
-    sqlite_store.add_peer("alice", k, NETS)
+    sqlite_store.add_peer("alice", k, ips())
     c = sqlite_store.change_cursor()
     conn = raw(db)
     conn.execute("UPDATE peers SET last_seen = 5, handshake_hwm = zeroblob(12)")
@@ -329,13 +337,13 @@ def test_change_feed_direct_updates(sqlite_store: SQLiteStore, db: Path) -> None
 
 def test_change_feed_pruning(sqlite_store: SQLiteStore, db: Path) -> None:
     for i in range(3):
-        sqlite_store.add_peer(f"p{i}", new_key(), NETS)
+        sqlite_store.add_peer(f"p{i}", new_key(), ips())
     stale = sqlite_store.change_cursor() - 2  # a reader that saw only the first change
     conn = raw(db)
     conn.execute("UPDATE peer_changes SET at = at - 2 * 86400")  # age them past retention
     current = sqlite_store.change_cursor()
     k = new_key()
-    sqlite_store.add_peer("fresh", k, NETS)  # a write prunes opportunistically
+    sqlite_store.add_peer("fresh", k, ips())  # a write prunes opportunistically
     assert conn.execute("SELECT count(*) FROM peer_changes").fetchone()[0] == 1
     # a reader that keeps up misses nothing; the cursor never goes back
     assert sqlite_store.changes_since(current) == ([k], current + 1)
@@ -348,12 +356,12 @@ def test_change_feed_pruning(sqlite_store: SQLiteStore, db: Path) -> None:
 
 
 def test_pruning_keeps_recent_entries(sqlite_store: SQLiteStore, db: Path) -> None:
-    sqlite_store.add_peer("old", new_key(), NETS)
-    sqlite_store.add_peer("recent", new_key(), NETS)
+    sqlite_store.add_peer("old", new_key(), ips())
+    sqlite_store.add_peer("recent", new_key(), ips())
     conn = raw(db)
     conn.execute("UPDATE peer_changes SET at = at - 2 * 86400 WHERE seq = 1")
     # a clock step back: a later entry looks old, but it follows a recent one, so it stays
-    sqlite_store.add_peer("clock-stepped", new_key(), NETS)
+    sqlite_store.add_peer("clock-stepped", new_key(), ips())
     conn.execute("UPDATE peer_changes SET at = at - 2 * 86400 WHERE seq = 3")
     sqlite_store.revoke("old")
     seqs = [r[0] for r in conn.execute("SELECT seq FROM peer_changes ORDER BY seq")]
@@ -367,7 +375,7 @@ def test_two_stores_see_each_others_writes(open_same: Callable[[], Store]) -> No
     with open_same() as gateway, open_same() as cli:
         cursor = gateway.change_cursor()
         k = new_key()
-        cli.add_peer("alice", k, NETS)
+        cli.add_peer("alice", k, ips())
         peer = gateway.lookup(k)
         assert peer is not None and peer.name == "alice"
         keys, cursor = gateway.changes_since(cursor)
@@ -384,7 +392,7 @@ def test_two_stores_see_each_others_writes(open_same: Callable[[], Store]) -> No
 
 def test_open_store_urls(tmp_path: Path) -> None:
     with open_store(f"sqlite://{tmp_path}/a.db") as s:
-        s.add_peer("alice", new_key(), NETS)
+        s.add_peer("alice", new_key(), ips())
     with open_store(str(tmp_path / "a.db")) as s:
         assert [p.name for p in s.list_peers()] == ["alice"]
     with pytest.raises(StoreError, match=r"cannot reach the database .*check the server") as e:
@@ -394,7 +402,7 @@ def test_open_store_urls(tmp_path: Path) -> None:
 
 def test_postgres_url_schemes(pg_url: str) -> None:
     with open_store(pg_url.replace("postgresql://", "postgres://", 1)) as s:
-        s.add_peer("alice", new_key(), NETS)
+        s.add_peer("alice", new_key(), ips())
     with open_store(pg_url) as s:
         assert [p.name for p in s.list_peers()] == ["alice"]
         assert isinstance(s, PostgresStore) and s.schema_version == len(PG_MIGRATIONS)
@@ -450,11 +458,41 @@ def test_path_from_url_refuses(url: str) -> None:
 
 
 def test_file_and_directory_modes(db: Path, sqlite_store: SQLiteStore) -> None:
-    sqlite_store.add_peer("alice", new_key(), NETS, PresharedKey.generate())
+    sqlite_store.add_peer("alice", new_key(), ips(), PresharedKey.generate())
     assert stat.S_IMODE(db.stat().st_mode) == 0o600
     assert stat.S_IMODE(db.parent.stat().st_mode) == 0o700
     for side in db.parent.iterdir():  # -wal and -shm hold the same secrets
         assert stat.S_IMODE(side.stat().st_mode) == 0o600, side
+
+
+@pytest.mark.parametrize("create", [True, False])
+def test_existing_files_are_tightened_on_open(db: Path, create: bool) -> None:
+    with SQLiteStore(db) as first:  # kept open: the -wal and -shm files exist meanwhile
+        first.add_peer("alice", new_key(), ips(), PresharedKey.generate())
+        files = [db, *db.parent.glob("peers.db-*")]
+        assert len(files) == 3
+        for f in files:
+            f.chmod(0o644)
+        with SQLiteStore(db, create=create) as s:
+            assert s.list_peers()[0].name == "alice"
+            for f in files:
+                assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+
+
+def test_store_that_cannot_be_tightened_is_refused(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    SQLiteStore(db).close()
+    db.chmod(0o640)
+
+    def denied(path: object, mode: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(sqlite_mod.os, "chmod", denied)
+    with pytest.raises(StoreError) as e:
+        SQLiteStore(db)
+    assert f"store file {db} is readable by other users (mode 0640)" in str(e.value)
+    assert f"run `chmod 600 {db}` as its owner" in str(e.value)
 
 
 def test_pragmas(sqlite_store: SQLiteStore, db: Path) -> None:
@@ -498,7 +536,7 @@ def test_migrates_an_empty_database(tmp_path: Path) -> None:
     conn = raw(empty)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == 0
     with SQLiteStore(empty) as s:
-        s.add_peer("alice", new_key(), NETS)
+        s.add_peer("alice", new_key(), ips())
     assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) >= 1
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"peers", "peer_changes"} <= tables
@@ -521,7 +559,7 @@ def test_upgrade_runs_new_steps_in_one_transaction(
     good = [*MIGRATIONS, ("ALTER TABLE peers ADD COLUMN note TEXT",)]
     monkeypatch.setattr(sqlite_mod, "MIGRATIONS", good)
     with SQLiteStore(db) as s:
-        s.add_peer("alice", new_key(), NETS)
+        s.add_peer("alice", new_key(), ips())
     assert conn.execute("PRAGMA user_version").fetchone()[0] == v + 1
     assert "note" in {r[1] for r in conn.execute("PRAGMA table_info(peers)")}
 
@@ -557,19 +595,19 @@ def test_corrupted_file(tmp_path: Path) -> None:
 def test_busy_database(db: Path) -> None:
     with SQLiteStore(db, busy_timeout=0.1) as s:
         k = new_key()
-        s.add_peer("alice", k, NETS)
+        s.add_peer("alice", k, ips())
         holder = raw(db)
         holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock
         try:
             with pytest.raises(StoreError, match="is busy: another process kept it locked"):
-                s.add_peer("bob", new_key(), NETS)
+                s.add_peer("bob", new_key(), ips())
             with pytest.raises(StoreError, match="is busy"):
                 s.advance_handshake(Handshake(k, tai64n(1), 1.0))
             assert s.lookup(k) is not None  # readers are not blocked (WAL)
             assert s.changes_since(0)[0] == [k]
         finally:
             holder.execute("ROLLBACK")
-        s.add_peer("bob", new_key(), NETS)  # and the store is usable again
+        s.add_peer("bob", new_key(), ips())  # and the store is usable again
 
 
 def test_disk_full(sqlite_store: SQLiteStore) -> None:
@@ -579,7 +617,7 @@ def test_disk_full(sqlite_store: SQLiteStore) -> None:
     conn.execute(f"PRAGMA max_page_count = {pages}")
     with pytest.raises(StoreError, match="disk full"):
         for i in range(1000):
-            sqlite_store.add_peer(f"p{i}", new_key(), NETS, PresharedKey.generate())
+            sqlite_store.add_peer(f"p{i}", new_key(), ips(), PresharedKey.generate())
     assert not conn.in_transaction
 
 
@@ -598,7 +636,7 @@ def test_threads_share_one_store(store: Store) -> None:
         try:
             for i in range(25):
                 k = new_key()
-                store.add_peer(f"t{n}-{i}", k, NETS)
+                store.add_peer(f"t{n}-{i}", k, ips())
                 assert store.lookup(k) is not None
                 store.advance_handshake(Handshake(k, tai64n(i), 1.0))
         except BaseException as e:  # pragma: no cover - reported below
@@ -625,7 +663,7 @@ def test_sqlite_threads_wait_boundedly(db: Path) -> None:
 
         def write() -> None:
             with pytest.raises(StoreError, match="is busy"):
-                s.add_peer("b", new_key(), NETS)
+                s.add_peer("b", new_key(), ips())
 
         stuck = threading.Thread(target=write)
         stuck.start()
@@ -648,8 +686,8 @@ def test_sqlite_threads_wait_boundedly(db: Path) -> None:
 
 def test_claim_moves_and_is_announced(store: Store, open_same: Callable[[], Store]) -> None:
     k, other = new_key(), new_key()
-    store.add_peer("alice", k, NETS)
-    store.add_peer("bob", other, NETS)
+    store.add_peer("alice", k, ips())
+    store.add_peer("bob", other, ips())
     a, b = store, open_same()  # two gateways
     a.heartbeat("gw-a")
     b.heartbeat("gw-b")
@@ -675,7 +713,7 @@ def test_claim_moves_and_is_announced(store: Store, open_same: Callable[[], Stor
         a.claim(new_key(), "gw-a")
     a.claim(k, "gw-a")
     a.remove("alice")  # the claim goes with the peer
-    a.add_peer("alice", k, NETS)
+    a.add_peer("alice", k, ips())
     peer = a.lookup(k)
     assert peer is not None and peer.holder is None
 
@@ -684,7 +722,7 @@ def test_dead_gateways_claims_expire(store: Store, monkeypatch: pytest.MonkeyPat
     from wgjit.store import postgres as pg_mod
 
     k = new_key()
-    store.add_peer("alice", k, NETS)
+    store.add_peer("alice", k, ips())
     store.heartbeat("gw-a")
     store.claim(k, "gw-a")
     store.heartbeat("gw-b")
@@ -711,17 +749,20 @@ def test_lookup_many(store: Store) -> None:
 
     n = MANY_CHUNK * 2 + 500  # three chunks
     keys = [new_key() for _ in range(n)]
-    assert store.import_peers([Peer(f"m{i:05d}", k, NETS) for i, k in enumerate(keys)]).added == n
+    assert store.import_peers([Peer(f"m{i:05d}", k, ips()) for i, k in enumerate(keys)]).added == n
     store.heartbeat("gw-a")
     store.claim(keys[7], "gw-a")
     store.revoke("m00009")
+    store.update_peer("m00011", disabled=True, expires_at=1234.5)  # lifecycle columns too
     absent = [new_key() for _ in range(300)]
     asked = keys + absent + keys[:50]  # unknown keys and duplicates mixed in
     found = store.lookup_many(asked)
     assert set(found) == set(keys)
-    for k in (keys[0], keys[7], keys[9], keys[MANY_CHUNK], keys[-1]):
+    for k in (keys[0], keys[7], keys[9], keys[11], keys[MANY_CHUNK], keys[-1]):
         assert found[k] == store.lookup(k)  # the same Peer, holder and revoked flag included
     assert found[keys[7]].holder == "gw-a" and found[keys[9]].revoked
+    assert found[keys[11]].disabled and found[keys[11]].expires_at == 1234.5
+    assert found[keys[11]].refusal(0.0) == "disabled" and found[keys[0]].refusal(0.0) is None
     assert store.lookup_many(absent) == {}
     assert store.lookup_many([]) == {}
     assert store.lookup_many(iter_keys := tuple(keys[:3])) == {k: found[k] for k in iter_keys}
@@ -734,7 +775,7 @@ def test_claim_many_takes_over_and_is_announced(
 
     n = MANY_CHUNK + 700  # two chunks
     keys = [new_key() for _ in range(n)]
-    store.import_peers([Peer(f"c{i:05d}", k, NETS) for i, k in enumerate(keys)])
+    store.import_peers([Peer(f"c{i:05d}", k, ips()) for i, k in enumerate(keys)])
     a, b = store, open_same()  # two gateways
     a.heartbeat("gw-a")
     b.heartbeat("gw-b")
@@ -745,7 +786,7 @@ def test_claim_many_takes_over_and_is_announced(
     b.claim_many(mine, "gw-b")
     cursor = a.change_cursor()
     gone = new_key()
-    a.add_peer("gone", gone, NETS)
+    a.add_peer("gone", gone, ips())
     a.remove("gone")
     cursor = a.change_cursor()
     # gw-b adopts every peer: a's, its own, unclaimed ones, and a key no longer in the store
@@ -769,7 +810,7 @@ def test_two_threads_at_once(open_same: Callable[[], Store]) -> None:
 
     store, admin = open_same(), open_same()
     keys = [new_key() for _ in range(3000)]
-    admin.import_peers([Peer(f"w{i:05d}", k, NETS) for i, k in enumerate(keys)])
+    admin.import_peers([Peer(f"w{i:05d}", k, ips()) for i, k in enumerate(keys)])
     cursor = store.change_cursor()
     start = threading.Barrier(3)
     errors: list[BaseException] = []
@@ -919,8 +960,9 @@ def test_import_peers_is_idempotent(store: Store) -> None:
     from wgjit.store import Peer
 
     keys = [new_key() for _ in range(5)]
-    batch = [Peer(f"p{i}", keys[i], NETS) for i in range(5)]
-    store.add_peer("taken", keys[4], NETS)  # p4's key belongs to another peer
+    nets = [ips() for _ in range(5)]
+    batch = [Peer(f"p{i}", keys[i], nets[i]) for i in range(5)]
+    store.add_peer("taken", keys[4], ips())  # p4's key belongs to another peer
     cursor = store.change_cursor()
     res = store.import_peers(batch)
     assert (res.added, res.updated, res.unchanged) == (4, 0, 0)
@@ -934,9 +976,9 @@ def test_import_peers_is_idempotent(store: Store) -> None:
     psk = PresharedKey.generate()
     changed = [
         Peer("p0", keys[0], parse_networks("10.0.0.1/32"), psk),
-        Peer("p1", keys[1], NETS, revoked=True),
-        Peer("p2", new_key(), NETS),  # same name, another key: refused
-        Peer("p3", keys[3], NETS),
+        Peer("p1", keys[1], nets[1], revoked=True),
+        Peer("p2", new_key(), nets[2]),  # same name, another key: refused
+        Peer("p3", keys[3], nets[3]),
     ]
     res = store.import_peers(changed)
     assert (res.added, res.updated, res.unchanged) == (0, 2, 1)
@@ -951,14 +993,14 @@ def test_import_peers_is_idempotent(store: Store) -> None:
     res = store.import_peers(batch[:2])
     assert (res.added, res.updated, res.unchanged) == (0, 1, 1)
     p0, p1 = store.get_peer("p0"), store.get_peer("p1")
-    assert p0 is not None and p0.preshared_key is None and p0.allowed_ips == NETS
+    assert p0 is not None and p0.preshared_key is None and p0.allowed_ips == nets[0]
     assert p1 is not None and p1.revoked
 
 
 def test_iter_peers_streams_in_name_order(store: Store) -> None:
     from wgjit.store import Peer
 
-    batch = [Peer(f"n{i:05d}", new_key(), NETS) for i in range(12345)]
+    batch = [Peer(f"n{i:05d}", new_key(), ips()) for i in range(12345)]
     assert store.import_peers(batch[::-1]).added == len(batch)
     names = [p.name for p in store.iter_peers()]
     assert names == [p.name for p in batch]
@@ -976,7 +1018,7 @@ def test_postgres_wakeup_fd_and_feed(pg_url: str) -> None:
         cursor = gw.change_cursor()
         assert select.select([fd], [], [], 0)[0] == []
         k = new_key()
-        cli.add_peer("alice", k, NETS)
+        cli.add_peer("alice", k, ips())
         assert select.select([fd], [], [], 5)[0] == [fd]  # woken by NOTIFY
         keys, cursor = gw.changes_since(cursor)  # drains the wake-up
         assert keys == [k]
@@ -989,13 +1031,13 @@ def test_postgres_feed_pruning_is_detected(pg_url: str) -> None:
 
     with open_store(pg_url) as s:
         for i in range(3):
-            s.add_peer(f"p{i}", new_key(), NETS)
+            s.add_peer(f"p{i}", new_key(), ips())
         stale = s.change_cursor() - 2
         with psycopg.connect(pg_url, autocommit=True) as conn:
             conn.execute("UPDATE peer_changes SET at = at - 2 * 86400")
         current = s.change_cursor()
         k = new_key()
-        s.add_peer("fresh", k, NETS)
+        s.add_peer("fresh", k, ips())
         assert s.changes_since(current) == ([k], current + 1)
         with pytest.raises(ChangeFeedExpired, match="pruned"):
             s.changes_since(stale)
@@ -1013,7 +1055,7 @@ def test_postgres_survives_a_server_restart() -> None:
         url = srv.create_database("restart")
         with open_store(url) as gw, open_store(url) as cli:
             k = new_key()
-            cli.add_peer("alice", k, NETS)
+            cli.add_peer("alice", k, ips())
             cursor = gw.change_cursor()
             assert gw.wakeup_fd() is not None
             srv.restart()
@@ -1053,6 +1095,26 @@ def test_postgres_survives_a_server_restart() -> None:
                 except StoreError:
                     assert time.monotonic() < deadline, "the store never reconnected"
                     time.sleep(0.1)
+
+
+def test_create_false_never_creates(open_same: Callable[[], Store], tmp_path: Path,
+                                    request: pytest.FixtureRequest) -> None:  # fmt: skip
+    missing = tmp_path / "nope" / "peers.db"
+    with pytest.raises(StoreError, match="does not exist; create it with `wgjit store init"):
+        open_store(str(missing), create=False)
+    assert not missing.parent.exists()
+    url = f"sqlite://{tmp_path}/empty.db"
+    if "postgresql" in request.node.callspec.id:
+        url = request.getfixturevalue("pg_url")  # a fresh, empty database
+    else:
+        (tmp_path / "empty.db").write_bytes(b"")
+    with pytest.raises(StoreError, match="wgjit store init"):
+        open_store(url, create=False)
+    with pytest.raises(StoreError, match="wgjit store init"):  # and the failed open left nothing
+        open_store(url, create=False)
+    open_store(url).close()  # create=True (the default) initialises it
+    with open_store(url, create=False) as s:
+        assert s.list_peers() == []
 
 
 def _cluster_pids(srv: object) -> list[int]:

@@ -66,8 +66,12 @@ NF_ACCEPT = 1
 
 # an initiation is at most 60 (IPv4 with options) + 8 + 148 bytes; copy a little more
 COPY_RANGE = 256
-DEFAULT_MAXLEN = 4096
-DEFAULT_RCVBUF = 4 << 20
+# A failover herd of 10 000 peers knocking within a second must fit: the kernel holds up to
+# DEFAULT_MAXLEN (beyond that FAIL_OPEN lets packets through unjudged), and the socket buffer
+# must hold as many queued-packet messages (~400 bytes each with COPY_RANGE), or the kernel
+# drops what it cannot deliver.
+DEFAULT_MAXLEN = 16384
+DEFAULT_RCVBUF = 16 << 20
 # how long a packet may stay queued without a verdict before expire() releases it
 DEFAULT_HOLD_TIMEOUT = 1.0
 # a kernel timestamp further in the past than this (or in the future) is not trusted: the

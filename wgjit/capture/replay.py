@@ -6,7 +6,8 @@ with the client's source address and port, to the address it was sent to. `build
 (sans-IO) makes the IPv4 or IPv6 packet with a valid UDP checksum: a captured packet may carry
 a partial checksum (offload), and one re-sent as is would be silently dropped.
 
-Sends only what it is given (never invents payloads) and only to the knock's own destination.
+Sends only what it is given (never invents payloads): a knock again to its own destination, or
+an answer (a cookie reply) back to the knock's sender.
 Needs root or CAP_NET_RAW. Delivery to a local address goes through `lo`: reverse-path
 filtering must not be strict there (`rp_filter` 0 or 2); a fresh network namespace has 0.
 """
@@ -102,14 +103,24 @@ class Reinjector:
 
     def send(self, knock: Knock) -> None:
         """Deliver `knock`'s datagram again to its destination, from its source."""
-        packet = build_datagram(knock.source, knock.destination, knock.payload)
-        host = str(knock.destination.host)
+        self.send_datagram(knock.source, knock.destination, knock.payload, knock.ifindex)
+
+    def answer(self, knock: Knock, payload: bytes) -> None:
+        """Send `payload` to `knock`'s sender from the address and port it was sent to (a
+        cookie reply, as if the device had sent it)."""
+        self.send_datagram(knock.destination, knock.source, payload, knock.ifindex)
+
+    def send_datagram(
+        self, source: Endpoint, destination: Endpoint, payload: bytes, ifindex: int = 0
+    ) -> None:
+        packet = build_datagram(source, destination, payload)
+        host = str(destination.host)
         try:
-            if knock.destination.host.version == 4:
+            if destination.host.version == 4:
                 self._v4.sendto(packet, (host, 0))
             else:
-                # a link-local destination needs its interface (the one it arrived on)
-                scope = knock.ifindex if knock.destination.host.is_link_local else 0
+                # a link-local destination needs its interface (the one the knock came on)
+                scope = ifindex if destination.host.is_link_local else 0
                 self._v6.sendto(packet, (host, 0, 0, scope))
         except OSError:
             self.errors += 1

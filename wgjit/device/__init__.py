@@ -1,13 +1,14 @@
 """The device room: one small interface to a WireGuard device, one backend per implementation.
 
 Backends: `uapi` (wireguard-go and other userspace implementations, via the UAPI unix socket)
-and `netlink` (kernel WireGuard, via generic netlink). Backends change one peer at a time (or a
-batch of removals) and never replace the whole peer list. Nothing here knows about stores or policy.
+and `netlink` (kernel WireGuard, via generic netlink). Backends change one peer or a batch of
+peers (additions, updates or removals) and never replace the whole peer list. Nothing here knows
+about stores or policy.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -65,16 +66,38 @@ class PeerConfig:
 class Device(Protocol):
     name: str
 
-    def read(self) -> DeviceState:
-        """The device's keys, port and all peers."""
+    def read(self, peers: bool = True) -> DeviceState:
+        """The device's keys, port and all peers; with `peers=False` only its keys and port,
+        at a fraction of the cost on a big device (its peers are stepped over)."""
+        ...
+
+    def handshakes(self) -> dict[PublicKey, float]:
+        """Every peer's last handshake (unix seconds; 0.0 if never): all idle eviction needs.
+
+        Reads the same dump as read() but keeps only the key and the handshake time of each
+        peer, at a fraction of read()'s time and memory (nothing else is decoded)."""
         ...
 
     def set_peer(self, config: PeerConfig) -> None:
         """Add or update one peer; other peers are untouched."""
         ...
 
+    def set_peers(self, configs: Sequence[PeerConfig]) -> None:
+        """set_peer() for each config, in order, in as few device operations as possible
+        (one UAPI transaction per 8 192 peers; as many peers per netlink message as fit).
+
+        Not atomic: on DeviceError (which names the interface) any prefix of the batch may
+        have been applied. Re-applying a config is harmless, so a caller may retry the whole
+        batch or re-read the device. An empty batch does no I/O."""
+        ...
+
     def remove_peers(self, keys: Iterable[PublicKey]) -> None:
         """Remove these peers in as few operations as possible; absent keys are ignored."""
+        ...
+
+    def identity(self) -> object:
+        """Something cheap to read (no dump) that changes when the device is created anew:
+        wireguard-go restarted, the interface deleted and added again. None if it is gone."""
         ...
 
     def close(self) -> None: ...
@@ -107,7 +130,13 @@ def open_device(ifname: str, backend: str = "auto") -> Device:
             raise
         # auto: the user may have meant wireguard-go, so name both fixes
         sock = uapi_socket_path(ifname)
-        if isinstance(e, WireGuardModuleMissing):
+        kind = _other_kind(ifname)
+        if kind is not None:
+            msg = (
+                f"interface {ifname!r} is {kind}, not a WireGuard interface; give the WireGuard"
+                " interface (`wg show interfaces` lists them)"
+            )
+        elif isinstance(e, WireGuardModuleMissing):
             msg = (
                 f"interface {ifname!r} has no wireguard-go socket at {sock} and kernel "
                 "WireGuard is not available: load it with `modprobe wireguard` "
@@ -124,3 +153,25 @@ def open_device(ifname: str, backend: str = "auto") -> Device:
                 f"at {sock}; is wireguard-go running?"
             )
         raise type(e)(msg, e.errno) from None
+
+
+# link types (ARPHRD_*, /sys/class/net/IFNAME/type) of interfaces that are certainly not
+# WireGuard; kernel WireGuard and TUN (wireguard-go) are ARPHRD_NONE (65534)
+_LINK_KINDS = {1: "an Ethernet interface", 772: "the loopback interface", 768: "an IP tunnel",
+               769: "an IPv6 tunnel", 776: "an IPv6-in-IPv4 tunnel", 778: "a GRE tunnel",
+               32: "an InfiniBand interface", 801: "a wireless interface"}  # fmt: skip
+
+
+def _other_kind(ifname: str) -> str | None:
+    """What `ifname` is if it exists in this namespace and is certainly not WireGuard."""
+    import socket
+    from pathlib import Path
+
+    try:
+        socket.if_nametoindex(ifname)
+        link_type = int((Path("/sys/class/net") / ifname / "type").read_text())
+    except (OSError, ValueError):
+        return None
+    if link_type == 65534:
+        return None
+    return _LINK_KINDS.get(link_type, f"a network interface of link type {link_type}")

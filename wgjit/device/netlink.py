@@ -2,9 +2,10 @@
 
 Builds and parses WG_CMD_GET_DEVICE / WG_CMD_SET_DEVICE messages itself on a plain
 AF_NETLINK socket (the layout is include/uapi/linux/wireguard.h): one peer per message for
-adds and updates, many peers per message for batched removals. It never sets
+set_peer, as many peers per message as fit for set_peers and batched removals. It never sets
 WGDEVICE_F_REPLACE_PEERS, never creates or deletes interfaces, and knows nothing of policy.
-The encoders and the dump parser are sans-IO so they can be tested without a kernel.
+The encoders and the dump parsers (DumpParser for read(), HandshakeParser for handshakes())
+are sans-IO so they can be tested without a kernel; dump messages are parsed as they arrive.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Protocol, TypeVar
 
 from wgjit.addr import Endpoint, IPNetwork
 from wgjit.closing import Closing
@@ -316,10 +318,11 @@ class DumpParser:
     The kernel spreads peers over several messages and may split one peer's allowed IPs: the
     continuation repeats only the public key and carries the rest of the list."""
 
-    def __init__(self, ifname: str) -> None:
+    def __init__(self, ifname: str, peers: bool = True) -> None:
         self.ifname = ifname
         self.private_key: PrivateKey | None = None
         self.listen_port = 0
+        self.with_peers = peers
         self._peers: dict[PublicKey, _PeerBuilder] = {}
 
     def feed(self, attrs: bytes | memoryview) -> None:
@@ -330,7 +333,7 @@ class DumpParser:
                 self.private_key = PrivateKey(raw) if any(raw) else None
             elif kind == WGDEVICE_A_LISTEN_PORT and len(val) >= 2:
                 (self.listen_port,) = _U16.unpack_from(val)
-            elif kind == WGDEVICE_A_PEERS:
+            elif kind == WGDEVICE_A_PEERS and self.with_peers:
                 for _, peer in iter_attrs(val):
                     self._feed_peer(peer)
 
@@ -370,6 +373,73 @@ class DumpParser:
         return DeviceState(self.ifname, self.private_key, self.listen_port, peers)
 
 
+class HandshakeParser:
+    """Each peer's key and last handshake (unix seconds, 0.0 if never) from the messages of
+    one WG_CMD_GET_DEVICE dump; everything else is stepped over, never decoded.
+
+    A peer continued in a later message (its allowed IPs did not fit) repeats only its key
+    there: the continuation keeps the time already seen."""
+
+    def __init__(self, ifname: str) -> None:
+        self.ifname = ifname
+        self.handshakes: dict[PublicKey, float] = {}
+
+    def feed(self, attrs: bytes | memoryview) -> None:
+        """One message's attributes (after the generic netlink header)."""
+        off, end = 0, len(attrs)
+        while off + 4 <= end:
+            length, kind = _NLA.unpack_from(attrs, off)
+            if length < 4 or off + length > end:
+                return
+            if kind & NLA_TYPE_MASK == WGDEVICE_A_PEERS:
+                self._feed_peers(attrs, off + 4, off + length)
+            off += (length + 3) & ~3
+
+    def _feed_peers(self, buf: bytes | memoryview, off: int, end: int) -> None:
+        unpack = _NLA.unpack_from
+        handshakes = self.handshakes
+        while off + 4 <= end:
+            length, _ = unpack(buf, off)
+            if length < 4 or off + length > end:
+                return
+            raw: bytes | None = None
+            when: float | None = None
+            p, peer_end = off + 4, off + length
+            while p + 4 <= peer_end:
+                alen, akind = unpack(buf, p)
+                if alen < 4 or p + alen > peer_end:
+                    break
+                akind &= NLA_TYPE_MASK
+                if akind == WGPEER_A_PUBLIC_KEY and alen == 4 + KEY_LEN:
+                    raw = bytes(buf[p + 4 : p + 4 + KEY_LEN])
+                elif akind == WGPEER_A_LAST_HANDSHAKE_TIME and alen >= 4 + _TIMESPEC.size:
+                    sec, nsec = _TIMESPEC.unpack_from(buf, p + 4)
+                    when = sec + nsec / 1e9
+                if raw is not None and when is not None:
+                    break  # the kernel sends both first; the rest (allowed IPs) is not needed
+                p += (alen + 3) & ~3
+            if raw is None:
+                raise DeviceError(
+                    f"{self.ifname}: handshakes: kernel sent a peer without a public key"
+                )
+            key = PublicKey(raw)
+            if when is not None:
+                handshakes[key] = when
+            elif key not in handshakes:
+                handshakes[key] = 0.0
+            off += (length + 3) & ~3
+
+    def result(self) -> dict[PublicKey, float]:
+        return self.handshakes
+
+
+class _DumpFeed(Protocol):
+    def feed(self, attrs: bytes | memoryview) -> None: ...
+
+
+_P = TypeVar("_P", bound=_DumpFeed)
+
+
 # -- the socket -------------------------------------------------------------------------------
 
 
@@ -391,10 +461,20 @@ class _GenericNetlink:
         self.sock.close()
 
     def request(
-        self, family: int, cmd: int, attrs: bytes, *, dump: bool = False, version: int = 1
+        self,
+        family: int,
+        cmd: int,
+        attrs: bytes,
+        *,
+        dump: bool = False,
+        version: int = 1,
+        on_reply: Callable[[memoryview], None] | None = None,
     ) -> tuple[list[bytes], bool]:
         """Send one request; return the replies' attribute blocks and whether a dump was
-        interrupted by a concurrent change. Raises _KernelErrno for an error reply."""
+        interrupted by a concurrent change. Raises _KernelErrno for an error reply.
+
+        With `on_reply`, each reply's attributes go to it as they arrive instead (a view of
+        the receive buffer, valid during the call only) and the returned list is empty."""
         seq = next(self._seq)
         flags = NLM_F_REQUEST | (NLM_F_DUMP if dump else NLM_F_ACK)
         body = _GENL.pack(cmd, version, 0) + attrs
@@ -426,7 +506,10 @@ class _GenericNetlink:
                     return replies, interrupted
                 if mflags & NLM_F_DUMP_INTR:
                     interrupted = True
-                replies.append(bytes(payload[_GENL.size :]))
+                if on_reply is not None:
+                    on_reply(payload[_GENL.size :])
+                else:
+                    replies.append(bytes(payload[_GENL.size :]))
 
     def resolve_family(self, name: str) -> int:
         attrs = _attr(CTRL_ATTR_FAMILY_NAME, name.encode() + b"\0")
@@ -459,23 +542,29 @@ class NetlinkDevice(Closing):
 
     # -- the Device protocol ------------------------------------------------------------------
 
-    def read(self) -> DeviceState:
-        name = _ifname_attr(self.name)
-        for _ in range(_DUMP_RETRIES):
-            parser = DumpParser(self.name)
-            replies, interrupted = self._request("get", WG_CMD_GET_DEVICE, name, dump=True)
-            for reply in replies:
-                parser.feed(reply)
-            if not interrupted:
-                return parser.result()
-        raise NetlinkError(
-            f"{self.name}: get: the device kept changing during {_DUMP_RETRIES} dumps",
-            errno_mod.EAGAIN,
-        )
+    def identity(self) -> object:
+        # an interface deleted and added again gets a new index
+        try:
+            return socket.if_nametoindex(self.name)
+        except OSError:
+            return None
+
+    def read(self, peers: bool = True) -> DeviceState:
+        return self._dump("get", lambda name: DumpParser(name, peers)).result()
+
+    def handshakes(self) -> dict[PublicKey, float]:
+        return self._dump("handshakes", HandshakeParser).result()
 
     def set_peer(self, config: PeerConfig) -> None:
-        blocks = list(set_device_messages(self.name, [encode_peer(config)]))
-        self._set(f"set_peer {config.public_key.short()}", blocks)
+        op = f"set_peer {config.public_key.short()}"
+        self._set(op, list(set_device_messages(self.name, self._encode(op, [config]))))
+
+    def set_peers(self, configs: Sequence[PeerConfig]) -> None:
+        if not configs:
+            return
+        op = f"set_peers ({len(configs)} peers)"
+        # every peer encoded (and checked) before the first message goes out
+        self._set(op, list(set_device_messages(self.name, self._encode(op, configs))))
 
     def remove_peers(self, keys: Iterable[PublicKey]) -> None:
         wanted = list(dict.fromkeys(keys))
@@ -488,10 +577,6 @@ class NetlinkDevice(Closing):
             self._drop()
 
     # -- extras (not part of the protocol) ----------------------------------------------------
-
-    def set_peers(self, configs: Iterable[PeerConfig]) -> None:
-        """Add or update many peers, as many per netlink message as fit (bulk loading)."""
-        self._set("set_peers", set_device_messages(self.name, (encode_peer(c) for c in configs)))
 
     def configure(
         self, private_key: PrivateKey | None = None, listen_port: int | None = None
@@ -510,12 +595,40 @@ class NetlinkDevice(Closing):
 
     # -- wire ---------------------------------------------------------------------------------
 
+    def _dump(self, op: str, make_parser: Callable[[str], _P]) -> _P:
+        """Run one dump through a fresh parser, again while the kernel says the device
+        changed in the middle of it."""
+        name = _ifname_attr(self.name)
+        for _ in range(_DUMP_RETRIES):
+            parser = make_parser(self.name)
+            _, interrupted = self._request(
+                op, WG_CMD_GET_DEVICE, name, dump=True, on_reply=parser.feed
+            )
+            if not interrupted:
+                return parser
+        raise NetlinkError(
+            f"{self.name}: {op}: the device kept changing during {_DUMP_RETRIES} dumps",
+            errno_mod.EAGAIN,
+        )
+
+    def _encode(self, op: str, configs: Iterable[PeerConfig]) -> list[bytes]:
+        try:
+            return [encode_peer(c) for c in configs]
+        except DeviceError as e:
+            raise DeviceError(f"{self.name}: {op}: {e}") from None
+
     def _set(self, op: str, blocks: Iterable[bytes]) -> None:
         for block in blocks:
             self._request(op, WG_CMD_SET_DEVICE, block)
 
     def _request(
-        self, op: str, cmd: int, attrs: bytes, *, dump: bool = False
+        self,
+        op: str,
+        cmd: int,
+        attrs: bytes,
+        *,
+        dump: bool = False,
+        on_reply: Callable[[memoryview], None] | None = None,
     ) -> tuple[list[bytes], bool]:
         with self._lock:
             try:
@@ -524,8 +637,9 @@ class NetlinkDevice(Closing):
                 if self._family is None:
                     self._family = self._nl.resolve_family(WG_GENL_NAME)
                 return self._nl.request(
-                    self._family, cmd, attrs, dump=dump, version=WG_GENL_VERSION
-                )
+                    self._family, cmd, attrs, dump=dump, version=WG_GENL_VERSION,
+                    on_reply=on_reply,
+                )  # fmt: skip
             except _KernelErrno as e:
                 if e.errno == errno_mod.ENOENT:
                     self._family = None  # module unloaded (or reloaded with a new family id)
@@ -545,6 +659,11 @@ class NetlinkDevice(Closing):
                     f"{self.name}: {op} failed: netlink socket error: {e.strerror or e}",
                     e.errno or errno_mod.EIO,
                 ) from None
+            except BaseException:
+                # a parser error or an interrupt mid-dump: the kernel would refuse the next dump
+                # on this socket (EBUSY) while this one is unfinished, so start a fresh socket
+                self._drop()
+                raise
 
     def _drop(self) -> None:
         if self._nl is not None:

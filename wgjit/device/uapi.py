@@ -1,17 +1,22 @@
 """UAPI backend: wireguard-go (and other userspace WireGuard) over its unix socket.
 
 Speaks the text protocol (`get=1`, `set=1`, keys in hex) on /var/run/wireguard/<ifname>.sock
-over one persistent connection, reconnected once if the daemon restarted.
+over one persistent connection, reconnected once if the daemon restarted. Responses are read in
+chunks and handed to a sans-IO reader: `_TextReply` keeps the whole text (read, set), while
+`HandshakeReader` keeps only each peer's key and last handshake as the chunks arrive.
 """
 
 from __future__ import annotations
 
+import binascii
 import errno as errno_mod
 import ipaddress
 import os
+import re
 import socket
 import threading
-from collections.abc import Iterable
+import typing
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from wgjit.addr import Endpoint, InvalidAddress, IPNetwork
@@ -20,7 +25,11 @@ from wgjit.device import DeviceError, DeviceNotFound, DeviceState, PeerConfig, P
 from wgjit.keys import InvalidKey, PrivateKey, PublicKey
 
 UAPI_DIR = Path("/var/run/wireguard")
-DEFAULT_TIMEOUT = 10.0  # seconds; `get=1` + parsing on a full wireguard-go (65 536 peers): ~1 s
+DEFAULT_TIMEOUT = 10.0  # seconds per receive, and for sending a whole request; a full
+# wireguard-go (65 536 peers) answers `get=1` with ~22 MB in 0.2-0.4 s
+# Peers per `set=1` in set_peers: wireguard-go reads a transaction as it applies it, creating
+# 7-14k peers/s here, so sending one transaction must fit DEFAULT_TIMEOUT with room to spare.
+MAX_SET_PEERS = 8192
 _RECV_SIZE = 1 << 16
 
 
@@ -55,31 +64,30 @@ class UAPIDevice(Closing):
 
     # -- the Device protocol ------------------------------------------------------------------
 
-    def read(self) -> DeviceState:
-        return self._parse_get(self._transact("get", b"get=1\n\n"))
+    def read(self, peers: bool = True) -> DeviceState:
+        if not peers:
+            return self._transact("get", b"get=1\n\n", lambda: InterfaceReader(self.name)).state
+        reply = self._transact("get", b"get=1\n\n", _TextReply)
+        return parse_get(self.name, reply.body)
+
+    def handshakes(self) -> dict[PublicKey, float]:
+        reader = self._transact("handshakes", b"get=1\n\n", lambda: HandshakeReader(self.name))
+        return reader.handshakes
 
     def set_peer(self, config: PeerConfig) -> None:
-        lines = ["set=1", f"public_key={config.public_key.hex()}"]
-        if config.update_only:
-            lines.append("update_only=true")  # first, so nothing is applied to a new peer
-        if config.preshared_key is not None:
-            lines.append(f"preshared_key={config.preshared_key.hex()}")
-        if config.endpoint is not None:
-            lines.append(f"endpoint={config.endpoint}")
-        if config.persistent_keepalive is not None:
-            lines.append(f"persistent_keepalive_interval={config.persistent_keepalive}")
-        if config.allowed_ips is not None:
-            lines.append("replace_allowed_ips=true")
-            lines.extend(f"allowed_ip={net}" for net in config.allowed_ips)
-        op = f"set_peer {config.public_key.short()}"
         try:
-            self._transact(op, _body(lines))
+            self._set(f"set_peer {config.public_key.short()}", _peer_lines(config))
         except UAPIError:
             # wireguard-go creates (then drops) an absent peer even for update_only, which fails
             # when the device is full; the update of an absent peer is a no-op by definition.
-            if config.update_only and config.public_key not in self.read().peers:
+            if config.update_only and config.public_key not in self.handshakes():
                 return
             raise
+
+    def set_peers(self, configs: Sequence[PeerConfig]) -> None:
+        configs = list(configs)
+        for start in range(0, len(configs), MAX_SET_PEERS):
+            self._set_peers(configs[start : start + MAX_SET_PEERS], len(configs))
 
     def remove_peers(self, keys: Iterable[PublicKey]) -> None:
         wanted = list(dict.fromkeys(keys))
@@ -90,12 +98,20 @@ class UAPIDevice(Closing):
         except UAPIError:
             # Removing an absent key makes wireguard-go create a peer first, which fails only
             # when the device already holds its maximum (65 536) peers: retry with present keys.
-            present = self.read().peers
+            present = self.handshakes()
             remaining = [k for k in wanted if k in present]
             if len(remaining) == len(wanted):
                 raise
             if remaining:
                 self._remove(remaining)
+
+    def identity(self) -> object:
+        # a restarted wireguard-go makes its socket anew
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino)
 
     def close(self) -> None:
         with self._lock:
@@ -113,19 +129,39 @@ class UAPIDevice(Closing):
         if listen_port is not None:
             lines.append(f"listen_port={listen_port}")
         if len(lines) > 1:
-            self._transact("configure", _body(lines))
+            self._transact("configure", _body(lines), _TextReply)
 
     def __repr__(self) -> str:
         return f"UAPIDevice({self.name!r})"
 
     # -- wire ---------------------------------------------------------------------------------
 
+    def _set_peers(self, configs: list[PeerConfig], total: int) -> None:
+        """One `set=1` transaction for up to MAX_SET_PEERS configs (of `total` in the call)."""
+        op = f"set_peers ({total} peers)"
+        try:
+            self._set(op, [line for c in configs for line in _peer_lines(c)])
+        except UAPIError:
+            # as in set_peer: on a full device an update_only of an absent peer fails the whole
+            # transaction (wireguard-go stops there; the configs before it are applied). Drop
+            # those no-ops and send the batch again; a real error fails the same way again.
+            if not any(c.update_only for c in configs):
+                raise
+            kept = _without_absent_updates(configs, self.handshakes())
+            if len(kept) == len(configs):
+                raise
+            if kept:
+                self._set(op, [line for c in kept for line in _peer_lines(c)])
+
+    def _set(self, op: str, peer_lines: list[str]) -> None:
+        self._transact(op, _body(["set=1", *peer_lines]), _TextReply)
+
     def _remove(self, keys: list[PublicKey]) -> None:
         lines = ["set=1"]
         for k in keys:
             lines.append(f"public_key={k.hex()}")
             lines.append("remove=true")
-        self._transact(f"remove_peers ({len(keys)} keys)", _body(lines))
+        self._transact(f"remove_peers ({len(keys)} keys)", _body(lines), _TextReply)
 
     def _connect(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -151,14 +187,15 @@ class UAPIDevice(Closing):
             self._sock.close()
             self._sock = None
 
-    def _transact(self, op: str, request: bytes) -> str:
-        """Send one request; return the response lines before `errno=0`."""
+    def _transact(self, op: str, request: bytes, make_reply: Callable[[], _R]) -> _R:
+        """Send one request; feed the response to a fresh reply and check its errno line."""
         with self._lock:
             for attempt in range(2):
                 if self._sock is None:
                     self._sock = self._connect()
+                reply = make_reply()
                 try:
-                    response = self._exchange(self._sock, request)
+                    self._exchange(self._sock, request, reply.feed)
                 except _Disconnected as e:
                     self._drop()
                     if attempt == 0:
@@ -173,16 +210,22 @@ class UAPIDevice(Closing):
                         f"{self.name}: {op} failed: no answer from {self.path} "
                         f"within {self._timeout:g} s"
                     ) from None
+                except BaseException:
+                    # a reader error or an interrupt mid-response: the rest of the response
+                    # would be taken for the answer to the next request
+                    self._drop()
+                    raise
                 break
-            body, _, last = response.rstrip("\n").rpartition("\n")
-            key, _, value = last.partition("=")
             try:
-                code = int(value) if key == "errno" else None
-            except ValueError:
-                code = None
+                code = reply.finish()
+            except DeviceError:
+                self._drop()
+                raise
             if code is None:
                 self._drop()
-                raise DeviceError(f"{self.name}: {op}: malformed UAPI response ending {last!r}")
+                raise DeviceError(
+                    f"{self.name}: {op}: malformed UAPI response ending {reply.last_line!r}"
+                )
             if code != 0:
                 # After a refused `set`, wireguard-go leaves the rest of our request unread and
                 # would parse it as the next operation: start over on a fresh connection.
@@ -192,18 +235,19 @@ class UAPIDevice(Closing):
                     f"({os.strerror(abs(code))}); its log says why",
                     code,
                 )
-            return body
+            return reply
 
     @staticmethod
-    def _exchange(sock: socket.socket, request: bytes) -> str:
+    def _exchange(sock: socket.socket, request: bytes, feed: Callable[[bytes], None]) -> None:
+        """Send `request`; pass the response to `feed` chunk by chunk, up to its blank line."""
         try:
             sock.sendall(request)
         except (BrokenPipeError, ConnectionResetError) as e:
             send_error: OSError | None = e  # a refused `set` may have answered before closing
         else:
             send_error = None
-        buf = bytearray()
-        while not buf.endswith(b"\n\n"):
+        last2 = b""
+        while last2 != b"\n\n":
             try:
                 chunk = sock.recv(_RECV_SIZE)
             except ConnectionResetError as e:
@@ -211,34 +255,233 @@ class UAPIDevice(Closing):
             if not chunk:
                 reason = send_error.strerror if send_error else "end of stream"
                 raise _Disconnected(reason)
-            buf += chunk
-        return buf.decode("utf-8", "replace")
+            feed(chunk)
+            last2 = (last2 + chunk)[-2:]
 
-    def _parse_get(self, text: str) -> DeviceState:
-        private_key: PrivateKey | None = None
-        listen_port = 0
-        peers: dict[PublicKey, PeerState] = {}
-        cur: _PeerBuilder | None = None
-        for line in text.splitlines():
-            key, sep, value = line.partition("=")
-            if not sep:
-                continue
+
+# -- response parsing (sans-IO) ---------------------------------------------------------------
+
+
+def parse_get(ifname: str, text: str) -> DeviceState:
+    """The DeviceState in the text of a `get=1` response (the lines before `errno=`)."""
+    private_key: PrivateKey | None = None
+    listen_port = 0
+    peers: dict[PublicKey, PeerState] = {}
+    cur: _PeerBuilder | None = None
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if not sep:
+            continue
+        try:
+            if key == "public_key":
+                if cur is not None:
+                    peers[cur.key] = cur.build()
+                cur = _PeerBuilder(PublicKey.from_hex(value))
+            elif cur is not None:
+                cur.take(key, value)
+            elif key == "private_key":
+                private_key = PrivateKey.from_hex(value)
+            elif key == "listen_port":
+                listen_port = int(value)
+        except (InvalidKey, InvalidAddress, ValueError) as e:
+            raise DeviceError(f"{ifname}: get: cannot parse {key}={value!r}: {e}") from None
+    if cur is not None:
+        peers[cur.key] = cur.build()
+    return DeviceState(ifname, private_key, listen_port, peers)
+
+
+# -- response readers (sans-IO) ---------------------------------------------------------------
+
+
+class _Reply(typing.Protocol):
+    last_line: str
+
+    def feed(self, data: bytes) -> None:
+        """The next chunk of the response, as received."""
+
+    def finish(self) -> int | None:
+        """After the response's blank line: its errno, or None if it had no errno line."""
+
+
+def _errno_of(line: str) -> int | None:
+    key, sep, value = line.partition("=")
+    if key != "errno" or not sep:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return None
+
+
+_R = typing.TypeVar("_R", bound=_Reply)
+
+
+class _TextReply:
+    """The whole response as text: `body` (the lines before `errno=N`)."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self.body = ""
+        self.last_line = ""
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def finish(self) -> int | None:
+        text = self._buf.decode("utf-8", "replace")
+        self._buf = bytearray()
+        self.body, _, self.last_line = text.rstrip("\n").rpartition("\n")
+        return _errno_of(self.last_line)
+
+
+# A line that handshakes() needs, with the newline before it (the reader keeps one in front of
+# every line); the regex engine steps over all others without Python seeing them.
+_HANDSHAKE_LINE = re.compile(
+    rb"\n(public_key|last_handshake_time_sec|last_handshake_time_nsec|errno)=([^\n]*)(?=\n)"
+)
+
+
+class HandshakeReader:
+    """Each peer's key and last handshake (unix seconds, 0.0 if never) from a `get=1` response
+    fed in chunks as they arrive; memory stays at one chunk plus the result.
+
+    Lines other than `public_key`, `last_handshake_time_sec`/`_nsec` and the final `errno` are
+    never split, decoded or copied. Raises DeviceError for a value it cannot parse."""
+
+    __slots__ = ("_key", "_nsec", "_sec", "_tail", "errno", "handshakes", "ifname", "last_line")
+
+    def __init__(self, ifname: str) -> None:
+        self.ifname = ifname
+        self.handshakes: dict[PublicKey, float] = {}
+        self.errno: int | None = None
+        self.last_line = "(no errno line)"
+        self._tail = b"\n"  # the unfinished last line, after the newline that precedes it
+        self._key: PublicKey | None = None
+        self._sec = 0
+        self._nsec = 0
+
+    def feed(self, data: bytes) -> None:
+        buf = self._tail + data
+        end = buf.rfind(b"\n") + 1  # >= 1: the tail starts with a newline
+        lines = _HANDSHAKE_LINE.findall(buf, 0, end)
+        self._tail = buf[end - 1 :]
+        if lines:
+            self._take(lines)
+
+    def finish(self) -> int | None:
+        if self._tail != b"\n":
+            self.feed(b"\n")  # a last line without its newline (never sent by wireguard-go)
+        if self._key is not None:
+            self.handshakes[self._key] = self._sec + self._nsec / 1e9
+            self._key = None
+        return self.errno
+
+    def _take(self, lines: list[tuple[bytes, bytes]]) -> None:
+        # one loop over locals: this runs three times per peer
+        handshakes = self.handshakes
+        key, sec, nsec = self._key, self._sec, self._nsec
+        name = value = b""
+        try:
+            for name, value in lines:
+                if name == b"public_key":
+                    if key is not None:
+                        handshakes[key] = sec + nsec / 1e9
+                    key = PublicKey(binascii.a2b_hex(value))
+                    sec = nsec = 0
+                elif name == b"errno":
+                    self.last_line = "errno=" + value.decode("ascii", "replace")
+                    self.errno = _errno_of(self.last_line)
+                elif not value.isdigit() or len(value) > 20:
+                    raise ValueError("not a non-negative integer")
+                elif name == b"last_handshake_time_sec":
+                    sec = int(value)
+                else:
+                    nsec = int(value)
+        except (InvalidKey, ValueError) as e:  # binascii.Error is a ValueError
+            text = value[:80].decode("ascii", "replace")
+            raise DeviceError(
+                f"{self.ifname}: handshakes: cannot parse {name.decode()}={text!r}: {e}"
+            ) from None
+        finally:
+            self._key, self._sec, self._nsec = key, sec, nsec
+
+
+# the lines read(peers=False) needs; the regex engine steps over the peers' lines
+_INTERFACE_LINE = re.compile(rb"\n(private_key|listen_port|errno)=([^\n]*)(?=\n)")
+
+
+class InterfaceReader:
+    """The device's private key and listen port from a `get=1` response fed in chunks; the
+    peers' lines (all but a few of a big device's) are never split or decoded."""
+
+    __slots__ = ("_tail", "errno", "ifname", "last_line", "listen_port", "private_key")
+
+    def __init__(self, ifname: str) -> None:
+        self.ifname = ifname
+        self.private_key: PrivateKey | None = None
+        self.listen_port = 0
+        self.errno: int | None = None
+        self.last_line = "(no errno line)"
+        self._tail = b"\n"
+
+    def feed(self, data: bytes) -> None:
+        buf = self._tail + data
+        end = buf.rfind(b"\n") + 1
+        for name, value in _INTERFACE_LINE.findall(buf, 0, end):
             try:
-                if key == "public_key":
-                    if cur is not None:
-                        peers[cur.key] = cur.build()
-                    cur = _PeerBuilder(PublicKey.from_hex(value))
-                elif cur is not None:
-                    cur.take(key, value)
-                elif key == "private_key":
-                    private_key = PrivateKey.from_hex(value)
-                elif key == "listen_port":
-                    listen_port = int(value)
-            except (InvalidKey, InvalidAddress, ValueError) as e:
-                raise DeviceError(f"{self.name}: get: cannot parse {key}={value!r}: {e}") from None
-        if cur is not None:
-            peers[cur.key] = cur.build()
-        return DeviceState(self.name, private_key, listen_port, peers)
+                if name == b"private_key":
+                    raw = binascii.a2b_hex(value)
+                    self.private_key = PrivateKey(raw) if any(raw) else None
+                elif name == b"listen_port":
+                    self.listen_port = int(value)
+                else:
+                    self.last_line = "errno=" + value.decode("ascii", "replace")
+                    self.errno = _errno_of(self.last_line)
+            except (InvalidKey, ValueError) as e:
+                what = name.decode()
+                raise DeviceError(f"{self.ifname}: get: cannot parse {what}: {e}") from None
+        self._tail = buf[end - 1 :]
+
+    def finish(self) -> int | None:
+        if self._tail != b"\n":
+            self.feed(b"\n")
+        return self.errno
+
+    @property
+    def state(self) -> DeviceState:
+        return DeviceState(self.ifname, self.private_key, self.listen_port)
+
+
+def _peer_lines(config: PeerConfig) -> list[str]:
+    """One peer's section of a `set=1` transaction."""
+    lines = [f"public_key={config.public_key.hex()}"]
+    if config.update_only:
+        lines.append("update_only=true")  # first, so nothing is applied to a new peer
+    if config.preshared_key is not None:
+        lines.append(f"preshared_key={config.preshared_key.hex()}")
+    if config.endpoint is not None:
+        lines.append(f"endpoint={config.endpoint}")
+    if config.persistent_keepalive is not None:
+        lines.append(f"persistent_keepalive_interval={config.persistent_keepalive}")
+    if config.allowed_ips is not None:
+        lines.append("replace_allowed_ips=true")
+        lines.extend(f"allowed_ip={net}" for net in config.allowed_ips)
+    return lines
+
+
+def _without_absent_updates(
+    configs: list[PeerConfig], present: Iterable[PublicKey]
+) -> list[PeerConfig]:
+    """The batch without update_only configs of peers that neither are on the device nor
+    are added earlier in the batch (those are no-ops that a full wireguard-go refuses)."""
+    known = set(present)
+    kept = []
+    for c in configs:
+        if c.update_only and c.public_key not in known:
+            continue
+        known.add(c.public_key)
+        kept.append(c)
+    return kept
 
 
 class _PeerBuilder:

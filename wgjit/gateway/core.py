@@ -20,15 +20,16 @@ that comes back after `max_install_age` installs nothing.
 from __future__ import annotations
 
 import enum
+import heapq
 import math
 import socket
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from wgjit.addr import Endpoint
+from wgjit.addr import Endpoint, IPNetwork
 from wgjit.capture.packet import Knock
-from wgjit.device import PeerState
+from wgjit.cookie import CookieChecker
 from wgjit.events import EventLog
 from wgjit.gateway.effects import (
     Admit,
@@ -42,6 +43,7 @@ from wgjit.gateway.effects import (
     Purpose,
     ReadChanges,
     ReadHandshakes,
+    ReadIdentity,
     RecordHandshakes,
     Release,
     Remove,
@@ -52,7 +54,7 @@ from wgjit.gateway.limits import KeyedRateLimiter, TokenBucket, TTLSet
 from wgjit.gateway.outcome import QUIET as _QUIET
 from wgjit.gateway.outcome import Outcome
 from wgjit.handshake import OFF_MAC1, OFF_MAC2, HandshakeError, Opened, Responder, Verified
-from wgjit.keys import PublicKey
+from wgjit.keys import PresharedKey, PublicKey
 from wgjit.store import PRESENCE_TTL_S, ChangeFeedExpired, Handshake, Peer
 
 # WireGuard's REJECT_AFTER_TIME (messages.h): a session older than this is dead, so evicting a
@@ -68,6 +70,13 @@ DEFAULT_KNOCK_BUDGET = 0.8
 # this would install the peer with an endpoint the client may have left.
 DEFAULT_MAX_INSTALL_AGE = 3.0
 DEFAULT_MAX_CLOCK_SKEW = 3600.0
+# messages.h UNDER_LOAD_AFTER_TIME: load lasts this long after its last sign
+UNDER_LOAD_FOR = 1.0
+# how often the loop checks that the device is still the one it installed peers on
+DEVICE_CHECK_INTERVAL = 1.0
+_UNKNOWN = object()
+# device peers looked up per store call at start (bounds the Peer objects alive at once)
+RECONCILE_CHUNK = 4096
 # work per sweep step (a peer looked at costs 1, one evicted or forgotten EVICT_COST more:
 # its log line); the loop handles packets between steps
 SWEEP_STEP = 2000
@@ -111,6 +120,9 @@ class GatewayConfig:
     # an initiation whose timestamp is further ahead of our clock than this is refused
     # (`future`): its mark would lock the peer out until the clock caught up
     max_clock_skew: float = DEFAULT_MAX_CLOCK_SKEW
+    # a knock that waited longer than this in the kernel's queue is a sign of load
+    load_delay: float = 0.25
+    testing_always_under_load: bool = False
     knock_budget: float = DEFAULT_KNOCK_BUDGET
     max_install_age: float = DEFAULT_MAX_INSTALL_AGE
     # knocks waiting for the store or the device at once; more are let through (fail-open)
@@ -119,6 +131,9 @@ class GatewayConfig:
     # through at once (fail-open) instead of queueing behind it
     store_stall_after: float = 2.0
     testing_short_timers: bool = False
+    # reconcile may remove every device peer (a store that knows none of them); without
+    # it the gateway refuses to start (the store is likely the wrong one)
+    adopt_empty_store: bool = False
 
     def validate(self) -> list[str]:
         """Raise ConfigError for unsafe values; return warnings to log."""
@@ -150,6 +165,11 @@ class GatewayConfig:
             raise ConfigError("rate limits must be positive")
         if self.completion not in COMPLETIONS:
             raise ConfigError(f"--mode must be one of {', '.join(COMPLETIONS)}")
+        if self.testing_always_under_load:
+            warnings.append(
+                "--testing-always-under-load is set: every initiation without a cookie gets a "
+                "cookie reply (clients wait for their 5 s retry); never use in production"
+            )
         if self.completion == "none":
             warnings.append(
                 "--testing-no-completion is set: new peers wait for their client's 5 s retry; "
@@ -171,6 +191,16 @@ class Installed:
     # the timestamp this gateway itself advanced the store's mark to when it installed the
     # peer (None if adopted from the device)
     admitted: bytes | None = None
+    expires_at: float | None = None  # unix time; evicted then (reason expired)
+
+
+def _source_key(source: Endpoint) -> object:
+    """What per-source limits count by: an IPv4 address, or an IPv6 /64 (one host's share;
+    anyone can have a /64 of addresses, as in the kernel's ratelimiter)."""
+    host = source.host
+    if host.version == 6:
+        return host.packed[:8]
+    return host
 
 
 def fingerprint(peer: Peer) -> int:
@@ -215,6 +245,8 @@ class Policy:
     log: EventLog
     wall: Callable[[], float]
     ignore_ifindex: int = -1
+    # makes cookie replies under load; None where the loop cannot send them (no raw socket)
+    cookies: CookieChecker | None = None
     installed: dict[PublicKey, Installed] = field(default_factory=dict)
     counters: Counter[str] = field(default_factory=Counter)
     cursor: int = 0
@@ -228,6 +260,8 @@ class Policy:
             c.per_source_rate, c.per_source_burst
         )
         self._reject_log = TokenBucket(20.0, 50.0)  # bound log volume under attack
+        self._load_until = float("-inf")
+        self._reply = b""
         self._error_log = TokenBucket(5.0, 20.0)
         self._fail_log = TokenBucket(20.0, 50.0)
         self.gateway_id = c.gateway_id or socket.gethostname()
@@ -251,23 +285,37 @@ class Policy:
         self._sweep_started = 0.0
         self._removed_during_sweep: set[PublicKey] = set()
         self._sweep_work: Iterator[list[Effect]] | None = None
+        self._reconciling = [0, 0, 0]  # look-ups to go, peers kept, peers the store knows
+        self._reconcile_bad: list[tuple[PublicKey, str, str]] = []
+        # why the policy refuses to start (set by reconcile), or None
+        self.refused_start: str | None = None
+        self._next_check = math.inf
+        self._checking = False
+        self._identity: object = _UNKNOWN
+        self._expiries: list[tuple[float, PublicKey]] = []  # a heap of (unix time, key)
 
     # -- start-up -------------------------------------------------------------------------
 
-    def reconcile(self, device_peers: dict[PublicKey, PeerState], now: float) -> list[Effect]:
-        """Start: adopt the device's peers that the store allows (their config corrected
-        where the store changed it meanwhile), remove the others. The loop runs the returned
-        effects to completion (and then the timers start) before any knock is captured."""
+    def reconcile(self, device_peers: dict[PublicKey, float], now: float) -> list[Effect]:
+        """Start: adopt the device's peers (key -> last handshake) that the store allows,
+        pushing the store's config to them (it may have changed while we were down), and
+        remove the others. The loop runs the returned effects to completion (and then the
+        timers start) before any knock is captured."""
         self._next_sweep = now + self.config.sweep_interval
         self._next_poll = now + self.config.change_poll_interval
         self._next_beat = now + self.config.heartbeat_interval
         self._next_marks = now + self.config.mark_interval
+        self._next_check = now
         self._last_beat = now
-        effects: list[Effect] = [Heartbeat(self.gateway_id), ReadChanges(None)]
-        if device_peers:
-            last = {k: ps.last_handshake or 0.0 for k, ps in device_peers.items()}
-            ips = {k: ps.allowed_ips for k, ps in device_peers.items()}
-            effects.append(Lookup(tuple(last), Purpose.RECONCILE, last, ips))
+        effects: list[Effect] = [Heartbeat(self.gateway_id), ReadChanges(None), ReadIdentity()]
+        keys = list(device_peers)
+        for i in range(0, len(keys), RECONCILE_CHUNK):
+            chunk = {k: device_peers[k] for k in keys[i : i + RECONCILE_CHUNK]}
+            effects.append(Lookup(tuple(chunk), Purpose.RECONCILE, chunk))
+        lookups = sum(isinstance(e, Lookup) for e in effects)
+        self._reconciling = [lookups, 0, 0]
+        if not keys:
+            self.log.info("reconcile", kept=0, removed=0)
         return effects
 
     # -- events ---------------------------------------------------------------------------
@@ -282,7 +330,10 @@ class Policy:
             except Exception as e:  # a bug must cost one knock, never the gateway
                 self._error("knock_failed", e)
                 outcome = Outcome.ERROR
-            if outcome is not None:
+            if outcome is Outcome.COOKIE:
+                self.counters[outcome] += 1
+                out.append(Verdict(ticket, outcome, knock, reply=self._reply))
+            elif outcome is not None:
                 self._verdict(out, ticket, outcome, knock)
         if lookups:
             out.append(self._store_call(Lookup(tuple(lookups), Purpose.ADMIT), now))
@@ -313,9 +364,15 @@ class Policy:
         if now >= self._next_beat:
             self._next_beat = now + self.config.heartbeat_interval
             out.append(self._store_call(Heartbeat(self.gateway_id), now))
+        if now >= self._next_check and not self._checking:
+            self._checking = True
+            self._next_check = now + DEVICE_CHECK_INTERVAL
+            out.append(ReadIdentity())
         if now >= self._next_marks:
             self._next_marks = now + self.config.mark_interval
             out.extend(self._write_marks())
+        if self._expiries and self._expiries[0][0] <= self.wall():
+            self._expire(out)
         if self._sweep_work is not None:
             step = next(self._sweep_work, None)
             if step is None:
@@ -339,6 +396,7 @@ class Policy:
             self._next_poll if not self._polling else math.inf,
             self._next_beat,
             self._next_marks if self._unwritten else math.inf,
+            self._next_check if not self._checking else math.inf,
         )
         budgets = self._budgets
         while budgets and budgets[0][1].ticket is None:
@@ -382,15 +440,22 @@ class Policy:
         if knock.ifindex == self.ignore_ifindex:
             return Outcome.OWN_INTERFACE
         payload = knock.payload
-        # the same datagram is seen on every interface it crosses (bridge port and bridge)
-        if self._dupes.seen(payload[OFF_MAC1:OFF_MAC2], now):
-            return Outcome.DUPLICATE
+        # garbage and other gateways' packets cost one BLAKE2s and nothing else
         try:
             self.responder.check_mac1(payload)
         except HandshakeError as e:
             return Outcome(e.reason)
-        if not self._per_source.allow(knock.source.host, now):
-            return Outcome.RATE_LIMITED
+        # the same datagram is seen on every interface it crosses (bridge port and bridge)
+        if self._dupes.seen(payload[OFF_MAC1:OFF_MAC2], now):
+            return Outcome.DUPLICATE
+        if self._under_load(knock, now):
+            # like WireGuard under load: no DH for a sender that has not shown (mac2) it
+            # receives at its address; then at most per_source_rate of them per address
+            if self.cookies is not None and not self.cookies.mac2_ok(payload, knock.source, now):
+                self._reply = self.cookies.reply(payload, knock.source, now)
+                return Outcome.COOKIE
+            if not self._per_source.allow(_source_key(knock.source), now):
+                return Outcome.RATE_LIMITED
         if not self._global.allow(now):
             return Outcome.RATE_LIMITED
         try:
@@ -486,6 +551,10 @@ class Policy:
                 self._unwritten.update(hs.public_key for hs in effect.handshakes)
         elif isinstance(effect, Heartbeat):
             self._beat(error, now, out)
+        elif isinstance(effect, ReadIdentity):
+            self._checking = False
+            if error is None:
+                self._device_identity(result)
         elif isinstance(effect, Claim) and error is not None:
             self._error("claim_failed", error)
             self._beat_failed = True  # the next heartbeat claims everything we hold again
@@ -497,11 +566,13 @@ class Policy:
         p = self._pending.get(key)
         if p is None or p.stage is not _Stage.LOOKUP:
             return
-        if peer is None or peer.revoked:
-            reason = Outcome.UNKNOWN if peer is None else Outcome.REVOKED
+        refused = "unknown" if peer is None else peer.refusal(self.wall())
+        if refused is not None:
+            reason = Outcome(refused)  # unknown, revoked, disabled, expired
             self._negative.add(key, now)
             self._finish(out, p, reason, name=peer.name if peer else None)
             return
+        assert peer is not None
         p.peer = peer
         best: _Knock | None = None
         for k in list(p.knocks):
@@ -566,10 +637,11 @@ class Policy:
             if p is not None:
                 self._finish(out, p, Outcome.INSTALL_FAILED, name=peer.name)
             return
-        self.installed[peer.public_key] = Installed(
+        inst = self.installed[peer.public_key] = Installed(
             peer.name, self.wall(), fingerprint(peer), seen=effect.timestamp,
             admitted=effect.timestamp,
         )
+        self._expire_at(peer.public_key, inst, peer.expires_at)
         self.counters["installs"] += 1
         took = None
         if p is not None and p.admitting is not None:
@@ -681,14 +753,18 @@ class Policy:
         allowed IPs or PSK → update the device."""
         gone: list[tuple[PublicKey, str, str]] = []
         claim: list[PublicKey] = []
+        update: list[tuple[PublicKey, tuple[IPNetwork, ...], PresharedKey | None]] = []
+        wall = self.wall()
         for key in keys:
             inst = self.installed.get(key)
             if inst is None:
                 continue
             peer = peers.get(key)
-            if peer is None or peer.revoked:
-                gone.append((key, inst.name, "removed" if peer is None else "revoked"))
+            refused = "removed" if peer is None else peer.refusal(wall)
+            if refused is not None:
+                gone.append((key, inst.name, refused))
                 continue
+            assert peer is not None
             if peer.holder is not None and peer.holder != self.gateway_id:
                 mark = peer.handshake_hwm
                 seen = inst.seen
@@ -708,48 +784,76 @@ class Policy:
                 continue
             if peer.holder is None:
                 claim.append(key)  # our claim expired (a pause): say again that we hold it
+            self._expire_at(key, inst, peer.expires_at)
             if fingerprint(peer) != inst.fingerprint:
-                out.append(Update(key, peer.allowed_ips, peer.preshared_key))
+                update.append((key, peer.allowed_ips, peer.preshared_key))
                 inst.fingerprint = fingerprint(peer)
                 self.log.info("update", peer=peer.name, key=key.short())
+        if update:
+            out.append(Update(tuple(update)))
         if claim:
             out.append(Claim(tuple(claim), self.gateway_id))
         self._evict(gone, out, release=False)
 
     def _adopt(self, lookup: Lookup, peers: dict[PublicKey, Peer], out: list[Effect]) -> None:
-        """Track device peers the store allows (claim the unclaimed, correct a config the
-        store changed); remove the others, and those another gateway holds."""
+        """Track device peers the store allows (claim the unclaimed, push the store's config
+        to them); remove the others, and those another gateway holds."""
         assert lookup.handshakes is not None
         reason = "reconcile" if lookup.purpose is Purpose.RECONCILE else "not_allowed"
         bad: list[tuple[PublicKey, str, str]] = []
         claim: list[PublicKey] = []
+        update: list[tuple[PublicKey, tuple[IPNetwork, ...], PresharedKey | None]] = []
         wall = self.wall()
         for key, last in lookup.handshakes.items():
             if key in self.installed or key in self._pending:
                 continue
             peer = peers.get(key)
-            if peer is None or peer.revoked:
-                bad.append((key, peer.name if peer else "-", reason))
+            refused = None if peer is None else peer.refusal(wall)
+            if peer is None or refused is not None:
+                bad.append((key, peer.name if peer else "-", refused or reason))
                 continue
             if peer.holder is not None and peer.holder != self.gateway_id:
                 bad.append((key, peer.name, "handoff"))
                 continue
             if peer.holder is None:
                 claim.append(key)
-            fp = fingerprint(peer)
-            device_ips = lookup.allowed_ips.get(key) if lookup.allowed_ips else None
-            if device_ips is not None and set(device_ips) != set(peer.allowed_ips):
-                out.append(Update(key, peer.allowed_ips, peer.preshared_key))
-                self.log.info("update", peer=peer.name, key=key.short())
-            self.installed[key] = Installed(peer.name, last or wall, fp, seen=peer.handshake_hwm)
+            update.append((key, peer.allowed_ips, peer.preshared_key))
+            inst = self.installed[key] = Installed(
+                peer.name, last or wall, fingerprint(peer), seen=peer.handshake_hwm
+            )
+            self._expire_at(key, inst, peer.expires_at)
+        if update:
+            out.append(Update(tuple(update)))
         if claim:
             out.append(Claim(tuple(claim), self.gateway_id))
+        if lookup.purpose is not Purpose.RECONCILE:
+            self._remove(bad, out)
+            return
+        # at start, removals wait for the whole device to be looked up: a store that knows
+        # none of the device's peers is more likely the wrong store than a list of strangers
+        r = self._reconciling
+        r[0] -= 1
+        r[1] += len(update)
+        r[2] += len(peers)
+        self._reconcile_bad.extend(bad)
+        if r[0] > 0:
+            return
+        bad, self._reconcile_bad = self._reconcile_bad, []
+        if bad and r[2] == 0 and not self.config.adopt_empty_store:
+            self.refused_start = (
+                f"the store knows none of the {len(bad)} peers on the device, so starting would "
+                "remove them all; is it the right store? To start anyway (and remove them), "
+                "pass --adopt-empty-store"
+            )
+            return
+        self._remove(bad, out)
+        self.log.info("reconcile", kept=r[1], removed=len(bad))
+
+    def _remove(self, bad: list[tuple[PublicKey, str, str]], out: list[Effect]) -> None:
         for key, name, why in bad:
             self.log.info("evict", reason=why, peer=name, key=key.short())
         if bad:
             out.append(Remove(tuple(k for k, _, _ in bad)))
-        if reason == "reconcile":
-            self.log.info("reconcile", kept=len(self.installed), removed=len(bad))
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -843,6 +947,21 @@ class Policy:
             inst.seen = ts
             self._unwritten.add(key)
 
+    def _under_load(self, knock: Knock, now: float) -> bool:
+        """Load, as WireGuard sees it, lasts UNDER_LOAD_FOR after its last sign: knocks that
+        waited in the kernel's queue longer than load_delay, or many knocks waiting for the
+        store or the device (1/8 of max_pending, like the kernel's 1/8 of its queue)."""
+        c = self.config
+        if (
+            now - knock.received_at > c.load_delay
+            or self._pending_knocks >= c.max_pending // 8
+            or c.testing_always_under_load
+        ):
+            if now >= self._load_until:
+                self.log.info("under_load", pending=self._pending_knocks)
+            self._load_until = now + UNDER_LOAD_FOR
+        return now < self._load_until
+
     def _future(self, v: Verified, source: Endpoint, name: str) -> bool:
         """A timestamp too far ahead of our clock: refused, and logged as suspicious (a
         client clock far off, or someone with the static key but not the PSK trying to
@@ -871,6 +990,33 @@ class Policy:
             return []
         self._writing_marks = True
         return [RecordHandshakes(tuple(marks))]
+
+    def _expire_at(self, key: PublicKey, inst: Installed, expires_at: float | None) -> None:
+        if expires_at != inst.expires_at:
+            inst.expires_at = expires_at
+            if expires_at is not None:
+                heapq.heappush(self._expiries, (expires_at, key))
+
+    def _expire(self, out: list[Effect]) -> None:
+        """Evict installed peers whose expiry passed (it is no store change: nothing in the
+        change feed says so when the time comes)."""
+        wall = self.wall()
+        gone = []
+        while self._expiries and self._expiries[0][0] <= wall:
+            when, key = heapq.heappop(self._expiries)
+            inst = self.installed.get(key)
+            if inst is not None and inst.expires_at == when:
+                gone.append((key, inst.name, "expired"))
+        self._evict(gone, out, release=True)
+
+    def _device_identity(self, identity: object) -> None:
+        """A device created anew (wireguard-go restarted, interface re-added) has none of
+        our peers: sweep now, so they are forgotten (and installed again at their next knock)
+        instead of being answered from memory as installed until the next sweep."""
+        before, self._identity = self._identity, identity
+        if before is not _UNKNOWN and identity != before:
+            self.log.warning("device_changed", installed=len(self.installed))
+            self._next_sweep = -math.inf
 
     def _beat(self, error: Exception | None, now: float, out: list[Effect]) -> None:
         """After a pause (the store was unreachable, the heartbeat late or lost) our claims

@@ -1,10 +1,12 @@
 """What the policy asks the outside world to do, and the one place that does it.
 
-Effects are plain values returned by `wgjit.gateway.core.Policy`. Each names where it runs
-(`STORE`, `DEVICE`, or `LOOP` for verdicts, which the completion mode gives on the loop's
-thread) and `perform()` maps a store or device effect to its call. The loop runs `perform()`
-on worker threads (`wgjit.gateway.run`); tests and start-up run it inline (`run_inline`).
-Effects compare by identity: the policy matches each result to the effect it issued.
+Effects are plain values returned by `wgjit.gateway.core.Policy`. Each names where it runs:
+`STORE`, `DEVICE` (changes to the device, in order), `SWEEP` (reading all of the device, on a
+thread of its own so installs never wait behind a big device's dump) or `LOOP` (verdicts, which
+the completion mode gives on the loop's thread). `perform()` maps a store or device effect to
+its call. The loop runs `perform()` on worker threads (`wgjit.gateway.run`); tests and start-up
+run it inline (`run_inline`). Effects compare by identity: the policy matches each result to
+the effect it issued.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from wgjit.store import Handshake, Peer, Store
 
 STORE = "store"
 DEVICE = "device"
+SWEEP = "sweep"
 LOOP = "loop"
 
 
@@ -43,8 +46,6 @@ class Lookup:
     purpose: Purpose
     # RECONCILE/ADOPT: each device peer's last handshake (unix s), to track it from there
     handshakes: dict[PublicKey, float] | None = None
-    # RECONCILE: each device peer's allowed IPs, to correct what the store changed meanwhile
-    allowed_ips: dict[PublicKey, tuple[IPNetwork, ...]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,11 +76,11 @@ class Install:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Update:
+    """Give installed peers the store's config (allowed IPs, PSK), in one batch."""
+
     where: ClassVar[str] = DEVICE
     what: ClassVar[str] = "update"
-    key: PublicKey
-    allowed_ips: tuple[IPNetwork, ...]
-    preshared_key: PresharedKey | None
+    peers: tuple[tuple[PublicKey, tuple[IPNetwork, ...], PresharedKey | None], ...]
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -102,8 +103,16 @@ class Remove:
 class ReadHandshakes:
     """Every device peer's last handshake: what the sweep needs."""
 
-    where: ClassVar[str] = DEVICE
+    where: ClassVar[str] = SWEEP
     what: ClassVar[str] = "sweep"
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ReadIdentity:
+    """Whether the device is still the one we installed peers on (Device.identity)."""
+
+    where: ClassVar[str] = SWEEP
+    what: ClassVar[str] = "device_check"
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -165,10 +174,12 @@ class Verdict:
     outcome: Outcome
     knock: Knock
     key: PublicKey | None = None  # for installs
+    reply: bytes | None = None  # a cookie reply to send to the knock's source
 
 
 Effect = (
-    Lookup | Admit | Install | Update | Invert | Remove | ReadHandshakes | Release | Claim
+    Lookup | Admit | Install | Update | Invert | Remove | ReadHandshakes | ReadIdentity | Release
+    | Claim
     | RecordHandshakes | ReadChanges | Heartbeat | Verdict
 )  # fmt: skip
 
@@ -183,18 +194,16 @@ def perform(effect: Effect, store: Store, device: Device) -> object:
             if not store.advance_handshake(hs):
                 return Admitted(False)
             return Admitted(True, store.claim(hs.public_key, gid))
-        case Install(peer=peer, endpoint=endpoint):
-            device.set_peer(
-                PeerConfig(
-                    peer.public_key,
-                    endpoint=endpoint,
-                    allowed_ips=peer.allowed_ips,
-                    preshared_key=peer.preshared_key,
-                )
-            )
+        case Install():
+            install_all([effect], device)
             return None
-        case Update(key=key, allowed_ips=ips, preshared_key=psk):
-            device.set_peer(PeerConfig(key, allowed_ips=ips, preshared_key=psk, update_only=True))
+        case Update(peers=peers):
+            device.set_peers(
+                [
+                    PeerConfig(key, allowed_ips=ips, preshared_key=psk, update_only=True)
+                    for key, ips, psk in peers
+                ]
+            )
             return None
         case Invert(key=key):
             # A keepalive switched on for a peer without a session makes the device send one,
@@ -207,7 +216,9 @@ def perform(effect: Effect, store: Store, device: Device) -> object:
             device.remove_peers(keys)
             return None
         case ReadHandshakes():
-            return _handshakes(device)
+            return device.handshakes()
+        case ReadIdentity():
+            return device.identity()
         case Release(keys=keys, gateway_id=gid):
             store.release(keys, gid)
             return None
@@ -230,6 +241,21 @@ def perform(effect: Effect, store: Store, device: Device) -> object:
     raise TypeError(f"{type(effect).__name__} is not a store or device effect")
 
 
+def install_all(installs: Sequence[Install], device: Device) -> None:
+    """Several installs in as few device operations as possible (a herd knocking at once)."""
+    device.set_peers(
+        [
+            PeerConfig(
+                i.peer.public_key,
+                endpoint=i.endpoint,
+                allowed_ips=i.peer.allowed_ips,
+                preshared_key=i.peer.preshared_key,
+            )
+            for i in installs
+        ]
+    )
+
+
 def run_inline(
     effects: Sequence[Effect],
     on_done: Callable[[Effect, object, Exception | None], Sequence[Effect]],
@@ -238,10 +264,11 @@ def run_inline(
     on_verdict: Callable[[Verdict], None] | None = None,
 ) -> None:
     """Carry out `effects` and everything their results lead to, one at a time, on this
-    thread (start-up, tests). Verdicts go to `on_verdict`."""
-    todo = list(effects)
+    thread (start-up, tests). Verdicts go to `on_verdict`. Depth first: what a result leads
+    to runs before the next effect (a chunk of reconcile is done before the next is read)."""
+    todo = list(reversed(effects))
     while todo:
-        effect = todo.pop(0)
+        effect = todo.pop()
         if isinstance(effect, Verdict):
             if on_verdict is not None:
                 on_verdict(effect)
@@ -250,11 +277,4 @@ def run_inline(
             result, error = perform(effect, store, device), None
         except Exception as e:
             result, error = None, e
-        todo.extend(on_done(effect, result, error))
-
-
-def _handshakes(device: Device) -> dict[PublicKey, float]:
-    light = getattr(device, "handshakes", None)
-    if light is not None:
-        return light()  # type: ignore[no-any-return]
-    return {k: ps.last_handshake or 0.0 for k, ps in device.read().peers.items()}
+        todo.extend(reversed(on_done(effect, result, error)))

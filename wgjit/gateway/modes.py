@@ -38,6 +38,8 @@ Batch = list[tuple[Knock, object]]
 
 class Mode:
     name = ""
+    # sends cookie replies (Verdict.reply) back to knocks' senders
+    replier: Reinjector | None = None
 
     def fileno(self) -> int:
         raise NotImplementedError
@@ -48,6 +50,13 @@ class Mode:
 
     def verdict(self, v: Verdict) -> None:
         """Act on one knock's outcome."""
+
+    def _answer(self, v: Verdict, log: EventLog) -> None:
+        if v.reply is not None and self.replier is not None:
+            try:
+                self.replier.answer(v.knock, v.reply)
+            except OSError as e:
+                log.debug("cookie_reply_failed", error=str(e))
 
     def flush(self) -> None:
         """Send what verdict() queued."""
@@ -88,10 +97,11 @@ class ReplayMode(_Capture):
 
     def __init__(self, capture: PacketCapture, reinjector: Reinjector, log: EventLog) -> None:
         super().__init__(capture)
-        self.reinjector = reinjector
+        self.reinjector = self.replier = reinjector
         self.log = log
 
     def verdict(self, v: Verdict) -> None:
+        self._answer(v, self.log)
         if v.outcome is Outcome.INSTALLED:
             try:
                 self.reinjector.send(v.knock)
@@ -127,9 +137,10 @@ class InvertMode(_Capture):
 class HoldMode(Mode):
     name = "hold"
 
-    def __init__(self, queue: NfQueue, log: EventLog) -> None:
+    def __init__(self, queue: NfQueue, log: EventLog, replier: Reinjector | None) -> None:
         self.queue = queue
         self.log = log
+        self.replier = replier
 
     def fileno(self) -> int:
         return self.queue.fileno()
@@ -138,6 +149,7 @@ class HoldMode(Mode):
         return [(h.knock, h) for h in self.queue.recv_batch()]
 
     def verdict(self, v: Verdict) -> None:
+        self._answer(v, self.log)
         if isinstance(v.ticket, Held):
             self.queue.verdict(v.ticket, v.outcome.accepts)
 
@@ -185,7 +197,13 @@ def open_mode(
             stack.callback(rules.remove)  # runs before the queue is closed
             if rules.removed_stale:
                 log.warning("stale_rules_removed", count=rules.removed_stale)
-            return HoldMode(queue, log)
+            replier = None
+            try:
+                replier = Reinjector()
+                stack.callback(replier.close)
+            except ReplayError as e:
+                log.warning("cookies_unavailable", reason=str(e))
+            return HoldMode(queue, log, replier)
         except (QueueError, RuleError, OSError) as e:
             if mode == "hold":
                 raise ModeError(f"--mode hold: {e}") from None

@@ -14,12 +14,15 @@ class Outcome(enum.StrEnum):
     OWN_INTERFACE = "own_interface"  # came through the tunnel itself: not a knock for us
     DUPLICATE = "duplicate"  # the same datagram seen again (bridge port + bridge) or replayed
     RATE_LIMITED = "rate_limited"
+    COOKIE = "cookie"  # under load, no valid mac2: answered with a cookie reply, no DH
     MALFORMED = "malformed"
     BAD_MAC1 = "bad_mac1"
     BAD_STATIC = "bad_static"
     FORGED = "forged"  # static key decrypted, but the sender does not hold its private key
     UNKNOWN = "unknown"
     REVOKED = "revoked"
+    DISABLED = "disabled"
+    EXPIRED = "expired"
     NEGATIVE_CACHED = "negative_cached"
     REPLAY = "replay"
     FUTURE = "future"  # timestamp too far ahead of the gateway's clock
@@ -64,5 +67,6 @@ QUIET = frozenset(
         Outcome.MALFORMED,
         Outcome.BAD_MAC1,
         Outcome.OWN_INTERFACE,
+        Outcome.COOKIE,
     }
 )

@@ -158,12 +158,16 @@ class Workers:
                 self._w.send(b"\0")
 
     def _drain(self) -> None:
-        with self._lock:
-            self._signalled = False
+        # In this order: read the wake-up bytes, then clear the flag, then take the results.
+        # A result queued before the flag is cleared is taken now (its worker may have seen
+        # the flag set and sent nothing); one queued after finds it clear and sends a byte,
+        # which wakes the reactor again. (Clearing first loses results: a worker that sees
+        # the flag set by a worker whose byte was then read here would never wake anyone.)
         with contextlib.suppress(BlockingIOError):
             while self._r.recv(4096):
                 pass
-        # results that arrive while draining wake the reactor again
+        with self._lock:
+            self._signalled = False
         for _ in range(len(self._done)):
             self._done.popleft()()
 

@@ -21,10 +21,22 @@ import sys
 import time
 from types import FrameType
 
+from wgjit.cookie import CookieChecker
 from wgjit.device import Device
 from wgjit.events import EventLog
 from wgjit.gateway.core import GatewayConfig, Policy
-from wgjit.gateway.effects import DEVICE, STORE, Effect, ReadChanges, Verdict, perform, run_inline
+from wgjit.gateway.effects import (
+    DEVICE,
+    STORE,
+    SWEEP,
+    Effect,
+    Install,
+    ReadChanges,
+    Verdict,
+    install_all,
+    perform,
+    run_inline,
+)
 from wgjit.gateway.modes import Batch, Mode, ModeError, open_mode
 from wgjit.gateway.reactor import Reactor, Workers
 from wgjit.handshake import Responder
@@ -36,9 +48,10 @@ SWITCH_INTERVAL = 0.001
 # how long a clean stop waits for store/device calls in flight (e.g. the last handshake marks)
 SHUTDOWN_WAIT = 5.0
 # Python's cyclic garbage collector pauses the thread for a full collection in proportion to
-# the heap: ~65 ms with 100 000 installed peers. Objects that survived this long are moved
-# out of its sight (gc.freeze; they are still freed by reference counting when dropped), so
-# a full collection only scans what is newer. Short-lived cycles are collected long before.
+# the heap: ~65 ms with 100 000 installed peers. Every GC_FREEZE_INTERVAL the loop collects
+# (which scans only what is not frozen yet: well under a millisecond) and then freezes what
+# survived (gc.freeze: out of the collector's sight; still freed by reference counting when
+# dropped), so no collection ever scans the long-lived peers and no cyclic garbage is frozen.
 GC_FREEZE_INTERVAL = 5.0
 
 
@@ -55,14 +68,17 @@ def serve(
     mode: str = "auto",
     queue_num: int | None = None,
     store_threads: int = 2,
+    sweep_device: Device | None = None,
 ) -> int:
     """Run the gateway until SIGTERM/SIGINT/SIGHUP. `mode`: auto, hold, replay, invert (or
-    none, for tests); `queue_num` (hold): the NFQUEUE number, default the listen port."""
+    none, for tests); `queue_num` (hold): the NFQUEUE number, default the listen port.
+    `sweep_device`: a second handle on the same device for sweeps (read on their own thread
+    while installs go on); without one, sweeps queue with the installs."""
     if mode != "auto":
         config = dataclasses.replace(config, completion=mode)
     for w in config.validate():
         log.warning("config", message=w)
-    state = device.read()
+    state = device.read(peers=False)
     if state.private_key is None:
         raise GatewayError(
             f"interface {device.name} has no private key; set one with "
@@ -82,20 +98,22 @@ def serve(
     )
     # reconcile before anything is captured: the queue rules go live only once it is done
     started = time.monotonic()
-    effects = policy.reconcile(state.peers, started)
-    state = dataclasses.replace(state, peers={})
+    effects = policy.reconcile(device.handshakes(), started)
     run_inline(
         effects, lambda e, r, err: policy.on_done(e, r, err, time.monotonic()), store, device
     )
     del effects
+    if policy.refused_start:
+        raise GatewayError(policy.refused_start)
     reconcile_ms = round((time.monotonic() - started) * 1000)
+    gc.collect()
     gc.freeze()
 
     old_interval = sys.getswitchinterval()
     sys.setswitchinterval(SWITCH_INTERVAL)
     reactor = Reactor()
-    workers = Workers(reactor, {STORE: store_threads, DEVICE: 1})
-    loop = _Loop(policy, store, device, reactor, workers, log)
+    workers = Workers(reactor, {STORE: store_threads, DEVICE: 1, SWEEP: 1})
+    loop = _Loop(policy, store, device, sweep_device, reactor, workers, log)
     try:
         with contextlib.ExitStack() as stack:
             try:
@@ -113,6 +131,8 @@ def serve(
                 )
             except ModeError as e:
                 raise GatewayError(str(e)) from None
+            if loop.mode.replier is not None:
+                policy.cookies = CookieChecker(policy.responder.public_key)
             log.info(
                 "ready",
                 interface=device.name,
@@ -124,6 +144,7 @@ def serve(
                 sweep_interval=config.sweep_interval,
                 capture="nfqueue" if loop.mode.name == "hold" else capture_interface or "all",
                 installed=len(policy.installed),
+                cookies=policy.cookies is not None,
                 reconcile_ms=reconcile_ms,
             )
             loop.run()
@@ -141,6 +162,7 @@ class _Loop:
         policy: Policy,
         store: Store,
         device: Device,
+        sweep_device: Device | None,
         reactor: Reactor,
         workers: Workers,
         log: EventLog,
@@ -148,11 +170,13 @@ class _Loop:
         self.policy = policy
         self.store = store
         self.device = device
+        self.sweep_device = sweep_device
         self.reactor = reactor
         self.workers = workers
         self.log = log
         self.mode: Mode = None  # type: ignore[assignment]  # set by serve() before run()
         self._store_fd: int | None = None
+        self._installs: list[Install] = []
         self._stop_reason = ""
         self._dump = False
 
@@ -167,15 +191,59 @@ class _Loop:
         self.mode.flush()
 
     def submit(self, effect: Effect) -> None:
+        if isinstance(effect, Install):
+            # installs of one reactor turn go to the device together, at the end of the turn
+            if not self._installs:
+                self.reactor.call_at(0.0, self._flush_installs)
+            self._installs.append(effect)
+            return
+        where, device = effect.where, self.device
+        if where == SWEEP:
+            if self.sweep_device is None:
+                where = DEVICE  # one handle: in order with the installs
+            else:
+                device = self.sweep_device
+
         def call() -> object:
-            return perform(effect, self.store, self.device)
+            return perform(effect, self.store, device)
 
         def done(result: object, error: Exception | None) -> None:
             if isinstance(effect, ReadChanges) and error is None:
                 self._watch_store(getattr(result, "wakeup_fd", None))
             self.apply(self.policy.on_done(effect, result, error, time.monotonic()))
 
-        self.workers.submit(effect.where, call, done)
+        self.workers.submit(where, call, done)
+
+    def _flush_installs(self) -> None:
+        batch, self._installs = self._installs, []
+
+        def call() -> object:
+            """One error per install (None: installed). A failed batch is tried again one
+            by one, so one bad peer does not fail the others."""
+            try:
+                install_all(batch, self.device)
+                return [None] * len(batch)
+            except Exception as e:
+                if len(batch) == 1:
+                    return [e]
+            errors: list[Exception | None] = []
+            for one in batch:
+                try:
+                    install_all([one], self.device)
+                    errors.append(None)
+                except Exception as e:
+                    errors.append(e)
+            return errors
+
+        def done(result: object, error: Exception | None) -> None:
+            now = time.monotonic()
+            errors = result if isinstance(result, list) else [error] * len(batch)
+            out: list[Effect] = []
+            for e, err in zip(batch, errors, strict=True):
+                out.extend(self.policy.on_done(e, None, err, now))
+            self.apply(out)
+
+        self.workers.submit(DEVICE, call, done)
 
     # -- the reactor's handlers -----------------------------------------------------------
 
@@ -247,6 +315,7 @@ class _Loop:
                 self.log.warning("shutdown_incomplete", waited_s=SHUTDOWN_WAIT)
 
     def _freeze_gc(self) -> None:
+        gc.collect()
         gc.freeze()
         self.reactor.call_at(time.monotonic() + GC_FREEZE_INTERVAL, self._freeze_gc)
 
@@ -260,7 +329,7 @@ class _Loop:
     def stats(self) -> dict[str, object]:
         p = self.policy
         out: dict[str, object] = {
-            "installed": len(p.installed),
+            "installed_now": len(p.installed),  # not "installed": the outcome counter
             "pending": p.pending,
             "loop_max_stall_ms": round(self.reactor.max_stall * 1000, 1),
             "loop_max_stall_in": self.reactor.max_stall_what,

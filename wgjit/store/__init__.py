@@ -14,10 +14,11 @@ an answer); a limit that runs out is a StoreError.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Final, Protocol, Self
 
 from wgjit.addr import IPNetwork
 from wgjit.keys import PresharedKey, PublicKey
@@ -43,6 +44,11 @@ class UnknownPeer(StoreError):
 
 class InvalidPeerName(StoreError):
     pass
+
+
+class PeerRefused(StoreError):
+    """The peer's key or allowed IPs are refused (see wgjit.store.prefixes): a low-order key,
+    a special-purpose range, or a prefix that overlaps another peer's; the message names it."""
 
 
 class ChangeFeedExpired(StoreError):
@@ -78,6 +84,43 @@ class Peer:
     handshake_hwm: bytes | None = None
     # the gateway that last claimed (installed) this peer and is alive, if any
     holder: str | None = None
+    # refused while set, like a revoked peer, but `peer enable` brings it back
+    disabled: bool = False
+    # unix seconds after which the peer is refused (reason "expired"); None: never
+    expires_at: float | None = None
+
+    def refusal(self, now: float) -> str | None:
+        """Why a gateway must refuse (and evict) this peer at unix time `now`: "revoked",
+        "disabled" or "expired"; None while it may connect."""
+        if self.revoked:
+            return "revoked"
+        if self.disabled:
+            return "disabled"
+        if self.expires_at is not None and now >= self.expires_at:
+            return "expired"
+        return None
+
+    @property
+    def state(self) -> str:
+        """What `peer list` shows: revoked, disabled, expired or active (now)."""
+        return self.refusal(time.time()) or "active"
+
+
+class Keep:
+    """The type of KEEP: "leave this field as it is" where None is a value (no expiry)."""
+
+    _instance: Keep | None = None
+
+    def __new__(cls) -> Keep:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+KEEP: Final = Keep()
 
 
 @dataclass(slots=True)
@@ -89,7 +132,7 @@ class ImportResult:
     updated: int = 0
     unchanged: int = 0
     rejected: list[tuple[int, str]] = field(default_factory=list)
-    # added peers whose key the store had seen before (removed): they keep its replay mark
+    # added peers whose key the store had before (removed or re-keyed): they keep its mark
     reused_keys: int = 0
 
 
@@ -109,10 +152,36 @@ class Store(Protocol):
         public_key: PublicKey,
         allowed_ips: tuple[IPNetwork, ...],
         preshared_key: PresharedKey | None = None,
+        *,
+        allow_overlap: bool = False,
+        expires_at: float | None = None,
     ) -> Peer:
-        """Raises DuplicatePeer if the name or the key exists, InvalidPeerName for a bad name.
-        A key the store had before (its peer removed) keeps its anti-replay mark: the returned
-        peer's handshake_hwm is then not None."""
+        """Raises DuplicatePeer if the name or the key exists, InvalidPeerName for a bad name,
+        PeerRefused for a low-order key, a special-purpose prefix or one that overlaps another
+        peer's (`allow_overlap` permits overlaps, link-local and default routes). A key the
+        store had before (its peer removed or re-keyed) keeps its anti-replay mark: the
+        returned peer's handshake_hwm is then not None."""
+        ...
+
+    def update_peer(
+        self,
+        name: str,
+        *,
+        new_name: str | None = None,
+        public_key: PublicKey | None = None,
+        allowed_ips: tuple[IPNetwork, ...] | None = None,
+        preshared_key: PresharedKey | Keep | None = KEEP,
+        disabled: bool | None = None,
+        expires_at: float | Keep | None = KEEP,
+        allow_overlap: bool = False,
+    ) -> Peer:
+        """Change what is given (None / KEEP: unchanged) in one transaction; returns the peer.
+        Every change that a gateway must act on is in the change feed: a new key announces the
+        old key and the new (the old is refused at once: lookup() no longer finds it) and
+        drops the old key's claim. The old key's anti-replay mark is retired with it (kept for
+        that key, as remove() keeps it); the peer takes the new key's retired mark if it has
+        one, else none (the new key's handshakes start afresh). Same checks as add_peer;
+        raises UnknownPeer, DuplicatePeer, InvalidPeerName, PeerRefused."""
         ...
 
     def get_peer(self, name: str) -> Peer | None: ...
@@ -192,13 +261,22 @@ class Store(Protocol):
         """Say `gateway_id` is alive; expire the claims of gateways silent for too long."""
         ...
 
-    def import_peers(self, peers: Sequence[Peer]) -> ImportResult:
+    def import_peers(
+        self, peers: Sequence[Peer], *, allow_overlap: bool = False, dry_run: bool = False
+    ) -> ImportResult:
         """Add or update (by name) a batch of peers in one transaction: idempotent. A row whose
-        key belongs to another peer, or whose name exists with another key, is rejected. An
+        key belongs to another peer, or whose name exists with another key, is rejected, and so
+        is one add_peer() would refuse (PeerRefused: checked against stored peers and the
+        batch's earlier rows). An
         import can revoke a peer but never reinstates a revoked one (an old file re-imported
-        must not bring back revoked peers): remove and re-add it for that. Likewise a peer's
+        must not bring back revoked peers): remove and re-add it for that. Likewise an import
+        never widens an existing peer's access: it can disable but not enable, and an expiry
+        only moves earlier (a row without one leaves the stored one); and a peer's
         handshake_hwm only moves forward: the stored mark becomes the later of the stored
-        and the imported one (and a new peer whose key was retired keeps the retired mark)."""
+        and the imported one (and a new peer whose key was retired keeps the retired mark).
+        New peers take the row's disabled, expires_at and handshake_hwm as they are (a
+        restored backup). `dry_run`: the same checks and result, nothing written (`peer
+        import --strict` checks a file so)."""
         ...
 
     def iter_peers(self) -> Iterator[Peer]:
@@ -221,16 +299,24 @@ class Store(Protocol):
         ...
 
 
-def open_store(url: str) -> Store:
+def open_store(url: str, *, create: bool = True) -> Store:
     """Open a store by URL: `sqlite:///abs/path.db`, `sqlite:relative.db`, a plain path, or
-    `postgresql://...` / `postgres://...` (libpq URI, e.g. `postgresql:///wgjit?host=/run/pg`).
+    `postgresql://...` / `postgres://...` (libpq URI, e.g. `postgresql:///wgjit?host=/run/pg`)
+    or libpq's keyword/value form (`host=/run/pg dbname=wgjit`).
     Opening applies pending schema migrations.
 
+    `create=False` opens only an existing, initialised store (what every command that does
+    not add peers wants: a mistyped URL must fail, not yield a new empty store); a missing
+    SQLite file or a database without wgjit's schema raises StoreError naming `wgjit store
+    init`. Upgrading an existing store's schema is not creating one: it happens either way.
+
     Raises StoreError (with a one-line reason) if it cannot be opened or created."""
-    if url.strip().startswith(("postgres://", "postgresql://")):
+    from wgjit.store.urls import is_postgres
+
+    if is_postgres(url):
         from wgjit.store.postgres import PostgresStore
 
-        return PostgresStore(url.strip())
+        return PostgresStore(url.strip(), create=create)
     from wgjit.store.sqlite import SQLiteStore, path_from_url
 
-    return SQLiteStore(path_from_url(url))
+    return SQLiteStore(path_from_url(url), create=create)

@@ -1,15 +1,19 @@
 """Bulk peer files: read and write CSV or JSON lines, import in batches, export as a stream.
 
 Formats (chosen by file extension `.csv` / `.jsonl` / `.ndjson`, or explicitly):
-  CSV:  header `name,public_key,allowed_ips,preshared_key,revoked,handshake_mark`; only the
-        first three are required; allowed_ips separated by spaces or commas (quote the field);
-        revoked is true/false/1/0/yes/no (empty: false); preshared_key base64 or empty;
-        handshake_mark the peer's anti-replay mark (the TAI64N timestamp of the newest
-        initiation accepted from it) as 24 hex digits, or empty.
+  CSV:  header `name,public_key,allowed_ips,preshared_key,revoked,disabled,expires_at,
+        handshake_mark`; only the first three are required; allowed_ips separated by spaces or
+        commas (quote the field); revoked and disabled are true/false/1/0/yes/no (empty:
+        false); preshared_key base64 or empty; expires_at an ISO 8601 time with its offset
+        (`2027-01-31T18:00:00Z`) or empty (never); handshake_mark the peer's anti-replay mark
+        (the TAI64N timestamp of the newest initiation accepted from it) as 24 hex digits, or
+        empty.
   JSON lines: one object per line with the same keys; allowed_ips a list or a string.
-Importing is idempotent and updates peers by name; it can revoke a peer but never reinstates a
-revoked one (re-importing an old file must not bring revoked peers back), and it moves a mark
-only forward (a restored backup must not let old captured initiations in again).
+Export writes every field: a full backup. Importing is idempotent and updates peers by name;
+it adds new peers as they are written, and never widens an existing peer's access: it can
+revoke or disable a peer but never reinstates or enables one, moves an expiry only earlier and a
+mark only forward (re-importing an old file must not bring back revoked or disabled peers, nor
+let old captured initiations in again).
 Row validation here; conflicts with stored peers are decided by the store. It prints nothing:
 progress and reports go through the callbacks the CLI gives.
 """
@@ -17,18 +21,21 @@ progress and reports go through the callbacks the CLI gives.
 from __future__ import annotations
 
 import csv
+import datetime
 import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, Final
 
-from wgjit.addr import InvalidAddress, parse_networks
+from wgjit.addr import InvalidAddress, IPNetwork, parse_networks
 from wgjit.keys import InvalidKey, PresharedKey, PublicKey
 from wgjit.store import InvalidPeerName, Peer, Store, validate_peer_name
+from wgjit.store.prefixes import overlaps_within
 
 FORMATS: Final = ("csv", "jsonl")
 FIELDS: Final = (
-    "name", "public_key", "allowed_ips", "preshared_key", "revoked", "handshake_mark"
+    "name", "public_key", "allowed_ips", "preshared_key", "revoked", "disabled", "expires_at",
+    "handshake_mark",
 )  # fmt: skip
 MARK_LEN: Final = 12  # TAI64N
 REQUIRED: Final = ("name", "public_key", "allowed_ips")
@@ -77,7 +84,7 @@ _TRUE = {"true", "1", "yes", "y", "t"}
 _FALSE = {"false", "0", "no", "n", "f", ""}
 
 
-def _revoked(value: Any) -> bool:
+def _flag(field: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value
     if value is None:
@@ -87,7 +94,33 @@ def _revoked(value: Any) -> bool:
         return True
     if text in _FALSE:
         return False
-    raise BulkError(f"field revoked: {value!r} is not a boolean; use true or false")
+    raise BulkError(f"field {field}: {value!r} is not a boolean; use true or false")
+
+
+def _expiry(value: Any) -> float | None:
+    """ISO 8601 with an offset (what export writes) to Unix seconds; empty: never."""
+    if value in (None, ""):
+        return None
+    text = str(value).strip()
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None:
+        raise BulkError(
+            f"field expires_at: {text[:40]!r} is not a time with its offset; give ISO 8601 like"
+            " 2027-01-31T18:00:00Z (as `peer export` writes), or leave it empty for never"
+        )
+    return when.timestamp()
+
+
+def _expiry_text(at: float) -> str:
+    """Unix seconds as ISO 8601 UTC, exact for whole seconds (what `peer add --expires` sets)
+    and to the microsecond otherwise."""
+    when = datetime.datetime.fromtimestamp(at, datetime.UTC)
+    return when.isoformat(timespec="seconds" if at == int(at) else "microseconds").replace(
+        "+00:00", "Z"
+    )
 
 
 def row_to_peer(row: dict[str, Any]) -> Peer:
@@ -116,8 +149,10 @@ def row_to_peer(row: dict[str, Any]) -> Peer:
         except InvalidKey as e:
             raise BulkError(f"field preshared_key: {e}") from None
     return Peer(
-        name, key, nets, psk, _revoked(row.get("revoked")),
+        name, key, nets, psk, _flag("revoked", row.get("revoked")),
         handshake_hwm=_mark(row.get("handshake_mark")),
+        disabled=_flag("disabled", row.get("disabled")),
+        expires_at=_expiry(row.get("expires_at")),
     )  # fmt: skip
 
 
@@ -141,7 +176,10 @@ def read_rows(stream: IO[str], fmt: str) -> Iterator[tuple[int, Peer | BulkError
     """(line number, peer or the error for that line) for every record in the file."""
     if fmt == "csv":
         reader = csv.DictReader(stream)
-        header = reader.fieldnames or []
+        header = list(reader.fieldnames or [])
+        if header and header[0].startswith("\ufeff"):  # a byte order mark read as text
+            header[0] = header[0][1:]
+            reader.fieldnames = header
         missing = [f for f in REQUIRED if f not in header]
         if missing:
             raise BulkError(
@@ -180,16 +218,17 @@ def import_file(
     strict: bool = False,
     progress: Callable[[int], None] | None = None,
     batch_size: int = BATCH_SIZE,
+    allow_overlap: bool = False,
 ) -> ImportReport:
     """Import every good row in batches (each batch one transaction; re-running is harmless).
     Bad rows (format, duplicates within the file, conflicts with stored peers) are reported
     with their line numbers and skipped. `strict`: the file is checked first, against itself and
-    against the store (one point query per row), and nothing is written if any row is bad; a
-    conflicting peer written by someone else between the check and the import is still only
-    found while writing."""
+    against the store (each batch imported with dry_run: the same checks, nothing written),
+    and nothing is written if any row is bad; a conflicting peer written by someone else
+    between the check and the import is still only found while writing."""
     report = ImportReport()
     if strict:
-        check = _validate(read_rows(stream, fmt), store)
+        check = _validate(read_rows(stream, fmt), store, allow_overlap)
         if check.bad:
             return check
         stream.seek(0)
@@ -201,7 +240,7 @@ def import_file(
     def flush() -> None:
         if not batch:
             return
-        res = store.import_peers(batch)
+        res = store.import_peers(batch, allow_overlap=allow_overlap)
         report.added += res.added
         report.updated += res.updated
         report.unchanged += res.unchanged
@@ -240,30 +279,47 @@ def _duplicate(p: Peer, names: set[str], keys: set[bytes]) -> str | None:
     return None
 
 
-def _conflict(store: Store, p: Peer) -> str | None:
-    """Why the store would refuse this row (the same reasons Store.import_peers gives)."""
-    by_key = store.lookup(p.public_key)
-    if by_key is not None:
-        if by_key.name != p.name:
-            return f"public key is already used by peer {by_key.name!r}"
-        return None
-    if store.get_peer(p.name) is not None:
-        return "a peer with this name exists with another public key"
-    return None
-
-
-def _validate(rows: Iterable[tuple[int, Peer | BulkError]], store: Store) -> ImportReport:
+def _validate(
+    rows: Iterable[tuple[int, Peer | BulkError]],
+    store: Store,
+    allow_overlap: bool,
+    batch_size: int = BATCH_SIZE,
+) -> ImportReport:
     report = ImportReport()
     names: set[str] = set()
     keys: set[bytes] = set()
+    batch: list[Peer] = []
+    lines: list[int] = []
+    prefixes: list[tuple[int, str, tuple[IPNetwork, ...]]] = []  # the whole file's, for overlaps
+
+    def check() -> None:
+        res = store.import_peers(batch, allow_overlap=allow_overlap, dry_run=True)
+        report.bad.extend(BadRow(lines[i], why) for i, why in res.rejected)
+        batch.clear()
+        lines.clear()
+
     for line, item in rows:
         report.rows += 1
         if isinstance(item, BulkError):
             report.bad.append(BadRow(line, str(item)))
-        else:
-            why = _duplicate(item, names, keys) or _conflict(store, item)
-            if why:
+            continue
+        why = _duplicate(item, names, keys)
+        if why:
+            report.bad.append(BadRow(line, why))
+            continue
+        batch.append(item)
+        lines.append(line)
+        prefixes.append((line, item.name, item.allowed_ips))
+        if len(batch) >= batch_size:
+            check()
+    if batch:
+        check()
+    if not allow_overlap:  # across batches (each dry run sees only its own batch)
+        seen = {b.line for b in report.bad}
+        for line, why in overlaps_within(prefixes).items():
+            if line not in seen:
                 report.bad.append(BadRow(line, why))
+    report.bad.sort(key=lambda b: b.line)
     return report
 
 
@@ -275,6 +331,8 @@ def peer_record(p: Peer) -> dict[str, Any]:
         "allowed_ips": [str(n) for n in p.allowed_ips],
         "preshared_key": p.preshared_key.b64() if p.preshared_key else None,
         "revoked": p.revoked,
+        "disabled": p.disabled,
+        "expires_at": _expiry_text(p.expires_at) if p.expires_at is not None else None,
         # without it, a restored backup would admit every initiation ever captured once more
         "handshake_mark": p.handshake_hwm.hex() if p.handshake_hwm else None,
     }
@@ -298,6 +356,8 @@ def export_peers(
                     " ".join(rec["allowed_ips"]),
                     rec["preshared_key"] or "",
                     "true" if p.revoked else "false",
+                    "true" if p.disabled else "false",
+                    rec["expires_at"] or "",
                     rec["handshake_mark"] or "",
                 ]
             )

@@ -54,17 +54,22 @@ from wgjit.addr import InvalidAddress, IPNetwork, format_networks, parse_network
 from wgjit.closing import Closing
 from wgjit.keys import InvalidKey, PresharedKey, PublicKey
 from wgjit.store import (
+    KEEP,
     MANY_CHUNK,
     PRESENCE_TTL_S,
     ChangeFeedExpired,
     DuplicatePeer,
     Handshake,
     ImportResult,
+    Keep,
     Peer,
+    PeerRefused,
     StoreError,
     UnknownPeer,
     validate_peer_name,
 )
+from wgjit.store.prefixes import overlap_message, overlaps_within, peer_problem, plan_update
+from wgjit.store.urls import redact, scrub
 
 CHANNEL: Final = "wgjit_changes"
 CONNECT_TIMEOUT_S: Final = 5.0
@@ -102,6 +107,8 @@ TAI64N_LEN: Final = 12
 # out in commit order (a reader never sees seq N+1 committed while N is still in flight)
 _FEED_LOCK: Final = 0x776A6974_0001
 _MIGRATE_LOCK: Final = 0x776A6974_0002
+# writers of allowed IPs are serialised, so two concurrent adds cannot both miss an overlap
+_PREFIX_LOCK: Final = 0x776A6974_0003
 _HINT: Final = "choose another with --store or WGJIT_STORE"
 
 _T = TypeVar("_T")
@@ -189,7 +196,37 @@ MIGRATIONS: list[tuple[str, ...]] = [
         )""",
         "CREATE INDEX peer_claims_by_gateway ON peer_claims (gateway_id)",
     ),
-    # 2: the store never forgets a key's anti-replay mark. A key leaving the peers table (the
+    # 2: every allowed-IP prefix as a cidr row with a GiST index: overlaps (`&&`) are index
+    #    searches, never a scan of every peer; filled from the peers already stored
+    (
+        """CREATE TABLE peer_prefixes (
+            peer_id bigint NOT NULL REFERENCES peers (id) ON DELETE CASCADE,
+            net cidr NOT NULL
+        )""",
+        "CREATE INDEX peer_prefixes_by_net ON peer_prefixes USING gist (net inet_ops)",
+        "CREATE INDEX peer_prefixes_by_peer ON peer_prefixes (peer_id)",
+        """INSERT INTO peer_prefixes (peer_id, net)
+            SELECT id, unnest(string_to_array(allowed_ips, ','))::cidr FROM peers
+            WHERE allowed_ips <> ''""",
+    ),
+    # 3: lifecycle: disabled (refused until enabled again) and an expiry time; both are
+    #    changes a gateway must learn, so the feed's update trigger now watches them too
+    (
+        "ALTER TABLE peers ADD COLUMN disabled boolean NOT NULL DEFAULT false,"
+        " ADD COLUMN expires_at double precision",
+        "DROP TRIGGER peers_feed_update ON peers",
+        """CREATE TRIGGER peers_feed_update
+            AFTER UPDATE OF name, allowed_ips, preshared_key, revoked, public_key, disabled,
+                expires_at ON peers
+            FOR EACH ROW WHEN (
+                (old.name, old.allowed_ips, old.preshared_key, old.revoked, old.public_key,
+                 old.disabled, old.expires_at)
+                IS DISTINCT FROM
+                (new.name, new.allowed_ips, new.preshared_key, new.revoked, new.public_key,
+                 new.disabled, new.expires_at))
+            EXECUTE FUNCTION wgjit_feed_update()""",
+    ),
+    # 4: the store never forgets a key's anti-replay mark. A key leaving the peers table (the
     #    peer removed, or its key changed) leaves its mark in retired_keys; a key coming back
     #    (added, imported, or a key changed to it) takes the greater of its mark and the
     #    retired one, and the retired row goes. A key is in at most one of the two tables.
@@ -232,10 +269,14 @@ MIGRATIONS: list[tuple[str, ...]] = [
             FOR EACH ROW EXECUTE FUNCTION wgjit_restore()""",
     ),
 ]
+_OVERLAP_SQL: Final = (
+    "SELECT q.net::text, p.name FROM peer_prefixes q JOIN peers p ON p.id = q.peer_id"
+    " WHERE q.net && %s::cidr AND q.peer_id <> %s LIMIT 1"
+)
 
 _COLUMNS: Final = (
     "p.name, p.public_key, p.allowed_ips, p.preshared_key, p.revoked, p.created_at,"
-    " p.updated_at, p.last_seen, p.handshake_hwm, c.gateway_id"
+    " p.updated_at, p.last_seen, p.handshake_hwm, c.gateway_id, p.disabled, p.expires_at"
 )
 _FROM: Final = "peers p LEFT JOIN peer_claims c ON c.public_key = p.public_key"
 LOOKUP_SQL: Final = f"SELECT {_COLUMNS} FROM {_FROM} WHERE p.public_key = %s"
@@ -276,22 +317,24 @@ _CLAIM_TAKE_SQL: Final = (
 # each round needs a claim inserted (and removed again) by others in a few milliseconds
 CLAIM_ATTEMPTS: Final = 5
 _LAST_SEQ_SQL: Final = "SELECT coalesce(max(seq), 0) FROM peer_changes"
-_PASSWORD = re.compile(r"(://[^:/?#@]*:)[^@/?#]*@|(password=)[^&\s]*")
-
-
-def redact(url: str) -> str:
-    """The URL with any password replaced by `***` (for messages and logs)."""
-    return _PASSWORD.sub(
-        lambda m: (m.group(1) or m.group(2)) + "***" + ("@" if m.group(1) else ""), url
-    )
 
 
 class PostgresStore(Closing):
     """The Store protocol on one PostgreSQL database. Thread-safe (a small connection pool);
     any number of processes on any number of hosts may share the database."""
 
-    def __init__(self, url: str, *, connect_timeout: float = CONNECT_TIMEOUT_S, max_size: int = 4):
+    def __init__(
+        self,
+        url: str,
+        *,
+        connect_timeout: float = CONNECT_TIMEOUT_S,
+        max_size: int = 4,
+        create: bool = True,
+    ):
+        """`create=False`: a database without wgjit's schema raises StoreError naming
+        `wgjit store init` instead of being given one."""
         self.url = url
+        self._create = create
         self._name = redact(url)
         self._conninfo, limits = self._settings(url, connect_timeout)
         self.connect_timeout, self.statement_timeout, self.lock_timeout = limits
@@ -343,7 +386,7 @@ class PostgresStore(Closing):
             params = conninfo_to_dict(base)
         except psycopg.Error as e:
             raise StoreError(
-                f"invalid store URL {self._name}: {redact(_first_line(e))}; {_HINT}"
+                f"store {self._name}: invalid URL: {scrub(_first_line(e), url)}; {_HINT}"
             ) from e
         if "connect_timeout" not in params and "PGCONNECT_TIMEOUT" not in os.environ:
             params["connect_timeout"] = str(max(1, math.ceil(connect_timeout)))
@@ -406,13 +449,20 @@ class PostgresStore(Closing):
         public_key: PublicKey,
         allowed_ips: tuple[IPNetwork, ...],
         preshared_key: PresharedKey | None = None,
+        *,
+        allow_overlap: bool = False,
+        expires_at: float | None = None,
     ) -> Peer:
         validate_peer_name(name)
         nets = tuple(allowed_ips)
+        why = peer_problem(public_key, nets, allow_overlap)
+        if why:
+            raise PeerRefused(why)
         now = time.time()
 
         def op(conn: psycopg.Connection[tuple[Any, ...]]) -> bytes | None:
             with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PREFIX_LOCK,))
                 if conn.execute("SELECT 1 FROM peers WHERE name = %s", (name,)).fetchone():
                     raise DuplicatePeer(f"peer {name!r} already exists")
                 row = conn.execute(
@@ -422,12 +472,16 @@ class PostgresStore(Closing):
                     raise DuplicatePeer(
                         f"public key {public_key.short()}... is already used by peer {row[0]!r}"
                     )
+                if not allow_overlap:
+                    clash = _overlap(conn, nets, None)
+                    if clash:
+                        raise PeerRefused(clash)
                 try:
-                    # a key used before keeps its mark (migration 2's trigger puts it on the row)
-                    row = conn.execute(
+                    # a key used before keeps its mark (migration 4's trigger puts it on the row)
+                    cur = conn.execute(
                         "INSERT INTO peers (name, public_key, allowed_ips, preshared_key,"
-                        " revoked, created_at, updated_at) VALUES (%s, %s, %s, %s, false, %s, %s)"
-                        " RETURNING handshake_hwm",
+                        " revoked, created_at, updated_at, expires_at)"
+                        " VALUES (%s, %s, %s, %s, false, %s, %s, %s) RETURNING id, handshake_hwm",
                         (
                             name,
                             public_key.raw,
@@ -435,15 +489,99 @@ class PostgresStore(Closing):
                             preshared_key.raw if preshared_key else None,
                             now,
                             now,
+                            expires_at,
                         ),
-                    ).fetchone()
+                    )
                 except psycopg.errors.UniqueViolation as e:  # a concurrent add won the race
                     raise DuplicatePeer(f"peer {name!r} or its key already exists") from e
+                peer_id, mark = _one(cur)
+                _set_prefixes(conn, int(peer_id), nets)
                 self._prune(conn)
-                return bytes(row[0]) if row and row[0] is not None else None
+                return bytes(mark) if mark is not None else None
 
         mark = self._run(f"add peer {name!r}", op)
-        return Peer(name, public_key, nets, preshared_key, False, now, now, handshake_hwm=mark)
+        return Peer(
+            name, public_key, nets, preshared_key, False, now, now,
+            handshake_hwm=mark, expires_at=expires_at,
+        )  # fmt: skip
+
+    def update_peer(
+        self,
+        name: str,
+        *,
+        new_name: str | None = None,
+        public_key: PublicKey | None = None,
+        allowed_ips: tuple[IPNetwork, ...] | None = None,
+        preshared_key: PresharedKey | Keep | None = KEEP,
+        disabled: bool | None = None,
+        expires_at: float | Keep | None = KEEP,
+        allow_overlap: bool = False,
+    ) -> Peer:
+        plan = plan_update(new_name, public_key, allowed_ips, allow_overlap)
+
+        def op(conn: psycopg.Connection[tuple[Any, ...]]) -> tuple[Any, ...]:
+            with conn.transaction():
+                if allowed_ips is not None:
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PREFIX_LOCK,))
+                found = conn.execute(
+                    "SELECT id, public_key FROM peers WHERE name = %s FOR UPDATE", (name,)
+                ).fetchone()
+                if found is None:
+                    raise UnknownPeer(f"no peer named {name!r}")
+                peer_id, old_key = int(found[0]), bytes(found[1])
+                sets: list[str] = []
+                params: list[Any] = []
+                if new_name is not None and new_name != name:
+                    if conn.execute("SELECT 1 FROM peers WHERE name = %s", (new_name,)).fetchone():
+                        raise DuplicatePeer(f"peer {new_name!r} already exists")
+                    sets.append("name = %s")
+                    params.append(new_name)
+                new_key = public_key is not None and public_key.raw != old_key
+                if public_key is not None and new_key:
+                    other = conn.execute(
+                        "SELECT name FROM peers WHERE public_key = %s", (public_key.raw,)
+                    ).fetchone()
+                    if other:
+                        raise DuplicatePeer(
+                            f"public key {public_key.short()}... is already used by peer"
+                            f" {other[0]!r}"
+                        )
+                    # a new key: no gateway holds it yet, and its handshakes start afresh, from
+                    # its retired mark if it had one (the old key's mark is retired: migration
+                    # 4's triggers do both)
+                    sets.append("public_key = %s, handshake_hwm = NULL, last_seen = NULL")
+                    params.append(public_key.raw)
+                    conn.execute("DELETE FROM peer_claims WHERE public_key = %s", (old_key,))
+                if allowed_ips is not None:
+                    if plan.check_overlap:
+                        clash = _overlap(conn, allowed_ips, peer_id)
+                        if clash:
+                            raise PeerRefused(clash)
+                    sets.append("allowed_ips = %s")
+                    params.append(format_networks(allowed_ips))
+                    _set_prefixes(conn, peer_id, allowed_ips)
+                if not isinstance(preshared_key, Keep):
+                    sets.append("preshared_key = %s")
+                    params.append(preshared_key.raw if preshared_key else None)
+                if disabled is not None:
+                    sets.append("disabled = %s")
+                    params.append(disabled)
+                if not isinstance(expires_at, Keep):
+                    sets.append("expires_at = %s")
+                    params.append(expires_at)
+                if sets:
+                    try:
+                        conn.execute(
+                            f"UPDATE peers SET {', '.join(sets)}, updated_at = %s WHERE id = %s",
+                            (*params, time.time(), peer_id),
+                        )
+                    except psycopg.errors.UniqueViolation as e:
+                        raise DuplicatePeer(f"the new name or key of {name!r} is taken") from e
+                    self._prune(conn)
+                return _one(conn.execute(f"SELECT {_COLUMNS} FROM {_FROM} WHERE p.id = %s",
+                                         (peer_id,)))  # fmt: skip
+
+        return self._peer(self._run(f"change peer {name!r}", op))
 
     def get_peer(self, name: str) -> Peer | None:
         row = self._run(
@@ -529,7 +667,9 @@ class PostgresStore(Closing):
 
         return self._peer(self._run(f"reset the replay mark of peer {name!r}", op))
 
-    def import_peers(self, peers: Sequence[Peer]) -> ImportResult:
+    def import_peers(
+        self, peers: Sequence[Peer], *, allow_overlap: bool = False, dry_run: bool = False
+    ) -> ImportResult:
         result = ImportResult()
         if not peers:
             return result
@@ -537,21 +677,34 @@ class PostgresStore(Closing):
             validate_peer_name(p.name)
             if p.handshake_hwm is not None and len(p.handshake_hwm) != TAI64N_LEN:
                 raise ValueError(f"peer {p.name!r}: a handshake mark is {TAI64N_LEN} bytes")
+        refused = {}
+        for i, p in enumerate(peers):
+            why = peer_problem(p.public_key, p.allowed_ips, allow_overlap)
+            if why:
+                refused[i] = why
 
         def op(conn: psycopg.Connection[tuple[Any, ...]]) -> ImportResult:
-            res = ImportResult()
+            res = ImportResult(rejected=list(refused.items()))
             now = time.time()
             with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PREFIX_LOCK,))
                 conn.execute(
                     "CREATE TEMP TABLE IF NOT EXISTS wgjit_import (i int, name text,"
                     " public_key bytea, allowed_ips text, preshared_key bytea, revoked boolean,"
-                    " handshake_hwm bytea) ON COMMIT DELETE ROWS"
+                    " handshake_hwm bytea, disabled boolean, expires_at double precision,"
+                    " moved boolean) ON COMMIT DELETE ROWS"
+                )
+                conn.execute(
+                    "CREATE TEMP TABLE IF NOT EXISTS wgjit_import_nets (i int, name text,"
+                    " net cidr) ON COMMIT DELETE ROWS"
                 )
                 with conn.cursor().copy(
                     "COPY wgjit_import (i, name, public_key, allowed_ips, preshared_key, revoked,"
-                    " handshake_hwm) FROM STDIN"
+                    " handshake_hwm, disabled, expires_at) FROM STDIN"
                 ) as copy:
                     for i, p in enumerate(peers):
+                        if i in refused:
+                            continue
                         copy.write_row(
                             (
                                 i,
@@ -561,6 +714,8 @@ class PostgresStore(Closing):
                                 p.preshared_key.raw if p.preshared_key else None,
                                 p.revoked,
                                 p.handshake_hwm,
+                                p.disabled,
+                                p.expires_at,
                             )
                         )
                 # rows whose key is another peer's, or whose name has another key
@@ -581,6 +736,23 @@ class PostgresStore(Closing):
                         "DELETE FROM wgjit_import WHERE i = ANY(%s)",
                         ([i for i, _ in res.rejected],),
                     )
+                # rows that add prefixes or change them, and those prefixes
+                conn.execute(
+                    "UPDATE wgjit_import w SET moved = NOT EXISTS (SELECT 1 FROM peers p"
+                    " WHERE p.name = w.name AND p.allowed_ips = w.allowed_ips)"
+                )
+                conn.execute(
+                    "INSERT INTO wgjit_import_nets (i, name, net)"
+                    " SELECT i, name, unnest(string_to_array(allowed_ips, ','))::cidr"
+                    " FROM wgjit_import WHERE moved AND allowed_ips <> ''"
+                )
+                if not allow_overlap:
+                    clashes = self._import_overlaps(conn)
+                    res.rejected += clashes
+                    if clashes:
+                        rows = [i for i, _ in clashes]
+                        conn.execute("DELETE FROM wgjit_import WHERE i = ANY(%s)", (rows,))
+                        conn.execute("DELETE FROM wgjit_import_nets WHERE i = ANY(%s)", (rows,))
                 # the rows left are new peers or updates of the same key: a retired key is new
                 res.reused_keys = int(
                     _scalar(
@@ -589,22 +761,26 @@ class PostgresStore(Closing):
                         " JOIN retired_keys r ON r.public_key = w.public_key",
                     )
                 )
-                # an import revokes but never reinstates, and moves a mark only forward (a new
-                # row with a retired key takes the retired mark if greater: migration 2)
+                # an import revokes or disables but never reinstates or enables, moves an
+                # expiry only earlier (least() skips NULL: never) and a mark only forward; a
+                # new row with a retired key takes the retired mark if greater (migration 4)
                 cur = conn.execute(
                     "INSERT INTO peers (name, public_key, allowed_ips, preshared_key, revoked,"
-                    " handshake_hwm, created_at, updated_at)"
-                    " SELECT name, public_key, allowed_ips, preshared_key, revoked,"
-                    " handshake_hwm, %s, %s FROM wgjit_import ORDER BY i"
+                    " disabled, expires_at, handshake_hwm, created_at, updated_at)"
+                    " SELECT name, public_key, allowed_ips, preshared_key, revoked, disabled,"
+                    " expires_at, handshake_hwm, %s, %s FROM wgjit_import ORDER BY i"
                     " ON CONFLICT (name) DO UPDATE SET allowed_ips = excluded.allowed_ips,"
                     " preshared_key = excluded.preshared_key,"
                     " revoked = peers.revoked OR excluded.revoked,"
+                    " disabled = peers.disabled OR excluded.disabled,"
+                    " expires_at = least(peers.expires_at, excluded.expires_at),"
                     " handshake_hwm = greatest(peers.handshake_hwm, excluded.handshake_hwm),"
                     " updated_at = excluded.updated_at"
                     " WHERE (peers.allowed_ips, peers.preshared_key, peers.revoked,"
-                    " peers.handshake_hwm) IS DISTINCT FROM"
+                    " peers.disabled, peers.expires_at, peers.handshake_hwm) IS DISTINCT FROM"
                     " (excluded.allowed_ips, excluded.preshared_key,"
-                    " peers.revoked OR excluded.revoked,"
+                    " peers.revoked OR excluded.revoked, peers.disabled OR excluded.disabled,"
+                    " least(peers.expires_at, excluded.expires_at),"
                     " greatest(peers.handshake_hwm, excluded.handshake_hwm))"
                     " RETURNING (xmax = 0)",
                     (now, now),
@@ -613,7 +789,17 @@ class PostgresStore(Closing):
                 res.added = sum(flags)
                 res.updated = len(flags) - res.added
                 res.unchanged = len(peers) - len(res.rejected) - len(flags)
-                conn.execute("TRUNCATE wgjit_import")
+                conn.execute(
+                    "DELETE FROM peer_prefixes q USING peers p, wgjit_import w"
+                    " WHERE q.peer_id = p.id AND p.name = w.name AND w.moved"
+                )
+                conn.execute(
+                    "INSERT INTO peer_prefixes (peer_id, net) SELECT p.id, n.net"
+                    " FROM wgjit_import_nets n JOIN peers p ON p.name = n.name"
+                )
+                conn.execute("TRUNCATE wgjit_import, wgjit_import_nets")
+                if dry_run:
+                    raise psycopg.Rollback()  # leaves the transaction block, nothing written
                 self._prune(conn)
             res.rejected.sort()
             return res
@@ -621,6 +807,24 @@ class PostgresStore(Closing):
         # about ten statements, each bounded by statement_timeout on the server
         budget = self.answer_timeout * 10 if self.answer_timeout else None
         return self._run(f"import {len(peers)} peers", op, budget=budget)
+
+    def _import_overlaps(self, conn: psycopg.Connection[tuple[Any, ...]]) -> list[tuple[int, str]]:
+        """Rows of the import batch whose new prefixes overlap another stored peer's (one GiST
+        search per prefix) or an earlier row's of the batch (one sort, in Python)."""
+        bad: dict[int, str] = {}
+        for i, net, other, owner in conn.execute(
+            "SELECT DISTINCT ON (n.i) n.i, n.net::text, q.net::text, p.name"
+            " FROM wgjit_import_nets n JOIN peer_prefixes q ON q.net && n.net"
+            " JOIN peers p ON p.id = q.peer_id AND p.name <> n.name ORDER BY n.i"
+        ):
+            bad[int(i)] = overlap_message(parse_network(net), parse_network(other), owner)
+        moving: dict[int, tuple[str, list[IPNetwork]]] = {}
+        for i, name, net in conn.execute("SELECT i, name, net::text FROM wgjit_import_nets"):
+            if int(i) not in bad:
+                moving.setdefault(int(i), (name, []))[1].append(parse_network(net))
+        rows = [(i, name, nets) for i, (name, nets) in sorted(moving.items())]
+        bad.update(overlaps_within(rows))
+        return sorted(bad.items())
 
     # -- handshakes -----------------------------------------------------------------------------
 
@@ -935,6 +1139,16 @@ class PostgresStore(Closing):
             # another process may be migrating: wait for it longer than a call waits for a lock
             conn.execute(f"SET LOCAL lock_timeout = '{MIGRATE_LOCK_WAIT_S:g}s'")
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATE_LOCK,))
+            if not self._create and not _scalar(
+                conn,
+                "SELECT to_regclass('wgjit_schema') IS NOT NULL"
+                " AND EXISTS (SELECT 1 FROM pg_tables WHERE schemaname = current_schema()"
+                " AND tablename = 'peers')",
+            ):
+                raise StoreError(
+                    f"store {self._name} has no wgjit schema (an empty or foreign database);"
+                    " create it with `wgjit store init`, or check --store / WGJIT_STORE"
+                )
             conn.execute("CREATE TABLE IF NOT EXISTS wgjit_schema (version integer NOT NULL)")
             row = conn.execute("SELECT version FROM wgjit_schema").fetchone()
             if row is None:
@@ -966,13 +1180,13 @@ class PostgresStore(Closing):
             except psycopg.Error as e:
                 raise StoreError(
                     f"store {self._name}: could not upgrade its schema from version {version}"
-                    f" to {target}: {_first_line(e)}"
+                    f" to {target}: {scrub(_first_line(e), self.url)}"
                 ) from e
             conn.execute("UPDATE wgjit_schema SET version = %s", (target,))
         return target
 
     def _peer(self, row: tuple[Any, ...]) -> Peer:
-        name, key, ips, psk, revoked, created, updated, seen, hwm, holder = row
+        name, key, ips, psk, revoked, created, updated, seen, hwm, holder, disabled, exp = row
         try:
             return Peer(
                 name=name,
@@ -985,13 +1199,15 @@ class PostgresStore(Closing):
                 last_seen=float(seen) if seen is not None else None,
                 handshake_hwm=bytes(hwm) if hwm is not None else None,
                 holder=holder,
+                disabled=bool(disabled),
+                expires_at=float(exp) if exp is not None else None,
             )
         except (InvalidKey, InvalidAddress, TypeError, ValueError, AttributeError) as e:
             raise StoreError(f"store {self._name} has an invalid row for peer {name!r}: {e}") from e
 
     def _error(self, e: psycopg.Error, what: str) -> StoreError:
-        """One clear line for a failed psycopg call."""
-        reason = _first_line(e)
+        """One clear line for a failed psycopg call (libpq may quote the URL: scrubbed)."""
+        reason = scrub(_first_line(e), self.url)
         if isinstance(e, psycopg.errors.LockNotAvailable):
             return StoreError(
                 f"store {self._name}: could not {what}: a row it needs stayed locked by another"
@@ -1138,3 +1354,33 @@ def _timestamp(hs: Handshake) -> bytes:
     if len(ts) != TAI64N_LEN:
         raise ValueError(f"handshake timestamp must be {TAI64N_LEN} bytes (TAI64N), got {len(ts)}")
     return ts
+
+
+def _overlap(
+    conn: psycopg.Connection[tuple[Any, ...]], nets: Iterable[IPNetwork], exclude_peer: int | None
+) -> str | None:
+    """Why `nets` clash with another stored peer's prefixes (not `exclude_peer`'s), or None."""
+    for net in nets:
+        row = conn.execute(_OVERLAP_SQL, (str(net), -1 if exclude_peer is None else exclude_peer))
+        found = row.fetchone()
+        if found is not None:
+            return overlap_message(net, parse_network(found[0]), found[1])
+    return None
+
+
+def _set_prefixes(
+    conn: psycopg.Connection[tuple[Any, ...]], peer_id: int, nets: Iterable[IPNetwork]
+) -> None:
+    conn.execute("DELETE FROM peer_prefixes WHERE peer_id = %s", (peer_id,))
+    with conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO peer_prefixes (peer_id, net) VALUES (%s, %s::cidr)",
+            [(peer_id, str(n)) for n in nets],
+        )
+
+
+def _one(cur: psycopg.Cursor[tuple[Any, ...]]) -> tuple[Any, ...]:
+    row = cur.fetchone()
+    if row is None:
+        raise StoreError("the database returned no row where one was expected")
+    return row

@@ -16,27 +16,42 @@ import contextlib
 import os
 import re
 import sqlite3
+import stat
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
+from urllib.request import pathname2url
 
 from wgjit.addr import InvalidAddress, IPNetwork, format_networks, parse_network
 from wgjit.closing import Closing
 from wgjit.keys import InvalidKey, PresharedKey, PublicKey
 from wgjit.store import (
+    KEEP,
     MANY_CHUNK,
     PRESENCE_TTL_S,
     ChangeFeedExpired,
     DuplicatePeer,
     Handshake,
     ImportResult,
+    Keep,
     Peer,
+    PeerRefused,
     StoreError,
     UnknownPeer,
     validate_peer_name,
 )
+from wgjit.store.prefixes import (
+    bounds,
+    network_of,
+    overlap_message,
+    overlaps_within,
+    peer_problem,
+    plan_update,
+    supernet_firsts,
+)
+from wgjit.store.urls import redact
 
 BUSY_TIMEOUT_S: Final = 5.0
 # change-feed entries older than this are pruned (gateways poll every second or so)
@@ -51,7 +66,7 @@ _OTHER_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 # current time as a Unix timestamp, computed by SQLite (sqlite 3.40 has no unixepoch('subsec'))
 _NOW_SQL: Final = "((julianday('now') - 2440587.5) * 86400.0)"
 
-# trigger bodies of migration 3 (retired keys keep their marks)
+# trigger bodies of migration 5 (retired keys keep their marks)
 _RETIRE_OLD: Final = f"""INSERT INTO retired_keys (public_key, handshake_hwm, retired_at)
                 VALUES (old.public_key, old.handshake_hwm, {_NOW_SQL})
                 ON CONFLICT (public_key) DO UPDATE
@@ -65,9 +80,10 @@ _RESTORE_NEW: Final = """UPDATE peers
                      WHERE r.public_key = new.public_key));
             DELETE FROM retired_keys WHERE public_key = new.public_key;"""
 
-# Each step is a list of statements run in order; the schema version (PRAGMA user_version) is
-# the number of steps applied. Never edit a released step: append a new one.
-MIGRATIONS: list[tuple[str, ...]] = [
+# Each step is a list of statements (or Python callables, for data that SQL cannot compute)
+# run in order; the schema version (PRAGMA user_version) is the number of steps applied. Never
+# edit a released step: append a new one.
+MIGRATIONS: list[tuple[str | Callable[[sqlite3.Connection], None], ...]] = [
     # 1: peers with unique name and key (the key index makes lookup a point query), the change
     #    feed and the triggers that fill it. Handshake bookkeeping (last_seen, handshake_hwm)
     #    changes on every handshake and deliberately produces no feed entry.
@@ -127,7 +143,46 @@ MIGRATIONS: list[tuple[str, ...]] = [
             DELETE FROM peer_claims WHERE public_key = old.public_key;
         END""",
     ),
-    # 3: the store never forgets a key's anti-replay mark. A key leaving the peers table (the
+    # 3: every allowed-IP prefix as an indexed (family, first, last) row, so an overlap is
+    #    found with a few index seeks (wgjit.store.prefixes), never a scan of every peer
+    (
+        """CREATE TABLE peer_prefixes (
+            peer_id INTEGER NOT NULL,
+            family INTEGER NOT NULL CHECK (family IN (4, 6)),
+            first BLOB NOT NULL,
+            last BLOB NOT NULL
+        )""",
+        "CREATE INDEX peer_prefixes_by_first ON peer_prefixes (family, first)",
+        "CREATE INDEX peer_prefixes_by_peer ON peer_prefixes (peer_id)",
+        """CREATE TRIGGER peers_prefixes_delete AFTER DELETE ON peers BEGIN
+            DELETE FROM peer_prefixes WHERE peer_id = old.id;
+        END""",
+        lambda conn: _backfill_prefixes(conn),
+    ),
+    # 4: lifecycle: disabled (refused until enabled again) and an expiry time; both are
+    #    changes a gateway must learn, so the feed's update trigger now watches them too
+    (
+        "ALTER TABLE peers ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0"
+        " CHECK (disabled IN (0, 1))",
+        "ALTER TABLE peers ADD COLUMN expires_at REAL",
+        "DROP TRIGGER peers_feed_update",
+        f"""CREATE TRIGGER peers_feed_update
+            AFTER UPDATE OF name, allowed_ips, preshared_key, revoked, public_key, disabled,
+                expires_at ON peers
+            WHEN old.name IS NOT new.name
+              OR old.allowed_ips IS NOT new.allowed_ips
+              OR old.preshared_key IS NOT new.preshared_key
+              OR old.revoked IS NOT new.revoked
+              OR old.public_key IS NOT new.public_key
+              OR old.disabled IS NOT new.disabled
+              OR old.expires_at IS NOT new.expires_at
+        BEGIN
+            INSERT INTO peer_changes (public_key, at)
+                SELECT old.public_key, {_NOW_SQL} WHERE old.public_key IS NOT new.public_key;
+            INSERT INTO peer_changes (public_key, at) VALUES (new.public_key, {_NOW_SQL});
+        END""",
+    ),
+    # 5: the store never forgets a key's anti-replay mark. A key leaving the peers table (the
     #    peer removed, or its key changed) leaves its mark in retired_keys; a key coming back
     #    (added, imported, or a key changed to it) takes the greater of its mark and the
     #    retired one, and the retired row goes. A key is in at most one of the two tables.
@@ -165,7 +220,8 @@ MIGRATIONS: list[tuple[str, ...]] = [
 _COLUMNS: Final = (
     "name, public_key, allowed_ips, preshared_key, revoked, created_at, updated_at, last_seen,"
     " handshake_hwm,"
-    " (SELECT gateway_id FROM peer_claims c WHERE c.public_key = peers.public_key)"
+    " (SELECT gateway_id FROM peer_claims c WHERE c.public_key = peers.public_key),"
+    " disabled, expires_at"
 )
 LOOKUP_SQL: Final = f"SELECT {_COLUMNS} FROM peers WHERE public_key = ?"
 _BY_NAME_SQL: Final = f"SELECT {_COLUMNS} FROM peers WHERE name = ?"
@@ -214,19 +270,26 @@ def path_from_url(url: str) -> Path:
             rest = rest[2:]
             if not rest.startswith("/"):
                 raise StoreError(
-                    f"store URL {url!r} is ambiguous: use sqlite:///ABSOLUTE/PATH.db for an"
-                    f" absolute path or sqlite:RELATIVE/PATH.db for a relative one"
+                    f"store URL {redact(url)!r} is ambiguous: use sqlite:///ABSOLUTE/PATH.db for"
+                    f" an absolute path or sqlite:RELATIVE/PATH.db for a relative one"
                 )
             rest = "/" + rest.lstrip("/")
         if not rest or rest.endswith("/"):
-            raise StoreError(f"store URL {url!r} names no file; use {URL_FORMS}")
+            raise StoreError(f"store URL {redact(url)!r} names no file; use {URL_FORMS}")
         if "?" in rest or "#" in rest:
             raise StoreError(
-                f"store URL {url!r} has query parameters, which are not supported; use {URL_FORMS}"
+                f"store URL {redact(url)!r} has query parameters, which are not supported;"
+                f" use {URL_FORMS}"
             )
         return Path(rest).expanduser()
     if not text or _OTHER_SCHEME.match(text):
-        raise StoreError(f"unsupported store URL {url!r}; use {URL_FORMS}")
+        raise StoreError(f"unsupported store URL {redact(url)!r}; use {URL_FORMS}")
+    if ":" in text:
+        # `postgresql:/db`, `sqlite//x`, `::::`: a mistyped URL, not a file name to create
+        raise StoreError(
+            f"store URL {redact(url)!r} is not a URL wgjit knows, and a file path with ':' is"
+            f" refused as a likely typo; use {URL_FORMS}, or postgresql://..."
+        )
     return Path(text).expanduser()
 
 
@@ -234,9 +297,18 @@ class SQLiteStore(Closing):
     """The Store protocol on one SQLite file. Thread-safe (a reader and a writer connection,
     each behind a lock); several processes may open the same file at once."""
 
-    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = BUSY_TIMEOUT_S):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        busy_timeout: float = BUSY_TIMEOUT_S,
+        create: bool = True,
+    ):
+        """`create=False`: open only an existing, initialised store; a missing or empty file
+        raises StoreError naming `wgjit store init` (a mistyped path must not become a store)."""
         self.path = Path(os.path.abspath(Path(path).expanduser()))
         self.busy_timeout = busy_timeout
+        self._create = create
         self._lock = threading.Lock()  # guards _conn, the writer
         self._rlock = threading.Lock()  # guards _rconn, the reader
         self._conn: sqlite3.Connection | None = None
@@ -244,6 +316,9 @@ class SQLiteStore(Closing):
         self._prepare_file()
         conn = self._connect()
         try:
+            if not create and int(conn.execute("PRAGMA user_version").fetchone()[0]) == 0:
+                # checked before anything writes to the file (journal_mode = WAL does)
+                raise self._missing("is not an initialised wgjit store (empty or foreign)")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")  # durable enough in WAL mode, and fast
             self._migrate(conn)
@@ -267,7 +342,9 @@ class SQLiteStore(Closing):
     def _connect(self) -> sqlite3.Connection:
         try:
             conn = sqlite3.connect(
-                self.path,
+                # mode=rw: never creates the file (it may have been removed since the check)
+                self.path if self._create else f"file:{pathname2url(str(self.path))}?mode=rw",
+                uri=not self._create,
                 timeout=self.busy_timeout,
                 isolation_level=None,  # autocommit; transactions are explicit BEGIN ... COMMIT
                 check_same_thread=False,  # shared by a gateway's threads, serialised by a lock
@@ -308,9 +385,15 @@ class SQLiteStore(Closing):
         public_key: PublicKey,
         allowed_ips: tuple[IPNetwork, ...],
         preshared_key: PresharedKey | None = None,
+        *,
+        allow_overlap: bool = False,
+        expires_at: float | None = None,
     ) -> Peer:
         validate_peer_name(name)
         nets = tuple(allowed_ips)
+        why = peer_problem(public_key, nets, allow_overlap)
+        if why:
+            raise PeerRefused(why)
         now = time.time()
         with self._write(f"add peer {name!r}") as conn:
             if conn.execute("SELECT 1 FROM peers WHERE name = ?", (name,)).fetchone():
@@ -322,9 +405,13 @@ class SQLiteStore(Closing):
                 raise DuplicatePeer(
                     f"public key {public_key.short()}... is already used by peer {row[0]!r}"
                 )
-            conn.execute(
+            if not allow_overlap:
+                clash = _overlap(conn, nets, None)
+                if clash:
+                    raise PeerRefused(clash)
+            cur = conn.execute(
                 "INSERT INTO peers (name, public_key, allowed_ips, preshared_key, revoked,"
-                " created_at, updated_at) VALUES (?, ?, ?, ?, 0, ?, ?)",
+                " created_at, updated_at, expires_at) VALUES (?, ?, ?, ?, 0, ?, ?, ?)",
                 (
                     name,
                     public_key.raw,
@@ -332,17 +419,88 @@ class SQLiteStore(Closing):
                     preshared_key.raw if preshared_key else None,
                     now,
                     now,
+                    expires_at,
                 ),
             )
-            # a key used before keeps its mark (migration 3's trigger put it on the row)
+            peer_id = int(cur.lastrowid or 0)
+            _set_prefixes(conn, peer_id, nets)
+            # a key used before keeps its mark (migration 5's trigger put it on the row)
             mark = conn.execute(
-                "SELECT handshake_hwm FROM peers WHERE name = ?", (name,)
+                "SELECT handshake_hwm FROM peers WHERE id = ?", (peer_id,)
             ).fetchone()[0]
             self._prune(conn, now)
         return Peer(
             name, public_key, nets, preshared_key, False, now, now,
-            handshake_hwm=bytes(mark) if mark is not None else None,
+            handshake_hwm=bytes(mark) if mark is not None else None, expires_at=expires_at,
         )  # fmt: skip
+
+    def update_peer(
+        self,
+        name: str,
+        *,
+        new_name: str | None = None,
+        public_key: PublicKey | None = None,
+        allowed_ips: tuple[IPNetwork, ...] | None = None,
+        preshared_key: PresharedKey | Keep | None = KEEP,
+        disabled: bool | None = None,
+        expires_at: float | Keep | None = KEEP,
+        allow_overlap: bool = False,
+    ) -> Peer:
+        plan = plan_update(new_name, public_key, allowed_ips, allow_overlap)
+        now = time.time()
+        with self._write(f"change peer {name!r}") as conn:
+            row = conn.execute("SELECT id, public_key FROM peers WHERE name = ?", (name,))
+            found = row.fetchone()
+            if found is None:
+                raise UnknownPeer(f"no peer named {name!r}")
+            peer_id, old_key = int(found[0]), bytes(found[1])
+            sets: list[str] = []
+            params: list[Any] = []
+            if new_name is not None and new_name != name:
+                if conn.execute("SELECT 1 FROM peers WHERE name = ?", (new_name,)).fetchone():
+                    raise DuplicatePeer(f"peer {new_name!r} already exists")
+                sets.append("name = ?")
+                params.append(new_name)
+            if public_key is not None and public_key.raw != old_key:
+                other = conn.execute(
+                    "SELECT name FROM peers WHERE public_key = ?", (public_key.raw,)
+                ).fetchone()
+                if other:
+                    raise DuplicatePeer(
+                        f"public key {public_key.short()}... is already used by peer {other[0]!r}"
+                    )
+                # a new key: no gateway holds it yet, and its handshakes start afresh, from
+                # its retired mark if it had one (the old key's mark is retired: migration 5's
+                # triggers do both)
+                sets.append("public_key = ?, handshake_hwm = NULL, last_seen = NULL")
+                params.append(public_key.raw)
+                conn.execute("DELETE FROM peer_claims WHERE public_key = ?", (old_key,))
+            if allowed_ips is not None:
+                if plan.check_overlap:
+                    clash = _overlap(conn, allowed_ips, peer_id)
+                    if clash:
+                        raise PeerRefused(clash)
+                sets.append("allowed_ips = ?")
+                params.append(format_networks(allowed_ips))
+                _set_prefixes(conn, peer_id, allowed_ips)
+            if not isinstance(preshared_key, Keep):
+                sets.append("preshared_key = ?")
+                params.append(preshared_key.raw if preshared_key else None)
+            if disabled is not None:
+                sets.append("disabled = ?")
+                params.append(int(disabled))
+            if not isinstance(expires_at, Keep):
+                sets.append("expires_at = ?")
+                params.append(expires_at)
+            if sets:
+                conn.execute(
+                    f"UPDATE peers SET {', '.join(sets)}, updated_at = ? WHERE id = ?",
+                    (*params, now, peer_id),
+                )
+                self._prune(conn, now)
+            out = conn.execute(f"SELECT {_COLUMNS} FROM peers WHERE id = ?", (peer_id,))
+            result = out.fetchone()
+        return self._peer(result)
 
     def get_peer(self, name: str) -> Peer | None:
         with self._query(f"read peer {name!r}") as conn:
@@ -422,7 +580,9 @@ class SQLiteStore(Closing):
         with self._write(f"record {len(params)} handshakes") as conn:
             conn.executemany(_ADVANCE_SQL, params)
 
-    def import_peers(self, peers: Sequence[Peer]) -> ImportResult:
+    def import_peers(
+        self, peers: Sequence[Peer], *, allow_overlap: bool = False, dry_run: bool = False
+    ) -> ImportResult:
         res = ImportResult()
         if not peers:
             return res
@@ -431,12 +591,30 @@ class SQLiteStore(Closing):
             if p.handshake_hwm is not None and len(p.handshake_hwm) != TAI64N_LEN:
                 raise ValueError(f"peer {p.name!r}: a handshake mark is {TAI64N_LEN} bytes")
         now = time.time()
+        with contextlib.suppress(_DryRun):
+            self._import(peers, allow_overlap, dry_run, now, res)
+        return res
+
+    def _import(
+        self,
+        peers: Sequence[Peer],
+        allow_overlap: bool,
+        dry_run: bool,
+        now: float,
+        res: ImportResult,
+    ) -> None:
         with self._write(f"import {len(peers)} peers") as conn:
-            new: list[tuple[Any, ...]] = []
-            changed: list[tuple[Any, ...]] = []
+            # pass 1: each row against the stored peers
+            new: list[int] = []
+            # row -> (peer id, allowed IPs changed, the values to store)
+            changed: dict[int, tuple[int, bool, tuple[Any, ...]]] = {}
             for i, p in enumerate(peers):
                 ips = format_networks(p.allowed_ips)
                 psk = p.preshared_key.raw if p.preshared_key else None
+                why = peer_problem(p.public_key, p.allowed_ips, allow_overlap)
+                if why:
+                    res.rejected.append((i, why))
+                    continue
                 by_key = conn.execute(
                     "SELECT name FROM peers WHERE public_key = ?", (p.public_key.raw,)
                 ).fetchone()
@@ -444,50 +622,91 @@ class SQLiteStore(Closing):
                     res.rejected.append((i, f"public key is already used by peer {by_key[0]!r}"))
                     continue
                 row = conn.execute(
-                    "SELECT public_key, allowed_ips, preshared_key, revoked, handshake_hwm"
-                    " FROM peers WHERE name = ?",
+                    "SELECT public_key, allowed_ips, preshared_key, revoked, id, disabled,"
+                    " expires_at, handshake_hwm FROM peers WHERE name = ?",
                     (p.name,),
                 ).fetchone()
-                if row is None:
-                    new.append(
-                        (p.name, p.public_key.raw, ips, psk, int(p.revoked), p.handshake_hwm,
-                         now, now)
-                    )  # fmt: skip
-                    continue
-                if bytes(row[0]) != p.public_key.raw:
+                if row is not None and bytes(row[0]) != p.public_key.raw:
                     res.rejected.append((i, "a peer with this name exists with another public key"))
                     continue
-                # an import revokes but never reinstates (see Store.import_peers), and moves a
-                # mark only forward
-                stored = bytes(row[4]) if row[4] is not None else None
-                mark = _later(stored, p.handshake_hwm)
-                if (row[1], row[2], bool(row[3]), stored) != (
-                    ips, psk, bool(row[3]) or p.revoked, mark
-                ):  # fmt: skip
-                    changed.append((ips, psk, int(bool(row[3]) or p.revoked), mark, now, p.name))
+                moved = row is None or row[1] != ips
+                if moved and not allow_overlap:
+                    clash = _overlap(conn, p.allowed_ips, None if row is None else int(row[4]))
+                    if clash:
+                        res.rejected.append((i, clash))
+                        continue
+                if row is None:
+                    new.append(i)
+                    continue
+                # an import revokes or disables but never reinstates or enables, moves an
+                # expiry only earlier and a mark only forward (see Store.import_peers)
+                stored = (
+                    row[1], row[2], bool(row[3]), bool(row[5]), row[6],
+                    bytes(row[7]) if row[7] is not None else None,
+                )  # fmt: skip
+                wanted = (
+                    ips, psk, stored[2] or p.revoked, stored[3] or p.disabled,
+                    _earlier(stored[4], p.expires_at), _later(stored[5], p.handshake_hwm),
+                )  # fmt: skip
+                if wanted != stored:
+                    changed[i] = (int(row[4]), moved, wanted)
                 else:
                     res.unchanged += 1
-            if new:
-                res.reused_keys = sum(
-                    conn.execute(
-                        "SELECT count(*) FROM retired_keys WHERE public_key = ?", (values[1],)
-                    ).fetchone()[0]
-                    for values in new
+            # pass 2: the rows that move prefixes, against each other (earlier rows win)
+            if not allow_overlap:
+                moving = [
+                    (i, peers[i].name, peers[i].allowed_ips)
+                    for i in sorted([*new, *(i for i, (_, m, _) in changed.items() if m)])
+                ]
+                for i, why in overlaps_within(moving).items():
+                    res.rejected.append((i, why))
+                    if i in changed:
+                        del changed[i]
+                    else:
+                        new.remove(i)
+            res.reused_keys = sum(
+                conn.execute(
+                    "SELECT count(*) FROM retired_keys WHERE public_key = ?",
+                    (peers[i].public_key.raw,),
+                ).fetchone()[0]
+                for i in new
+            )
+            for i in new:
+                p = peers[i]
+                # a new row with a retired key takes its mark if greater (migration 5's trigger)
+                cur = conn.execute(
+                    "INSERT INTO peers (name, public_key, allowed_ips, preshared_key, revoked,"
+                    " disabled, expires_at, handshake_hwm, created_at, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        p.name,
+                        p.public_key.raw,
+                        format_networks(p.allowed_ips),
+                        p.preshared_key.raw if p.preshared_key else None,
+                        int(p.revoked),
+                        int(p.disabled),
+                        p.expires_at,
+                        p.handshake_hwm,
+                        now,
+                        now,
+                    ),
                 )
-            # new rows with a retired key take its mark if greater (migration 3's trigger)
-            conn.executemany(
-                "INSERT INTO peers (name, public_key, allowed_ips, preshared_key, revoked,"
-                " handshake_hwm, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                new,
-            )
-            conn.executemany(
-                "UPDATE peers SET allowed_ips = ?, preshared_key = ?, revoked = ?,"
-                " handshake_hwm = ?, updated_at = ? WHERE name = ?",
-                changed,
-            )
+                _set_prefixes(conn, int(cur.lastrowid or 0), p.allowed_ips)
+            for i, (peer_id, moved, wanted) in changed.items():
+                ips, psk, revoked, disabled, expires_at, mark = wanted
+                conn.execute(
+                    "UPDATE peers SET allowed_ips = ?, preshared_key = ?, revoked = ?,"
+                    " disabled = ?, expires_at = ?, handshake_hwm = ?, updated_at = ?"
+                    " WHERE id = ?",
+                    (ips, psk, int(revoked), int(disabled), expires_at, mark, now, peer_id),
+                )
+                if moved:
+                    _set_prefixes(conn, peer_id, peers[i].allowed_ips)
             res.added, res.updated = len(new), len(changed)
+            res.rejected.sort()
+            if dry_run:
+                raise _DryRun  # _op rolls the transaction back
             self._prune(conn, now)
-        return res
 
     def iter_peers(self) -> Iterator[Peer]:
         # pages by name (keyset), so the lock is never held while the caller works
@@ -625,6 +844,11 @@ class SQLiteStore(Closing):
                 raise StoreError(
                     f"store {p} is a directory; give a file path like {p / 'peers.db'}"
                 )
+            if not self._create:
+                if not p.exists():
+                    raise self._missing("does not exist")
+                self._tighten()
+                return
             ancestor = p.parent
             while not ancestor.exists() and ancestor != ancestor.parent:
                 ancestor = ancestor.parent
@@ -638,6 +862,27 @@ class SQLiteStore(Closing):
                 reason = f"{e.filename}: {reason}"
             raise self._not_writable(reason) from e
         os.close(fd)
+        self._tighten()
+
+    def _tighten(self) -> None:
+        """Make the store and its WAL/shared-memory files 0600 (they hold preshared keys):
+        an existing store readable by others is fixed on open, or refused with the fix."""
+        for f in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
+            try:
+                mode = stat.S_IMODE(os.stat(f).st_mode)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise self._not_writable(e.strerror or str(e)) from e
+            if mode & 0o077:
+                try:
+                    os.chmod(f, mode & 0o700)
+                except OSError as e:
+                    raise StoreError(
+                        f"store file {f} is readable by other users (mode {mode:04o}) and"
+                        f" cannot be made private ({e.strerror}); run `chmod 600 {f}` as its"
+                        " owner"
+                    ) from e
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         """Bring the schema to len(MIGRATIONS), all steps in one transaction."""
@@ -670,7 +915,10 @@ class SQLiteStore(Closing):
             try:
                 for step in MIGRATIONS[version:]:
                     for statement in step:
-                        conn.execute(statement)
+                        if callable(statement):
+                            statement(conn)
+                        else:
+                            conn.execute(statement)
             except sqlite3.Error as e:
                 raise self._error(
                     e, f"upgrade its schema from version {version} to {target}"
@@ -741,7 +989,7 @@ class SQLiteStore(Closing):
             conn.execute("COMMIT")
 
     def _peer(self, row: tuple[Any, ...]) -> Peer:
-        name, key, ips, psk, revoked, created, updated, seen, hwm, holder = row
+        name, key, ips, psk, revoked, created, updated, seen, hwm, holder, disabled, exp = row
         try:
             return Peer(
                 name=name,
@@ -754,9 +1002,17 @@ class SQLiteStore(Closing):
                 last_seen=float(seen) if seen is not None else None,
                 handshake_hwm=bytes(hwm) if hwm is not None else None,
                 holder=holder,
+                disabled=bool(disabled),
+                expires_at=float(exp) if exp is not None else None,
             )
         except (InvalidKey, InvalidAddress, TypeError, ValueError, AttributeError) as e:
             raise StoreError(f"store {self.path} has an invalid row for peer {name!r}: {e}") from e
+
+    def _missing(self, what: str) -> StoreError:
+        return StoreError(
+            f"store {self.path} {what}; create it with `wgjit store init --store {self.path}`,"
+            f" or {_HINT}"
+        )
 
     def _not_writable(self, reason: str) -> StoreError:
         return StoreError(f"store {self.path} is not writable: {reason}; {_HINT}")
@@ -798,6 +1054,13 @@ def _later(a: bytes | None, b: bytes | None) -> bytes | None:
     return a
 
 
+def _earlier(a: float | None, b: float | None) -> float | None:
+    """The earlier of two expiry times, None meaning never (so None only if both are)."""
+    if a is None or (b is not None and b < a):
+        return b
+    return a
+
+
 def _marks(n: int) -> str:
     """`?, ?, ...`: n placeholders for an IN (...) list."""
     return ", ".join("?" * n)
@@ -807,3 +1070,52 @@ def _rollback(conn: sqlite3.Connection) -> None:
     if conn.in_transaction:
         with contextlib.suppress(sqlite3.Error):
             conn.execute("ROLLBACK")
+
+
+class _DryRun(Exception):
+    """Raised inside an import transaction to roll it back (import_peers(dry_run=True))."""
+
+
+def _overlap(
+    conn: sqlite3.Connection, nets: Iterable[IPNetwork], exclude_peer: int | None
+) -> str | None:
+    """Why `nets` clash with another stored peer's prefixes (not `exclude_peer`'s), or None.
+    Two index seeks per prefix: stored prefixes inside it (first address in its range), and
+    stored prefixes around it (first address one of its supernets' and last one >= its)."""
+    skip = -1 if exclude_peer is None else exclude_peer
+    for net in nets:
+        family, first, last = bounds(net)
+        row = conn.execute(
+            "SELECT x.first, x.last, p.name FROM peer_prefixes x JOIN peers p ON p.id = x.peer_id"
+            " WHERE x.family = ? AND x.first BETWEEN ? AND ? AND x.peer_id <> ? LIMIT 1",
+            (family, first, last, skip),
+        ).fetchone()
+        firsts = supernet_firsts(net)
+        if row is None and firsts:
+            marks = ",".join("?" * len(firsts))
+            row = conn.execute(
+                "SELECT x.first, x.last, p.name FROM peer_prefixes x"
+                " JOIN peers p ON p.id = x.peer_id"
+                f" WHERE x.family = ? AND x.first IN ({marks}) AND x.last >= ?"
+                " AND x.peer_id <> ? LIMIT 1",
+                (family, *firsts, last, skip),
+            ).fetchone()
+        if row is not None:
+            other = network_of(family, bytes(row[0]), bytes(row[1]))
+            return overlap_message(net, other, row[2])
+    return None
+
+
+def _set_prefixes(conn: sqlite3.Connection, peer_id: int, nets: Iterable[IPNetwork]) -> None:
+    conn.execute("DELETE FROM peer_prefixes WHERE peer_id = ?", (peer_id,))
+    conn.executemany(
+        "INSERT INTO peer_prefixes (peer_id, family, first, last) VALUES (?, ?, ?, ?)",
+        [(peer_id, *bounds(n)) for n in nets],
+    )
+
+
+def _backfill_prefixes(conn: sqlite3.Connection) -> None:
+    """Migration 3: index the prefixes of the peers already stored (overlaps among them are
+    kept: they were accepted before; new peers are checked against them)."""
+    for peer_id, ips in conn.execute("SELECT id, allowed_ips FROM peers").fetchall():
+        _set_prefixes(conn, int(peer_id), [parse_network(n) for n in ips.split(",") if n])
