@@ -25,6 +25,19 @@ def pg_server() -> Iterator[PostgresServer]:
     server.close()
 
 
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PostgresServer]:
+    """A server for one test module alone: its tests may stop, freeze or restart it without
+    disturbing the session's."""
+    try:
+        server = PostgresServer()
+        server.start()
+    except PostgresUnavailable as e:
+        pytest.fail(str(e), pytrace=False)
+    yield server
+    server.close()
+
+
 @pytest.fixture
 def pg_url(pg_server: PostgresServer) -> Iterator[str]:
     """A fresh empty database on the session's server; its store URL."""

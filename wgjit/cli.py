@@ -615,8 +615,17 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         gateway_id=args.gateway_id,
         max_clock_skew=_clock_skew(args.max_clock_skew),
         adopt_empty_store=args.adopt_empty_store,
+        testing_always_under_load=args.testing_always_under_load,
     )
     config.validate()  # fail before touching the device
+    metrics_listen = None
+    if args.metrics_listen:
+        from wgjit.gateway.metrics import MetricsError, parse_listen
+
+        try:
+            metrics_listen = parse_listen(args.metrics_listen)
+        except MetricsError as e:
+            raise CLIError(str(e)) from None
     mode = "none" if args.testing_no_completion else args.mode
     with contextlib.ExitStack() as stack:
         # log lines never block the packet path: a slow reader costs dropped lines, counted
@@ -642,6 +651,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
             mode=mode,
             queue_num=args.queue_num,
             sweep_device=sweep_device,
+            metrics_listen=metrics_listen,
         )
     raise AssertionError("unreachable")
 
@@ -858,6 +868,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="start even if the store has no peers while the interface has some "
                          "(they are removed); without it the gateway refuses, since an empty "
                          "store is almost always a wrong --store")  # fmt: skip
+    gw.add_argument("--metrics-listen", metavar="HOST:PORT",
+                    help="serve Prometheus /metrics and /healthz there (e.g. 127.0.0.1:9586)")
+    gw.add_argument("--testing-always-under-load", action="store_true",
+                    help="TESTING ONLY: answer every initiation without a valid mac2 with a "
+                         "cookie reply, as under load")  # fmt: skip
     gw.add_argument("--backend", choices=BACKENDS, default="auto")
     gw.add_argument("--capture-interface", help="capture on this interface only (default all)")
     gw.add_argument("--log-format", choices=("text", "json"), default="text")

@@ -12,6 +12,7 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import IO, Any
 
 _NEEDS_QUOTES = re.compile(r'[\s"=]')
@@ -64,6 +65,7 @@ class EventLog:
         self.fmt = fmt
         self.debug_enabled = debug
         self.dropped = 0
+        self._listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self._lock = threading.Lock()
         self._queue: queue.Queue[str | None] | None = None
         self._writer: threading.Thread | None = None
@@ -74,7 +76,14 @@ class EventLog:
             )
             self._writer.start()
 
+    def subscribe(self, listener: Callable[[str, dict[str, Any]], None]) -> None:
+        """Call `listener(event, fields)` for every event (debug ones too), on the emitting
+        thread: it must only take note (metrics count, hooks enqueue), never block."""
+        self._listeners.append(listener)
+
     def emit(self, event: str, level: str = "info", **fields: Any) -> None:
+        for listener in self._listeners:
+            listener(event, fields)
         if level == "debug" and not self.debug_enabled:
             return
         t = time.time()

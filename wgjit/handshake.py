@@ -267,14 +267,16 @@ class Responder:
         """Authenticate an initiation; at most two X25519 operations, one for a cached peer."""
         return self.authenticate(self.open_static(packet))
 
-    def open_static(self, packet: bytes) -> Opened:
+    def open_static(self, packet: bytes, *, mac1_checked: bool = False) -> Opened:
         """First half of verify(): mac1 and one X25519 reveal the key the sender *claims*.
 
         Lets the caller drop keys it does not know before paying the second X25519; the
-        claim proves nothing until authenticate() succeeds."""
-        packet = _check_header(packet)
-        if not self._mac1_ok(packet):
-            raise BadMac1("mac1 does not match this gateway's key")
+        claim proves nothing until authenticate() succeeds. `mac1_checked`: the caller has
+        just called check_mac1() on these very bytes."""
+        if not mac1_checked:
+            packet = _check_header(packet)
+            if not self._mac1_ok(packet):
+                raise BadMac1("mac1 does not match this gateway's key")
         msg = _split(packet)
 
         # C = KDF1(C, Epub_i); H = HASH(H ‖ Epub_i)

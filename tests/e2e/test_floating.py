@@ -15,25 +15,13 @@ from datetime import datetime
 import pytest
 
 from tests.e2e.test_gateway import CAPTURE_ONE, SEND
-from tests.pgserver import PostgresServer, PostgresUnavailable
+from tests.pgserver import PostgresServer
 from wgjit.lab import Client, GatewayProcess, Host, Lab, wait_for
 from wgjit.store import open_store
 
 pytestmark = pytest.mark.netns
 
 IDS = ("gw-a", "gw-b", "gw-c")
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PostgresServer]:
-    """A server of our own: one test restarts it."""
-    try:
-        server = PostgresServer()
-        server.start()
-    except PostgresUnavailable as e:
-        pytest.fail(str(e), pytrace=False)
-    yield server
-    server.close()
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ import psycopg
 import pytest
 
 from tests.e2e.bulk import bulk_peers, load_device, load_store
-from tests.pgserver import PostgresServer, PostgresUnavailable
+from tests.pgserver import PostgresServer
 from wgjit.addr import parse_networks
 from wgjit.keys import PrivateKey, PublicKey
 from wgjit.lab import (
@@ -61,18 +61,6 @@ BULK_PEERS = 60_000
 READY_WITHIN_S = 15.0  # `ready` after the start, reconcile of BULK_PEERS device peers included
 CONNECT_WINDOW_S = 60.0
 MAX_CONNECTS = 2000  # bound on the connect loop (it ends after CONNECT_WINDOW_S anyway)
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PostgresServer]:
-    """A server of our own: tests stop and freeze it."""
-    try:
-        server = PostgresServer()
-        server.start()
-    except PostgresUnavailable as e:
-        pytest.fail(str(e), pytrace=False)
-    yield server
-    server.close()
 
 
 @pytest.fixture(scope="module")

@@ -42,3 +42,12 @@ def test_background_log_never_blocks_and_counts_what_it_drops() -> None:
     lines = stream.getvalue().splitlines()
     assert len(lines) == n - log.dropped
     assert parse_logfmt(lines[0])["i"] == "0"
+
+
+def test_listeners_see_every_event_with_its_fields() -> None:
+    seen: list[tuple[str, dict[str, object]]] = []
+    log = EventLog(io.StringIO())
+    log.subscribe(lambda event, fields: seen.append((event, fields)))
+    log.info("install", peer="a")
+    log.debug("knock", outcome="duplicate")  # not written, still seen
+    assert seen == [("install", {"peer": "a"}), ("knock", {"outcome": "duplicate"})]

@@ -364,3 +364,15 @@ def test_a_store_that_knows_none_of_the_device_peers_removes_nothing(
     else:
         assert g.policy.refused_start and "--adopt-empty-store" in g.policy.refused_start
         assert set(dev.peers) == set(live)  # the live peers are still there
+
+
+def test_installing_a_prefix_another_installed_peer_holds_is_logged(env: Env) -> None:
+    g, dev, store, gw_key, out, clock = env
+    a, b = PrivateKey.generate(), PrivateKey.generate()
+    store.add_peer("site-a", a.public_key(), parse_networks("10.9.0.0/24"))
+    store.add_peer("site-b", b.public_key(), parse_networks("10.9.0.0/24"), allow_overlap=True)
+    assert g.handle(knock(initiation(a, gw_key, 1e9), clock.t)) == "installed"
+    assert not events(out, "prefix_conflict")
+    assert g.handle(knock(initiation(b, gw_key, 1e9), clock.t)) == "installed"
+    ev = events(out, "prefix_conflict")[-1]
+    assert (ev["prefix"], ev["peer"], ev["taken_from"]) == ("10.9.0.0/24", "site-b", "site-a")

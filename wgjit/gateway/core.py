@@ -293,6 +293,8 @@ class Policy:
         self._checking = False
         self._identity: object = _UNKNOWN
         self._expiries: list[tuple[float, PublicKey]] = []  # a heap of (unix time, key)
+        # hash of an allowed IP -> the peer last installed with it (for prefix_conflict)
+        self._prefixes: dict[int, PublicKey] = {}
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -459,7 +461,7 @@ class Policy:
         if not self._global.allow(now):
             return Outcome.RATE_LIMITED
         try:
-            opened = self.responder.open_static(payload)
+            opened = self.responder.open_static(payload, mac1_checked=True)
         except HandshakeError as e:
             self._reject(Outcome(e.reason), knock.source)
             return Outcome(e.reason)
@@ -517,7 +519,9 @@ class Policy:
                 self._error(f"{effect.purpose}_failed", error)
                 if effect.purpose is Purpose.ADMIT:
                     for key in effect.keys:
-                        self._fail_pending(out, key, Outcome.INSTALL_FAILED, now)
+                        p = self._pending.get(key)
+                        if p is not None:
+                            self._finish(out, p, Outcome.INSTALL_FAILED)
                 return
             assert isinstance(result, dict)
             if effect.purpose is Purpose.ADMIT:
@@ -642,6 +646,7 @@ class Policy:
             admitted=effect.timestamp,
         )
         self._expire_at(peer.public_key, inst, peer.expires_at)
+        self._claim_prefixes(peer)
         self.counters["installs"] += 1
         took = None
         if p is not None and p.admitting is not None:
@@ -822,6 +827,7 @@ class Policy:
                 peer.name, last or wall, fingerprint(peer), seen=peer.handshake_hwm
             )
             self._expire_at(key, inst, peer.expires_at)
+            self._claim_prefixes(peer)
         if update:
             out.append(Update(tuple(update)))
         if claim:
@@ -886,12 +892,6 @@ class Policy:
         self._finish(out, p, Outcome.TIMEOUT, count=False)
         self.counters["stale"] += 1
         return True
-
-    def _fail_pending(self, out: list[Effect], key: PublicKey, outcome: Outcome, now: float
-                      ) -> None:  # fmt: skip
-        p = self._pending.get(key)
-        if p is not None:
-            self._finish(out, p, outcome)
 
     def _fail_open(self, out: list[Effect], p: _Pending, k: _Knock, outcome: Outcome,
                    now: float) -> None:  # fmt: skip
@@ -991,6 +991,22 @@ class Policy:
         self._writing_marks = True
         return [RecordHandshakes(tuple(marks))]
 
+    def _claim_prefixes(self, peer: Peer) -> None:
+        """Log when an install takes an allowed IP that another installed peer holds: the
+        device's cryptokey routing moves it, and the other peer silently loses its traffic
+        (possible only with peers added with --allow-overlap)."""
+        key = peer.public_key
+        for net in peer.allowed_ips:
+            h = hash((net.version, int(net.network_address), net.prefixlen))
+            holder = self._prefixes.get(h)
+            if holder is not None and holder != key and holder in self.installed:
+                self.log.warning(
+                    "prefix_conflict", prefix=str(net), peer=peer.name, key=key.short(),
+                    taken_from=self.installed[holder].name,
+                )  # fmt: skip
+                self.counters["prefix_conflicts"] += 1
+            self._prefixes[h] = key
+
     def _expire_at(self, key: PublicKey, inst: Installed, expires_at: float | None) -> None:
         if expires_at != inst.expires_at:
             inst.expires_at = expires_at
@@ -1041,7 +1057,7 @@ class Policy:
     ) -> None:
         if reason in _QUIET or reason.accepts:
             return
-        if self._reject_log.allow(self._tick_clock()):
+        if self._reject_log.allow(self.wall()):
             self.log.info(
                 "reject",
                 reason=reason.value,
@@ -1050,11 +1066,7 @@ class Policy:
                 source=str(source) if source else None,
             )
 
-    def _tick_clock(self) -> float:
-        # the reject log's bucket only needs a monotone-enough clock; wall time is injected
-        return self.wall()
-
     def _error(self, event: str, error: Exception, **fields: object) -> None:
         self.counters["errors"] += 1
-        if self._error_log.allow(self._tick_clock()):
+        if self._error_log.allow(self.wall()):
             self.log.error(event, error=f"{error}" or type(error).__name__, **fields)

@@ -37,6 +37,7 @@ from wgjit.gateway.effects import (
     perform,
     run_inline,
 )
+from wgjit.gateway.metrics import GatewayMetrics, MetricsError, MetricsServer
 from wgjit.gateway.modes import Batch, Mode, ModeError, open_mode
 from wgjit.gateway.reactor import Reactor, Workers
 from wgjit.handshake import Responder
@@ -69,11 +70,13 @@ def serve(
     queue_num: int | None = None,
     store_threads: int = 2,
     sweep_device: Device | None = None,
+    metrics_listen: tuple[str, int] | None = None,
 ) -> int:
     """Run the gateway until SIGTERM/SIGINT/SIGHUP. `mode`: auto, hold, replay, invert (or
     none, for tests); `queue_num` (hold): the NFQUEUE number, default the listen port.
     `sweep_device`: a second handle on the same device for sweeps (read on their own thread
-    while installs go on); without one, sweeps queue with the installs."""
+    while installs go on); without one, sweeps queue with the installs. `metrics_listen`:
+    (host, port) to serve /metrics and /healthz on (503 until ready)."""
     if mode != "auto":
         config = dataclasses.replace(config, completion=mode)
     for w in config.validate():
@@ -96,6 +99,14 @@ def serve(
     policy = Policy(
         Responder(state.private_key), config, log, wall=time.time, ignore_ifindex=ifindex
     )
+    metrics = server = None
+    if metrics_listen is not None:
+        metrics = GatewayMetrics(device.name)
+        try:
+            server = MetricsServer(metrics, *metrics_listen)
+        except MetricsError as e:
+            raise GatewayError(str(e)) from None
+        log.subscribe(metrics.on_event)
     # reconcile before anything is captured: the queue rules go live only once it is done
     started = time.monotonic()
     effects = policy.reconcile(device.handshakes(), started)
@@ -113,7 +124,7 @@ def serve(
     sys.setswitchinterval(SWITCH_INTERVAL)
     reactor = Reactor()
     workers = Workers(reactor, {STORE: store_threads, DEVICE: 1, SWEEP: 1})
-    loop = _Loop(policy, store, device, sweep_device, reactor, workers, log)
+    loop = _Loop(policy, store, device, sweep_device, reactor, workers, log, metrics)
     try:
         with contextlib.ExitStack() as stack:
             try:
@@ -145,12 +156,18 @@ def serve(
                 capture="nfqueue" if loop.mode.name == "hold" else capture_interface or "all",
                 installed=len(policy.installed),
                 cookies=policy.cookies is not None,
+                metrics=f"{metrics_listen[0]}:{server.port}" if server and metrics_listen else None,
                 reconcile_ms=reconcile_ms,
             )
+            if metrics is not None:
+                metrics.watch(loop.stats)
+                metrics.ready = True
             loop.run()
     finally:
         sys.setswitchinterval(old_interval)
         reactor.close()
+        if server is not None:
+            server.close()
     return 0
 
 
@@ -166,8 +183,10 @@ class _Loop:
         reactor: Reactor,
         workers: Workers,
         log: EventLog,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self.policy = policy
+        self.metrics = metrics
         self.store = store
         self.device = device
         self.sweep_device = sweep_device
@@ -204,10 +223,19 @@ class _Loop:
             else:
                 device = self.sweep_device
 
+        took = 0.0
+
         def call() -> object:
-            return perform(effect, self.store, device)
+            nonlocal took
+            start = time.monotonic()
+            try:
+                return perform(effect, self.store, device)
+            finally:
+                took = time.monotonic() - start
 
         def done(result: object, error: Exception | None) -> None:
+            if self.metrics is not None and where == STORE:
+                self.metrics.store_call(effect.what, took, error)
             if isinstance(effect, ReadChanges) and error is None:
                 self._watch_store(getattr(result, "wakeup_fd", None))
             self.apply(self.policy.on_done(effect, result, error, time.monotonic()))
