@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.pgserver import PostgresServer, PostgresUnavailable
+from tests.pgserver import PostgresServer
 from wgjit.lab import Client, GatewayProcess, Host, Lab, wait_for
 from wgjit.store import Peer, open_store
 
@@ -61,18 +61,6 @@ for line in sys.stdin:
 
 OUTAGE_S = 40.0
 ROUNDS = 5  # fresh handshakes tried until one copy reaches B before A wrote its mark
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PostgresServer]:
-    """A server of our own: one test stops it."""
-    try:
-        server = PostgresServer()
-        server.start()
-    except PostgresUnavailable as e:
-        pytest.fail(str(e), pytrace=False)
-    yield server
-    server.close()
 
 
 @pytest.fixture(scope="module")
