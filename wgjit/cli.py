@@ -39,6 +39,7 @@ from wgjit.events import EventLog
 from wgjit.files import FileRefused, check_target, private_file, write_private_bytes
 from wgjit.gateway.core import (
     DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CLOCK_SKEW,
     DEFAULT_SWEEP_INTERVAL,
     ConfigError,
     GatewayConfig,
@@ -136,7 +137,21 @@ def _peer_dict(p: Peer) -> dict[str, Any]:
         "created_at": _iso(p.created_at),
         "updated_at": _iso(p.updated_at),
         "last_seen": _iso(p.last_seen),
+        # the newest initiation accepted from the peer (anti-replay), by the client's clock
+        "handshake_mark": _mark_time(p.handshake_hwm) if p.handshake_hwm else None,
+        "holder": p.holder,  # the gateway that has it installed, if any
     }
+
+
+def _mark_time(mark: bytes) -> str:
+    """A TAI64N mark as ISO 8601 UTC (`2026-11-24T07:30:01.204Z`); hex if out of range."""
+    from wgjit.handshake import Timestamp
+
+    try:
+        t = datetime.datetime.fromtimestamp(Timestamp(mark).to_unix(), datetime.UTC)
+    except (ValueError, OverflowError, OSError):
+        return f"TAI64N {mark.hex()} (out of range)"
+    return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 _RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
@@ -153,7 +168,8 @@ def _when(flag: str, *, never: bool = False) -> Callable[[str], float | None]:
             return None
         m = _RELATIVE.fullmatch(t.lower())
         if m:
-            at = time.time() + float(m.group(1)) * _UNIT_S[m.group(2)]
+            # to the whole second: an export writes it exactly, so re-importing it is a no-op
+            at = float(math.ceil(time.time() + float(m.group(1)) * _UNIT_S[m.group(2)]))
         else:
             try:
                 dt = datetime.datetime.fromisoformat(t)
@@ -195,6 +211,8 @@ def cmd_peer_add(args: argparse.Namespace) -> int:
             allow_overlap=args.allow_overlap,
             expires_at=args.expires,
         )
+    if peer.handshake_hwm is not None:
+        _note_kept_mark(peer)
     if private is None and args.output is None:
         print(f"added peer {peer.name} ({public.b64()}) allowed-ips {format_networks(nets)}")
         print(
@@ -205,6 +223,17 @@ def cmd_peer_add(args: argparse.Namespace) -> int:
         return 0
     _emit_config(args, plan, peer, private)
     return 0
+
+
+def _note_kept_mark(peer: Peer) -> None:
+    """Say that the peer's key was used before and keeps its replay mark (a retired key)."""
+    assert peer.handshake_hwm is not None
+    print(
+        f"wgjit: note: key was used before; its replay mark from"
+        f" {_mark_time(peer.handshake_hwm)} is kept (initiations up to then stay refused;"
+        " `wgjit peer reset-replay` clears it)",
+        file=sys.stderr,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,6 +380,8 @@ def cmd_peer_rotate(args: argparse.Namespace) -> int:
         # a peer with a preshared key gets a new one too: the old config is dead either way
         psk = PresharedKey.generate() if old.preshared_key is not None else None
         peer = store.update_peer(args.name, public_key=public, preshared_key=psk)
+    if peer.handshake_hwm is not None:  # the new key was used before (a retired key)
+        _note_kept_mark(peer)
     print(
         f"# rotated peer {peer.name}: {old.public_key.b64()} is refused from now on, "
         f"{public.b64()} replaces it",
@@ -412,6 +443,52 @@ def cmd_peer_remove(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_peer_reset_replay(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        p = _get(store, args.name)
+        if p.handshake_hwm is None:
+            print(f"peer {p.name} has no replay mark; nothing to reset")
+            return 0
+        if not args.yes:
+            _confirm_reset(p)
+        was = store.reset_handshake_mark(p.name)
+    mark = _mark_time(was.handshake_hwm) if was.handshake_hwm else "none"
+    held = f", installed on gateway {was.holder}" if was.holder else ""
+    print(
+        f"wgjit: reset-replay: cleared the replay mark of peer {was.name}"
+        f" (key {was.public_key.short()}..., was {mark}{held})",
+        file=sys.stderr,
+    )
+    if was.holder:
+        print(
+            f"gateway {was.holder} has the peer installed and, like its device, refuses"
+            " timestamps up to the old mark until it evicts the idle peer; to apply the reset"
+            f" there at once: wg set IFNAME peer {was.public_key.b64()} remove"
+        )
+    return 0
+
+
+def _confirm_reset(p: Peer) -> None:
+    if not sys.stdin.isatty():
+        raise CLIError(
+            f"refusing to reset the replay mark of peer {p.name} unconfirmed: standard input is"
+            " not a terminal to ask on; pass --yes"
+        )
+    assert p.handshake_hwm is not None
+    print(
+        f"peer {p.name}: replay mark {_mark_time(p.handshake_hwm)}"
+        + (f", installed on gateway {p.holder}" if p.holder else "")
+        + ".\nClearing it lets any initiation of this key ever captured install the peer once"
+        " more (with the sender's address). Do it only for a client locked out by a mark\n"
+        "ahead of its clock.\ntype the peer name to confirm: ",
+        end="",
+        file=sys.stderr,
+        flush=True,
+    )
+    if sys.stdin.readline().strip() != p.name:
+        raise CLIError(f"not confirmed; the replay mark of peer {p.name} is unchanged")
+
+
 def cmd_peer_import(args: argparse.Namespace) -> int:
     from wgjit.store.bulk import format_for, import_file
 
@@ -453,6 +530,12 @@ def cmd_peer_import(args: argparse.Namespace) -> int:
         print(f"wgjit: {args.file}:{bad.line}: {bad.reason}", file=sys.stderr)
     if len(report.bad) > 100:
         print(f"wgjit: ... and {len(report.bad) - 100} more bad rows", file=sys.stderr)
+    if report.reused_keys:
+        print(
+            f"wgjit: note: {report.reused_keys} added peers have keys used before; their replay"
+            " marks are kept",
+            file=sys.stderr,
+        )
     if args.strict and report.bad and report.added + report.updated + report.unchanged == 0:
         raise CLIError(
             f"{len(report.bad)} bad rows in {args.file}; nothing imported (--strict); fix them"
@@ -546,6 +629,7 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
         sweep_interval=args.sweep_interval,
         testing_short_timers=args.testing_short_timers,
         gateway_id=args.gateway_id,
+        max_clock_skew=_clock_skew(args.max_clock_skew),
         adopt_empty_store=args.adopt_empty_store,
         testing_always_under_load=args.testing_always_under_load,
     )
@@ -644,6 +728,19 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     fc: FileConfig = gateway.file_config
     print(f"{args.file}: ok ({len(fc.values)} settings: {', '.join(fc.keys.values()) or 'none'})")
     return 0
+
+
+# a client's clock a little off must never lock it out: a minute at least
+MIN_MAX_CLOCK_SKEW = 60.0
+
+
+def _clock_skew(value: float) -> float:
+    if not math.isfinite(value) or value < MIN_MAX_CLOCK_SKEW:
+        raise ConfigError(
+            f"--max-clock-skew {value:g} is out of range: give a finite number of seconds"
+            f" >= {MIN_MAX_CLOCK_SKEW:g} (default {DEFAULT_MAX_CLOCK_SKEW:g})"
+        )
+    return value
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -752,6 +849,12 @@ def build_parser() -> _Parser:
     rm = psub.add_parser("remove", parents=[after], help="delete a peer from the store")
     rm.add_argument("name")
     rm.set_defaults(func=cmd_peer_remove)
+    rr = psub.add_parser("reset-replay", parents=[after],
+                         help="clear a peer's anti-replay mark (a client locked out by a"
+                              " timestamp ahead of its clock)")  # fmt: skip
+    rr.add_argument("name")
+    rr.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    rr.set_defaults(func=cmd_peer_reset_replay)
     im = psub.add_parser(
         "import", parents=[after], help="add or update peers from a CSV or JSON-lines file"
     )
@@ -802,6 +905,11 @@ def build_parser() -> _Parser:
                     default=DEFAULT_SWEEP_INTERVAL,
                     help=f"seconds between idle sweeps (default {DEFAULT_SWEEP_INTERVAL:g})",
                     )  # fmt: skip
+    gw.add_argument("--max-clock-skew", type=float, default=DEFAULT_MAX_CLOCK_SKEW,
+                    metavar="SECONDS",
+                    help="refuse initiations timestamped further ahead of this host's clock "
+                         f"(logged: suspicious_timestamp; default {DEFAULT_MAX_CLOCK_SKEW:g}, "
+                         f"minimum {MIN_MAX_CLOCK_SKEW:g})")  # fmt: skip
     gw.add_argument("--testing-short-timers", action="store_true",
                     help="TESTING ONLY: allow timers below production minimums")  # fmt: skip
     gw.add_argument("--mode", choices=("auto", "hold", "replay", "invert"), default="auto",

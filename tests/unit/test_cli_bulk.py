@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from wgjit.addr import parse_networks
 from wgjit.cli import main
-from wgjit.keys import PresharedKey, PrivateKey
+from wgjit.keys import PresharedKey, PrivateKey, PublicKey
 from wgjit.store import open_store
 
 
@@ -61,13 +62,55 @@ def test_import_export_round_trip(
         "allowed_ips": ["100.65.0.3/32", "fd65::3/128"],
         "preshared_key": psk,
         "revoked": True,
+        "disabled": False,
+        "expires_at": None,
+        "handshake_mark": None,
     }
     # the export imports back unchanged; CSV export too
     rc, out, _ = run(capsys, "peer", "import", str(dst))
     assert rc == 0 and "3 unchanged" in out
     rc, out, _ = run(capsys, "peer", "export", "--format", "csv")
-    assert out.splitlines()[0] == "name,public_key,allowed_ips,preshared_key,revoked"
-    assert out.splitlines()[2] == f"b,{k[1]},100.65.0.3/32 fd65::3/128,{psk},true"
+    assert out.splitlines()[0] == (
+        "name,public_key,allowed_ips,preshared_key,revoked,disabled,expires_at,handshake_mark"
+    )
+    assert out.splitlines()[2] == f"b,{k[1]},100.65.0.3/32 fd65::3/128,{psk},true,false,,"
+
+
+def test_a_backup_keeps_disabled_and_expiry(
+    url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Export is a full backup: a disabled peer and an expiry come back as they were (in both
+    formats), and re-importing the backup changes nothing."""
+    k = [key() for _ in range(3)]
+    assert run(capsys, "peer", "add", "a", "--allowed-ips", "100.65.0.2/32", "--public-key",
+               k[0], "--expires", "30d")[0] == 0  # fmt: skip
+    assert run(capsys, "peer", "add", "b", "--allowed-ips", "100.65.0.3/32", "--public-key",
+               k[1])[0] == 0  # fmt: skip
+    assert run(capsys, "peer", "disable", "b")[0] == 0
+    with open_store(url) as s:  # an expiry set through the API, to the microsecond
+        s.add_peer("c", PublicKey.from_b64(k[2]), parse_networks("100.65.0.4/32"),
+                   expires_at=2_000_000_000.25)  # fmt: skip
+        before = {p.name: p for p in s.list_peers()}
+    for fmt in ("jsonl", "csv"):
+        backup = tmp_path / f"backup.{fmt}"
+        assert run(capsys, "peer", "export", str(backup))[0] == 0
+        rc, out, _ = run(capsys, "peer", "import", str(backup))  # onto the same store
+        assert rc == 0 and "3 unchanged" in out, fmt
+        fresh = f"sqlite://{tmp_path}/fresh-{fmt}.db"
+        rc, out, err = run(capsys, "--store", fresh, "peer", "import", str(backup))
+        assert (rc, err) == (0, "") and "3 added" in out
+        with open_store(fresh) as s:
+            after = {p.name: p for p in s.list_peers()}
+        for name, p in before.items():
+            q = after[name]
+            assert (q.disabled, q.expires_at, q.state) == (p.disabled, p.expires_at, p.state)
+    rec = json.loads((tmp_path / "backup.jsonl").read_text().splitlines()[2])
+    assert rec["expires_at"] == "2033-05-18T03:33:20.250000Z"
+    # a time without its offset is ambiguous: a bad row
+    src = tmp_path / "naive.csv"
+    src.write_text(f"name,public_key,allowed_ips,expires_at\nd,{key()},100.65.0.9/32,2030-01-01\n")
+    rc, out, err = run(capsys, "peer", "import", str(src))
+    assert rc == 1 and f"{src}:2: field expires_at:" in err
 
 
 def test_bad_rows_by_line_number_and_strict(

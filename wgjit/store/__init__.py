@@ -132,6 +132,8 @@ class ImportResult:
     updated: int = 0
     unchanged: int = 0
     rejected: list[tuple[int, str]] = field(default_factory=list)
+    # added peers whose key the store had before (removed or re-keyed): they keep its mark
+    reused_keys: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +158,9 @@ class Store(Protocol):
     ) -> Peer:
         """Raises DuplicatePeer if the name or the key exists, InvalidPeerName for a bad name,
         PeerRefused for a low-order key, a special-purpose prefix or one that overlaps another
-        peer's (`allow_overlap` permits overlaps, link-local and default routes)."""
+        peer's (`allow_overlap` permits overlaps, link-local and default routes). A key the
+        store had before (its peer removed or re-keyed) keeps its anti-replay mark: the
+        returned peer's handshake_hwm is then not None."""
         ...
 
     def update_peer(
@@ -174,8 +178,10 @@ class Store(Protocol):
         """Change what is given (None / KEEP: unchanged) in one transaction; returns the peer.
         Every change that a gateway must act on is in the change feed: a new key announces the
         old key and the new (the old is refused at once: lookup() no longer finds it) and
-        forgets the old key's handshake mark and claim. Same checks as add_peer; raises
-        UnknownPeer, DuplicatePeer, InvalidPeerName, PeerRefused."""
+        drops the old key's claim. The old key's anti-replay mark is retired with it (kept for
+        that key, as remove() keeps it); the peer takes the new key's retired mark if it has
+        one, else none (the new key's handshakes start afresh). Same checks as add_peer;
+        raises UnknownPeer, DuplicatePeer, InvalidPeerName, PeerRefused."""
         ...
 
     def get_peer(self, name: str) -> Peer | None: ...
@@ -197,7 +203,14 @@ class Store(Protocol):
         ...
 
     def remove(self, name: str) -> Peer:
-        """Delete; returns what was deleted; raises UnknownPeer."""
+        """Delete; returns what was deleted; raises UnknownPeer. The key's anti-replay mark is
+        kept (a table of retired keys), so adding or importing the key again restores it."""
+        ...
+
+    def reset_handshake_mark(self, name: str) -> Peer:
+        """Clear the peer's anti-replay mark (the next initiation with any timestamp is
+        admitted once); returns the peer as it was; raises UnknownPeer. Not a change-feed
+        entry: a gateway holding the peer keeps what it has seen (its device does too)."""
         ...
 
     def advance_handshake(self, hs: Handshake) -> bool:
@@ -256,8 +269,14 @@ class Store(Protocol):
         is one add_peer() would refuse (PeerRefused: checked against stored peers and the
         batch's earlier rows). An
         import can revoke a peer but never reinstates a revoked one (an old file re-imported
-        must not bring back revoked peers): remove and re-add it for that. `dry_run`: the
-        same checks and result, nothing written (`peer import --strict` checks a file so)."""
+        must not bring back revoked peers): remove and re-add it for that. Likewise an import
+        never widens an existing peer's access: it can disable but not enable, and an expiry
+        only moves earlier (a row without one leaves the stored one); and a peer's
+        handshake_hwm only moves forward: the stored mark becomes the later of the stored
+        and the imported one (and a new peer whose key was retired keeps the retired mark).
+        New peers take the row's disabled, expires_at and handshake_hwm as they are (a
+        restored backup). `dry_run`: the same checks and result, nothing written (`peer
+        import --strict` checks a file so)."""
         ...
 
     def iter_peers(self) -> Iterator[Peer]:

@@ -1,12 +1,19 @@
 """Bulk peer files: read and write CSV or JSON lines, import in batches, export as a stream.
 
 Formats (chosen by file extension `.csv` / `.jsonl` / `.ndjson`, or explicitly):
-  CSV:  header `name,public_key,allowed_ips,preshared_key,revoked`; only the first three are
-        required; allowed_ips separated by spaces or commas (quote the field); revoked is
-        true/false/1/0/yes/no (empty: false); preshared_key base64 or empty.
+  CSV:  header `name,public_key,allowed_ips,preshared_key,revoked,disabled,expires_at,
+        handshake_mark`; only the first three are required; allowed_ips separated by spaces or
+        commas (quote the field); revoked and disabled are true/false/1/0/yes/no (empty:
+        false); preshared_key base64 or empty; expires_at an ISO 8601 time with its offset
+        (`2027-01-31T18:00:00Z`) or empty (never); handshake_mark the peer's anti-replay mark
+        (the TAI64N timestamp of the newest initiation accepted from it) as 24 hex digits, or
+        empty.
   JSON lines: one object per line with the same keys; allowed_ips a list or a string.
-Importing is idempotent and updates peers by name; it can revoke a peer but never reinstates a
-revoked one (re-importing an old file must not bring revoked peers back).
+Export writes every field: a full backup. Importing is idempotent and updates peers by name;
+it adds new peers as they are written, and never widens an existing peer's access: it can
+revoke or disable a peer but never reinstates or enables one, moves an expiry only earlier and a
+mark only forward (re-importing an old file must not bring back revoked or disabled peers, nor
+let old captured initiations in again).
 Row validation here; conflicts with stored peers are decided by the store. It prints nothing:
 progress and reports go through the callbacks the CLI gives.
 """
@@ -14,6 +21,7 @@ progress and reports go through the callbacks the CLI gives.
 from __future__ import annotations
 
 import csv
+import datetime
 import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -25,7 +33,11 @@ from wgjit.store import InvalidPeerName, Peer, Store, validate_peer_name
 from wgjit.store.prefixes import overlaps_within
 
 FORMATS: Final = ("csv", "jsonl")
-FIELDS: Final = ("name", "public_key", "allowed_ips", "preshared_key", "revoked")
+FIELDS: Final = (
+    "name", "public_key", "allowed_ips", "preshared_key", "revoked", "disabled", "expires_at",
+    "handshake_mark",
+)  # fmt: skip
+MARK_LEN: Final = 12  # TAI64N
 REQUIRED: Final = ("name", "public_key", "allowed_ips")
 BATCH_SIZE: Final = 10000
 
@@ -47,6 +59,7 @@ class ImportReport:
     updated: int = 0
     unchanged: int = 0
     bad: list[BadRow] = field(default_factory=list)
+    reused_keys: int = 0  # added with a key the store had before: its replay mark is kept
 
 
 def format_for(path: str | None, explicit: str | None) -> str:
@@ -71,7 +84,7 @@ _TRUE = {"true", "1", "yes", "y", "t"}
 _FALSE = {"false", "0", "no", "n", "f", ""}
 
 
-def _revoked(value: Any) -> bool:
+def _flag(field: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value
     if value is None:
@@ -81,7 +94,33 @@ def _revoked(value: Any) -> bool:
         return True
     if text in _FALSE:
         return False
-    raise BulkError(f"field revoked: {value!r} is not a boolean; use true or false")
+    raise BulkError(f"field {field}: {value!r} is not a boolean; use true or false")
+
+
+def _expiry(value: Any) -> float | None:
+    """ISO 8601 with an offset (what export writes) to Unix seconds; empty: never."""
+    if value in (None, ""):
+        return None
+    text = str(value).strip()
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None:
+        raise BulkError(
+            f"field expires_at: {text[:40]!r} is not a time with its offset; give ISO 8601 like"
+            " 2027-01-31T18:00:00Z (as `peer export` writes), or leave it empty for never"
+        )
+    return when.timestamp()
+
+
+def _expiry_text(at: float) -> str:
+    """Unix seconds as ISO 8601 UTC, exact for whole seconds (what `peer add --expires` sets)
+    and to the microsecond otherwise."""
+    when = datetime.datetime.fromtimestamp(at, datetime.UTC)
+    return when.isoformat(timespec="seconds" if at == int(at) else "microseconds").replace(
+        "+00:00", "Z"
+    )
 
 
 def row_to_peer(row: dict[str, Any]) -> Peer:
@@ -109,7 +148,28 @@ def row_to_peer(row: dict[str, Any]) -> Peer:
             psk = PresharedKey.from_b64(str(row["preshared_key"]).strip())
         except InvalidKey as e:
             raise BulkError(f"field preshared_key: {e}") from None
-    return Peer(name, key, nets, psk, _revoked(row.get("revoked")))
+    return Peer(
+        name, key, nets, psk, _flag("revoked", row.get("revoked")),
+        handshake_hwm=_mark(row.get("handshake_mark")),
+        disabled=_flag("disabled", row.get("disabled")),
+        expires_at=_expiry(row.get("expires_at")),
+    )  # fmt: skip
+
+
+def _mark(value: Any) -> bytes | None:
+    if value in (None, ""):
+        return None
+    text = str(value).strip()
+    try:
+        mark = bytes.fromhex(text)
+    except ValueError:
+        mark = b""
+    if len(mark) != MARK_LEN or len(text) != 2 * MARK_LEN:
+        raise BulkError(
+            f"field handshake_mark: {text[:40]!r} is not a mark; give the {2 * MARK_LEN} hex"
+            " digits `peer export` writes (TAI64N), or leave it empty"
+        )
+    return mark
 
 
 def read_rows(stream: IO[str], fmt: str) -> Iterator[tuple[int, Peer | BulkError]]:
@@ -184,6 +244,7 @@ def import_file(
         report.added += res.added
         report.updated += res.updated
         report.unchanged += res.unchanged
+        report.reused_keys += res.reused_keys
         report.bad.extend(BadRow(lines[i], why) for i, why in res.rejected)
         batch.clear()
         lines.clear()
@@ -270,6 +331,10 @@ def peer_record(p: Peer) -> dict[str, Any]:
         "allowed_ips": [str(n) for n in p.allowed_ips],
         "preshared_key": p.preshared_key.b64() if p.preshared_key else None,
         "revoked": p.revoked,
+        "disabled": p.disabled,
+        "expires_at": _expiry_text(p.expires_at) if p.expires_at is not None else None,
+        # without it, a restored backup would admit every initiation ever captured once more
+        "handshake_mark": p.handshake_hwm.hex() if p.handshake_hwm else None,
     }
 
 
@@ -291,6 +356,9 @@ def export_peers(
                     " ".join(rec["allowed_ips"]),
                     rec["preshared_key"] or "",
                     "true" if p.revoked else "false",
+                    "true" if p.disabled else "false",
+                    rec["expires_at"] or "",
+                    rec["handshake_mark"] or "",
                 ]
             )
         else:

@@ -94,6 +94,13 @@ MIGRATE_LOCK_WAIT_S: Final = 30.0
 # store call (installed peers keep working; the loop keeps serving them).
 POOL_WAIT_S: Final = 2.0
 FAIL_FAST_S: Final = 1.0
+# The pool replaces a lost connection in the background, retrying after 1, 2, 4, 8, ... s for
+# up to its reconnect_timeout: after a 40 s outage the next try came ~20 s after the server
+# was back (minutes after a longer one), and no peer could be admitted meanwhile. So each
+# series of tries ends after this long; the next call that wants a connection starts a new
+# one, at once: a server that is back is reached within a few seconds, however long it was
+# gone.
+RECONNECT_CYCLE_S: Final = 10.0
 CHANGE_RETENTION_S: Final = 86400.0
 TAI64N_LEN: Final = 12
 # pg_advisory_xact_lock keys: feed writers are serialised so that sequence numbers are handed
@@ -105,6 +112,7 @@ _PREFIX_LOCK: Final = 0x776A6974_0003
 _HINT: Final = "choose another with --store or WGJIT_STORE"
 
 _T = TypeVar("_T")
+_NOW: Final = "extract(epoch FROM clock_timestamp())"
 
 # Each step is a list of statements run in order, all steps in one transaction; the schema
 # version (wgjit_schema.version) is the number of steps applied. Never edit a released step.
@@ -218,13 +226,54 @@ MIGRATIONS: list[tuple[str, ...]] = [
                  new.disabled, new.expires_at))
             EXECUTE FUNCTION wgjit_feed_update()""",
     ),
+    # 4: the store never forgets a key's anti-replay mark. A key leaving the peers table (the
+    #    peer removed, or its key changed) leaves its mark in retired_keys; a key coming back
+    #    (added, imported, or a key changed to it) takes the greater of its mark and the
+    #    retired one, and the retired row goes. A key is in at most one of the two tables.
+    #    Only the mark moves: no feed entry (the feed triggers ignore handshake_hwm).
+    (
+        """CREATE TABLE retired_keys (
+            public_key bytea PRIMARY KEY CHECK (length(public_key) = 32),
+            handshake_hwm bytea NOT NULL CHECK (length(handshake_hwm) = 12),
+            retired_at double precision NOT NULL
+        )""",
+        f"""CREATE FUNCTION wgjit_retire() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF old.handshake_hwm IS NOT NULL
+                AND (TG_OP = 'DELETE' OR old.public_key IS DISTINCT FROM new.public_key) THEN
+                INSERT INTO retired_keys (public_key, handshake_hwm, retired_at)
+                    VALUES (old.public_key, old.handshake_hwm, {_NOW})
+                    ON CONFLICT (public_key) DO UPDATE
+                    SET handshake_hwm = greatest(retired_keys.handshake_hwm,
+                                                 excluded.handshake_hwm),
+                        retired_at = excluded.retired_at;
+            END IF;
+            RETURN NULL;
+        END $$""",
+        """CREATE FUNCTION wgjit_restore() RETURNS trigger LANGUAGE plpgsql AS $$
+        DECLARE
+            kept bytea;
+        BEGIN
+            IF TG_OP = 'INSERT' OR old.public_key IS DISTINCT FROM new.public_key THEN
+                DELETE FROM retired_keys WHERE public_key = new.public_key
+                    RETURNING handshake_hwm INTO kept;
+                IF kept IS NOT NULL THEN
+                    new.handshake_hwm := greatest(new.handshake_hwm, kept);
+                END IF;
+            END IF;
+            RETURN new;
+        END $$""",
+        """CREATE TRIGGER peers_retire AFTER DELETE OR UPDATE OF public_key ON peers
+            FOR EACH ROW EXECUTE FUNCTION wgjit_retire()""",
+        """CREATE TRIGGER peers_restore BEFORE INSERT OR UPDATE OF public_key ON peers
+            FOR EACH ROW EXECUTE FUNCTION wgjit_restore()""",
+    ),
 ]
 _OVERLAP_SQL: Final = (
     "SELECT q.net::text, p.name FROM peer_prefixes q JOIN peers p ON p.id = q.peer_id"
     " WHERE q.net && %s::cidr AND q.peer_id <> %s LIMIT 1"
 )
 
-_NOW: Final = "extract(epoch FROM clock_timestamp())"
 _COLUMNS: Final = (
     "p.name, p.public_key, p.allowed_ips, p.preshared_key, p.revoked, p.created_at,"
     " p.updated_at, p.last_seen, p.handshake_hwm, c.gateway_id, p.disabled, p.expires_at"
@@ -256,6 +305,17 @@ _CLAIM_MANY_SQL: Final = (
     " SELECT wgjit_feed(ARRAY(SELECT public_key FROM claimed WHERE NOT fresh"
     " ORDER BY public_key))"
 )
+_CLAIM_READ_SQL: Final = "SELECT gateway_id FROM peer_claims WHERE public_key = %s FOR UPDATE"
+_CLAIM_INSERT_SQL: Final = (
+    "INSERT INTO peer_claims (public_key, gateway_id, claimed_at)"
+    f" VALUES (%s, %s, {_NOW}) ON CONFLICT (public_key) DO NOTHING"
+)
+_CLAIM_TAKE_SQL: Final = (
+    f"UPDATE peer_claims SET gateway_id = %s, claimed_at = {_NOW} WHERE public_key = %s"
+)
+# claim() reads again when another gateway's claim appeared between its read and its insert;
+# each round needs a claim inserted (and removed again) by others in a few milliseconds
+CLAIM_ATTEMPTS: Final = 5
 _LAST_SEQ_SQL: Final = "SELECT coalesce(max(seq), 0) FROM peer_changes"
 
 
@@ -300,6 +360,7 @@ class PostgresStore(Closing):
             max_size=max_size,
             open=False,
             timeout=POOL_WAIT_S,
+            reconnect_timeout=RECONNECT_CYCLE_S,
             name="wgjit",
         )
         try:
@@ -399,7 +460,7 @@ class PostgresStore(Closing):
             raise PeerRefused(why)
         now = time.time()
 
-        def op(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+        def op(conn: psycopg.Connection[tuple[Any, ...]]) -> bytes | None:
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PREFIX_LOCK,))
                 if conn.execute("SELECT 1 FROM peers WHERE name = %s", (name,)).fetchone():
@@ -416,10 +477,11 @@ class PostgresStore(Closing):
                     if clash:
                         raise PeerRefused(clash)
                 try:
+                    # a key used before keeps its mark (migration 4's trigger puts it on the row)
                     cur = conn.execute(
                         "INSERT INTO peers (name, public_key, allowed_ips, preshared_key,"
                         " revoked, created_at, updated_at, expires_at)"
-                        " VALUES (%s, %s, %s, %s, false, %s, %s, %s) RETURNING id",
+                        " VALUES (%s, %s, %s, %s, false, %s, %s, %s) RETURNING id, handshake_hwm",
                         (
                             name,
                             public_key.raw,
@@ -432,11 +494,16 @@ class PostgresStore(Closing):
                     )
                 except psycopg.errors.UniqueViolation as e:  # a concurrent add won the race
                     raise DuplicatePeer(f"peer {name!r} or its key already exists") from e
-                _set_prefixes(conn, int(_one(cur)[0]), nets)
+                peer_id, mark = _one(cur)
+                _set_prefixes(conn, int(peer_id), nets)
                 self._prune(conn)
+                return bytes(mark) if mark is not None else None
 
-        self._run(f"add peer {name!r}", op)
-        return Peer(name, public_key, nets, preshared_key, False, now, now, expires_at=expires_at)
+        mark = self._run(f"add peer {name!r}", op)
+        return Peer(
+            name, public_key, nets, preshared_key, False, now, now,
+            handshake_hwm=mark, expires_at=expires_at,
+        )  # fmt: skip
 
     def update_peer(
         self,
@@ -479,7 +546,9 @@ class PostgresStore(Closing):
                             f"public key {public_key.short()}... is already used by peer"
                             f" {other[0]!r}"
                         )
-                    # a new key: its handshakes start afresh, and no gateway holds it yet
+                    # a new key: no gateway holds it yet, and its handshakes start afresh, from
+                    # its retired mark if it had one (the old key's mark is retired: migration
+                    # 4's triggers do both)
                     sets.append("public_key = %s, handshake_hwm = NULL, last_seen = NULL")
                     params.append(public_key.raw)
                     conn.execute("DELETE FROM peer_claims WHERE public_key = %s", (old_key,))
@@ -587,6 +656,17 @@ class PostgresStore(Closing):
 
         return self._peer(self._run(f"remove peer {name!r}", op))
 
+    def reset_handshake_mark(self, name: str) -> Peer:
+        def op(conn: psycopg.Connection[tuple[Any, ...]]) -> tuple[Any, ...]:
+            with conn.transaction():
+                row = conn.execute(_BY_NAME_SQL + " FOR UPDATE OF p", (name,)).fetchone()
+                if row is None:
+                    raise UnknownPeer(f"no peer named {name!r}")
+                conn.execute("UPDATE peers SET handshake_hwm = NULL WHERE name = %s", (name,))
+                return row
+
+        return self._peer(self._run(f"reset the replay mark of peer {name!r}", op))
+
     def import_peers(
         self, peers: Sequence[Peer], *, allow_overlap: bool = False, dry_run: bool = False
     ) -> ImportResult:
@@ -595,6 +675,8 @@ class PostgresStore(Closing):
             return result
         for p in peers:
             validate_peer_name(p.name)
+            if p.handshake_hwm is not None and len(p.handshake_hwm) != TAI64N_LEN:
+                raise ValueError(f"peer {p.name!r}: a handshake mark is {TAI64N_LEN} bytes")
         refused = {}
         for i, p in enumerate(peers):
             why = peer_problem(p.public_key, p.allowed_ips, allow_overlap)
@@ -609,6 +691,7 @@ class PostgresStore(Closing):
                 conn.execute(
                     "CREATE TEMP TABLE IF NOT EXISTS wgjit_import (i int, name text,"
                     " public_key bytea, allowed_ips text, preshared_key bytea, revoked boolean,"
+                    " handshake_hwm bytea, disabled boolean, expires_at double precision,"
                     " moved boolean) ON COMMIT DELETE ROWS"
                 )
                 conn.execute(
@@ -616,8 +699,8 @@ class PostgresStore(Closing):
                     " net cidr) ON COMMIT DELETE ROWS"
                 )
                 with conn.cursor().copy(
-                    "COPY wgjit_import (i, name, public_key, allowed_ips, preshared_key, revoked)"
-                    " FROM STDIN"
+                    "COPY wgjit_import (i, name, public_key, allowed_ips, preshared_key, revoked,"
+                    " handshake_hwm, disabled, expires_at) FROM STDIN"
                 ) as copy:
                     for i, p in enumerate(peers):
                         if i in refused:
@@ -630,6 +713,9 @@ class PostgresStore(Closing):
                                 format_networks(p.allowed_ips),
                                 p.preshared_key.raw if p.preshared_key else None,
                                 p.revoked,
+                                p.handshake_hwm,
+                                p.disabled,
+                                p.expires_at,
                             )
                         )
                 # rows whose key is another peer's, or whose name has another key
@@ -667,19 +753,35 @@ class PostgresStore(Closing):
                         rows = [i for i, _ in clashes]
                         conn.execute("DELETE FROM wgjit_import WHERE i = ANY(%s)", (rows,))
                         conn.execute("DELETE FROM wgjit_import_nets WHERE i = ANY(%s)", (rows,))
+                # the rows left are new peers or updates of the same key: a retired key is new
+                res.reused_keys = int(
+                    _scalar(
+                        conn,
+                        "SELECT count(*) FROM wgjit_import w"
+                        " JOIN retired_keys r ON r.public_key = w.public_key",
+                    )
+                )
+                # an import revokes or disables but never reinstates or enables, moves an
+                # expiry only earlier (least() skips NULL: never) and a mark only forward; a
+                # new row with a retired key takes the retired mark if greater (migration 4)
                 cur = conn.execute(
                     "INSERT INTO peers (name, public_key, allowed_ips, preshared_key, revoked,"
-                    " created_at, updated_at)"
-                    " SELECT name, public_key, allowed_ips, preshared_key, revoked, %s, %s"
-                    " FROM wgjit_import ORDER BY i"
+                    " disabled, expires_at, handshake_hwm, created_at, updated_at)"
+                    " SELECT name, public_key, allowed_ips, preshared_key, revoked, disabled,"
+                    " expires_at, handshake_hwm, %s, %s FROM wgjit_import ORDER BY i"
                     " ON CONFLICT (name) DO UPDATE SET allowed_ips = excluded.allowed_ips,"
                     " preshared_key = excluded.preshared_key,"
                     " revoked = peers.revoked OR excluded.revoked,"
+                    " disabled = peers.disabled OR excluded.disabled,"
+                    " expires_at = least(peers.expires_at, excluded.expires_at),"
+                    " handshake_hwm = greatest(peers.handshake_hwm, excluded.handshake_hwm),"
                     " updated_at = excluded.updated_at"
-                    " WHERE (peers.allowed_ips, peers.preshared_key, peers.revoked)"
-                    " IS DISTINCT FROM"
+                    " WHERE (peers.allowed_ips, peers.preshared_key, peers.revoked,"
+                    " peers.disabled, peers.expires_at, peers.handshake_hwm) IS DISTINCT FROM"
                     " (excluded.allowed_ips, excluded.preshared_key,"
-                    " peers.revoked OR excluded.revoked)"
+                    " peers.revoked OR excluded.revoked, peers.disabled OR excluded.disabled,"
+                    " least(peers.expires_at, excluded.expires_at),"
+                    " greatest(peers.handshake_hwm, excluded.handshake_hwm))"
                     " RETURNING (xmax = 0)",
                     (now, now),
                 )
@@ -748,29 +850,31 @@ class PostgresStore(Closing):
     # -- presence -------------------------------------------------------------------------------
 
     def claim(self, public_key: PublicKey, gateway_id: str) -> str | None:
+        # The holder may release, and another gateway claim, at any moment. So the claim is
+        # read and locked first (a row that exists stays as read until we commit); only if
+        # there is none is one inserted, and if another gateway inserted one in between (the
+        # insert does nothing), it is read again. Inserting first and locking afterwards lost
+        # the claim silently when the holder released in between: nothing left to lock, an
+        # UPDATE of no row, None returned, and the peer unclaimed.
         def op(conn: psycopg.Connection[tuple[Any, ...]]) -> str | None:
             with conn.transaction():
-                cur = conn.execute(
-                    f"INSERT INTO peer_claims (public_key, gateway_id, claimed_at)"
-                    f" VALUES (%s, %s, {_NOW}) ON CONFLICT (public_key) DO NOTHING",
-                    (public_key.raw, gateway_id),
-                )
-                if cur.rowcount == 1:
-                    return None
-                row = conn.execute(
-                    "SELECT gateway_id FROM peer_claims WHERE public_key = %s FOR UPDATE",
-                    (public_key.raw,),
-                ).fetchone()
-                conn.execute(
-                    f"UPDATE peer_claims SET gateway_id = %s, claimed_at = {_NOW}"
-                    " WHERE public_key = %s",
-                    (gateway_id, public_key.raw),
-                )
-                previous = str(row[0]) if row else None
-                if previous is None or previous == gateway_id:
-                    return None
-                conn.execute("SELECT wgjit_feed(ARRAY[%s::bytea])", (public_key.raw,))
-                return previous
+                for _ in range(CLAIM_ATTEMPTS):
+                    row = conn.execute(_CLAIM_READ_SQL, (public_key.raw,)).fetchone()
+                    if row is None:
+                        cur = conn.execute(_CLAIM_INSERT_SQL, (public_key.raw, gateway_id))
+                        if cur.rowcount == 1:
+                            return None
+                        continue  # claimed by another gateway since we looked
+                    previous = str(row[0])
+                    if previous == gateway_id:
+                        return None
+                    conn.execute(_CLAIM_TAKE_SQL, (gateway_id, public_key.raw))
+                    conn.execute("SELECT wgjit_feed(ARRAY[%s::bytea])", (public_key.raw,))
+                    return previous
+            raise StoreError(
+                f"store {self._name}: could not claim peer {public_key.short()}...: its claim"
+                f" changed {CLAIM_ATTEMPTS} times while we tried; try again"
+            )
 
         try:
             return self._run("claim a peer", op)

@@ -66,6 +66,20 @@ _OTHER_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 # current time as a Unix timestamp, computed by SQLite (sqlite 3.40 has no unixepoch('subsec'))
 _NOW_SQL: Final = "((julianday('now') - 2440587.5) * 86400.0)"
 
+# trigger bodies of migration 5 (retired keys keep their marks)
+_RETIRE_OLD: Final = f"""INSERT INTO retired_keys (public_key, handshake_hwm, retired_at)
+                VALUES (old.public_key, old.handshake_hwm, {_NOW_SQL})
+                ON CONFLICT (public_key) DO UPDATE
+                SET handshake_hwm = max(handshake_hwm, excluded.handshake_hwm),
+                    retired_at = excluded.retired_at;"""
+_RESTORE_NEW: Final = """UPDATE peers
+                SET handshake_hwm = (SELECT r.handshake_hwm FROM retired_keys r
+                                     WHERE r.public_key = new.public_key)
+                WHERE id = new.id AND (handshake_hwm IS NULL OR handshake_hwm <
+                    (SELECT r.handshake_hwm FROM retired_keys r
+                     WHERE r.public_key = new.public_key));
+            DELETE FROM retired_keys WHERE public_key = new.public_key;"""
+
 # Each step is a list of statements (or Python callables, for data that SQL cannot compute)
 # run in order; the schema version (PRAGMA user_version) is the number of steps applied. Never
 # edit a released step: append a new one.
@@ -166,6 +180,39 @@ MIGRATIONS: list[tuple[str | Callable[[sqlite3.Connection], None], ...]] = [
             INSERT INTO peer_changes (public_key, at)
                 SELECT old.public_key, {_NOW_SQL} WHERE old.public_key IS NOT new.public_key;
             INSERT INTO peer_changes (public_key, at) VALUES (new.public_key, {_NOW_SQL});
+        END""",
+    ),
+    # 5: the store never forgets a key's anti-replay mark. A key leaving the peers table (the
+    #    peer removed, or its key changed) leaves its mark in retired_keys; a key coming back
+    #    (added, imported, or a key changed to it) takes the greater of its mark and the
+    #    retired one, and the retired row goes. A key is in at most one of the two tables.
+    #    Only the mark moves: no feed entry (the feed triggers ignore handshake_hwm).
+    (
+        """CREATE TABLE retired_keys (
+            public_key BLOB PRIMARY KEY CHECK (length(public_key) = 32),
+            handshake_hwm BLOB NOT NULL CHECK (length(handshake_hwm) = 12),
+            retired_at REAL NOT NULL
+        )""",
+        f"""CREATE TRIGGER peers_retire_delete AFTER DELETE ON peers
+            WHEN old.handshake_hwm IS NOT NULL
+        BEGIN
+            {_RETIRE_OLD}
+        END""",
+        f"""CREATE TRIGGER peers_retire_rekey AFTER UPDATE OF public_key ON peers
+            WHEN old.public_key IS NOT new.public_key AND old.handshake_hwm IS NOT NULL
+        BEGIN
+            {_RETIRE_OLD}
+        END""",
+        f"""CREATE TRIGGER peers_restore_insert AFTER INSERT ON peers
+            WHEN EXISTS (SELECT 1 FROM retired_keys WHERE public_key = new.public_key)
+        BEGIN
+            {_RESTORE_NEW}
+        END""",
+        f"""CREATE TRIGGER peers_restore_rekey AFTER UPDATE OF public_key ON peers
+            WHEN old.public_key IS NOT new.public_key
+              AND EXISTS (SELECT 1 FROM retired_keys WHERE public_key = new.public_key)
+        BEGIN
+            {_RESTORE_NEW}
         END""",
     ),
 ]
@@ -375,9 +422,17 @@ class SQLiteStore(Closing):
                     expires_at,
                 ),
             )
-            _set_prefixes(conn, int(cur.lastrowid or 0), nets)
+            peer_id = int(cur.lastrowid or 0)
+            _set_prefixes(conn, peer_id, nets)
+            # a key used before keeps its mark (migration 5's trigger put it on the row)
+            mark = conn.execute(
+                "SELECT handshake_hwm FROM peers WHERE id = ?", (peer_id,)
+            ).fetchone()[0]
             self._prune(conn, now)
-        return Peer(name, public_key, nets, preshared_key, False, now, now, expires_at=expires_at)
+        return Peer(
+            name, public_key, nets, preshared_key, False, now, now,
+            handshake_hwm=bytes(mark) if mark is not None else None, expires_at=expires_at,
+        )  # fmt: skip
 
     def update_peer(
         self,
@@ -414,7 +469,9 @@ class SQLiteStore(Closing):
                     raise DuplicatePeer(
                         f"public key {public_key.short()}... is already used by peer {other[0]!r}"
                     )
-                # a new key: its handshakes start afresh, and no gateway holds it yet
+                # a new key: no gateway holds it yet, and its handshakes start afresh, from
+                # its retired mark if it had one (the old key's mark is retired: migration 5's
+                # triggers do both)
                 sets.append("public_key = ?, handshake_hwm = NULL, last_seen = NULL")
                 params.append(public_key.raw)
                 conn.execute("DELETE FROM peer_claims WHERE public_key = ?", (old_key,))
@@ -500,6 +557,14 @@ class SQLiteStore(Closing):
             self._prune(conn, now)
         return self._peer(row)
 
+    def reset_handshake_mark(self, name: str) -> Peer:
+        with self._write(f"reset the replay mark of peer {name!r}") as conn:
+            row = conn.execute(_BY_NAME_SQL, (name,)).fetchone()
+            if row is None:
+                raise UnknownPeer(f"no peer named {name!r}")
+            conn.execute("UPDATE peers SET handshake_hwm = NULL WHERE name = ?", (name,))
+        return self._peer(row)
+
     # -- handshakes -----------------------------------------------------------------------------
 
     def advance_handshake(self, hs: Handshake) -> bool:
@@ -523,6 +588,8 @@ class SQLiteStore(Closing):
             return res
         for p in peers:
             validate_peer_name(p.name)
+            if p.handshake_hwm is not None and len(p.handshake_hwm) != TAI64N_LEN:
+                raise ValueError(f"peer {p.name!r}: a handshake mark is {TAI64N_LEN} bytes")
         now = time.time()
         with contextlib.suppress(_DryRun):
             self._import(peers, allow_overlap, dry_run, now, res)
@@ -539,7 +606,8 @@ class SQLiteStore(Closing):
         with self._write(f"import {len(peers)} peers") as conn:
             # pass 1: each row against the stored peers
             new: list[int] = []
-            changed: dict[int, tuple[int, bool]] = {}  # row -> (peer id, allowed IPs changed)
+            # row -> (peer id, allowed IPs changed, the values to store)
+            changed: dict[int, tuple[int, bool, tuple[Any, ...]]] = {}
             for i, p in enumerate(peers):
                 ips = format_networks(p.allowed_ips)
                 psk = p.preshared_key.raw if p.preshared_key else None
@@ -554,8 +622,8 @@ class SQLiteStore(Closing):
                     res.rejected.append((i, f"public key is already used by peer {by_key[0]!r}"))
                     continue
                 row = conn.execute(
-                    "SELECT public_key, allowed_ips, preshared_key, revoked, id FROM peers"
-                    " WHERE name = ?",
+                    "SELECT public_key, allowed_ips, preshared_key, revoked, id, disabled,"
+                    " expires_at, handshake_hwm FROM peers WHERE name = ?",
                     (p.name,),
                 ).fetchone()
                 if row is not None and bytes(row[0]) != p.public_key.raw:
@@ -569,16 +637,26 @@ class SQLiteStore(Closing):
                         continue
                 if row is None:
                     new.append(i)
-                elif (row[1], row[2], bool(row[3])) != (ips, psk, bool(row[3]) or p.revoked):
-                    # an import revokes but never reinstates (see Store.import_peers)
-                    changed[i] = (int(row[4]), moved)
+                    continue
+                # an import revokes or disables but never reinstates or enables, moves an
+                # expiry only earlier and a mark only forward (see Store.import_peers)
+                stored = (
+                    row[1], row[2], bool(row[3]), bool(row[5]), row[6],
+                    bytes(row[7]) if row[7] is not None else None,
+                )  # fmt: skip
+                wanted = (
+                    ips, psk, stored[2] or p.revoked, stored[3] or p.disabled,
+                    _earlier(stored[4], p.expires_at), _later(stored[5], p.handshake_hwm),
+                )  # fmt: skip
+                if wanted != stored:
+                    changed[i] = (int(row[4]), moved, wanted)
                 else:
                     res.unchanged += 1
             # pass 2: the rows that move prefixes, against each other (earlier rows win)
             if not allow_overlap:
                 moving = [
                     (i, peers[i].name, peers[i].allowed_ips)
-                    for i in sorted([*new, *(i for i, (_, m) in changed.items() if m)])
+                    for i in sorted([*new, *(i for i, (_, m, _) in changed.items() if m)])
                 ]
                 for i, why in overlaps_within(moving).items():
                     res.rejected.append((i, why))
@@ -586,37 +664,44 @@ class SQLiteStore(Closing):
                         del changed[i]
                     else:
                         new.remove(i)
+            res.reused_keys = sum(
+                conn.execute(
+                    "SELECT count(*) FROM retired_keys WHERE public_key = ?",
+                    (peers[i].public_key.raw,),
+                ).fetchone()[0]
+                for i in new
+            )
             for i in new:
                 p = peers[i]
+                # a new row with a retired key takes its mark if greater (migration 5's trigger)
                 cur = conn.execute(
                     "INSERT INTO peers (name, public_key, allowed_ips, preshared_key, revoked,"
-                    " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    " disabled, expires_at, handshake_hwm, created_at, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         p.name,
                         p.public_key.raw,
                         format_networks(p.allowed_ips),
                         p.preshared_key.raw if p.preshared_key else None,
                         int(p.revoked),
+                        int(p.disabled),
+                        p.expires_at,
+                        p.handshake_hwm,
                         now,
                         now,
                     ),
                 )
                 _set_prefixes(conn, int(cur.lastrowid or 0), p.allowed_ips)
-            for i, (peer_id, moved) in changed.items():
-                p = peers[i]
+            for i, (peer_id, moved, wanted) in changed.items():
+                ips, psk, revoked, disabled, expires_at, mark = wanted
                 conn.execute(
-                    "UPDATE peers SET allowed_ips = ?, preshared_key = ?,"
-                    " revoked = max(revoked, ?), updated_at = ? WHERE id = ?",
-                    (
-                        format_networks(p.allowed_ips),
-                        p.preshared_key.raw if p.preshared_key else None,
-                        int(p.revoked),
-                        now,
-                        peer_id,
-                    ),
+                    "UPDATE peers SET allowed_ips = ?, preshared_key = ?, revoked = ?,"
+                    " disabled = ?, expires_at = ?, handshake_hwm = ?, updated_at = ?"
+                    " WHERE id = ?",
+                    (ips, psk, int(revoked), int(disabled), expires_at, mark, now, peer_id),
                 )
                 if moved:
-                    _set_prefixes(conn, peer_id, p.allowed_ips)
+                    _set_prefixes(conn, peer_id, peers[i].allowed_ips)
             res.added, res.updated = len(new), len(changed)
             res.rejected.sort()
             if dry_run:
@@ -641,6 +726,8 @@ class SQLiteStore(Closing):
     # -- presence -------------------------------------------------------------------------------
 
     def claim(self, public_key: PublicKey, gateway_id: str) -> str | None:
+        # read and write in one IMMEDIATE transaction: no other connection writes between
+        # the read of the holder and the new claim (a release waits for our commit)
         with self._write("claim a peer") as conn:
             if (
                 conn.execute(
@@ -958,6 +1045,20 @@ def _timestamp(hs: Handshake) -> bytes:
     if len(ts) != TAI64N_LEN:
         raise ValueError(f"handshake timestamp must be {TAI64N_LEN} bytes (TAI64N), got {len(ts)}")
     return ts
+
+
+def _later(a: bytes | None, b: bytes | None) -> bytes | None:
+    """The later of two marks (TAI64N compares bytewise); None only if both are."""
+    if a is None or (b is not None and b > a):
+        return b
+    return a
+
+
+def _earlier(a: float | None, b: float | None) -> float | None:
+    """The earlier of two expiry times, None meaning never (so None only if both are)."""
+    if a is None or (b is not None and b < a):
+        return b
+    return a
 
 
 def _marks(n: int) -> str:
