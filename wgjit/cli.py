@@ -50,6 +50,7 @@ from wgjit.gateway.run import GatewayError
 from wgjit.keys import InvalidKey, PresharedKey, PrivateKey, PublicKey
 from wgjit.store import DEFAULT_STORE_URL, KEEP, Peer, Store, StoreError, open_store
 from wgjit.store.bulk import BulkError
+from wgjit.store.pool import add_with_auto_address, parse_pool
 from wgjit.store.urls import redact, scrub
 
 
@@ -192,7 +193,10 @@ def _when(flag: str, *, never: bool = False) -> Callable[[str], float | None]:
 
 
 def cmd_peer_add(args: argparse.Namespace) -> int:
-    nets = parse_networks(args.allowed_ips)
+    auto = args.allowed_ips.strip().lower() == "auto"
+    if auto and args.allow_overlap:
+        raise CLIError("--allowed-ips auto takes a free address: drop --allow-overlap")
+    nets = None if auto else parse_networks(args.allowed_ips)
     private = None
     if args.public_key:
         public = PublicKey.from_b64(args.public_key)
@@ -200,21 +204,29 @@ def cmd_peer_add(args: argparse.Namespace) -> int:
         private = PrivateKey.generate()
         public = private.public_key()
     # every client-config input is checked before anything is written to the store
+    _apply_defaults(args)
     plan = _config_plan(args, have_private=private is not None)
     psk = PresharedKey.generate() if args.preshared_key else None
     with _store(args, create=True) as store:
-        peer = store.add_peer(
-            args.name,
-            public,
-            nets,
-            psk,
-            allow_overlap=args.allow_overlap,
-            expires_at=args.expires,
-        )
+
+        def add(nets: tuple[Any, ...]) -> Peer:
+            return store.add_peer(
+                args.name,
+                public,
+                nets,
+                psk,
+                allow_overlap=args.allow_overlap,
+                expires_at=args.expires,
+            )
+
+        peer = add(nets) if nets is not None else add_with_auto_address(store, add)
     if peer.handshake_hwm is not None:
         _note_kept_mark(peer)
     if private is None and args.output is None:
-        print(f"added peer {peer.name} ({public.b64()}) allowed-ips {format_networks(nets)}")
+        print(
+            f"added peer {peer.name} ({public.b64()})"
+            f" allowed-ips {format_networks(peer.allowed_ips)}"
+        )
         print(
             f"wgjit: note: `wgjit peer config {peer.name}` prints its client config (gateway"
             " key, endpoint, preshared key; its owner fills in the private key)",
@@ -234,6 +246,55 @@ def _note_kept_mark(peer: Peer) -> None:
         " `wgjit peer reset-replay` clears it)",
         file=sys.stderr,
     )
+
+
+# store-wide defaults (`wgjit store set-defaults`): option name -> the args attribute it fills
+DEFAULT_OPTIONS = {
+    "endpoint": "endpoint",
+    "dns": "dns",
+    "mtu": "mtu",
+    "persistent-keepalive": "persistent_keepalive",
+    "client-allowed-ips": "client_allowed_ips",
+    "pool": "pool",
+}
+DEFAULT_CLIENT_ALLOWED_IPS = "0.0.0.0/0, ::/0"
+_INT_OPTIONS = {
+    "mtu": _int_range("--mtu", 576, 65535),
+    "persistent-keepalive": _int_range("--persistent-keepalive", 1, 65535),
+}
+
+
+def _apply_defaults(args: argparse.Namespace) -> None:
+    """Fill the client-config options not given on the command line from the store's
+    defaults (flags win). A store that does not exist yet has none (`peer add` creates it
+    later; other commands then fail opening it, naming the fix)."""
+    try:
+        with _store(args) as store:
+            defaults = store.get_defaults()
+    except StoreError:
+        return
+    for key, value in defaults.items():
+        attr = DEFAULT_OPTIONS.get(key)
+        if attr is None or attr == "pool" or getattr(args, attr, None) is not None:
+            continue
+        setattr(args, attr, _INT_OPTIONS[key](value) if key in _INT_OPTIONS else value)
+
+
+def _checked_default(key: str, value: str) -> str:
+    """A defaults value as the store keeps it: checked like its flag; CLIError if bad."""
+    try:
+        if key == "endpoint":
+            parse_endpoint(value)  # the port may stay open: --interface's port, at use
+            return value.strip()
+        if key == "dns":
+            return ", ".join(parse_dns(value))
+        if key == "client-allowed-ips":
+            return ", ".join(str(n) for n in parse_allowed(value))
+    except ConfigInputError as e:
+        raise CLIError(str(e)) from None
+    if key == "pool":
+        return str(parse_pool(value))
+    return str(_INT_OPTIONS[key](value))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,7 +333,7 @@ def _config_plan(args: argparse.Namespace, *, have_private: bool) -> _ConfigPlan
         port = state.listen_port or port
     try:
         endpoint = parse_endpoint(args.endpoint, port) if args.endpoint else None
-        allowed = parse_allowed(args.client_allowed_ips)
+        allowed = parse_allowed(args.client_allowed_ips or DEFAULT_CLIENT_ALLOWED_IPS)
         dns = parse_dns(args.dns) if args.dns is not None else ()
     except ConfigInputError as e:
         raise CLIError(str(e)) from None
@@ -322,6 +383,7 @@ def _emit_config(
 
 
 def cmd_peer_config(args: argparse.Namespace) -> int:
+    _apply_defaults(args)
     plan = _config_plan(args, have_private=False)
     with _store(args) as store:
         peer = _get(store, args.name)
@@ -374,6 +436,7 @@ def cmd_peer_rotate(args: argparse.Namespace) -> int:
     else:
         private = PrivateKey.generate()
         public = private.public_key()
+    _apply_defaults(args)
     plan = _config_plan(args, have_private=private is not None)
     with _store(args) as store:
         old = _get(store, args.name)
@@ -615,6 +678,40 @@ def cmd_store_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_defaults(defaults: dict[str, str], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(defaults, indent=2))
+    elif not defaults:
+        print("no defaults set (`wgjit store set-defaults --help`)")
+    else:
+        for key, value in defaults.items():
+            print(f"{key} = {value}")
+
+
+def cmd_store_set_defaults(args: argparse.Namespace) -> int:
+    changes: dict[str, str | None] = {key: None for key in args.clear or ()}
+    for key, attr in DEFAULT_OPTIONS.items():
+        value = getattr(args, attr)
+        if value is not None:
+            if key in changes:
+                raise CLIError(f"--{key} and --clear {key} contradict each other")
+            changes[key] = _checked_default(key, str(value))
+    if not changes:
+        flags = ", ".join(f"--{k}" for k in DEFAULT_OPTIONS)
+        raise CLIError(f"nothing to set; give {flags} or --clear NAME")
+    with _store(args) as store:
+        defaults = store.set_defaults(changes)
+    _print_defaults(defaults, False)
+    return 0
+
+
+def cmd_store_show_defaults(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        defaults = store.get_defaults()
+    _print_defaults(defaults, args.json)
+    return 0
+
+
 def cmd_store_migrate(args: argparse.Namespace) -> int:
     with _store(args, create=True) as store:
         version = _schema_version(store)
@@ -763,8 +860,9 @@ def _config_options(p: argparse.ArgumentParser) -> None:
                         f"port, else {DEFAULT_PORT})")  # fmt: skip
     p.add_argument("--interface", help="read the gateway's public key and port from it")
     p.add_argument("--gateway-public-key", help="the gateway's public key (base64)")
-    p.add_argument("--client-allowed-ips", default="0.0.0.0/0, ::/0",
-                   help="AllowedIPs: what the client routes through the tunnel")  # fmt: skip
+    p.add_argument("--client-allowed-ips",
+                   help="AllowedIPs: what the client routes through the tunnel (default:"
+                        f" the store's, else {DEFAULT_CLIENT_ALLOWED_IPS})")  # fmt: skip
     p.add_argument("--dns", metavar="ADDR[,...]", help="DNS servers / search domains")
     p.add_argument("--mtu", type=_int_range("--mtu", 576, 65535), help="tunnel MTU")
     p.add_argument("--persistent-keepalive", type=_int_range("--persistent-keepalive", 1, 65535),
@@ -802,7 +900,9 @@ def build_parser() -> _Parser:
         "add", parents=[after], help="add a peer (generates a key and client config if none)"
     )
     add.add_argument("name")
-    add.add_argument("--allowed-ips", required=True, help="CIDR[,CIDR...] routed to this peer")
+    add.add_argument("--allowed-ips", required=True,
+                     help="CIDR[,CIDR...] routed to this peer, or `auto`: the next free address"
+                          " of the store's pool (`wgjit store set-defaults --pool`)")  # fmt: skip
     add.add_argument("--public-key", help="the peer's public key (base64); omit to generate")
     add.add_argument("--preshared-key", action="store_true", help="generate a preshared key")
     add.add_argument("--allow-overlap", action="store_true", help=ALLOW_OVERLAP_HELP)
@@ -884,6 +984,25 @@ def build_parser() -> _Parser:
         "init", parents=[after], help="create an empty store (nothing else creates one by chance)"
     )
     ini.set_defaults(func=cmd_store_init)
+    sd = ssub.add_parser(
+        "set-defaults", parents=[after],
+        help="defaults for client configs (peer add/config/rotate) and the address pool",
+    )  # fmt: skip
+    sd.add_argument("--endpoint", metavar="HOST[:PORT]", help="the gateway as clients reach it")
+    sd.add_argument("--dns", metavar="ADDR[,...]", help="DNS servers / search domains")
+    sd.add_argument("--mtu", help="tunnel MTU (576-65535)")
+    sd.add_argument("--persistent-keepalive", metavar="SECONDS", help="1-65535")
+    sd.add_argument("--client-allowed-ips", metavar="CIDR[,...]", help="the clients' AllowedIPs")
+    sd.add_argument("--pool", metavar="CIDR[,CIDR6]",
+                    help="address pool of `peer add --allowed-ips auto` (its first address is"
+                         " the gateway's)")  # fmt: skip
+    sd.add_argument("--clear", action="append", choices=tuple(DEFAULT_OPTIONS), metavar="NAME",
+                    help=f"remove a default ({', '.join(DEFAULT_OPTIONS)});"
+                         " repeatable")  # fmt: skip
+    sd.set_defaults(func=cmd_store_set_defaults)
+    sh = ssub.add_parser("show-defaults", parents=[after], help="print the store's defaults")
+    sh.add_argument("--json", action="store_true")
+    sh.set_defaults(func=cmd_store_show_defaults)
 
     gw = sub.add_parser(
         "gateway", parents=[after], help="run the JIT gateway on a WireGuard interface"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Final, Protocol, Self
@@ -185,6 +185,16 @@ class Store(Protocol):
         ...
 
     def get_peer(self, name: str) -> Peer | None: ...
+
+    def get_defaults(self) -> dict[str, str]:
+        """The store-wide defaults (`wgjit store set-defaults`) as option name -> text."""
+        ...
+
+    def set_defaults(self, changes: Mapping[str, str | None]) -> dict[str, str]:
+        """Set (a value) or clear (None) some defaults in one transaction; returns them all.
+        The store keeps the text as given: the CLI checks it (wgjit.store.pool, clientconf).
+        Not a change-feed entry: gateways do not use defaults."""
+        ...
 
     def lookup(self, public_key: PublicKey) -> Peer | None:
         """Point query by public key (the gateway's hot path)."""

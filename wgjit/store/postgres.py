@@ -43,7 +43,7 @@ import socket
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Final, TypeVar
 
 import psycopg
@@ -267,6 +267,14 @@ MIGRATIONS: list[tuple[str, ...]] = [
             FOR EACH ROW EXECUTE FUNCTION wgjit_retire()""",
         """CREATE TRIGGER peers_restore BEFORE INSERT OR UPDATE OF public_key ON peers
             FOR EACH ROW EXECUTE FUNCTION wgjit_restore()""",
+    ),
+    # 5: store-wide defaults (`wgjit store set-defaults`): client-config options and the
+    #    address pool of `--allowed-ips auto`, as text keyed by option name
+    (
+        """CREATE TABLE defaults (
+            key text PRIMARY KEY,
+            value text NOT NULL
+        )""",
     ),
 ]
 _OVERLAP_SQL: Final = (
@@ -582,6 +590,29 @@ class PostgresStore(Closing):
                                          (peer_id,)))  # fmt: skip
 
         return self._peer(self._run(f"change peer {name!r}", op))
+
+    def get_defaults(self) -> dict[str, str]:
+        rows = self._run(
+            "read the defaults",
+            lambda c: c.execute("SELECT key, value FROM defaults ORDER BY key").fetchall(),
+        )
+        return {str(k): str(v) for k, v in rows}
+
+    def set_defaults(self, changes: Mapping[str, str | None]) -> dict[str, str]:
+        def op(conn: psycopg.Connection[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+            with conn.transaction():
+                for key, value in changes.items():
+                    if value is None:
+                        conn.execute("DELETE FROM defaults WHERE key = %s", (key,))
+                    else:
+                        conn.execute(
+                            "INSERT INTO defaults (key, value) VALUES (%s, %s)"
+                            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                            (key, value),
+                        )
+                return conn.execute("SELECT key, value FROM defaults ORDER BY key").fetchall()
+
+        return {str(k): str(v) for k, v in self._run("set the defaults", op)}
 
     def get_peer(self, name: str) -> Peer | None:
         row = self._run(

@@ -19,7 +19,7 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 from urllib.request import pathname2url
@@ -214,6 +214,14 @@ MIGRATIONS: list[tuple[str | Callable[[sqlite3.Connection], None], ...]] = [
         BEGIN
             {_RESTORE_NEW}
         END""",
+    ),
+    # 6: store-wide defaults (`wgjit store set-defaults`): client-config options and the
+    #    address pool of `--allowed-ips auto`, as text keyed by option name
+    (
+        """CREATE TABLE defaults (
+            key TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        )""",
     ),
 ]
 
@@ -501,6 +509,25 @@ class SQLiteStore(Closing):
             out = conn.execute(f"SELECT {_COLUMNS} FROM peers WHERE id = ?", (peer_id,))
             result = out.fetchone()
         return self._peer(result)
+
+    def get_defaults(self) -> dict[str, str]:
+        with self._read("read the defaults") as conn:
+            rows = conn.execute("SELECT key, value FROM defaults ORDER BY key").fetchall()
+        return {str(k): str(v) for k, v in rows}
+
+    def set_defaults(self, changes: Mapping[str, str | None]) -> dict[str, str]:
+        with self._write("set the defaults") as conn:
+            for key, value in changes.items():
+                if value is None:
+                    conn.execute("DELETE FROM defaults WHERE key = ?", (key,))
+                else:
+                    conn.execute(
+                        "INSERT INTO defaults (key, value) VALUES (?, ?)"
+                        " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                        (key, value),
+                    )
+            rows = conn.execute("SELECT key, value FROM defaults ORDER BY key").fetchall()
+        return {str(k): str(v) for k, v in rows}
 
     def get_peer(self, name: str) -> Peer | None:
         with self._query(f"read peer {name!r}") as conn:
