@@ -210,7 +210,7 @@ def test_a_store_made_before_retired_keys_upgrades_with_everything_in_it(
         (pg_mod, request.getfixturevalue("pg_url"), 3),
     ):
         full = mod.MIGRATIONS
-        assert len(full) == before + 1 and "retired_keys" in str(full[-1][0])
+        assert "retired_keys" in str(full[before][0])  # later steps may follow it
         k, j = new_key(), new_key()
         monkeypatch.setattr(mod, "MIGRATIONS", full[:before])  # the schema before
         with open_store(url) as old:
