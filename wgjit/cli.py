@@ -207,7 +207,8 @@ def cmd_peer_add(args: argparse.Namespace) -> int:
     _apply_defaults(args)
     plan = _config_plan(args, have_private=private is not None)
     psk = PresharedKey.generate() if args.preshared_key else None
-    with _store(args, create=True) as store:
+    # a store without a pool cannot allocate: `auto` never creates one (it would stay empty)
+    with _store(args, create=not auto) as store:
 
         def add(nets: tuple[Any, ...]) -> Peer:
             return store.add_peer(

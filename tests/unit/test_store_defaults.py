@@ -254,3 +254,10 @@ def test_a_store_made_before_defaults_upgrades(
             assert new.get_defaults() == {} and new.get_peer("alice") is not None
             new.set_defaults({"pool": "10.8.0.0/24"})
             assert pool_add(new, "bob") == ("10.8.0.3/32",)
+
+
+def test_cli_auto_never_creates_a_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "typo.db"
+    rc, out, err = run(capsys, "--store", str(missing), "peer", "add", "p", "--allowed-ips", "auto")
+    assert (rc, out) == (1, "") and err.count("\n") == 1
+    assert "does not exist; create it with `wgjit store init" in err and not missing.exists()
