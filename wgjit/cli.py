@@ -412,16 +412,27 @@ def cmd_peer_enable(args: argparse.Namespace) -> int:
 
 def cmd_peer_set(args: argparse.Namespace) -> int:
     changes: dict[str, Any] = {}
-    if args.allowed_ips is not None:
+    auto = args.allowed_ips is not None and args.allowed_ips.strip().lower() == "auto"
+    if auto and args.allow_overlap:
+        raise CLIError("--allowed-ips auto takes a free address: drop --allow-overlap")
+    if args.allowed_ips is not None and not auto:
         changes["allowed_ips"] = parse_networks(args.allowed_ips)
     if args.rename is not None:
         changes["new_name"] = args.rename
     if args.expires is not KEEP:
         changes["expires_at"] = args.expires
-    if not changes:
+    if not changes and not auto:
         raise CLIError("nothing to change; give --allowed-ips, --rename or --expires")
     with _store(args) as store:
-        p = store.update_peer(args.name, allow_overlap=args.allow_overlap, **changes)
+        if auto:
+            _get(store, args.name)  # an unknown peer is that error, not a pool's
+
+            def change(nets: tuple[Any, ...]) -> Peer:
+                return store.update_peer(args.name, allowed_ips=nets, **changes)
+
+            p = add_with_auto_address(store, change)
+        else:
+            p = store.update_peer(args.name, allow_overlap=args.allow_overlap, **changes)
     expiry = _iso(p.expires_at) or "never"
     print(
         f"peer {p.name}: allowed-ips {format_networks(p.allowed_ips)}, expires {expiry};"
@@ -930,7 +941,9 @@ def build_parser() -> _Parser:
         pp.set_defaults(func=func)
     st_ = psub.add_parser("set", parents=[after], help="change a peer's allowed IPs, name, expiry")
     st_.add_argument("name")
-    st_.add_argument("--allowed-ips", help="CIDR[,CIDR...]: replaces the peer's list")
+    st_.add_argument("--allowed-ips",
+                     help="CIDR[,CIDR...]: replaces the peer's list; `auto`: the pool's next"
+                          " free address")  # fmt: skip
     st_.add_argument("--rename", metavar="NEW", help="a new name")
     st_.add_argument("--expires", type=_when("--expires", never=True), default=KEEP,
                      metavar="WHEN", help="ISO 8601, 30d/12h/90m from now, or never")  # fmt: skip

@@ -261,3 +261,16 @@ def test_cli_auto_never_creates_a_store(tmp_path: Path, capsys: pytest.CaptureFi
     rc, out, err = run(capsys, "--store", str(missing), "peer", "add", "p", "--allowed-ips", "auto")
     assert (rc, out) == (1, "") and err.count("\n") == 1
     assert "does not exist; create it with `wgjit store init" in err and not missing.exists()
+
+
+def test_cli_set_auto_moves_a_peer_into_the_pool(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite://{tmp_path}/peers.db"
+    with open_store(url) as s:
+        s.add_peer("a", key(), parse_networks("10.9.9.9/32"))
+        s.set_defaults({"pool": "10.4.0.0/24"})
+    rc, out, err = run(capsys, "--store", url, "peer", "set", "a", "--allowed-ips", "auto")
+    assert rc == 0 and "allowed-ips 10.4.0.2/32" in out, err
+    rc, out, err = run(capsys, "--store", url, "peer", "set", "nobody", "--allowed-ips", "auto")
+    assert rc == 1 and err.startswith("wgjit: error: no peer named 'nobody'")
