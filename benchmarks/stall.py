@@ -45,7 +45,7 @@ from tests.e2e.bulk import bulk_peers, load_device, load_store
 from tests.pgserver import PostgresServer
 from wgjit.handshake import Timestamp, build_initiation
 from wgjit.keys import PrivateKey, PublicKey
-from wgjit.lab import GATEWAY_PORT, UNDERLAY_V4, Lab, lab_flavour, percentile
+from wgjit.lab import GATEWAY_PORT, UNDERLAY_V4, Lab, lab_flavour, percentile, time_factor
 
 PROBE_PEERS = 16
 PROBE_SOURCE_BASE = 100  # probe peer j sends from UNDERLAY_V4.(100 + j)
@@ -222,9 +222,12 @@ def run(n: int, store: str, rate: float, sweep_interval: float, cycles: int) -> 
         peak = {"VmRSS": 0}
         sampling = threading.Event()
         gw_start = time.monotonic()
+        # under emulation (WGJIT_LAB_TIME_FACTOR) every step is that much slower: so is the
+        # queue delay that means load (the probe does not answer cookie replies)
         g = lab.start_gateway(
-            url, "--mode", "hold", "--sweep-interval", f"{sweep_interval:g}"
-        )  # waits for `ready` (60 s at most)
+            url, "--mode", "hold", "--sweep-interval", f"{sweep_interval:g}",
+            "--load-delay", f"{0.25 * time_factor():g}",
+        )  # fmt: skip  # waits for `ready` (60 s at most)
         pid = g.proc.pid  # `ip netns exec` execs the gateway: same pid
 
         def sample() -> None:

@@ -741,6 +741,7 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
         max_clock_skew=_clock_skew(args.max_clock_skew),
         adopt_empty_store=args.adopt_empty_store,
         testing_always_under_load=args.testing_always_under_load,
+        load_delay=args.load_delay,
     )
     try:
         config.validate()
@@ -1038,6 +1039,11 @@ def build_parser() -> _Parser:
                     default=DEFAULT_SWEEP_INTERVAL,
                     help=f"seconds between idle sweeps (default {DEFAULT_SWEEP_INTERVAL:g})",
                     )  # fmt: skip
+    gw.add_argument("--load-delay", type=_seconds("--load-delay"), default=0.25,
+                    metavar="SECONDS",
+                    help="a knock that waited longer than this in the kernel's queue puts the "
+                         "gateway under load for a second: cookie replies and per-source "
+                         "limits (default 0.25)")  # fmt: skip
     gw.add_argument("--max-clock-skew", type=float, default=DEFAULT_MAX_CLOCK_SKEW,
                     metavar="SECONDS",
                     help="refuse initiations timestamped further ahead of this host's clock "

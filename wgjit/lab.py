@@ -275,7 +275,7 @@ class GatewayProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout)
+                self.proc.wait(timeout * time_factor())
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
