@@ -195,6 +195,15 @@ class Installed:
     expires_at: float | None = None  # unix time; evicted then (reason expired)
 
 
+def _rechecks(keys: list[PublicKey]) -> list[Effect]:
+    """Look-ups of installed peers, RECONCILE_CHUNK at a time: a pause or a feed reset with
+    100 000 installed must not hold 100 000 Peer objects at once."""
+    return [
+        Lookup(tuple(keys[i : i + RECONCILE_CHUNK]), Purpose.RECHECK)
+        for i in range(0, len(keys), RECONCILE_CHUNK)
+    ]
+
+
 def _source_key(source: Endpoint) -> object:
     """What per-source limits count by: an IPv4 address, or an IPv6 /64 (one host's share;
     anyone can have a /64 of addresses, as in the kernel's ratelimiter)."""
@@ -737,7 +746,7 @@ class Policy:
             self._negative.clear()
             out.append(ReadChanges(None))
             if self.installed:
-                out.append(Lookup(tuple(self.installed), Purpose.RECHECK))
+                out.extend(_rechecks(list(self.installed)))
             return
         if error is not None:
             self._error("poll_changes_failed", error)
@@ -752,7 +761,7 @@ class Policy:
             if key in self.installed:
                 recheck.append(key)
         if recheck:
-            out.append(Lookup(tuple(recheck), Purpose.RECHECK))
+            out.extend(_rechecks(recheck))
 
     def _recheck(self, keys: Sequence[PublicKey], peers: dict[PublicKey, Peer],
                  out: list[Effect]) -> None:  # fmt: skip
@@ -1046,7 +1055,7 @@ class Policy:
         self._last_beat = now
         if paused and self.installed:
             self.log.info("reassert_claims", installed=len(self.installed))
-            out.append(Lookup(tuple(self.installed), Purpose.RECHECK))
+            out.extend(_rechecks(list(self.installed)))
 
     def _reject(
         self,
