@@ -1,7 +1,7 @@
 """One gateway per interface: an advisory lock file that holds the running gateway's PID.
 
-`acquire(ifname)` takes an exclusive flock on `/run/wgjit/IFNAME.lock` (interfaces in other
-network namespaces get their own file: their names are their own) and writes the PID into it;
+`acquire(ifname)` takes an exclusive flock on `/run/wgjit/IFNAME@netns-INODE.lock` (one file
+per interface per network namespace: names are a namespace's own) and writes the PID into it;
 the kernel drops the lock when the process exits, crashed or not, so a stale file never blocks
 a restart. It touches no device and no firewall rule: the gateway takes it before either.
 """
@@ -35,19 +35,14 @@ def lock_path(ifname: str, lock_dir: Path = LOCK_DIR) -> Path:
 
 
 def _netns_suffix() -> str:
-    """'' in the host's network namespace, else `@netns-INODE` (an interface name is unique
-    only within its namespace, and /run is shared by `ip netns exec`)."""
+    """`@netns-INODE` of this process's network namespace: an interface name is unique only
+    within its namespace, and /run is shared by `ip netns exec`. Always the suffix, never a
+    special case for the host's namespace: telling that apart needs /proc/1/ns/net, which only
+    root can read, and a root and a non-root gateway on one interface must take one lock."""
     try:
-        ours = os.stat("/proc/self/ns/net")
+        return f"@netns-{os.stat('/proc/self/ns/net').st_ino}"
     except OSError:
         return ""
-    try:
-        init = os.stat("/proc/1/ns/net")
-    except OSError:
-        init = None
-    if init is not None and (init.st_dev, init.st_ino) == (ours.st_dev, ours.st_ino):
-        return ""
-    return f"@netns-{ours.st_ino}"
 
 
 class InterfaceLock:
