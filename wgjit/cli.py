@@ -781,6 +781,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         )
         if not args.adopt_empty_store:
             _refuse_empty_store(store, device, args.store)
+        more_stats = None
         if args.on_install or args.on_evict:
             from wgjit.gateway.hooks import HookRunner
 
@@ -795,6 +796,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
             )
             log.subscribe(hooks)  # it only enqueues: never delays the packet path
             stack.callback(hooks.close, min(args.hook_timeout, 5.0))
+            more_stats = hooks.stats
         return serve(
             device,
             store,
@@ -805,6 +807,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
             queue_num=args.queue_num,
             sweep_device=sweep_device,
             metrics_listen=metrics_listen,
+            more_stats=more_stats,
         )
     raise AssertionError("unreachable")
 

@@ -150,6 +150,12 @@ class _Snapshot(Collector):
         ):  # fmt: skip
             held.add_metric([label], float(s.get(key, 0)))
         yield held
+        hooks = CounterMetricFamily(
+            "wgjit_hooks", "Install/evict hook runs, by result", labels=["result"]
+        )
+        for result in ("run", "failed", "timed_out", "dropped"):
+            hooks.add_metric([result], float(s.get(f"hooks_{result}", 0)))
+        yield hooks
         for name, key, doc in (
             ("wgjit_peers_installed", "installed_now", "Peers on the device now"),
             ("wgjit_knocks_pending", "pending", "Knocks waiting for the store or the device"),

@@ -19,6 +19,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable, Mapping
 from types import FrameType
 
 from wgjit.cookie import CookieChecker
@@ -72,12 +73,14 @@ def serve(
     store_threads: int = 2,
     sweep_device: Device | None = None,
     metrics_listen: tuple[str, int] | None = None,
+    more_stats: Callable[[], Mapping[str, int]] | None = None,
 ) -> int:
     """Run the gateway until SIGTERM/SIGINT/SIGHUP. `mode`: auto, hold, replay, invert (or
     none, for tests); `queue_num` (hold): the NFQUEUE number, default the listen port.
     `sweep_device`: a second handle on the same device for sweeps (read on their own thread
     while installs go on); without one, sweeps queue with the installs. `metrics_listen`:
-    (host, port) to serve /metrics and /healthz on (503 until ready)."""
+    (host, port) to serve /metrics and /healthz on (503 until ready). `more_stats`: counters
+    of other parts (hooks) for the stats line and /metrics."""
     if mode != "auto":
         config = dataclasses.replace(config, completion=mode)
     for w in config.validate():
@@ -129,6 +132,7 @@ def serve(
         stack.callback(reactor.close)
         workers = Workers(reactor, {STORE: store_threads, DEVICE: 1, SWEEP: 1})
         loop = _Loop(policy, store, device, sweep_device, reactor, workers, log, metrics)
+        loop.more_stats = more_stats
         try:
             loop.mode = open_mode(
                 stack,
@@ -185,6 +189,7 @@ class _Loop:
     ) -> None:
         self.policy = policy
         self.metrics = metrics
+        self.more_stats: Callable[[], Mapping[str, int]] | None = None
         self.store = store
         self.device = device
         self.sweep_device = sweep_device
@@ -364,4 +369,6 @@ class _Loop:
             "log_dropped": self.log.dropped,
         }
         out.update(self.mode.stats())
+        if self.more_stats is not None:
+            out.update(self.more_stats())
         return {**out, **dict(sorted(p.counters.items()))}
