@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from wgjit.addr import parse_networks
+from wgjit.gateway.lock import LOCK_DIR
 from wgjit.keys import PrivateKey, PublicKey
 from wgjit.store import open_store
 
@@ -447,6 +448,9 @@ class Lab:
         self.namespaces.clear()
         for sock in UAPI_DIR.glob(f"wj{self.tag}*.sock"):
             sock.unlink(missing_ok=True)
+        # the interface locks of the gateways it ran (their processes are gone by now)
+        for lock in LOCK_DIR.glob(f"wj{self.tag}*.lock"):
+            lock.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
