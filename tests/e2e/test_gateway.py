@@ -260,6 +260,27 @@ def test_malformed_packets_do_not_disturb(
     assert int(stats.get("bad_mac1", "0")) + int(stats.get("duplicate", "0")) >= 57, stats
 
 
+def test_cookie_round_with_a_stock_client(lab: Lab, store_url: str) -> None:
+    """Under load the gateway answers an initiation without mac2 with a cookie reply and does
+    no Diffie-Hellman; the stock client (wireguard-go here, kernel WireGuard in the qemu
+    guest) puts the cookie into mac2 of its retry ~5 s later and is admitted."""
+    gw = gw_host(lab)
+    alice = lab.clients[0]
+    add(store_url, "alice", alice)
+    g = lab.start_gateway(store_url, "--mode", "hold", "--testing-always-under-load")
+    try:
+        rtt = alice.ping(gw.tunnel_ip, timeout=20)
+        assert rtt is not None, "no reply: the client did not complete the cookie round"
+        # the first initiation got a cookie, the retry (with mac2) installed the peer
+        assert rtt > 4000, f"answered after {rtt} ms: no cookie round happened"
+        g.wait_event("install", peer="alice")
+        g.proc.send_signal(signal.SIGUSR1)
+        stats = g.wait_event("stats")
+        assert int(stats.get("cookie", "0")) >= 1 and stats.get("installed") == "1", stats
+    finally:
+        assert g.stop() == 0, "gateway did not stop cleanly:\n" + "\n".join(g.lines[-20:])
+
+
 # -- completion modes ------------------------------------------------------------------------
 
 

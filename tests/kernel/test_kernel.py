@@ -179,7 +179,7 @@ def test_netlink_device_on_kernel_wireguard(guest: GuestRun) -> None:
 
 
 def test_gateway_e2e_on_kernel_wireguard(guest: GuestRun) -> None:
-    check_group(guest, "tests.e2e.test_gateway", 9)
+    check_group(guest, "tests.e2e.test_gateway", 10)
 
 
 def test_gateway_survives_interface_vanishing(guest: GuestRun) -> None:
