@@ -167,6 +167,11 @@ class Host:
         self.key = key
         self.wg("set", self.ifname, "private-key", "/dev/stdin", input=key.b64())
 
+    def remove_all_peers(self) -> None:
+        """Empty this host's WireGuard device of peers."""
+        for key in self.peers():
+            self.wg("set", self.ifname, "peer", key, "remove")
+
     def peers(self) -> dict[str, dict[str, str]]:
         """`wg show IF dump` as {public_key_b64: {endpoint, latest_handshake, keepalive, ...}}."""
         out: dict[str, dict[str, str]] = {}
@@ -429,6 +434,17 @@ class Lab:
         # a deadline, not a wait: under qemu TCG (tests/kernel) a start takes 15-25 s
         g.wait_event("ready", timeout=60)
         return g
+
+    def reset(self) -> Host:
+        """What a test starts from: every gateway's device without peers, every client
+        reconnected to the first gateway with no session. Returns the first gateway."""
+        if self.gateway is None:
+            raise LabError("add_gateway() first")
+        for gw in self.gateways:
+            gw.remove_all_peers()
+        for c in self.clients:
+            c.connect_to(self.gateway)
+        return self.gateway
 
     # -- tearing down -----------------------------------------------------------------------
 

@@ -36,11 +36,7 @@ def lab() -> Iterator[Lab]:
 
 @pytest.fixture
 def store_url(pg: PostgresServer, lab: Lab) -> Iterator[str]:
-    for gw in lab.gateways:  # every test starts with empty devices
-        for key in gw.peers():
-            gw.wg("set", gw.ifname, "peer", key, "remove")
-    for c in lab.clients:
-        c.connect_to(lab.gateways[0])
+    lab.reset()  # every test starts with empty devices
     url = pg.create_database()
     yield url
     if pg.started:

@@ -34,12 +34,7 @@ def lab() -> Iterator[Lab]:
 
 @pytest.fixture
 def store_url(tmp_path: Path, lab: Lab) -> Iterator[str]:
-    gw = lab.gateway
-    assert gw is not None
-    for key in gw.peers():  # every test starts with an empty device
-        gw.wg("set", gw.ifname, "peer", key, "remove")
-    for c in lab.clients:
-        c.connect_to(gw)
+    lab.reset()  # every test starts with an empty device
     yield f"sqlite:///{tmp_path / 'peers.db'}"
 
 

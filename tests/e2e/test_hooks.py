@@ -49,13 +49,8 @@ def lab() -> Iterator[Lab]:
 @pytest.fixture
 def gw(lab: Lab) -> Host:
     """The gateway's device with no peers and no hook routes; clients with no session."""
-    g = lab.gateway
-    assert g is not None
-    for key in g.peers():
-        g.wg("set", g.ifname, "peer", key, "remove")
+    g = lab.reset()
     g.run("ip", "route", "flush", "proto", "250")
-    for c in lab.clients:
-        c.connect_to(g)
     return g
 
 

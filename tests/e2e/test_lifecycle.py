@@ -32,13 +32,7 @@ def lab() -> Iterator[Lab]:
 
 @pytest.fixture
 def gw(lab: Lab) -> Host:
-    g = lab.gateway
-    assert g is not None
-    for key in g.peers():  # every test starts with an empty device
-        g.wg("set", g.ifname, "peer", key, "remove")
-    for c in lab.clients:
-        c.connect_to(g)
-    return g
+    return lab.reset()  # every test starts with an empty device
 
 
 @pytest.fixture

@@ -42,11 +42,7 @@ def gw_host(lab: Lab) -> Host:
 
 @pytest.fixture
 def store_url(tmp_path: Path, lab: Lab) -> str:
-    gw = gw_host(lab)
-    for key in gw.peers():  # every test starts with an empty device
-        gw.wg("set", gw.ifname, "peer", key, "remove")
-    for c in lab.clients:
-        c.connect_to(gw)
+    lab.reset()  # every test starts with an empty device
     return f"sqlite:///{tmp_path / 'peers.db'}"
 
 

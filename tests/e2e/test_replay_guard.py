@@ -76,8 +76,7 @@ def lab() -> Iterator[Lab]:
 @pytest.fixture
 def store_url(pg: PostgresServer, lab: Lab) -> Iterator[str]:
     for gw in lab.gateways:  # every test starts with empty devices
-        for key in gw.peers():
-            gw.wg("set", gw.ifname, "peer", key, "remove")
+        gw.remove_all_peers()
     url = pg.create_database()
     yield url
     if not pg.started:

@@ -74,11 +74,7 @@ def lab() -> Iterator[Lab]:
 
 @pytest.fixture
 def store_url(pg: PostgresServer, lab: Lab) -> Iterator[str]:
-    gw = gw_host(lab)
-    for key in gw.peers():  # every test starts with an empty device
-        gw.wg("set", gw.ifname, "peer", key, "remove")
-    for c in lab.clients:
-        c.connect_to(gw)
+    lab.reset()  # every test starts with an empty device
     url = pg.create_database()
     yield url
     if pg.started:
