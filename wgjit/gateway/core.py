@@ -949,7 +949,7 @@ class Policy:
     def _verdict(self, out: list[Effect], ticket: object, outcome: Outcome, knock: Knock,
                  key: PublicKey | None = None) -> None:  # fmt: skip
         self.counters[outcome] += 1
-        if outcome in _QUIET:
+        if outcome in _QUIET and self.log.debug_enabled:  # every rekey passes here
             self.log.debug("knock", outcome=outcome.value, source=str(knock.source))
         out.append(Verdict(ticket, outcome, knock, key))
 
