@@ -100,6 +100,10 @@ class Reinjector:
             raise ReplayError(errno.EPERM, "re-injecting needs root or CAP_NET_RAW") from None
         except OSError as e:
             raise ReplayError(e.errno or errno.EIO, f"cannot open a raw socket: {e}") from None
+        # sent from the packet loop: a full send buffer (a flood of cookie replies) must cost
+        # the datagram (counted in `errors`), never a wait
+        self._v4.setblocking(False)
+        self._v6.setblocking(False)
 
     def send(self, knock: Knock) -> None:
         """Deliver `knock`'s datagram again to its destination, from its source."""
