@@ -4,6 +4,7 @@ on both backends' sans-IO parsers; they agree with the full parsers (read())."""
 from __future__ import annotations
 
 import contextlib
+import struct
 
 import pytest
 from hypothesis import given, settings
@@ -50,6 +51,7 @@ def test_netlink_stats_merge_messages_and_continuations() -> None:
     assert p.result() == {
         a: (1700000000.5, 92, 148, ep), b: (0.0, 92, 148, ep), c: (1700000001.0, 92, 148, ep)
     }  # fmt: skip
+    assert p.laid_out == 3  # each peer's first part read with one unpack
 
 
 def test_netlink_stats_of_a_continuation_seen_first() -> None:
@@ -149,3 +151,32 @@ def test_uapi_stats_name_a_bad_value() -> None:
     r = StatsReader("wg3")
     with pytest.raises(DeviceError, match=r"^wg3: stats: cannot parse rx_bytes='x1'"):
         r.feed(f"public_key={key().hex()}\nrx_bytes=x1\n".encode())
+
+
+def test_netlink_stats_in_another_layout_are_read_attribute_by_attribute() -> None:
+    """The one-unpack path is for the kernel's layout; any other order (a future kernel, no
+    preshared key attribute) is read attribute by attribute, with the same result."""
+    from wgjit.device.netlink import (
+        WGPEER_A_ALLOWEDIPS,
+        WGPEER_A_ENDPOINT,
+        WGPEER_A_LAST_HANDSHAKE_TIME,
+        WGPEER_A_PUBLIC_KEY,
+        WGPEER_A_TX_BYTES,
+    )
+
+    a = key()
+    peer = _nest(0, [
+        _attr(WGPEER_A_PUBLIC_KEY, a.raw),
+        _attr(WGPEER_A_ENDPOINT, encode_endpoint(Endpoint.parse("[2001:db8::7]:9"))),
+        _attr(WGPEER_A_RX_BYTES, struct.pack("=Q", 5)),
+        _attr(WGPEER_A_LAST_HANDSHAKE_TIME, struct.pack("=qq", 100, 5 * 10**8)),
+        _attr(WGPEER_A_TX_BYTES, struct.pack("=Q", 6)),
+        _nest(WGPEER_A_ALLOWEDIPS, []),
+        _attr(99, bytes(200)),  # (long enough for the kernel layout's unpack to be tried)
+    ])  # fmt: skip
+    p = StatsParser("wg0")
+    p.feed(_nest(WGDEVICE_A_PEERS, [peer]))
+    assert p.result() == {a: (100.5, 5, 6, "[2001:db8::7]:9")} and p.laid_out == 0
+    b = key()
+    p.feed(_nest(WGDEVICE_A_PEERS, [kernel_peer(b, 7, 0, ["10.0.0.0/8"])]))
+    assert p.result()[b] == (7.0, 92, 148, "198.18.0.2:7") and p.laid_out == 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno as errno_mod
 import ipaddress
 import itertools
+import operator
 import os
 import socket
 import struct
@@ -97,6 +98,16 @@ _U64 = struct.Struct("=Q")
 _TIMESPEC = struct.Struct("=qq")
 _FAMILY = struct.Struct("=H")
 _PORT = struct.Struct("!H")
+_V4_TAIL = struct.Struct("!H4B")  # a sockaddr_in after its family: port, address bytes
+# A peer's first attributes as the kernel's get_peer() puts them (wireguard/netlink.c): key,
+# preshared key, handshake time, keepalive, tx, rx, protocol version; then the endpoint (if
+# any) and the allowed IPs. StatsParser reads them with one unpack when the headers match
+# (_KERNEL_HEADERS), and attribute by attribute otherwise.
+_KERNEL_LAYOUT = struct.Struct("=HH32sHH32xHHqqHHH2xHHQHHQHHI")
+_KERNEL_HEADER_AT = operator.itemgetter(0, 1, 3, 4, 5, 6, 9, 10, 12, 13, 15, 16, 18, 19)
+_KERNEL_HEADERS = (
+    36, 1, 36, 2, 20, 6, 6, 5, 12, 8, 12, 7, 8, 10
+)  # fmt: skip
 
 
 # -- errors -----------------------------------------------------------------------------------
@@ -441,17 +452,20 @@ class HandshakeParser:
         return self.handshakes
 
 
-def endpoint_text(raw: bytes | memoryview) -> str | None:
-    """A WGPEER_A_ENDPOINT sockaddr as "host:port" or "[v6]:port" (as wireguard-go's UAPI
-    prints it), without making address objects; None for one that is not IPv4 or IPv6."""
-    if len(raw) < 4:
+def endpoint_text(raw: bytes | memoryview, off: int = 0, end: int | None = None) -> str | None:
+    """The WGPEER_A_ENDPOINT sockaddr in raw[off:end] as "host:port" or "[v6]:port" (as
+    wireguard-go's UAPI prints it), without making address objects; None for one that is
+    not IPv4 or IPv6."""
+    size = (len(raw) if end is None else end) - off
+    if size < 4:
         return None
-    (family,) = _FAMILY.unpack_from(raw)
-    (port,) = _PORT.unpack_from(raw, 2)
-    if family == socket.AF_INET and len(raw) >= 8:
-        return f"{socket.inet_ntop(socket.AF_INET, bytes(raw[4:8]))}:{port}"
-    if family == socket.AF_INET6 and len(raw) >= 24:
-        return f"[{socket.inet_ntop(socket.AF_INET6, bytes(raw[8:24]))}]:{port}"
+    (family,) = _FAMILY.unpack_from(raw, off)
+    if family == socket.AF_INET and size >= 8:
+        port, a, b, c, d = _V4_TAIL.unpack_from(raw, off + 2)
+        return f"{a}.{b}.{c}.{d}:{port}"
+    if family == socket.AF_INET6 and size >= 24:
+        (port,) = _PORT.unpack_from(raw, off + 2)
+        return f"[{socket.inet_ntop(socket.AF_INET6, bytes(raw[off + 8 : off + 24]))}]:{port}"
     return None
 
 
@@ -464,6 +478,7 @@ class StatsParser:
     def __init__(self, ifname: str) -> None:
         self.ifname = ifname
         self.stats: dict[PublicKey, PeerStats] = {}
+        self.laid_out = 0  # peers read with one unpack (the kernel's layout)
 
     def feed(self, attrs: bytes | memoryview) -> None:
         """One message's attributes (after the generic netlink header)."""
@@ -479,15 +494,22 @@ class StatsParser:
     def _feed_peers(self, buf: bytes | memoryview, off: int, end: int) -> None:
         unpack = _NLA.unpack_from
         stats = self.stats
+        laid_out = 0
         while off + 4 <= end:
             length, _ = unpack(buf, off)
             if length < 4 or off + length > end:
-                return
+                break
             raw: bytes | None = None
             when: float | None = None
             rx = tx = -1
             ep: str | None = None
             p, peer_end = off + 4, off + length
+            if p + _KERNEL_LAYOUT.size <= peer_end:
+                f = _KERNEL_LAYOUT.unpack_from(buf, p)
+                if _KERNEL_HEADER_AT(f) == _KERNEL_HEADERS:  # the kernel's layout: one unpack
+                    raw, when, tx, rx = f[2], f[7] + f[8] / 1e9, f[14], f[17]
+                    p += _KERNEL_LAYOUT.size
+                    laid_out += 1
             while p + 4 <= peer_end:
                 alen, akind = unpack(buf, p)
                 if alen < 4 or p + alen > peer_end:
@@ -503,7 +525,7 @@ class StatsParser:
                 elif akind == WGPEER_A_TX_BYTES and alen >= 4 + _U64.size:
                     (tx,) = _U64.unpack_from(buf, p + 4)
                 elif akind == WGPEER_A_ENDPOINT:
-                    ep = endpoint_text(buf[p + 4 : p + alen])
+                    ep = endpoint_text(buf, p + 4, p + alen)
                 elif akind == WGPEER_A_ALLOWEDIPS and raw is not None:
                     break  # the last attribute the kernel sends: not needed
                 p += (alen + 3) & ~3
@@ -515,6 +537,7 @@ class StatsParser:
             elif key not in stats:
                 stats[key] = (0.0, 0, 0, None)
             off += (length + 3) & ~3
+        self.laid_out += laid_out
 
     def result(self) -> dict[PublicKey, PeerStats]:
         return self.stats
