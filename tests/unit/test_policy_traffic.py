@@ -232,3 +232,39 @@ def test_a_snapshot_older_than_the_install_is_not_counted(rig: Rig) -> None:
     while policy.sweeping:
         rig.g.tick()
     assert rig.store.batches == [] and rig.totals("alice").rx_bytes == 0
+
+
+def test_the_sweep_asks_for_one_store_write_and_does_not_do_it(tmp_path: Path) -> None:
+    """Sans-IO: the sweep's accounting is one RecordTraffic effect for a store worker (the
+    loop runs it like any other store call); the policy itself writes nothing."""
+    from tests.unit.test_policy_events import Loop
+    from wgjit.gateway.effects import (
+        STORE,
+        Admit,
+        Install,
+        Lookup,
+        ReadHandshakes,
+        RecordTraffic,
+    )
+
+    loop = Loop(tmp_path)
+    clients = [loop.peer(n) for n in ("alice", "bob", "caroline")]
+    for i, c in enumerate(clients):
+        loop.knock(knock(initiation(c, loop.gw_key, 1e9 + i), loop.clock.t))
+        loop.answer(Lookup)
+        loop.answer(Admit)
+        loop.answer(Install)
+    loop.clock.t += 16
+    for c in clients[:2]:
+        k = c.public_key()
+        loop.dev.peers[k] = replace(loop.dev.peers[k], rx_bytes=50, last_handshake=loop.clock.t)
+    loop.tick()
+    loop.answer(ReadHandshakes)
+    while loop.policy.sweeping:
+        loop.tick()
+    writes = [e for e in loop.pending if isinstance(e, RecordTraffic)]
+    assert len(writes) == 1 and writes[0].where == STORE
+    assert {t.public_key for t in writes[0].rows} == {c.public_key() for c in clients[:2]}
+    assert loop.store.get_peer("alice").rx_bytes == 0  # type: ignore[union-attr]
+    loop.answer(RecordTraffic)
+    assert loop.store.get_peer("alice").rx_bytes == 50  # type: ignore[union-attr]
