@@ -6,7 +6,9 @@ Loads through `Store.import_peers` (the path `wgjit peer import` takes: executem
 COPY + one INSERT ... ON CONFLICT per batch on PostgreSQL) and reports the load rate; then
 lookup() latency percentiles for random known keys (and unknown ones), advance_handshake(),
 with --many M a gateway's reconcile of M device peers (lookup_many and claim_many against M
-lookup() and claim() calls), and, for PostgreSQL, change-feed propagation: revoke() on one
+lookup() and claim() calls), with --traffic T a sweep's traffic write of T active peers
+(record_traffic, twice) and what `wgjit status` reads (gateways(), count_peers(), the ten
+busiest), and, for PostgreSQL, change-feed propagation: revoke() on one
 connection until another, waiting on its wake-up fd, reads the key from changes_since().
 PostgreSQL runs on a throwaway local server (tests/pgserver.py) over its unix socket. Prints one
 table; writes nothing else.
@@ -31,7 +33,7 @@ from tests.pgserver import PostgresServer
 from wgjit.addr import IPNetwork, parse_network
 from wgjit.keys import PublicKey
 from wgjit.lab import percentile
-from wgjit.store import Handshake, Peer, Store, open_store
+from wgjit.store import Handshake, Peer, Store, Traffic, open_store
 
 BATCH = 10000
 
@@ -110,7 +112,38 @@ def reconcile(store: Store, keys: list[PublicKey], label: str) -> list[str]:
     ]
 
 
-def bench(url: str, n: int, lookups: int, label: str, many: int = 0) -> list[str]:
+def traffic(store: Store, n: int, active: int, label: str) -> list[str]:
+    """A sweep's write of `active` peers' traffic (twice: the second adds to totals that
+    exist), then the reads of `wgjit status`."""
+    rnd = random.Random(2)
+    picked = rnd.sample(range(n), active)
+    now = time.time()
+    rows = [Traffic(key_of(i), rnd.randrange(1, 10**9), rnd.randrange(1, 10**9), now,
+                    f"198.18.{i >> 8 & 255}.{i & 255}:{1024 + i % 60000}")
+            for i in picked]  # fmt: skip
+    out = [f"| {label}: status call | ms |", "|---|---|"]
+    for what in ("record_traffic, new totals", "record_traffic, adding to totals"):
+        t0 = time.perf_counter()
+        store.record_traffic(rows)
+        out.append(f"| {what} ({active:,} peers) | {(time.perf_counter() - t0) * 1e3:,.0f} |")
+    store.heartbeat("gw-bench", installed=active, rejects={"unknown": 3})
+    for what, fn in (
+        ("gateways()", store.gateways),
+        (f"count_peers() of {n:,}", store.count_peers),
+        (f"busiest_peers(10) of {n:,} ({active:,} with traffic)", lambda: store.busiest_peers(10)),
+    ):
+        fn()  # warm
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        out.append(f"| {what} | {sorted(times)[1] * 1e3:,.0f} |")
+    return out
+
+
+def bench(url: str, n: int, lookups: int, label: str, many: int = 0,
+          active: int = 0) -> list[str]:  # fmt: skip
     rows = []
     with open_store(url) as store:
         secs = load(store, n, label)
@@ -142,6 +175,9 @@ def bench(url: str, n: int, lookups: int, label: str, many: int = 0) -> list[str
         if many:
             rows += reconcile(store, [key_of(i) for i in rnd.sample(range(n), many)], label)
             print("\n".join(rows[-9:]), flush=True)
+        if active:
+            rows += ["", *traffic(store, n, active, label)]
+            print("\n".join(rows[-7:]), flush=True)
         fd = store.wakeup_fd()
         if fd is not None:
             with open_store(url) as admin:
@@ -167,6 +203,8 @@ def main() -> int:
     ap.add_argument("--lookups", type=int, default=100_000)
     ap.add_argument("--backend", choices=("sqlite", "postgresql", "both"), default="both")
     ap.add_argument("--many", type=int, default=0, help="also time a reconcile of this many")
+    ap.add_argument("--traffic", type=int, default=0,
+                    help="also time a sweep's traffic write of this many peers, and status")
     args = ap.parse_args()
     # a stopped benchmark still stops its PostgreSQL server and deletes its files
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -175,14 +213,15 @@ def main() -> int:
     if args.backend in ("sqlite", "both"):
         with tempfile.TemporaryDirectory(prefix="wgjit-bench-") as d:
             out += bench(
-                f"sqlite://{Path(d) / 'peers.db'}", peers, args.lookups, "SQLite", args.many
+                f"sqlite://{Path(d) / 'peers.db'}", peers, args.lookups, "SQLite", args.many,
+                args.traffic,
             )
             size = (Path(d) / "peers.db").stat().st_size
             out.append(f"SQLite file: {size / 2**20:,.0f} MiB")
     if args.backend in ("postgresql", "both"):
         with PostgresServer({"shared_buffers": "'2GB'", "max_wal_size": "'8GB'"}) as srv:
             url = srv.create_database("bench")
-            out += ["", *bench(url, peers, args.lookups, "PostgreSQL", args.many)]
+            out += ["", *bench(url, peers, args.lookups, "PostgreSQL", args.many, args.traffic)]
     print("\n".join(out))
     return 0
 
