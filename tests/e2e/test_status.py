@@ -110,3 +110,25 @@ def test_traffic_totals_survive_eviction_and_reinstall(lab: Lab, store: str) -> 
         assert "alice" in table and "GATEWAY" in table
     finally:
         assert g.stop() == 0, "\n".join(g.lines[-20:])
+
+
+def test_a_revoked_peer_has_its_last_bytes_counted(lab: Lab, store: str) -> None:
+    """No sweep runs in this test (the first comes 15 s after start): the totals come from
+    the device read the gateway makes just before it removes the revoked peer."""
+    gw = lab.reset()
+    alice = lab.clients[0]
+    wgjit(store, "store", "init")
+    wgjit(store, "peer", "add", "alice", "--allowed-ips", f"{alice.tunnel_ip}/32",
+          "--public-key", alice.public_key.b64())  # fmt: skip
+    g = lab.start_gateway(store)
+    try:
+        rx, tx = session(alice, gw)
+        wgjit(store, "peer", "revoke", "alice")
+        g.wait_event("evict", timeout=5, peer="alice", reason="revoked")
+        p = wait_for("the last bytes in the store",
+                     lambda: (p := stored(store, "alice")).rx_bytes >= rx and p, timeout=5,
+                     interval=0.1)  # fmt: skip
+        assert p.tx_bytes >= tx and p.endpoint is not None
+        assert not g.events("sweep_failed")
+    finally:
+        assert g.stop() == 0, "\n".join(g.lines[-20:])
