@@ -290,9 +290,6 @@ MIGRATIONS: list[tuple[str, ...]] = [
         " ADD COLUMN tx_bytes bigint NOT NULL DEFAULT 0,"
         " ADD COLUMN last_handshake double precision, ADD COLUMN endpoint text",
         "ALTER TABLE gateways ADD COLUMN installed bigint, ADD COLUMN rejects text",
-        # room on each page for a row's next version: a traffic update (no indexed column
-        # changes) then stays on its page and adds no index entries (a HOT update)
-        "ALTER TABLE peers SET (fillfactor = 85)",
     ),
 ]
 _OVERLAP_SQL: Final = (
