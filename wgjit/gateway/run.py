@@ -25,6 +25,7 @@ from types import FrameType
 from wgjit.cookie import CookieChecker
 from wgjit.device import Device
 from wgjit.events import EventLog
+from wgjit.gateway import memory
 from wgjit.gateway.core import GatewayConfig, Policy
 from wgjit.gateway.effects import (
     DEVICE,
@@ -81,6 +82,7 @@ def serve(
     while installs go on); without one, sweeps queue with the installs. `metrics_listen`:
     (host, port) to serve /metrics and /healthz on (503 until ready). `more_stats`: counters
     of other parts (hooks) for the stats line and /metrics."""
+    memory.tune()
     if mode != "auto":
         config = dataclasses.replace(config, completion=mode)
     for w in config.validate():
@@ -125,6 +127,7 @@ def serve(
         reconcile_ms = round((time.monotonic() - started) * 1000)
         gc.collect()
         gc.freeze()
+        memory.trim()
 
         stack.callback(sys.setswitchinterval, sys.getswitchinterval())
         sys.setswitchinterval(SWITCH_INTERVAL)
@@ -348,6 +351,7 @@ class _Loop:
     def _freeze_gc(self) -> None:
         gc.collect()
         gc.freeze()
+        memory.trim()  # what a sweep's snapshot or a batch of look-ups left in malloc's heaps
         self.reactor.call_at(time.monotonic() + GC_FREEZE_INTERVAL, self._freeze_gc)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
