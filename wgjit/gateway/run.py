@@ -31,10 +31,12 @@ from wgjit.gateway.effects import (
     DEVICE,
     STORE,
     SWEEP,
+    Admit,
     Effect,
     Install,
     ReadChanges,
     Verdict,
+    admit_all,
     install_all,
     perform,
     run_inline,
@@ -202,6 +204,7 @@ class _Loop:
         self.mode: Mode = None  # type: ignore[assignment]  # set by serve() before run()
         self._store_fd: int | None = None
         self._installs: list[Install] = []
+        self._admits: list[Admit] = []
         self._stop_reason = ""
         self._dump = False
 
@@ -221,6 +224,12 @@ class _Loop:
             if not self._installs:
                 self.reactor.call_at(0.0, self._flush_installs)
             self._installs.append(effect)
+            return
+        if isinstance(effect, Admit):
+            # and admissions to the store, in one transaction
+            if not self._admits:
+                self.reactor.call_at(0.0, self._flush_admits)
+            self._admits.append(effect)
             return
         where, device = effect.where, self.device
         if where == SWEEP:
@@ -247,6 +256,30 @@ class _Loop:
             self.apply(self.policy.on_done(effect, result, error, time.monotonic()))
 
         self.workers.submit(where, call, done)
+
+    def _flush_admits(self) -> None:
+        batch, self._admits = self._admits, []
+        took = 0.0
+
+        def call() -> object:
+            nonlocal took
+            start = time.monotonic()
+            try:
+                return admit_all(batch, self.store)
+            finally:
+                took = time.monotonic() - start
+
+        def done(result: object, error: Exception | None) -> None:
+            if self.metrics is not None:
+                self.metrics.store_call("admit", took, error)
+            now = time.monotonic()
+            results = result if isinstance(result, list) else [None] * len(batch)
+            out: list[Effect] = []
+            for e, r in zip(batch, results, strict=True):
+                out.extend(self.policy.on_done(e, r, error, now))
+            self.apply(out)
+
+        self.workers.submit(STORE, call, done)
 
     def _flush_installs(self) -> None:
         batch, self._installs = self._installs, []
