@@ -91,6 +91,9 @@ EVICT_COST = 10
 COMPLETIONS = ("hold", "replay", "invert", "none")
 
 
+DEFAULT_RELEASE_RATE = 0.0
+
+
 class ConfigError(ValueError):
     """A gateway setting is out of range; the message names the option and the fix."""
 
@@ -122,6 +125,9 @@ class GatewayConfig:
     max_clock_skew: float = DEFAULT_MAX_CLOCK_SKEW
     # a knock that waited longer than this in the kernel's queue is a sign of load
     load_delay: float = 0.25
+    # hold mode hands the device at most this many initiations per second (0: no limit),
+    # so a herd's releases stay below its under-load mark (see modes.HoldMode)
+    release_rate: float = DEFAULT_RELEASE_RATE
     testing_always_under_load: bool = False
     knock_budget: float = DEFAULT_KNOCK_BUDGET
     max_install_age: float = DEFAULT_MAX_INSTALL_AGE

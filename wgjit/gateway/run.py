@@ -150,6 +150,7 @@ def serve(
                 call_at=reactor.call_at,
                 submit=loop.submit,
                 log=log,
+                release_rate=config.release_rate,
             )
         except ModeError as e:
             raise GatewayError(str(e)) from None
