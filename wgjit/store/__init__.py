@@ -57,6 +57,24 @@ class ChangeFeedExpired(StoreError):
     `change_cursor()`, then `lookup()` every key you hold."""
 
 
+# what `Peer.state` can be; `Store.list_page(state=...)` filters by one
+PEER_STATES: Final = ("active", "disabled", "expired", "revoked")
+# the most peers one list_page() call returns
+MAX_PAGE: Final = 10000
+
+
+def prefix_bound(prefix: str) -> str | None:
+    """The least string greater than every string that starts with `prefix` (code point order,
+    which is UTF-8 byte order), or None if there is none: `name >= prefix AND name < bound`
+    selects exactly the names with that prefix, as an index range."""
+    chars = list(prefix)
+    while chars:
+        last = ord(chars.pop())
+        if last < 0x10FFFF:
+            return "".join(chars) + chr(last + 1)
+    return None
+
+
 PEER_NAME_CHARS = "letters, digits, '.', '_', '@' and '-'"
 _PEER_NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
 
@@ -207,6 +225,24 @@ class Store(Protocol):
         ...
 
     def list_peers(self) -> list[Peer]: ...
+
+    def list_page(
+        self,
+        *,
+        after: str = "",
+        limit: int = 100,
+        prefix: str = "",
+        state: str | None = None,
+        now: float | None = None,
+    ) -> list[Peer]:
+        """One page of peers in name order (code point order, on every backend: SQLite's
+        BINARY, PostgreSQL's "C" collation): names greater than `after` (the last name of the
+        previous page; "" for the first), starting with `prefix`, in `state` (one of
+        PEER_STATES, as `Peer.state` has it at unix time `now`, default the current time; None:
+        any); at most `limit` (1..MAX_PAGE, else ValueError). Keyset pagination: each page is
+        an index range walk from `after`, never a scan of all peers, whatever page it is; a
+        rare state walks an index of its own (partial indexes on revoked, disabled, expiring)."""
+        ...
 
     def revoke(self, name: str) -> Peer:
         """Mark revoked (revoking twice is fine); raises UnknownPeer."""
