@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import Final, Protocol, Self
 
 from wgjit.addr import IPNetwork
+from wgjit.errors import WgjitError
 from wgjit.keys import PresharedKey, PublicKey
 
 DEFAULT_STORE_URL = "sqlite:///var/lib/wgjit/peers.db"
@@ -30,7 +31,7 @@ PRESENCE_TTL_S = 30.0
 MANY_CHUNK = 1000
 
 
-class StoreError(Exception):
+class StoreError(WgjitError):
     """A store operation failed; the message says what and how to fix it."""
 
 
