@@ -8,7 +8,6 @@ a request that does not fit the schema 422 naming the field; anything else 500 w
 traceback (the traceback goes to the server's log).
 """
 
-
 import base64
 import datetime
 import hmac
