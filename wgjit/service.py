@@ -255,7 +255,6 @@ def _blame() -> Iterator[None]:
         raise
 
 
-
 class PeerService:
     """Peer management over one store. Thread-safe as far as the store is (both are)."""
 
