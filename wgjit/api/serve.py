@@ -140,6 +140,7 @@ def run(
         # the store is synchronous: endpoints run in the thread pool, one loop is enough
         workers=None,
     )
+
     class Server(uvicorn.Server):
         """Stops on SIGINT/SIGTERM (finishing the requests in flight) and returns: exit status
         0, as the gateway's, where uvicorn would die by the signal again afterwards."""
