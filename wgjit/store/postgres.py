@@ -720,11 +720,10 @@ class PostgresStore(Closing):
             raise ValueError(f"limit {limit} is out of range; use 1-{MAX_PAGE}")
         if state is not None and state not in _STATE_SQL:
             raise ValueError(f"state {state!r} is not one of {', '.join(PEER_STATES)}")
-        terms = [f"{_C_NAME} > %(after)s"]
-        params: dict[str, Any] = {"after": after, "limit": limit}
+        # one lower bound: the planner seeks with one of two, maybe the looser
+        terms = [f"{_C_NAME} >= %(prefix)s" if prefix > after else f"{_C_NAME} > %(after)s"]
+        params: dict[str, Any] = {"after": after, "prefix": prefix, "limit": limit}
         if prefix:
-            terms.append(f"{_C_NAME} >= %(prefix)s")
-            params["prefix"] = prefix
             bound = prefix_bound(prefix)
             if bound is not None:
                 terms.append(f"{_C_NAME} < %(bound)s")

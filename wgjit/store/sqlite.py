@@ -1266,11 +1266,10 @@ def _page_where(
         raise ValueError(f"limit {limit} is out of range; use 1-{MAX_PAGE}")
     if state is not None and state not in _STATE_SQL:
         raise ValueError(f"state {state!r} is not one of {', '.join(PEER_STATES)}")
-    terms = ["name > :after"]
-    params: dict[str, Any] = {"after": after, "limit": limit}
+    # one lower bound: the planner seeks with one of two, maybe the looser
+    terms = ["name >= :prefix" if prefix > after else "name > :after"]
+    params: dict[str, Any] = {"after": after, "prefix": prefix, "limit": limit}
     if prefix:
-        terms.append("name >= :prefix")
-        params["prefix"] = prefix
         bound = prefix_bound(prefix)
         if bound is not None:
             terms.append("name < :bound")
