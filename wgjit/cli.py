@@ -17,7 +17,7 @@ import re
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 from wgjit import __version__
@@ -55,7 +55,15 @@ from wgjit.service import (
     plan_config,
     render_qr_png,
 )
-from wgjit.store import DEFAULT_STORE_URL, KEEP, Peer, Store, StoreError, open_store
+from wgjit.store import (
+    DEFAULT_STORE_URL,
+    KEEP,
+    PEER_STATES,
+    Peer,
+    Store,
+    StoreError,
+    open_store,
+)
 from wgjit.store.pool import parse_pool
 from wgjit.store.urls import redact, scrub
 
@@ -399,9 +407,23 @@ def cmd_peer_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _listed(service: PeerService, prefix: str | None, state: str | None) -> Iterator[Peer]:
+    """Every peer, or those with a name prefix / in a state, in name order, page by page."""
+    if prefix is None and state is None:
+        yield from service.iter_all()
+        return
+    cursor = None
+    while True:
+        page = service.list_page(cursor=cursor, limit=1000, prefix=prefix, state=state)
+        yield from page.items
+        if page.next_cursor is None:
+            return
+        cursor = page.next_cursor
+
+
 def cmd_peer_list(args: argparse.Namespace) -> int:
     with _store(args) as store:
-        peers = list(_service(store).iter_all())
+        peers = list(_listed(_service(store), args.prefix, args.state))
     if args.json:
         print(json.dumps([peer_dict(p) for p in peers], indent=2))
         return 0
@@ -879,6 +901,8 @@ def build_parser() -> _Parser:
     add.set_defaults(func=cmd_peer_add)
     ls = psub.add_parser("list", parents=[after], help="list peers")
     ls.add_argument("--json", action="store_true")
+    ls.add_argument("--prefix", metavar="TEXT", help="only peers whose name starts with TEXT")
+    ls.add_argument("--state", choices=PEER_STATES, help="only peers in this state")
     ls.set_defaults(func=cmd_peer_list)
     show = psub.add_parser("show", parents=[after], help="show one peer")
     show.add_argument("name")
