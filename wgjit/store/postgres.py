@@ -716,25 +716,7 @@ class PostgresStore(Closing):
         state: str | None = None,
         now: float | None = None,
     ) -> list[Peer]:
-        if not 1 <= limit <= MAX_PAGE:
-            raise ValueError(f"limit {limit} is out of range; use 1-{MAX_PAGE}")
-        if state is not None and state not in _STATE_SQL:
-            raise ValueError(f"state {state!r} is not one of {', '.join(PEER_STATES)}")
-        # one lower bound: the planner seeks with one of two, maybe the looser
-        terms = [f"{_C_NAME} >= %(prefix)s" if prefix > after else f"{_C_NAME} > %(after)s"]
-        params: dict[str, Any] = {"after": after, "prefix": prefix, "limit": limit}
-        if prefix:
-            bound = prefix_bound(prefix)
-            if bound is not None:
-                terms.append(f"{_C_NAME} < %(bound)s")
-                params["bound"] = bound
-        if state is not None:
-            terms.append(_STATE_SQL[state])
-            params["now"] = time.time() if now is None else now
-        sql = (
-            f"SELECT {_COLUMNS} FROM {_FROM} WHERE {' AND '.join(terms)}"
-            f" ORDER BY {_C_NAME} LIMIT %(limit)s"
-        )
+        sql, params = _page_sql(after, limit, prefix, state, now)
         rows = self._run("list peers", functools.partial(_fetchall, sql, params))
         return [self._peer(r) for r in rows]
 
@@ -1556,3 +1538,29 @@ def _one(cur: psycopg.Cursor[tuple[Any, ...]]) -> tuple[Any, ...]:
     if row is None:
         raise StoreError("the database returned no row where one was expected")
     return row
+
+
+def _page_sql(
+    after: str, limit: int, prefix: str, state: str | None, now: float | None
+) -> tuple[str, dict[str, Any]]:
+    """list_page()'s statement (name bounds first: an index range) and its parameters."""
+    if not 1 <= limit <= MAX_PAGE:
+        raise ValueError(f"limit {limit} is out of range; use 1-{MAX_PAGE}")
+    if state is not None and state not in _STATE_SQL:
+        raise ValueError(f"state {state!r} is not one of {', '.join(PEER_STATES)}")
+    # one lower bound: the planner seeks with one of two, maybe the looser
+    terms = [f"{_C_NAME} >= %(prefix)s" if prefix > after else f"{_C_NAME} > %(after)s"]
+    params: dict[str, Any] = {"after": after, "prefix": prefix, "limit": limit}
+    if prefix:
+        bound = prefix_bound(prefix)
+        if bound is not None:
+            terms.append(f"{_C_NAME} < %(bound)s")
+            params["bound"] = bound
+    if state is not None:
+        terms.append(_STATE_SQL[state])
+        params["now"] = time.time() if now is None else now
+    sql = (
+        f"SELECT {_COLUMNS} FROM {_FROM} WHERE {' AND '.join(terms)}"
+        f" ORDER BY {_C_NAME} LIMIT %(limit)s"
+    )
+    return sql, params
