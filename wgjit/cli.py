@@ -430,13 +430,72 @@ def cmd_peer_list(args: argparse.Namespace) -> int:
     if not peers:
         print("no peers")
         return 0
+    from wgjit.status import ago, human_bytes
+
+    now = time.time()
     w = max(4, *(len(p.name) for p in peers))
-    print(f"{'NAME':<{w}}  {'PUBLIC KEY':<44}  {'STATE':<8}  {'EXPIRES':<20}  ALLOWED IPS")
+    h = max(6, *(len(p.holder or "-") for p in peers))
+    print(
+        f"{'NAME':<{w}}  {'PUBLIC KEY':<44}  {'STATE':<8}  {'EXPIRES':<20}  {'HOLDER':<{h}}"
+        f"  {'HANDSHAKE':<10}  {'RX':>10}  {'TX':>10}  ALLOWED IPS"
+    )
     for p in peers:
         print(
             f"{p.name:<{w}}  {p.public_key.b64():<44}  {p.state:<8}"
-            f"  {_iso(p.expires_at) or '-':<20}  {format_networks(p.allowed_ips)}"
+            f"  {_iso(p.expires_at) or '-':<20}  {p.holder or '-':<{h}}"
+            f"  {ago(p.last_handshake, now):<10}  {human_bytes(p.rx_bytes):>10}"
+            f"  {human_bytes(p.tx_bytes):>10}  {format_networks(p.allowed_ips)}"
         )
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from wgjit.status import ago, gather, human_bytes
+
+    if args.top < 0:
+        raise CLIError(f"--top must be 0 or more, got {args.top}")
+    with _store(args) as store:
+        report = gather(store, args.top)
+    if args.json:
+        print(json.dumps({
+            "peers": report.peers,
+            "gateways": [
+                {
+                    "gateway_id": g.gateway_id,
+                    "heartbeat_at": _iso(g.heartbeat_at),
+                    "installed": g.installed,
+                    "claimed": g.claimed,
+                    "drops": dict(sorted(g.rejects.items())),
+                }
+                for g in report.gateways
+            ],
+            "busiest": [peer_dict(p) for p in report.busiest],
+        }, indent=2))  # fmt: skip
+        return 0
+    now = report.at
+    print(f"store {redact(args.store)}: {report.peers} peers, {len(report.gateways)} gateways")
+    if report.gateways:
+        w = max(7, *(len(g.gateway_id) for g in report.gateways))
+        print(f"\n{'GATEWAY':<{w}}  {'HEARTBEAT':<9}  {'INSTALLED':>9}  {'HOLDS':>7}  DROPS")
+        for g in report.gateways:
+            installed = "?" if g.installed is None else str(g.installed)
+            drops = sorted(g.rejects.items(), key=lambda kv: (-kv[1], kv[0]))
+            print(
+                f"{g.gateway_id:<{w}}  {ago(g.heartbeat_at, now):<9}  {installed:>9}"
+                f"  {g.claimed:>7}  {' '.join(f'{r}={n}' for r, n in drops) or '-'}"
+            )
+    if report.busiest:
+        w = max(4, *(len(p.name) for p in report.busiest))
+        h = max(6, *(len(p.holder or "-") for p in report.busiest))
+        print(
+            f"\n{'BUSIEST':<{w}}  {'RX':>10}  {'TX':>10}  {'HANDSHAKE':<10}  {'HOLDER':<{h}}"
+            "  ENDPOINT"
+        )
+        for p in report.busiest:
+            print(
+                f"{p.name:<{w}}  {human_bytes(p.rx_bytes):>10}  {human_bytes(p.tx_bytes):>10}"
+                f"  {ago(p.last_handshake, now):<10}  {p.holder or '-':<{h}}  {p.endpoint or '-'}"
+            )
     return 0
 
 
@@ -966,6 +1025,15 @@ def build_parser() -> _Parser:
     ex.add_argument("--format", choices=("csv", "jsonl"), help="default: from the extension")
     ex.add_argument("--force", action="store_true", help="replace FILE if it exists")
     ex.set_defaults(func=cmd_peer_export)
+
+    stat = sub.add_parser(
+        "status", parents=[after],
+        help="live gateways (installed vs held peers, drops by reason) and the busiest peers",
+    )  # fmt: skip
+    stat.add_argument("--top", type=int, default=10, metavar="N",
+                      help="show the N busiest peers by traffic (default 10; 0: none)")  # fmt: skip
+    stat.add_argument("--json", action="store_true")
+    stat.set_defaults(func=cmd_status)
 
     st = sub.add_parser("store", help="manage the store itself")
     ssub = sub_parsers(st, "store_command", "ACTION")

@@ -385,6 +385,8 @@ class SQLiteStore(Closing):
             rconn.execute("PRAGMA query_only = ON")
             # the most keys one IN (...) may carry: SQLite's variable limit, less the others
             self._chunk = max(1, min(MANY_CHUNK, rconn.getlimit(_VARIABLE_LIMIT) - 2))
+            # record_traffic binds five variables a row
+            self._rows_chunk = max(1, min(MANY_CHUNK, conn.getlimit(_VARIABLE_LIMIT) // 5))
         except sqlite3.Error as e:
             conn.close()
             rconn.close()
@@ -908,8 +910,7 @@ class SQLiteStore(Closing):
             (t.public_key.raw, int(t.rx_bytes), int(t.tx_bytes), t.last_handshake, t.endpoint)
             for t in _merged(rows)
         ]
-        # five variables a row: a chunk stays within SQLite's variable limit
-        step = max(1, min(MANY_CHUNK, self._chunk // 5))
+        step = self._rows_chunk
         for i in range(0, len(params), step):
             chunk = params[i : i + step]
             sql = _TRAFFIC_SQL.format(rows=", ".join(["(?, ?, ?, ?, ?)"] * len(chunk)))
