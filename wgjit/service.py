@@ -289,9 +289,9 @@ class PeerService:
         state: str | None = None,
     ) -> Page:
         """One page of peers in name order: after `cursor` (a page's `next_cursor`), names
-        starting with `prefix`, in `state`; at most `limit` (1-MAX_PAGE)."""
-        if not 1 <= limit <= MAX_PAGE:
-            raise InputError(f"limit {limit} is out of range; use 1-{MAX_PAGE}", field="limit")
+        starting with `prefix`, in `state`; at most `limit` (1 to MAX_PAGE - 1)."""
+        if not 1 <= limit < MAX_PAGE:
+            raise InputError(f"limit {limit} is out of range; use 1-{MAX_PAGE - 1}", field="limit")
         for field, text in (("cursor", cursor), ("prefix", prefix)):
             if text is not None and not _NAME_PART.fullmatch(text):
                 raise InputError(
@@ -306,7 +306,7 @@ class PeerService:
         # one more than asked: whether there is a next page, without an empty last one
         rows = self.store.list_page(
             after=cursor or "",
-            limit=min(limit + 1, MAX_PAGE),
+            limit=limit + 1,
             prefix=prefix or "",
             state=state,
         )

@@ -19,7 +19,7 @@ from wgjit.api.serve import ServeError, check_transport, parse_listen, read_toke
 from wgjit.errors import InputError, WgjitError
 from wgjit.keys import PrivateKey
 from wgjit.service import ConfigOptions, PeerService, peer_dict
-from wgjit.store import Peer, Store, UnknownPeer, open_store
+from wgjit.store import MAX_PAGE, Peer, Store, UnknownPeer, open_store
 
 TOKEN = "test-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -128,6 +128,8 @@ def test_service_pages(service: PeerService) -> None:
     # an exactly full last page says so: no empty page after it
     assert service.list_page(limit=5).next_cursor is None
     assert [p.name for p in service.list_page(prefix="a", state="active").items] == ["a1", "a3"]
+    with pytest.raises(InputError, match="limit"):
+        service.list_page(limit=MAX_PAGE)  # the store is asked for one more
 
 
 # -- the API ----------------------------------------------------------------------------------
