@@ -404,3 +404,15 @@ def test_listen_needs_tls_off_loopback(tmp_path: Path) -> None:
         check_transport(wide, str(cert), str(tmp_path / "missing"), False)
     with pytest.raises(ServeError, match="--listen"):
         parse_listen("localhost:8080")
+
+
+def test_token_and_body_size_are_checked_before_the_body_is_read(client: TestClient) -> None:
+    from wgjit.api.app import MAX_BODY
+
+    big = b'{"name": "x", "pad": "' + b"a" * MAX_BODY + b'"}'
+    r = client.post("/api/v1/peers", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 401 and r.json()["field"] == "authorization"
+    r = client.post(
+        "/api/v1/peers", content=big, headers={**AUTH, "content-type": "application/json"}
+    )
+    assert r.status_code == 413 and r.json()["field"] == "body"

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 import wgjit.web
 from wgjit import __version__
@@ -53,6 +54,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (401, "no or a wrong bearer token"),
         (404, "no such peer"),
         (409, "refused by the store's state (a duplicate name or key, an overlap, no pool)"),
+        (413, "the request body is too large"),
         (422, "the request does not fit the schema (the field is named)"),
         (503, "the store cannot be reached"),
     )
@@ -111,13 +113,11 @@ def create_app(service: PeerService, token: str, *, title: str = "wgjit") -> Fas
 
     @app.exception_handler(_Unauthorized)
     def unauthorized(request: Request, e: Exception) -> JSONResponse:
-        return _error(
-            401,
-            "missing or wrong bearer token: send `Authorization: Bearer TOKEN` with the token"
-            " of `wgjit serve --token-file`",
-            "authorization",
-            **{"WWW-Authenticate": "Bearer"},
-        )
+        return _unauthorized()
+
+    # checked again before FastAPI reads a request's body: no one without the token makes
+    # the server read or parse one (the dependency above is what OpenAPI documents)
+    app.add_middleware(_Guard, expected=expected)
 
     @app.exception_handler(WgjitError)
     def wgjit_error(request: Request, e: Exception) -> JSONResponse:
@@ -161,6 +161,47 @@ def create_app(service: PeerService, token: str, *, title: str = "wgjit") -> Fas
 
 class _Unauthorized(Exception):
     pass
+
+
+# the largest request body the API takes (a peer with 64 allowed IPs is about 5 KiB)
+MAX_BODY = 64 * 1024
+
+
+def _unauthorized() -> JSONResponse:
+    return _error(
+        401,
+        "missing or wrong bearer token: send `Authorization: Bearer TOKEN` with the token"
+        " of `wgjit serve --token-file`",
+        "authorization",
+        **{"WWW-Authenticate": "Bearer"},
+    )
+
+
+class _Guard:
+    """ASGI middleware in front of /api: the bearer token (constant-time), and a body size
+    limit, both before anything reads the body."""
+
+    def __init__(self, app: ASGIApp, expected: bytes) -> None:
+        self.app = app
+        self.expected = expected
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and (path == API_PREFIX or path.startswith(API_PREFIX + "/")):
+            headers = dict(scope["headers"])
+            scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
+            if not (
+                scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.expected)
+            ):
+                await _unauthorized()(scope, receive, send)
+                return
+            length = headers.get(b"content-length", b"0")
+            if not length.isdigit() or int(length) > MAX_BODY:
+                await _error(413, f"the request body is over {MAX_BODY} bytes", "body")(
+                    scope, receive, send
+                )
+                return
+        await self.app(scope, receive, send)
 
 
 def _known_query(request: Request) -> None:
