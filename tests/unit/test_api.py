@@ -1,5 +1,6 @@
-"""The admin API (`wgjit serve`) and the service layer under it, on a real SQLite store: every
-route, the bearer token, keyset pages, and errors as one JSON line naming the field."""
+"""The admin API (`wgjit serve`) and the service layer under it, on real stores (SQLite and
+PostgreSQL): every route, the bearer token, keyset pages, and errors as one JSON line naming
+the field."""
 
 from __future__ import annotations
 
@@ -25,9 +26,12 @@ TOKEN = "test-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    with open_store(f"sqlite://{tmp_path}/peers.db") as s:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    url = f"sqlite://{tmp_path}/peers.db"
+    if request.param == "postgresql":
+        url = request.getfixturevalue("pg_url")
+    with open_store(url) as s:
         s.set_defaults({"pool": "100.65.0.0/24", "endpoint": "vpn.example.net", "dns": "1.1.1.1"})
         yield s
 
