@@ -243,6 +243,7 @@ def test_pages_over_the_api(client: TestClient) -> None:
         ("GET", "/peers", {"params": {"prefix": "/"}}, 422, "prefix"),
         ("GET", "/peers", {"params": {"limt": "5"}}, 400, "limt"),
         ("GET", "/peers/taken", {"params": {"x": "1"}}, 400, "x"),
+        ("GET", "/peers", {"params": {"limit": ["1", "2"]}}, 400, "limit"),
         ("POST", "/peers", {"json": {}}, 422, "name"),
         ("POST", "/peers", {"json": {"name": "x y"}}, 422, "name"),
         ("POST", "/peers", {"json": {"name": "x", "extra": 1}}, 422, "extra"),

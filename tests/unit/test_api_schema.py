@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, assume, settings
 from schemathesis.checks import positive_data_acceptance
 
 from wgjit.api.app import create_app
@@ -49,6 +49,13 @@ def _cleanup() -> Iterator[None]:
     derandomize=True,
 )
 def test_api_matches_its_openapi_document(case: schemathesis.Case) -> None:
+    # a query value that is a list or object of fewer than two items is sent as one plain
+    # value or none (`cursor={"": []}` goes out as `cursor=`): such a "schema-violating"
+    # request arrives valid, and its 200 is no failure (two or more: the parameter repeated,
+    # which the API refuses)
+    assume(
+        not any(isinstance(v, list | dict) and len(v) < 2 for v in (case.query or {}).values())
+    )
     case.call_and_validate(
         headers={"Authorization": f"Bearer {TOKEN}"},
         # every other check runs. This one wants every schema-valid request accepted, but

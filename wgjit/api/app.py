@@ -206,7 +206,7 @@ class _Guard:
 
 def _known_query(request: Request) -> None:
     """A query parameter the route does not take is an error (a misspelt `limit` must not
-    silently give the default)."""
+    silently give the default), and so is one given twice."""
     route = request.scope.get("route")
     known: set[str] = set()
     stack = [route.dependant] if route is not None else []
@@ -218,6 +218,8 @@ def _known_query(request: Request) -> None:
         if key not in known:
             takes = f"; it takes {', '.join(sorted(known))}" if known else ""
             raise InputError(f"unknown query parameter {key!r}{takes}", field=key)
+        if len(request.query_params.getlist(key)) > 1:  # which one would count?
+            raise InputError(f"query parameter {key!r} is given more than once", field=key)
 
 
 def _methods_of(app: FastAPI, scope: Any) -> list[str]:
