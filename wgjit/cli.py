@@ -876,7 +876,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     with _store(args) as store:
         service = PeerService(store, gateway_key=gateway_key, listen_port=port)
-        app = create_app(service, token)
+        app = create_app(service, token, store_url=args.store)
         sock = serve.bind(listen)
         print(
             f"wgjit serve: {listen.url(args.tls_cert is not None)}/api/v1 (store"

@@ -421,3 +421,17 @@ def test_token_and_body_size_are_checked_before_the_body_is_read(client: TestCli
         "/api/v1/peers", content=big, headers={**AUTH, "content-type": "application/json"}
     )
     assert r.status_code == 413 and r.json()["field"] == "body"
+
+
+def test_no_error_shows_the_store_password(service: PeerService) -> None:
+    from wgjit.store import StoreError
+
+    url = "postgresql://wgjit:hunter22@db.example/wgjit"
+
+    def fail(**kw: object) -> None:
+        raise StoreError(f"store {url}: could not list peers: password hunter22 refused")
+
+    service.list_page = fail  # type: ignore[assignment,method-assign]
+    client = TestClient(create_app(service, TOKEN, store_url=url))
+    r = client.get("/api/v1/peers", headers=AUTH)
+    assert r.status_code == 503 and "hunter22" not in r.text and "***" in r.text

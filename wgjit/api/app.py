@@ -43,6 +43,7 @@ from wgjit.errors import Conflict, InputError, NotFound, WgjitError
 from wgjit.service import Added, PeerService, iso, peer_dict, render_qr_png
 from wgjit.store import KEEP, DuplicatePeer, Keep, PeerRefused, StoreError, UnknownPeer
 from wgjit.store.pool import PoolError
+from wgjit.store.urls import scrub
 
 log = logging.getLogger("wgjit.api")
 
@@ -87,8 +88,11 @@ def _validation_field(loc: tuple[Any, ...]) -> str | None:
     return str(loc[0]) if loc else None
 
 
-def create_app(service: PeerService, token: str, *, title: str = "wgjit") -> FastAPI:
-    """The app: /api/v1 (bearer `token`), /openapi.json, and the web page at / (wgjit.web)."""
+def create_app(
+    service: PeerService, token: str, *, store_url: str = "", title: str = "wgjit"
+) -> FastAPI:
+    """The app: /api/v1 (bearer `token`), /openapi.json, and the web page at / (wgjit.web).
+    `store_url`: no error message shows its password, whatever quoted it (as the CLI's)."""
     if not token:
         raise ValueError("the API token is empty")
     app = FastAPI(
@@ -122,7 +126,7 @@ def create_app(service: PeerService, token: str, *, title: str = "wgjit") -> Fas
     @app.exception_handler(WgjitError)
     def wgjit_error(request: Request, e: Exception) -> JSONResponse:
         assert isinstance(e, WgjitError)
-        return _error(status_of(e), str(e), e.field)
+        return _error(status_of(e), scrub(str(e), store_url), e.field)
 
     @app.exception_handler(RequestValidationError)
     def invalid_request(request: Request, e: Exception) -> JSONResponse:
