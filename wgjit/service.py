@@ -20,6 +20,7 @@ import datetime
 import io
 import re
 import time
+import typing
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -84,14 +85,27 @@ def is_time_field(name: str) -> bool:
     return name.endswith("_at") or name.startswith("last_")
 
 
+def _secret_fields() -> frozenset[str]:
+    """Peer fields that hold a secret key (the preshared key; any added later)."""
+    secret = (PresharedKey, PrivateKey)
+    return frozenset(
+        name
+        for name, hint in typing.get_type_hints(Peer).items()
+        if hint in secret or any(a in secret for a in typing.get_args(hint))
+    )
+
+
+SECRET_FIELDS: Final = _secret_fields()
+
+
 def _value(name: str, value: Any) -> Any:
-    """One Peer field as JSON: keys as base64, a preshared key only as whether there is one
-    (a secret: `peer export` is the backup that has it), times as ISO 8601 UTC, the replay
-    mark as the client's time, networks as text."""
+    """One Peer field as JSON: a secret key (the preshared key) only as whether there is one
+    (`peer export` is the backup that has it), public keys as base64, times as ISO 8601 UTC,
+    the replay mark as the client's time, networks as text."""
+    if name in SECRET_FIELDS:
+        return value is not None
     if value is None:
         return None
-    if isinstance(value, PresharedKey):
-        return True
     if name == "handshake_hwm":
         return mark_time(value)
     if isinstance(value, PublicKey):
@@ -113,8 +127,7 @@ def peer_dict(p: Peer, now: float | None = None) -> dict[str, Any]:
     for f in dataclasses.fields(p):
         value = getattr(p, f.name)
         out[RENAMED_FIELDS.get(f.name, f.name)] = _value(f.name, value)
-        if f.name == "preshared_key":
-            out["preshared_key"] = value is not None
+        if f.name == "preshared_key":  # the state next to what decides it
             out["state"] = p.refusal(time.time() if now is None else now) or "active"
     return out
 

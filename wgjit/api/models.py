@@ -15,8 +15,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from wgjit.keys import PresharedKey, PublicKey
-from wgjit.service import RENAMED_FIELDS, is_time_field
+from wgjit.keys import PublicKey
+from wgjit.service import RENAMED_FIELDS, SECRET_FIELDS, is_time_field
 from wgjit.store import MAX_PAGE, Peer
 
 # a peer name (wgjit.store.validate_peer_name), and a part of one (cursor, prefix)
@@ -43,15 +43,13 @@ class ErrorBody(BaseModel):
 
 def _json_type(name: str, hint: Any) -> Any:
     """The type of peer_dict's value for a Peer field with this type hint."""
+    if name in SECRET_FIELDS:  # whether there is one
+        return bool
     args = typing.get_args(hint)
     if typing.get_origin(hint) in (Union, types.UnionType) and type(None) in args:
         rest = [a for a in args if a is not type(None)]
         inner = _json_type(name, rest[0]) if len(rest) == 1 else str
-        if inner is bool:  # a preshared key: whether there is one, never None
-            return bool
         return inner | None
-    if hint is PresharedKey:
-        return bool
     if name == "handshake_hwm" or hint in (PublicKey, str, bytes):
         return str
     if hint in (bool, int):
