@@ -57,6 +57,8 @@ from wgjit.keys import InvalidKey, PresharedKey, PublicKey
 from wgjit.store import (
     KEEP,
     MANY_CHUNK,
+    MAX_PAGE,
+    PEER_STATES,
     PRESENCE_TTL_S,
     ChangeFeedExpired,
     DuplicatePeer,
@@ -69,6 +71,7 @@ from wgjit.store import (
     StoreError,
     Traffic,
     UnknownPeer,
+    prefix_bound,
     validate_peer_name,
 )
 from wgjit.store.prefixes import overlap_message, overlaps_within, peer_problem, plan_update
@@ -291,7 +294,29 @@ MIGRATIONS: list[tuple[str, ...]] = [
         " ADD COLUMN last_handshake double precision, ADD COLUMN endpoint text",
         "ALTER TABLE gateways ADD COLUMN installed bigint, ADD COLUMN rejects text",
     ),
+    # 7: list_page() orders by name in the "C" collation (code point order, as SQLite's
+    #    BINARY: the same pages on both backends, and a name prefix is one index range, which
+    #    it is not in a linguistic collation), and a rare state walks an index of that state's
+    #    peers alone. The WHERE clauses are _STATE_SQL's, as the planner needs them.
+    (
+        'CREATE INDEX peers_by_name_c ON peers (name COLLATE "C")',
+        'CREATE INDEX peers_revoked_by_name ON peers (name COLLATE "C") WHERE revoked',
+        'CREATE INDEX peers_disabled_by_name ON peers (name COLLATE "C")'
+        " WHERE disabled AND NOT revoked",
+        'CREATE INDEX peers_expiring_by_name ON peers (name COLLATE "C")'
+        " WHERE expires_at IS NOT NULL",
+    ),
 ]
+# list_page(state=...): the condition, as Peer.refusal() decides it (`now` is bound)
+_STATE_SQL: Final = {
+    "active": "NOT p.revoked AND NOT p.disabled"
+    " AND (p.expires_at IS NULL OR p.expires_at > %(now)s)",
+    "revoked": "p.revoked",
+    "disabled": "p.disabled AND NOT p.revoked",
+    "expired": "p.expires_at IS NOT NULL AND NOT p.revoked AND NOT p.disabled"
+    " AND p.expires_at <= %(now)s",
+}
+_C_NAME: Final = 'p.name COLLATE "C"'
 _OVERLAP_SQL: Final = (
     "SELECT q.net::text, p.name FROM peer_prefixes q JOIN peers p ON p.id = q.peer_id"
     " WHERE q.net && %s::cidr AND q.peer_id <> %s LIMIT 1"
@@ -328,6 +353,18 @@ _CLAIM_MANY_SQL: Final = (
     " RETURNING c.public_key, (c.xmax = 0) AS fresh)"
     " SELECT wgjit_feed(ARRAY(SELECT public_key FROM claimed WHERE NOT fresh"
     " ORDER BY public_key))"
+)
+# admit_many(): advance the marks of a chunk of handshakes in one statement; the keys whose
+# mark moved come back with the gateway that held each (read at the statement's start; a claim
+# made or dropped by another gateway in the instant before ours only changes what is logged)
+_ADMIT_MANY_SQL: Final = (
+    "WITH adv AS ("
+    " UPDATE peers p SET handshake_hwm = v.ts, last_seen = v.seen"
+    " FROM unnest(%(keys)s::bytea[], %(ts)s::bytea[], %(seen)s::float8[]) AS v(key, ts, seen)"
+    " WHERE p.public_key = v.key AND (p.handshake_hwm IS NULL OR p.handshake_hwm < v.ts)"
+    " RETURNING p.public_key)"
+    " SELECT a.public_key, c.gateway_id FROM adv a"
+    " LEFT JOIN peer_claims c ON c.public_key = a.public_key AND c.gateway_id <> %(gw)s"
 )
 _CLAIM_READ_SQL: Final = "SELECT gateway_id FROM peer_claims WHERE public_key = %s FOR UPDATE"
 _CLAIM_INSERT_SQL: Final = (
@@ -682,6 +719,19 @@ class PostgresStore(Closing):
                 yield self._peer(r)
             after = rows[-1][0]
 
+    def list_page(
+        self,
+        *,
+        after: str = "",
+        limit: int = 100,
+        prefix: str = "",
+        state: str | None = None,
+        now: float | None = None,
+    ) -> list[Peer]:
+        sql, params = _page_sql(after, limit, prefix, state, now)
+        rows = self._run("list peers", functools.partial(_fetchall, sql, params))
+        return [self._peer(r) for r in rows]
+
     def revoke(self, name: str) -> Peer:
         def op(conn: psycopg.Connection[tuple[Any, ...]]) -> tuple[Any, ...]:
             with conn.transaction():
@@ -947,6 +997,44 @@ class PostgresStore(Closing):
                 f"claim {len(keys)} peers",
                 functools.partial(_execute, _CLAIM_MANY_SQL, {"keys": chunk, "gw": gateway_id}),
             )
+
+    def admit_many(
+        self, handshakes: Sequence[Handshake], gateway_id: str
+    ) -> dict[PublicKey, str | None]:
+        newest: dict[bytes, Handshake] = {}
+        for h in handshakes:
+            old = newest.get(h.public_key.raw)
+            if old is None or h.timestamp > old.timestamp:
+                newest[h.public_key.raw] = h
+        # sorted: concurrent admissions and claims lock rows in the same order
+        hss = [newest[k] for k in sorted(newest)]
+        admitted: dict[PublicKey, str | None] = {}
+
+        def op(
+            chunk: list[Handshake], conn: psycopg.Connection[tuple[Any, ...]]
+        ) -> list[tuple[bytes, str | None]]:
+            with conn.transaction():
+                rows = conn.execute(
+                    _ADMIT_MANY_SQL,
+                    {
+                        "keys": [h.public_key.raw for h in chunk],
+                        "ts": [_timestamp(h) for h in chunk],
+                        "seen": [h.seen_at for h in chunk],
+                        "gw": gateway_id,
+                    },
+                ).fetchall()
+                fresh = sorted(bytes(r[0]) for r in rows)
+                if fresh:
+                    conn.execute(_CLAIM_MANY_SQL, {"keys": fresh, "gw": gateway_id})
+                return [(bytes(k), None if gw is None else str(gw)) for k, gw in rows]
+
+        for i in range(0, len(hss), MANY_CHUNK):
+            chunk = hss[i : i + MANY_CHUNK]
+            for raw, previous in self._run(
+                f"admit {len(hss)} handshakes", functools.partial(op, chunk)
+            ):
+                admitted[PublicKey(raw)] = previous
+        return admitted
 
     def release(self, public_keys: Iterable[PublicKey], gateway_id: str) -> None:
         keys = [k.raw for k in public_keys]
@@ -1500,3 +1588,29 @@ def _one(cur: psycopg.Cursor[tuple[Any, ...]]) -> tuple[Any, ...]:
     if row is None:
         raise StoreError("the database returned no row where one was expected")
     return row
+
+
+def _page_sql(
+    after: str, limit: int, prefix: str, state: str | None, now: float | None
+) -> tuple[str, dict[str, Any]]:
+    """list_page()'s statement (name bounds first: an index range) and its parameters."""
+    if not 1 <= limit <= MAX_PAGE:
+        raise ValueError(f"limit {limit} is out of range; use 1-{MAX_PAGE}")
+    if state is not None and state not in _STATE_SQL:
+        raise ValueError(f"state {state!r} is not one of {', '.join(PEER_STATES)}")
+    # one lower bound: the planner seeks with one of two, maybe the looser
+    terms = [f"{_C_NAME} >= %(prefix)s" if prefix > after else f"{_C_NAME} > %(after)s"]
+    params: dict[str, Any] = {"after": after, "prefix": prefix, "limit": limit}
+    if prefix:
+        bound = prefix_bound(prefix)
+        if bound is not None:
+            terms.append(f"{_C_NAME} < %(bound)s")
+            params["bound"] = bound
+    if state is not None:
+        terms.append(_STATE_SQL[state])
+        params["now"] = time.time() if now is None else now
+    sql = (
+        f"SELECT {_COLUMNS} FROM {_FROM} WHERE {' AND '.join(terms)}"
+        f" ORDER BY {_C_NAME} LIMIT %(limit)s"
+    )
+    return sql, params
