@@ -161,3 +161,15 @@ def test_a_store_of_the_previous_schema_upgrades_with_zero_totals(
             new.record_traffic([Traffic(k, 7, 8, 2.0, "198.18.0.11:1")])
             p = new.get_peer("alice")
             assert p is not None and (p.rx_bytes, p.tx_bytes) == (7, 8)
+
+
+def test_postgresql_peers_leave_room_for_hot_traffic_updates(pg_url: str) -> None:
+    from wgjit.store.postgres import PostgresStore
+
+    with open_store(pg_url) as s:
+        assert isinstance(s, PostgresStore)
+        opts = s._run(
+            "read", lambda c: c.execute("SELECT reloptions FROM pg_class WHERE relname = 'peers'")
+            .fetchone()
+        )  # fmt: skip
+    assert opts is not None and "fillfactor=85" in opts[0]

@@ -306,6 +306,10 @@ MIGRATIONS: list[tuple[str, ...]] = [
         'CREATE INDEX peers_expiring_by_name ON peers (name COLLATE "C")'
         " WHERE expires_at IS NOT NULL",
     ),
+    # 8: room on each page of peers for a row's next version: a sweep's traffic update
+    #    (step 6's columns, none indexed) then stays on its page and adds no index entries (a
+    #    HOT update). Pages written from now on keep it.
+    ("ALTER TABLE peers SET (fillfactor = 85)",),
 ]
 # list_page(state=...): the condition, as Peer.refusal() decides it (`now` is bound)
 _STATE_SQL: Final = {
