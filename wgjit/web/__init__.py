@@ -35,6 +35,16 @@ if TYPE_CHECKING:
 # peers on one page of the list; the live view's refresh period (seconds)
 PAGE_SIZE = 50
 LIVE_INTERVAL_S = 2
+# peers in the live view's "busiest" table
+BUSIEST = 10
+# column titles of the live view's gateways table (other fields: their name, capitalised)
+GATEWAY_TITLES = {
+    "gateway_id": "Gateway",
+    "heartbeat_at": "Last heartbeat",
+    "installed": "Peers installed",
+    "claimed": "Claimed in the store",
+    "rejects": "Knocks rejected, by reason",
+}
 # a form post is a few fields; anything bigger is refused unread
 MAX_FORM_BYTES = 16 * 1024
 
@@ -194,14 +204,13 @@ class Page:
         columns: list[str] = []
         for g in gateways:
             columns.extend(k for k in g if k not in columns)
-        installed, more = self.data.installed(limit=PAGE_SIZE)
-        present = {k for p in installed for k in p}
+        busiest = self.data.busiest(limit=BUSIEST)
+        present = {k for p in busiest for k in p}
         return {
             "gateways": gateways,
-            "gateway_columns": [(c, title(c)) for c in columns],
-            "installed": installed,
-            "installed_more": more,
-            "installed_columns": [
+            "gateway_columns": [(c, GATEWAY_TITLES.get(c) or title(c)) for c in columns],
+            "busiest": busiest,
+            "busiest_columns": [
                 (c, t) for c, t in PEER_STATUS_COLUMNS if c in present and c != "expires_at"
             ],
             "live_interval": LIVE_INTERVAL_S,
@@ -270,21 +279,23 @@ class Page:
         except FormError as e:
             return self._refused(request, e)
         try:
-            peer, config = await run_in_threadpool(
+            peer, config, private = await run_in_threadpool(
                 self.data.add,
                 fields.get("name", "").strip(),
-                fields.get("allowed_ips", "auto").strip() or "auto",
+                fields.get("allowed_ips", "").strip(),
+                fields.get("public_key", "").strip(),
                 fields.get("preshared_key") == "1",
             )
         except data.Refused as e:
             return self._html(
                 "base.html", request, 400, message=f"Not added: {e}", message_kind="error"
             )
-        qr, size = data.qr_data_uri(config.text)
+        # a QR code only of a config a phone can use as scanned: one with its private key
+        qr, size = data.qr_data_uri(config.text) if private else (None, 0)
         return self._html(
             "peer.html", request,
             peer=peer, fields=data.fields(peer), config=config.text, notes=config.notes,
-            private=True, qr=qr, qr_size=size, back=_peer_path(request, peer["name"]),
+            private=private, qr=qr, qr_size=size, back=_peer_path(peer["name"]),
             message=f"Added peer {peer['name']}.",
         )  # fmt: skip
 
@@ -314,7 +325,7 @@ def _here(request: Request) -> str:
     return request.url.path + (f"?{query}" if query else "")
 
 
-def _peer_path(request: Request, name: str) -> str:
+def _peer_path(name: str) -> str:
     return f"/ui/peers/{urllib.parse.quote(name, safe='')}"
 
 

@@ -5,11 +5,18 @@ reach the API."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from wgjit.errors import WgjitError
+from wgjit.service import peer_dict
+
 if TYPE_CHECKING:
+    from wgjit.clientconf import ClientConfig
     from wgjit.service import PeerService
 
 STATES = ("active", "disabled", "expired", "revoked")
@@ -53,6 +60,25 @@ def qr_data_uri(text: str) -> tuple[str, int]:
     return qr.png_data_uri(scale=scale, border=border), int(width)
 
 
+def _plain(obj: Any) -> dict[str, Any]:
+    """A gateway's presence as the page shows it: a dict as is; a dataclass field by field,
+    unix seconds in `*_at` fields as ISO 8601 UTC (as the peer serialiser writes times)."""
+    if isinstance(obj, dict):
+        return dict(obj)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.name.endswith("_at") and isinstance(value, int | float):
+            value = iso(value)
+        out[f.name] = value
+    return out
+
+
+def iso(ts: float) -> str:
+    text = datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="seconds")
+    return text.replace("+00:00", "Z")
+
+
 class Data:
     def __init__(self, service: PeerService) -> None:
         self.service = service
@@ -60,43 +86,75 @@ class Data:
     def page(
         self, prefix: str, state: str, cursor: str, limit: int
     ) -> tuple[list[dict[str, Any]], str | None]:
-        if state and state not in STATES:
-            raise Refused(f"state {state!r}: choose one of {', '.join(STATES)}")
-        r = self._call(self.service.list_peers, limit=limit, cursor=cursor or None,
-                       prefix=prefix or None, state=state or None)  # fmt: skip
-        return list(r["items"]), r.get("next_cursor")
+        with _refused():
+            page = self.service.list(
+                cursor=cursor or None, limit=limit, prefix=prefix or None, state=state or None
+            )
+        return [peer_dict(p) for p in page.items], page.next_cursor
 
     def gateways(self) -> list[dict[str, Any]]:
-        return list(self._call(self.service.gateways))
+        """The live gateways (id, last heartbeat, peers installed, rejects by reason), where
+        the service or the store can say; none otherwise."""
+        source = getattr(self.service, "gateways", None) or getattr(
+            self.service.store, "gateways", None
+        )
+        if source is None:
+            return []
+        with _refused():
+            return [_plain(g) for g in source()]
 
-    def installed(self, limit: int) -> tuple[list[dict[str, Any]], bool]:
-        r = self._call(self.service.list_peers, limit=limit, installed=True)
-        return list(r["items"]), bool(r.get("next_cursor"))
+    def busiest(self, limit: int) -> list[dict[str, Any]]:
+        """The peers with the most traffic (rx + tx), with their holder and last handshake,
+        where the store keeps traffic totals; none otherwise."""
+        source = getattr(self.service.store, "busiest_peers", None)
+        if source is None:
+            return []
+        with _refused():
+            return [peer_dict(p) for p in source(limit)]
 
     def peer_and_config(self, name: str) -> tuple[dict[str, Any], Config]:
-        peer = self._call(self.service.get_peer, name)
-        text = self._call(self.service.peer_config, name)
-        return peer, Config(text)
+        with _refused():
+            peer, conf = self.service.config(name)
+        return peer_dict(peer), _config(conf)
 
     def add(
-        self, name: str, allowed_ips: str, preshared_key: bool
-    ) -> tuple[dict[str, Any], Config]:
-        r = self._call(self.service.add_peer, name, allowed_ips=allowed_ips,
-                       preshared_key=preshared_key)  # fmt: skip
-        config = r.pop("config")
-        return r, Config(config)
+        self, name: str, allowed_ips: str, public_key: str, preshared_key: bool
+    ) -> tuple[dict[str, Any], Config, bool]:
+        """Add a peer; its client config (with the private key if wgjit generated the pair:
+        the only copy) and whether it has the private key."""
+        with _refused():
+            # the config's inputs are checked before anything is written
+            plan = self.service.plan()
+            added = self.service.add(
+                name,
+                allowed_ips=allowed_ips or "auto",
+                public_key=public_key or None,
+                preshared_key=preshared_key,
+            )
+            conf = self.service.client_config(added.peer, plan, added.private_key)
+        return peer_dict(added.peer), _config(conf), added.private_key is not None
 
-    def act(self, name: str, action: str) -> str:
-        if action not in ACTIONS:
-            raise Refused(f"no such action {action!r}: use one of {', '.join(ACTIONS)}")
-        self._call(getattr(self.service, action), name)
-        return f"Peer {name} {ACTIONS[action]}."
+    def act(self, name: str, action: str) -> None:
+        with _refused():
+            if action == "disable":
+                self.service.disable(name)
+            elif action == "enable":
+                self.service.enable(name)
+            elif action == "revoke":
+                self.service.revoke(name)
+            else:
+                raise Refused(f"no such action {action!r}: use one of {', '.join(ACTIONS)}")
 
-    @staticmethod
-    def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
-        from wgjit.errors import WgjitError
 
-        try:
-            return fn(*args, **kwargs)
-        except WgjitError as e:
-            raise Refused(str(e)) from None
+def _config(conf: ClientConfig) -> Config:
+    notes = tuple(f"The config lacks {gap}: fill it in." for gap in conf.missing())
+    return Config(conf.render(), notes)
+
+
+@contextlib.contextmanager
+def _refused() -> Iterator[None]:
+    """A WgjitError (unknown peer, bad input, store unreachable) as one line for the page."""
+    try:
+        yield
+    except WgjitError as e:
+        raise Refused(str(e)) from None
