@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from wgjit.addr import Endpoint, IPNetwork
+from wgjit.errors import WgjitError
 from wgjit.keys import PresharedKey, PrivateKey, PublicKey
 
 
-class DeviceError(Exception):
+class DeviceError(WgjitError):
     """A device operation failed; the message names the interface and the operation."""
 
 

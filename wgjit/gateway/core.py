@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from wgjit.addr import Endpoint, IPNetwork
 from wgjit.capture.packet import Knock
 from wgjit.cookie import CookieChecker
+from wgjit.errors import WgjitError
 from wgjit.events import EventLog
 from wgjit.gateway.effects import (
     Admit,
@@ -91,7 +92,7 @@ EVICT_COST = 10
 COMPLETIONS = ("hold", "replay", "invert", "none")
 
 
-class ConfigError(ValueError):
+class ConfigError(WgjitError, ValueError):
     """A gateway setting is out of range; the message names the option and the fix."""
 
 

@@ -24,6 +24,7 @@ from types import FrameType
 
 from wgjit.cookie import CookieChecker
 from wgjit.device import Device
+from wgjit.errors import WgjitError
 from wgjit.events import EventLog
 from wgjit.gateway.core import GatewayConfig, Policy
 from wgjit.gateway.effects import (
@@ -58,7 +59,7 @@ SHUTDOWN_WAIT = 5.0
 GC_FREEZE_INTERVAL = 5.0
 
 
-class GatewayError(RuntimeError):
+class GatewayError(WgjitError, RuntimeError):
     """The gateway cannot start; the message says why and what to do."""
 
 

@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import Final, Protocol, Self
 
 from wgjit.addr import IPNetwork
+from wgjit.errors import WgjitError
 from wgjit.keys import PresharedKey, PublicKey
 
 DEFAULT_STORE_URL = "sqlite:///var/lib/wgjit/peers.db"
@@ -30,7 +31,7 @@ PRESENCE_TTL_S = 30.0
 MANY_CHUNK = 1000
 
 
-class StoreError(Exception):
+class StoreError(WgjitError):
     """A store operation failed; the message says what and how to fix it."""
 
 
@@ -55,6 +56,24 @@ class ChangeFeedExpired(StoreError):
     """A change-feed cursor can no longer be followed: the changes after it were pruned (the
     reader fell more than a day behind) or the store was replaced. Resynchronise: take
     `change_cursor()`, then `lookup()` every key you hold."""
+
+
+# what `Peer.state` can be; `Store.list_page(state=...)` filters by one
+PEER_STATES: Final = ("active", "disabled", "expired", "revoked")
+# the most peers one list_page() call returns
+MAX_PAGE: Final = 10000
+
+
+def prefix_bound(prefix: str) -> str | None:
+    """The least string greater than every string that starts with `prefix` (code point order,
+    which is UTF-8 byte order), or None if there is none: `name >= prefix AND name < bound`
+    selects exactly the names with that prefix, as an index range."""
+    chars = list(prefix)
+    while chars:
+        last = ord(chars.pop())
+        if last < 0x10FFFF:
+            return "".join(chars) + chr(last + 1)
+    return None
 
 
 PEER_NAME_CHARS = "letters, digits, '.', '_', '@' and '-'"
@@ -207,6 +226,24 @@ class Store(Protocol):
         ...
 
     def list_peers(self) -> list[Peer]: ...
+
+    def list_page(
+        self,
+        *,
+        after: str = "",
+        limit: int = 100,
+        prefix: str = "",
+        state: str | None = None,
+        now: float | None = None,
+    ) -> list[Peer]:
+        """One page of peers in name order (code point order, on every backend: SQLite's
+        BINARY, PostgreSQL's "C" collation): names greater than `after` (the last name of the
+        previous page; "" for the first), starting with `prefix`, in `state` (one of
+        PEER_STATES, as `Peer.state` has it at unix time `now`, default the current time; None:
+        any); at most `limit` (1..MAX_PAGE, else ValueError). Keyset pagination: each page is
+        an index range walk from `after`, never a scan of all peers, whatever page it is; a
+        rare state walks an index of its own (partial indexes on revoked, disabled, expiring)."""
+        ...
 
     def revoke(self, name: str) -> Peer:
         """Mark revoked (revoking twice is fine); raises UnknownPeer."""

@@ -56,6 +56,8 @@ from wgjit.keys import InvalidKey, PresharedKey, PublicKey
 from wgjit.store import (
     KEEP,
     MANY_CHUNK,
+    MAX_PAGE,
+    PEER_STATES,
     PRESENCE_TTL_S,
     ChangeFeedExpired,
     DuplicatePeer,
@@ -66,6 +68,7 @@ from wgjit.store import (
     PeerRefused,
     StoreError,
     UnknownPeer,
+    prefix_bound,
     validate_peer_name,
 )
 from wgjit.store.prefixes import overlap_message, overlaps_within, peer_problem, plan_update
@@ -276,7 +279,29 @@ MIGRATIONS: list[tuple[str, ...]] = [
             value text NOT NULL
         )""",
     ),
+    # 6: list_page() orders by name in the "C" collation (code point order, as SQLite's
+    #    BINARY: the same pages on both backends, and a name prefix is one index range, which
+    #    it is not in a linguistic collation), and a rare state walks an index of that state's
+    #    peers alone. The WHERE clauses are _STATE_SQL's, as the planner needs them.
+    (
+        'CREATE INDEX peers_by_name_c ON peers (name COLLATE "C")',
+        'CREATE INDEX peers_revoked_by_name ON peers (name COLLATE "C") WHERE revoked',
+        'CREATE INDEX peers_disabled_by_name ON peers (name COLLATE "C")'
+        " WHERE disabled AND NOT revoked",
+        'CREATE INDEX peers_expiring_by_name ON peers (name COLLATE "C")'
+        " WHERE expires_at IS NOT NULL",
+    ),
 ]
+# list_page(state=...): the condition, as Peer.refusal() decides it (`now` is bound)
+_STATE_SQL: Final = {
+    "active": "NOT p.revoked AND NOT p.disabled"
+    " AND (p.expires_at IS NULL OR p.expires_at > %(now)s)",
+    "revoked": "p.revoked",
+    "disabled": "p.disabled AND NOT p.revoked",
+    "expired": "p.expires_at IS NOT NULL AND NOT p.revoked AND NOT p.disabled"
+    " AND p.expires_at <= %(now)s",
+}
+_C_NAME: Final = 'p.name COLLATE "C"'
 _OVERLAP_SQL: Final = (
     "SELECT q.net::text, p.name FROM peer_prefixes q JOIN peers p ON p.id = q.peer_id"
     " WHERE q.net && %s::cidr AND q.peer_id <> %s LIMIT 1"
@@ -657,6 +682,38 @@ class PostgresStore(Closing):
             for r in rows:
                 yield self._peer(r)
             after = rows[-1][0]
+
+    def list_page(
+        self,
+        *,
+        after: str = "",
+        limit: int = 100,
+        prefix: str = "",
+        state: str | None = None,
+        now: float | None = None,
+    ) -> list[Peer]:
+        if not 1 <= limit <= MAX_PAGE:
+            raise ValueError(f"limit {limit} is out of range; use 1-{MAX_PAGE}")
+        if state is not None and state not in _STATE_SQL:
+            raise ValueError(f"state {state!r} is not one of {', '.join(PEER_STATES)}")
+        terms = [f"{_C_NAME} > %(after)s"]
+        params: dict[str, Any] = {"after": after, "limit": limit}
+        if prefix:
+            terms.append(f"{_C_NAME} >= %(prefix)s")
+            params["prefix"] = prefix
+            bound = prefix_bound(prefix)
+            if bound is not None:
+                terms.append(f"{_C_NAME} < %(bound)s")
+                params["bound"] = bound
+        if state is not None:
+            terms.append(_STATE_SQL[state])
+            params["now"] = time.time() if now is None else now
+        sql = (
+            f"SELECT {_COLUMNS} FROM {_FROM} WHERE {' AND '.join(terms)}"
+            f" ORDER BY {_C_NAME} LIMIT %(limit)s"
+        )
+        rows = self._run("list peers", functools.partial(_fetchall, sql, params))
+        return [self._peer(r) for r in rows]
 
     def revoke(self, name: str) -> Peer:
         def op(conn: psycopg.Connection[tuple[Any, ...]]) -> tuple[Any, ...]:

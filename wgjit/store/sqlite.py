@@ -30,6 +30,8 @@ from wgjit.keys import InvalidKey, PresharedKey, PublicKey
 from wgjit.store import (
     KEEP,
     MANY_CHUNK,
+    MAX_PAGE,
+    PEER_STATES,
     PRESENCE_TTL_S,
     ChangeFeedExpired,
     DuplicatePeer,
@@ -40,6 +42,7 @@ from wgjit.store import (
     PeerRefused,
     StoreError,
     UnknownPeer,
+    prefix_bound,
     validate_peer_name,
 )
 from wgjit.store.prefixes import (
@@ -223,7 +226,22 @@ MIGRATIONS: list[tuple[str | Callable[[sqlite3.Connection], None], ...]] = [
             value TEXT NOT NULL
         )""",
     ),
+    # 7: list_page() by state walks an index of that state's peers alone (a few revoked peers
+    #    among a million are found without reading the rest); active peers, the usual many,
+    #    walk peers_by_name. The WHERE clauses are _STATE_SQL's, as the planner needs them.
+    (
+        "CREATE INDEX peers_revoked_by_name ON peers (name) WHERE revoked = 1",
+        "CREATE INDEX peers_disabled_by_name ON peers (name) WHERE disabled = 1 AND revoked = 0",
+        "CREATE INDEX peers_expiring_by_name ON peers (name) WHERE expires_at IS NOT NULL",
+    ),
 ]
+# list_page(state=...): the condition, as Peer.refusal() decides it (`:now` is bound)
+_STATE_SQL: Final = {
+    "active": "revoked = 0 AND disabled = 0 AND (expires_at IS NULL OR expires_at > :now)",
+    "revoked": "revoked = 1",
+    "disabled": "disabled = 1 AND revoked = 0",
+    "expired": "expires_at IS NOT NULL AND revoked = 0 AND disabled = 0 AND expires_at <= :now",
+}
 
 _COLUMNS: Final = (
     "name, public_key, allowed_ips, preshared_key, revoked, created_at, updated_at, last_seen,"
@@ -558,6 +576,21 @@ class SQLiteStore(Closing):
     def list_peers(self) -> list[Peer]:
         with self._query("list peers") as conn:
             rows = conn.execute(f"SELECT {_COLUMNS} FROM peers ORDER BY name").fetchall()
+        return [self._peer(r) for r in rows]
+
+    def list_page(
+        self,
+        *,
+        after: str = "",
+        limit: int = 100,
+        prefix: str = "",
+        state: str | None = None,
+        now: float | None = None,
+    ) -> list[Peer]:
+        where, params = _page_where(after, limit, prefix, state, now)
+        sql = f"SELECT {_COLUMNS} FROM peers WHERE {where} ORDER BY name LIMIT :limit"
+        with self._query("list peers") as conn:
+            rows = conn.execute(sql, params).fetchall()
         return [self._peer(r) for r in rows]
 
     def revoke(self, name: str) -> Peer:
@@ -1146,3 +1179,27 @@ def _backfill_prefixes(conn: sqlite3.Connection) -> None:
     kept: they were accepted before; new peers are checked against them)."""
     for peer_id, ips in conn.execute("SELECT id, allowed_ips FROM peers").fetchall():
         _set_prefixes(conn, int(peer_id), [parse_network(n) for n in ips.split(",") if n])
+
+
+def _page_where(
+    after: str, limit: int, prefix: str, state: str | None, now: float | None
+) -> tuple[str, dict[str, Any]]:
+    """list_page()'s WHERE clause (name bounds first: an index range) and its parameters."""
+    if not 1 <= limit <= MAX_PAGE:
+        raise ValueError(f"limit {limit} is out of range; use 1-{MAX_PAGE}")
+    if state is not None and state not in _STATE_SQL:
+        raise ValueError(f"state {state!r} is not one of {', '.join(PEER_STATES)}")
+    terms = ["name > :after"]
+    params: dict[str, Any] = {"after": after, "limit": limit}
+    if prefix:
+        terms.append("name >= :prefix")
+        params["prefix"] = prefix
+        bound = prefix_bound(prefix)
+        if bound is not None:
+            terms.append("name < :bound")
+            params["bound"] = bound
+    if state is not None:
+        terms.append(_STATE_SQL[state])
+        if ":now" in _STATE_SQL[state]:
+            params["now"] = time.time() if now is None else now
+    return " AND ".join(terms), params
