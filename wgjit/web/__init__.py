@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.staticfiles import StaticFiles
 
+from wgjit.store import PEER_STATES
 from wgjit.web import data
 from wgjit.web.render import PEER_STATUS_COLUMNS, environment, title
 from wgjit.web.session import SESSION_COOKIE, SESSION_TTL_S, Sessions
@@ -32,8 +33,10 @@ if TYPE_CHECKING:
 
     from wgjit.service import PeerService
 
-# peers on one page of the list; the live view's refresh period (seconds)
+# peers on one page of the list (`?limit=` up to MAX_PAGE_SIZE); the live view's refresh
+# period (seconds)
 PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
 LIVE_INTERVAL_S = 2
 # peers in the live view's "busiest" table
 BUSIEST = 10
@@ -225,11 +228,14 @@ class Page:
             "prefix": q.get("prefix", "").strip(),
             "state": q.get("state", "").strip(),
             "cursor": q.get("cursor", "").strip(),
+            "limit": q.get("limit", "").strip(),
         }
+        limit = int(query["limit"]) if query["limit"].isdigit() else PAGE_SIZE
+        limit = min(max(limit, 1), MAX_PAGE_SIZE)
         message, kind = _done_message(q), "ok"
         try:
             peers, next_cursor = await run_in_threadpool(
-                self.data.page, query["prefix"], query["state"], query["cursor"], PAGE_SIZE
+                self.data.page, query["prefix"], query["state"], query["cursor"], limit
             )
         except data.Refused as e:
             peers, next_cursor, message, kind = [], None, str(e), "error"
@@ -244,7 +250,7 @@ class Page:
 
         return self._html(
             "index.html", request,
-            peers=peers, next_cursor=next_cursor, query=query, states=data.STATES,
+            peers=peers, next_cursor=next_cursor, query=query, states=PEER_STATES,
             status_columns=[(c, t) for c, t in PEER_STATUS_COLUMNS if c in present],
             page_query=page_query, back=_here(request), message=message, message_kind=kind,
             **live,

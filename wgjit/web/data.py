@@ -19,7 +19,6 @@ if TYPE_CHECKING:
     from wgjit.clientconf import ClientConfig
     from wgjit.service import PeerService
 
-STATES = ("active", "disabled", "expired", "revoked")
 # action in a URL -> what the page says afterwards
 ACTIONS = {"disable": "disabled", "enable": "enabled", "revoke": "revoked"}
 # shown on a peer's page in this order first; then any other field the service gives

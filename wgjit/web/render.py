@@ -101,5 +101,14 @@ def cell(field: str, value: Any, now: float | None = None) -> Markup:
     return escape(str(value))
 
 
+_TITLES = {
+    **dict(PEER_STATUS_COLUMNS),
+    "holder": "Gateway (holding it)",
+    "allowed_ips": "Allowed IPs",
+    "handshake_mark": "Replay mark (client's clock)",
+    "last_seen": "Last seen",
+}
+
+
 def title(field: str) -> str:
-    return field.replace("_", " ").capitalize()
+    return _TITLES.get(field) or field.replace("_", " ").capitalize()
