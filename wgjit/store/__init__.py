@@ -107,6 +107,14 @@ class Peer:
     disabled: bool = False
     # unix seconds after which the peer is refused (reason "expired"); None: never
     expires_at: float | None = None
+    # what gateways' devices saw of the peer, kept across installs (each reinstall restarts
+    # the device's counters; gateways add what they counted, see Store.record_traffic):
+    # bytes received from and sent to it in total, its newest handshake (unix seconds) and
+    # the endpoint it last used (host:port)
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+    last_handshake: float | None = None
+    endpoint: str | None = None
 
     def refusal(self, now: float) -> str | None:
         """Why a gateway must refuse (and evict) this peer at unix time `now`: "revoked",
@@ -162,6 +170,32 @@ class Handshake:
     public_key: PublicKey
     timestamp: bytes
     seen_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Traffic:
+    """What a gateway's device counted for one peer since the gateway last said so: bytes
+    received and sent (deltas, added to the stored totals), its last handshake (unix seconds;
+    None: none yet) and its endpoint (None: unknown, the stored one stays)."""
+
+    public_key: PublicKey
+    rx_bytes: int
+    tx_bytes: int
+    last_handshake: float | None = None
+    endpoint: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayPresence:
+    """A live gateway as its heartbeats describe it (`Store.gateways`)."""
+
+    gateway_id: str
+    heartbeat_at: float  # unix seconds
+    # peers on its device, as of its last heartbeat; None: it did not say (an older wgjit)
+    installed: int | None
+    claimed: int  # peers the store records it as holding
+    # knocks it dropped since it started, by reason (Outcome labels)
+    rejects: dict[str, int] = field(default_factory=dict)
 
 
 class Store(Protocol):
@@ -304,8 +338,36 @@ class Store(Protocol):
         """Drop `gateway_id`'s claims on these peers (claims by other gateways are kept)."""
         ...
 
-    def heartbeat(self, gateway_id: str) -> None:
-        """Say `gateway_id` is alive; expire the claims of gateways silent for too long."""
+    def heartbeat(
+        self,
+        gateway_id: str,
+        *,
+        installed: int | None = None,
+        rejects: Mapping[str, int] | None = None,
+    ) -> None:
+        """Say `gateway_id` is alive; expire the claims of gateways silent for too long. It
+        may also say how many peers its device holds and how many knocks it dropped, by
+        reason (kept as given until its next heartbeat; `gateways()` shows them)."""
+        ...
+
+    def gateways(self) -> list[GatewayPresence]:
+        """The live gateways (heartbeat within PRESENCE_TTL_S), by id, with their claims."""
+        ...
+
+    def record_traffic(self, rows: Sequence[Traffic]) -> None:
+        """Add each row's byte counts to its peer's totals, move its last handshake forward
+        (never back) and take its endpoint if given. Keys not in the store are skipped (the
+        peer was removed meanwhile); a key given twice counts twice. One statement per
+        MANY_CHUNK rows (never a round trip per peer). Not a change-feed entry."""
+        ...
+
+    def busiest_peers(self, limit: int) -> list[Peer]:
+        """The `limit` peers with the most traffic in total (rx + tx), most first; peers
+        without any are left out."""
+        ...
+
+    def count_peers(self) -> int:
+        """How many peers the store has."""
         ...
 
     def import_peers(

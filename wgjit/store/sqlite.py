@@ -13,6 +13,7 @@ this process's other threads (the connection's lock); either way the call fails 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import sqlite3
@@ -35,12 +36,14 @@ from wgjit.store import (
     PRESENCE_TTL_S,
     ChangeFeedExpired,
     DuplicatePeer,
+    GatewayPresence,
     Handshake,
     ImportResult,
     Keep,
     Peer,
     PeerRefused,
     StoreError,
+    Traffic,
     UnknownPeer,
     prefix_bound,
     validate_peer_name,
@@ -54,6 +57,8 @@ from wgjit.store.prefixes import (
     plan_update,
     supernet_firsts,
 )
+from wgjit.store.status import merged as _merged
+from wgjit.store.status import presence
 from wgjit.store.urls import redact
 
 BUSY_TIMEOUT_S: Final = 5.0
@@ -226,7 +231,19 @@ MIGRATIONS: list[tuple[str | Callable[[sqlite3.Connection], None], ...]] = [
             value TEXT NOT NULL
         )""",
     ),
-    # 7: list_page() by state walks an index of that state's peers alone (a few revoked peers
+    # 7: per-peer status kept across installs (a device's counters restart at every
+    #    reinstall, so gateways add what they counted: Store.record_traffic), and what a
+    #    gateway's heartbeat says of it (peers on its device, knocks dropped by reason, as
+    #    JSON). Status is not a change: the feed triggers do not watch these columns.
+    (
+        "ALTER TABLE peers ADD COLUMN rx_bytes INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE peers ADD COLUMN tx_bytes INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE peers ADD COLUMN last_handshake REAL",
+        "ALTER TABLE peers ADD COLUMN endpoint TEXT",
+        "ALTER TABLE gateways ADD COLUMN installed INTEGER",
+        "ALTER TABLE gateways ADD COLUMN rejects TEXT",
+    ),
+    # 8: list_page() by state walks an index of that state's peers alone (a few revoked peers
     #    among a million are found without reading the rest); active peers, the usual many,
     #    walk peers_by_name. The WHERE clauses are _STATE_SQL's, as the planner needs them.
     (
@@ -247,7 +264,7 @@ _COLUMNS: Final = (
     "name, public_key, allowed_ips, preshared_key, revoked, created_at, updated_at, last_seen,"
     " handshake_hwm,"
     " (SELECT gateway_id FROM peer_claims c WHERE c.public_key = peers.public_key),"
-    " disabled, expires_at"
+    " disabled, expires_at, rx_bytes, tx_bytes, last_handshake, endpoint"
 )
 LOOKUP_SQL: Final = f"SELECT {_COLUMNS} FROM peers WHERE public_key = ?"
 _BY_NAME_SQL: Final = f"SELECT {_COLUMNS} FROM peers WHERE name = ?"
@@ -255,6 +272,15 @@ _BY_NAME_SQL: Final = f"SELECT {_COLUMNS} FROM peers WHERE name = ?"
 _ADVANCE_SQL: Final = (
     "UPDATE peers SET handshake_hwm = ?, last_seen = ?"
     " WHERE public_key = ? AND (handshake_hwm IS NULL OR handshake_hwm < ?)"
+)
+# record_traffic: one statement per chunk of rows (key, rx, tx, handshake, endpoint); the
+# marks list is appended per chunk. A handshake only moves forward (max() of SQLite is NULL
+# if either is, hence the coalesces); the endpoint is kept when the row has none.
+_TRAFFIC_SQL: Final = (
+    "UPDATE peers SET rx_bytes = rx_bytes + v.column2, tx_bytes = tx_bytes + v.column3,"
+    " last_handshake = coalesce(max(last_handshake, v.column4), v.column4, last_handshake),"
+    " endpoint = coalesce(v.column5, endpoint)"
+    " FROM (VALUES {rows}) AS v WHERE peers.public_key = v.column1"
 )
 _LAST_SEQ_SQL: Final = (
     "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'peer_changes'), 0)"
@@ -843,12 +869,20 @@ class SQLiteStore(Closing):
                     "DELETE FROM peer_claims WHERE public_key = ? AND gateway_id = ?", params
                 )
 
-    def heartbeat(self, gateway_id: str) -> None:
+    def heartbeat(
+        self,
+        gateway_id: str,
+        *,
+        installed: int | None = None,
+        rejects: Mapping[str, int] | None = None,
+    ) -> None:
         now = time.time()
+        said = json.dumps(dict(rejects), sort_keys=True) if rejects is not None else None
         with self._write("record a heartbeat") as conn:
             conn.execute(
-                "INSERT OR REPLACE INTO gateways (gateway_id, heartbeat_at) VALUES (?, ?)",
-                (gateway_id, now),
+                "INSERT OR REPLACE INTO gateways (gateway_id, heartbeat_at, installed, rejects)"
+                " VALUES (?, ?, ?, ?)",
+                (gateway_id, now, installed, said),
             )
             conn.execute(
                 "DELETE FROM peer_claims WHERE gateway_id IN"
@@ -856,6 +890,44 @@ class SQLiteStore(Closing):
                 (now - PRESENCE_TTL_S,),
             )
             conn.execute("DELETE FROM gateways WHERE heartbeat_at < ?", (now - PRESENCE_TTL_S,))
+
+    def gateways(self) -> list[GatewayPresence]:
+        with self._read("read the gateways") as conn:
+            rows = conn.execute(
+                "SELECT g.gateway_id, g.heartbeat_at, g.installed, g.rejects,"
+                " (SELECT count(*) FROM peer_claims c WHERE c.gateway_id = g.gateway_id)"
+                " FROM gateways g WHERE g.heartbeat_at >= ? ORDER BY g.gateway_id",
+                (time.time() - PRESENCE_TTL_S,),
+            ).fetchall()
+        return [presence(gid, at, n, said, claimed) for gid, at, n, said, claimed in rows]
+
+    # -- status ---------------------------------------------------------------------------------
+
+    def record_traffic(self, rows: Sequence[Traffic]) -> None:
+        params = [
+            (t.public_key.raw, int(t.rx_bytes), int(t.tx_bytes), t.last_handshake, t.endpoint)
+            for t in _merged(rows)
+        ]
+        # five variables a row: a chunk stays within SQLite's variable limit
+        step = max(1, min(MANY_CHUNK, self._chunk // 5))
+        for i in range(0, len(params), step):
+            chunk = params[i : i + step]
+            sql = _TRAFFIC_SQL.format(rows=", ".join(["(?, ?, ?, ?, ?)"] * len(chunk)))
+            with self._write(f"record the traffic of {len(params)} peers") as conn:
+                conn.execute(sql, [v for row in chunk for v in row])
+
+    def busiest_peers(self, limit: int) -> list[Peer]:
+        with self._query("list the busiest peers") as conn:
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM peers WHERE rx_bytes + tx_bytes > 0"
+                " ORDER BY rx_bytes + tx_bytes DESC, name LIMIT ?",
+                (max(0, int(limit)),),
+            ).fetchall()
+        return [self._peer(r) for r in rows]
+
+    def count_peers(self) -> int:
+        with self._query("count peers") as conn:
+            return int(conn.execute("SELECT count(*) FROM peers").fetchone()[0])
 
     # -- change feed ----------------------------------------------------------------------------
 
@@ -1049,7 +1121,8 @@ class SQLiteStore(Closing):
             conn.execute("COMMIT")
 
     def _peer(self, row: tuple[Any, ...]) -> Peer:
-        name, key, ips, psk, revoked, created, updated, seen, hwm, holder, disabled, exp = row
+        name, key, ips, psk, revoked, created, updated, seen, hwm, holder, disabled, exp = row[:12]
+        rx, tx, last_hs, endpoint = row[12:16]
         try:
             return Peer(
                 name=name,
@@ -1064,6 +1137,10 @@ class SQLiteStore(Closing):
                 holder=holder,
                 disabled=bool(disabled),
                 expires_at=float(exp) if exp is not None else None,
+                rx_bytes=int(rx),
+                tx_bytes=int(tx),
+                last_handshake=float(last_hs) if last_hs is not None else None,
+                endpoint=endpoint,
             )
         except (InvalidKey, InvalidAddress, TypeError, ValueError, AttributeError) as e:
             raise StoreError(f"store {self.path} has an invalid row for peer {name!r}: {e}") from e
