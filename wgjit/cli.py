@@ -783,6 +783,30 @@ def _clock_skew(value: float) -> float:
     return value
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The admin HTTP API (and web page): settings checked before the store is opened."""
+    from wgjit.api import serve
+
+    listen = serve.parse_listen(args.listen)
+    serve.check_transport(listen, args.tls_cert, args.tls_key, args.insecure_http)
+    token = serve.read_token(args.token_file)
+    gateway_key, port = _interface_key_port(args)
+    from wgjit.api.app import create_app
+
+    with _store(args) as store:
+        service = PeerService(store, gateway_key=gateway_key, listen_port=port)
+        app = create_app(service, token)
+        sock = serve.bind(listen)
+        print(
+            f"wgjit serve: {listen.url(args.tls_cert is not None)}/api/v1 (store"
+            f" {redact(args.store)})",
+            file=sys.stderr,
+            flush=True,
+        )
+        serve.run(app, sock, tls_cert=args.tls_cert, tls_key=args.tls_key)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from wgjit.demo import run_demo
 
@@ -1021,6 +1045,25 @@ def build_parser() -> _Parser:
     cc.add_argument("file", metavar="FILE.toml")
     cc.set_defaults(func=cmd_check_config)
     p.commands = {"gateway": gw}
+
+    sv = sub.add_parser(
+        "serve", parents=[after], help="serve the admin HTTP API and web page over the store"
+    )
+    sv.add_argument("--listen", default="127.0.0.1:8080", metavar="ADDR:PORT",
+                    help="where to listen (default 127.0.0.1:8080); an address other than"
+                         " loopback needs --tls-cert/--tls-key or --insecure-http")  # fmt: skip
+    sv.add_argument("--token-file", required=True, metavar="FILE",
+                    help="the bearer token clients send (one line, 16+ characters); the file"
+                         " must be yours and mode 0600")  # fmt: skip
+    sv.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate")
+    sv.add_argument("--tls-key", metavar="FILE", help="... and this private key")
+    sv.add_argument("--insecure-http", action="store_true",
+                    help="allow plain HTTP on an address other than loopback (behind a TLS"
+                         " proxy)")  # fmt: skip
+    sv.add_argument("--interface", help="read the gateway's public key and port for client"
+                    " configs from this WireGuard interface")  # fmt: skip
+    sv.add_argument("--gateway-public-key", help="the gateway's public key for client configs")
+    sv.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser("demo", help="live demo in throwaway network namespaces")
     demo.add_argument("--connects", type=_int_range("--connects", 1, 100000), default=20,

@@ -33,6 +33,10 @@ class NotFound(WgjitError):
     """What was asked for does not exist (the API's 404)."""
 
 
+class Conflict(WgjitError):
+    """Refused by what exists, not by the value given (the API's 409)."""
+
+
 @contextlib.contextmanager
 def about(field: str) -> Iterator[None]:
     """Blame `field` for a WgjitError raised inside that names no field yet."""

@@ -38,6 +38,7 @@ from wgjit.store import (
     MAX_PAGE,
     PEER_NAME_CHARS,
     PEER_STATES,
+    GatewayPresence,
     Keep,
     Peer,
     Store,
@@ -74,10 +75,10 @@ def mark_time(mark: bytes) -> str:
 
 
 # fields shown under another name, or otherwise than by their type (see _value)
-_RENAMED: Final = {"handshake_hwm": "handshake_mark"}
+RENAMED_FIELDS: Final = {"handshake_hwm": "handshake_mark"}
 
 
-def _is_time(name: str) -> bool:
+def is_time_field(name: str) -> bool:
     """Peer fields holding unix seconds: `*_at` and `last_*` (created_at, last_seen, ...)."""
     return name.endswith("_at") or name.startswith("last_")
 
@@ -97,7 +98,7 @@ def _value(name: str, value: Any) -> Any:
     if isinstance(value, bool | int | str):
         return value
     if isinstance(value, float):
-        return iso(value) if _is_time(name) else value
+        return iso(value) if is_time_field(name) else value
     if isinstance(value, tuple | list):
         return [str(v) for v in value]
     return str(value)
@@ -110,7 +111,7 @@ def peer_dict(p: Peer, now: float | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in dataclasses.fields(p):
         value = getattr(p, f.name)
-        out[_RENAMED.get(f.name, f.name)] = _value(f.name, value)
+        out[RENAMED_FIELDS.get(f.name, f.name)] = _value(f.name, value)
         if f.name == "preshared_key":
             out["preshared_key"] = value is not None
             out["state"] = p.refusal(time.time() if now is None else now) or "active"
@@ -260,7 +261,7 @@ class PeerService:
             raise UnknownPeer(f"no peer named {name!r} (see `wgjit peer list`)", field="name")
         return p
 
-    def list(
+    def list_page(
         self,
         *,
         cursor: str | None = None,
@@ -300,6 +301,11 @@ class PeerService:
 
     def defaults(self) -> dict[str, str]:
         return self.store.get_defaults()
+
+    def gateways(self) -> list[GatewayPresence]:
+        """The live gateways (heartbeat within the presence timeout): the peers on each one's
+        device as of its last heartbeat, the peers the store has it holding, its drops."""
+        return self.store.gateways()
 
     # -- adding and changing ------------------------------------------------------------------
 
