@@ -86,30 +86,22 @@ class Data:
         self, prefix: str, state: str, cursor: str, limit: int
     ) -> tuple[list[dict[str, Any]], str | None]:
         with _refused():
-            page = self.service.list(
+            page = self.service.list_page(
                 cursor=cursor or None, limit=limit, prefix=prefix or None, state=state or None
             )
         return [peer_dict(p) for p in page.items], page.next_cursor
 
     def gateways(self) -> list[dict[str, Any]]:
-        """The live gateways (id, last heartbeat, peers installed, rejects by reason), where
-        the service or the store can say; none otherwise."""
-        source = getattr(self.service, "gateways", None) or getattr(
-            self.service.store, "gateways", None
-        )
-        if source is None:
-            return []
+        """The live gateways: id, last heartbeat, peers installed and claimed, rejects by
+        reason."""
         with _refused():
-            return [_plain(g) for g in source()]
+            return [_plain(g) for g in self.service.gateways()]
 
     def busiest(self, limit: int) -> list[dict[str, Any]]:
-        """The peers with the most traffic (rx + tx), with their holder and last handshake,
-        where the store keeps traffic totals; none otherwise."""
-        source = getattr(self.service.store, "busiest_peers", None)
-        if source is None:
-            return []
+        """The peers with the most traffic (rx + tx) in total, with their holder and last
+        handshake."""
         with _refused():
-            return [peer_dict(p) for p in source(limit)]
+            return [peer_dict(p) for p in self.service.store.busiest_peers(limit)]
 
     def peer_and_config(self, name: str) -> tuple[dict[str, Any], Config]:
         with _refused():
