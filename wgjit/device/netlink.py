@@ -4,8 +4,9 @@ Builds and parses WG_CMD_GET_DEVICE / WG_CMD_SET_DEVICE messages itself on a pla
 AF_NETLINK socket (the layout is include/uapi/linux/wireguard.h): one peer per message for
 set_peer, as many peers per message as fit for set_peers and batched removals. It never sets
 WGDEVICE_F_REPLACE_PEERS, never creates or deletes interfaces, and knows nothing of policy.
-The encoders and the dump parsers (DumpParser for read(), HandshakeParser for handshakes())
-are sans-IO so they can be tested without a kernel; dump messages are parsed as they arrive.
+The encoders and the dump parsers (DumpParser for read(), HandshakeParser for handshakes(),
+StatsParser for stats()) are sans-IO so they can be tested without a kernel; dump messages
+are parsed as they arrive.
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ from typing import Protocol, TypeVar
 
 from wgjit.addr import Endpoint, IPNetwork
 from wgjit.closing import Closing
-from wgjit.device import DeviceError, DeviceNotFound, DeviceState, PeerConfig, PeerState
+from wgjit.device import (
+    DeviceError,
+    DeviceNotFound,
+    DeviceState,
+    PeerConfig,
+    PeerState,
+    PeerStats,
+)
 from wgjit.keys import KEY_LEN, PrivateKey, PublicKey
 
 # -- netlink and generic netlink (include/uapi/linux/netlink.h, genetlink.h) ------------------
@@ -433,6 +441,85 @@ class HandshakeParser:
         return self.handshakes
 
 
+def endpoint_text(raw: bytes | memoryview) -> str | None:
+    """A WGPEER_A_ENDPOINT sockaddr as "host:port" or "[v6]:port" (as wireguard-go's UAPI
+    prints it), without making address objects; None for one that is not IPv4 or IPv6."""
+    if len(raw) < 4:
+        return None
+    (family,) = _FAMILY.unpack_from(raw)
+    (port,) = _PORT.unpack_from(raw, 2)
+    if family == socket.AF_INET and len(raw) >= 8:
+        return f"{socket.inet_ntop(socket.AF_INET, bytes(raw[4:8]))}:{port}"
+    if family == socket.AF_INET6 and len(raw) >= 24:
+        return f"[{socket.inet_ntop(socket.AF_INET6, bytes(raw[8:24]))}]:{port}"
+    return None
+
+
+class StatsParser:
+    """Each peer's PeerStats (last handshake, rx and tx bytes, endpoint) from the messages of
+    one WG_CMD_GET_DEVICE dump, like HandshakeParser: a peer's attributes are read up to its
+    allowed IPs (the kernel puts them last), which are stepped over. A continuation (the
+    peer's key and more allowed IPs) keeps what was already seen."""
+
+    def __init__(self, ifname: str) -> None:
+        self.ifname = ifname
+        self.stats: dict[PublicKey, PeerStats] = {}
+
+    def feed(self, attrs: bytes | memoryview) -> None:
+        """One message's attributes (after the generic netlink header)."""
+        off, end = 0, len(attrs)
+        while off + 4 <= end:
+            length, kind = _NLA.unpack_from(attrs, off)
+            if length < 4 or off + length > end:
+                return
+            if kind & NLA_TYPE_MASK == WGDEVICE_A_PEERS:
+                self._feed_peers(attrs, off + 4, off + length)
+            off += (length + 3) & ~3
+
+    def _feed_peers(self, buf: bytes | memoryview, off: int, end: int) -> None:
+        unpack = _NLA.unpack_from
+        stats = self.stats
+        while off + 4 <= end:
+            length, _ = unpack(buf, off)
+            if length < 4 or off + length > end:
+                return
+            raw: bytes | None = None
+            when: float | None = None
+            rx = tx = -1
+            ep: str | None = None
+            p, peer_end = off + 4, off + length
+            while p + 4 <= peer_end:
+                alen, akind = unpack(buf, p)
+                if alen < 4 or p + alen > peer_end:
+                    break
+                akind &= NLA_TYPE_MASK
+                if akind == WGPEER_A_PUBLIC_KEY and alen == 4 + KEY_LEN:
+                    raw = bytes(buf[p + 4 : p + 4 + KEY_LEN])
+                elif akind == WGPEER_A_LAST_HANDSHAKE_TIME and alen >= 4 + _TIMESPEC.size:
+                    sec, nsec = _TIMESPEC.unpack_from(buf, p + 4)
+                    when = sec + nsec / 1e9
+                elif akind == WGPEER_A_RX_BYTES and alen >= 4 + _U64.size:
+                    (rx,) = _U64.unpack_from(buf, p + 4)
+                elif akind == WGPEER_A_TX_BYTES and alen >= 4 + _U64.size:
+                    (tx,) = _U64.unpack_from(buf, p + 4)
+                elif akind == WGPEER_A_ENDPOINT:
+                    ep = endpoint_text(buf[p + 4 : p + alen])
+                elif akind == WGPEER_A_ALLOWEDIPS and raw is not None:
+                    break  # the last attribute the kernel sends: not needed
+                p += (alen + 3) & ~3
+            if raw is None:
+                raise DeviceError(f"{self.ifname}: stats: kernel sent a peer without a public key")
+            key = PublicKey(raw)
+            if when is not None:  # a peer's first message (a continuation has no time)
+                stats[key] = (when, max(rx, 0), max(tx, 0), ep)
+            elif key not in stats:
+                stats[key] = (0.0, 0, 0, None)
+            off += (length + 3) & ~3
+
+    def result(self) -> dict[PublicKey, PeerStats]:
+        return self.stats
+
+
 class _DumpFeed(Protocol):
     def feed(self, attrs: bytes | memoryview) -> None: ...
 
@@ -554,6 +641,9 @@ class NetlinkDevice(Closing):
 
     def handshakes(self) -> dict[PublicKey, float]:
         return self._dump("handshakes", HandshakeParser).result()
+
+    def stats(self) -> dict[PublicKey, PeerStats]:
+        return self._dump("stats", StatsParser).result()
 
     def set_peer(self, config: PeerConfig) -> None:
         op = f"set_peer {config.public_key.short()}"
