@@ -11,11 +11,14 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.browser import chromium, require_chromium, serve, sign_in
+from wgjit.keys import PrivateKey
 from wgjit.lab import Lab, first_ping, time_factor, wait_for
+from wgjit.service import PeerService
 from wgjit.store import open_store
 
 pytestmark = pytest.mark.netns
@@ -53,7 +56,7 @@ def test_disable_on_the_page_cuts_the_client_off(tmp_path: Path) -> None:
                 page.goto(f"{server.url}/")
                 page.wait_for_selector("#live table.gateways td:text-is('gw-web')")
                 if shot:
-                    screenshot(page, client, gw, Path(shot))
+                    screenshot(page, lab, store, Path(shot))
 
                 row = page.locator("table.peers tr[data-peer='laptop']")
                 start = time.monotonic()
@@ -77,17 +80,24 @@ def test_disable_on_the_page_cuts_the_client_off(tmp_path: Path) -> None:
                 assert g.stop() == 0, "\n".join(g.lines[-20:])
 
 
-def screenshot(page: object, client: object, gw: object, path: Path) -> None:
-    """The page as the README shows it: the gateway with the peer installed, its traffic."""
-    from typing import Any
-
-    p: Any = page
+def screenshot(page: Any, lab: Lab, store: str, path: Path) -> None:
+    """The page as the README shows it: a few more peers (one disabled), a stranger knocking
+    (a reject), and the connected client's traffic once a sweep has recorded it."""
+    client, gw = lab.clients[0], lab.gateway
+    assert gw is not None
+    with open_store(store) as st:
+        service = PeerService(st)
+        for name in ("phone", "tablet", "nas"):
+            service.add(name, public_key=PrivateKey.generate().public_key())
+        service.disable("tablet")
+    stranger = lab.add_client()  # a key the store does not know: rejected, "unknown"
+    stranger.ping(gw.tunnel_ip, timeout=0.5)
     # traffic totals reach the store at the gateway's sweeps: ping until the live view has them
     deadline = time.monotonic() + 40
-    while time.monotonic() < deadline and not p.locator("#live table.busiest").count():
-        client.ping(gw.tunnel_ip, timeout=1)  # type: ignore[attr-defined]
+    while time.monotonic() < deadline and not page.locator("#live table.busiest").count():
+        client.ping(gw.tunnel_ip, timeout=1)
         time.sleep(0.5)
-    p.reload()
-    p.wait_for_selector("#live table.gateways")
+    page.reload()
+    page.wait_for_selector("#live table.gateways")
     path.parent.mkdir(parents=True, exist_ok=True)
-    p.screenshot(path=str(path), full_page=True)
+    page.screenshot(path=str(path), full_page=True)
