@@ -3,6 +3,11 @@ values are shown, escaped (wgjit/web/render.py). The page itself runs in Chromiu
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
 from wgjit.web.render import cell, human_bytes
 from wgjit.web.session import SESSION_TTL_S, Sessions
 
@@ -59,3 +64,61 @@ def test_cells_show_times_bytes_and_counts() -> None:
     assert cell("revoked", True) == "yes"
     shown = cell("rejects", {"unknown": 3, "disabled": 1})
     assert "unknown <b>3</b>" in shown and "disabled <b>1</b>" in shown
+
+
+# -- the page mounted by create_app, over a real SQLite store (no browser: cookies, headers) --
+
+
+def _client(tmp_path: Path, scheme: str) -> TestClient:
+    from wgjit.api.app import create_app
+    from wgjit.service import PeerService
+    from wgjit.store import open_store
+
+    store = open_store(f"sqlite:///{tmp_path / 'peers.db'}")
+    app = create_app(PeerService(store), "unit-test-token-0123456789")
+    return TestClient(app, base_url=f"{scheme}://testserver")
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_session_cookie_is_secure_over_https(tmp_path: Path, scheme: str) -> None:
+    with _client(tmp_path, scheme) as c:
+        r = c.post(
+            "/ui/login", data={"token": "unit-test-token-0123456789"}, follow_redirects=False
+        )
+        assert r.status_code == 303 and r.headers["location"] == "/"
+        cookie = r.headers["set-cookie"].lower()
+        assert "httponly" in cookie and "samesite=strict" in cookie
+        assert ("secure" in cookie.split("; ")) == (scheme == "https")
+        page = c.get("/")
+        assert page.status_code == 200
+        csp = page.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+        assert page.headers["cache-control"] == "no-store"
+
+
+def test_pages_need_a_session_and_are_not_in_the_api_document(tmp_path: Path) -> None:
+    with _client(tmp_path, "http") as c:
+        assert c.get("/", follow_redirects=False).headers["location"] == "/ui/login"
+        assert c.get("/ui/live").status_code == 401
+        assert c.get("/ui/peers/x", follow_redirects=False).status_code == 303
+        r = c.post("/ui/peers", data={"name": "x"}, follow_redirects=False)
+        assert r.status_code == 403
+        paths = c.get("/openapi.json").json()["paths"]
+        assert not [p for p in paths if not p.startswith("/api/")]
+
+
+def test_package_data_covers_every_template_and_static_file() -> None:
+    """pyproject's package-data globs match every file the page serves, so an install (not
+    only this checkout) has them."""
+    import fnmatch
+    import tomllib
+
+    root = Path(__file__).resolve().parents[2]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]["wgjit.web"]
+    web = root / "wgjit" / "web"
+    files = [p.relative_to(web).as_posix() for d in ("templates", "static")
+             for p in (web / d).rglob("*") if p.is_file()]  # fmt: skip
+    assert files
+    assert [f for f in files if not any(fnmatch.fnmatch(f, g) for g in globs)] == []

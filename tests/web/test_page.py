@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -195,6 +194,8 @@ def test_values_are_escaped(server: Serve, page: Any) -> None:
     page.goto(f"{server.url}/?prefix=%3Cimg%20src%3Dx%20onerror%3Dalert(1)%3E")
     assert "<img src=x onerror=alert(1)>" in page.inner_text(".flash.error")
     assert page.locator("main img").count() == 0 and not dialogs
+    page.goto(f"{server.url}/ui/peers/nobody")
+    assert "no peer named 'nobody'" in page.inner_text(".flash.error")
 
 
 def test_live_view_refreshes_and_signing_out_ends_the_session(server: Serve, page: Any) -> None:
@@ -211,8 +212,3 @@ def test_live_view_refreshes_and_signing_out_ends_the_session(server: Serve, pag
     page.context.add_cookies([old])
     page.goto(f"{server.url}/")
     assert page.url.endswith("/ui/login")
-
-
-def test_static_files_are_served_from_the_package() -> None:
-    root = Path(__import__("wgjit.web").web.__file__).parent
-    assert (root / "static" / "web.js").is_file() and (root / "templates" / "base.html").is_file()
