@@ -122,3 +122,14 @@ def test_package_data_covers_every_template_and_static_file() -> None:
              for p in (web / d).rglob("*") if p.is_file()]  # fmt: skip
     assert files
     assert [f for f in files if not any(fnmatch.fnmatch(f, g) for g in globs)] == []
+
+
+def test_a_form_returns_only_to_a_path_on_this_site() -> None:
+    from wgjit.web import safe_back
+
+    for ok in ("/", "/?prefix=pho&limit=2", "/ui/peers/phone", "/?cursor=a%40b"):
+        assert safe_back(ok) == ok
+    for bad in ("", "https://evil.example/", "//evil.example", "/\\evil.example",
+                "/\t/evil.example", "/\n/evil.example", "\\\\evil", "javascript:alert(1)",
+                " /", "/ /x"):  # fmt: skip
+        assert safe_back(bad) == "/", bad

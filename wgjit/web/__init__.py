@@ -14,6 +14,7 @@ Routes: `/` (peers), everything else under `/ui/` (none in the OpenAPI document)
 
 from __future__ import annotations
 
+import re
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -149,14 +150,6 @@ class Page:
 
     def _refused(self, request: Request, why: FormError) -> Response:
         return self._html("base.html", request, status=403, message=str(why), message_kind="error")
-
-    @staticmethod
-    def _back(request: Request, fields: dict[str, str]) -> str:
-        """Where a form returns to: its `next` field if that is a path on this site."""
-        target = fields.get("next", "")
-        if not target.startswith("/") or target.startswith("//") or "\\" in target:
-            return "/"
-        return target
 
     # -- sign in -------------------------------------------------------------------------------
 
@@ -312,7 +305,7 @@ class Page:
             return self._refused(request, e)
         name = request.path_params["name"]
         action = request.path_params["action"]
-        back = self._back(request, fields)
+        back = safe_back(fields.get("next", ""))
         try:
             await run_in_threadpool(self.data.act, name, action)
         except data.Refused as e:
@@ -322,6 +315,17 @@ class Page:
         sep = "&" if "?" in back else "?"
         back += sep + urllib.parse.urlencode({"done": action, "peer": name})
         return RedirectResponse(back, status_code=303, headers=_HEADERS)
+
+
+# a path on this site, with its query: no scheme, no host, no whitespace or control characters
+# (browsers drop tabs and newlines from URLs, so "/\t/evil.example" would be "//evil.example")
+_LOCAL_PATH = re.compile(r"/(?![/\\])[A-Za-z0-9._~!$&'()*+,;=:@%/?-]*")
+
+
+def safe_back(target: str) -> str:
+    """Where a form returns to: its `next` field if that is a path on this site, else `/`
+    (never a redirect to another site)."""
+    return target if _LOCAL_PATH.fullmatch(target) and "//" not in target[:2] else "/"
 
 
 def _here(request: Request) -> str:
