@@ -133,3 +133,14 @@ def test_a_form_returns_only_to_a_path_on_this_site() -> None:
                 "/\t/evil.example", "/\n/evil.example", "\\\\evil", "javascript:alert(1)",
                 " /", "/ /x"):  # fmt: skip
         assert safe_back(bad) == "/", bad
+
+
+def test_without_chromium_the_browser_tests_fail_naming_the_package(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import tests.browser
+
+    monkeypatch.setattr(tests.browser, "CHROMIUM", tmp_path / "no-chromium")
+    with pytest.raises(pytest.fail.Exception) as e:  # a failure, never a skip
+        tests.browser.require_chromium()
+    assert "apt-get install --no-install-recommends chromium" in str(e.value)
