@@ -14,6 +14,7 @@ its interface) passes them in.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import io
@@ -31,7 +32,7 @@ from wgjit.clientconf import (
     parse_dns,
     parse_endpoint,
 )
-from wgjit.errors import InputError, about
+from wgjit.errors import InputError, WgjitError, about
 from wgjit.keys import PresharedKey, PrivateKey, PublicKey
 from wgjit.store import (
     KEEP,
@@ -236,6 +237,24 @@ class Page:
 # -- the service ------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _blame() -> Iterator[None]:
+    """Name the field a store refusal is about: its message starts with what it refuses
+    ("public key ...", "allowed IP(s) ...", "peer 'x' already exists", an invalid name)."""
+    try:
+        yield
+    except WgjitError as e:
+        if e.field is None:
+            text = str(e)
+            if text.startswith("public key"):
+                e.field = "public_key"
+            elif text.startswith("allowed IP"):
+                e.field = "allowed_ips"
+            elif text.startswith(("peer ", "no peer ", "invalid peer name")):
+                e.field = "name"
+        raise
+
+
 class PeerService:
     """Peer management over one store. Thread-safe as far as the store is (both are)."""
 
@@ -337,7 +356,7 @@ class PeerService:
                 name, key, nets, psk, allow_overlap=allow_overlap, expires_at=expires_at
             )
 
-        with about("name"):
+        with _blame():
             peer = add(nets) if nets is not None else add_with_auto_address(self.store, add)
         return Added(peer, private)
 
@@ -373,7 +392,7 @@ class PeerService:
         changes: dict[str, Any] = {"new_name": new_name, "expires_at": expires_at}
         if disabled is not None:
             changes["disabled"] = disabled
-        with about("new_name" if new_name is not None else "name"):
+        with _blame():
             if auto:
                 self.get(name)  # an unknown peer is that error, not a pool's
 
@@ -386,19 +405,19 @@ class PeerService:
             )
 
     def disable(self, name: str) -> Peer:
-        with about("name"):
+        with _blame():
             return self.store.update_peer(name, disabled=True)
 
     def enable(self, name: str) -> Peer:
-        with about("name"):
+        with _blame():
             return self.store.update_peer(name, disabled=False)
 
     def revoke(self, name: str) -> Peer:
-        with about("name"):
+        with _blame():
             return self.store.revoke(name)
 
     def remove(self, name: str) -> Peer:
-        with about("name"):
+        with _blame():
             return self.store.remove(name)
 
     def rotate(self, name: str, *, public_key: str | PublicKey | None = None) -> Added:
@@ -412,13 +431,13 @@ class PeerService:
             key = self._key(public_key)
         old = self.get(name)
         psk = PresharedKey.generate() if old.preshared_key is not None else None
-        with about("public_key"):
+        with _blame():
             peer = self.store.update_peer(name, public_key=key, preshared_key=psk)
         return Added(peer, private, old)
 
     def reset_replay(self, name: str) -> Peer:
         """Clear the peer's replay mark; returns the peer as it was."""
-        with about("name"):
+        with _blame():
             return self.store.reset_handshake_mark(name)
 
     # -- client configs -----------------------------------------------------------------------

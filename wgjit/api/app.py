@@ -17,9 +17,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 import wgjit.web
 from wgjit import __version__
@@ -135,22 +137,75 @@ def create_app(service: PeerService, token: str, *, title: str = "wgjit") -> Fas
     @app.exception_handler(StarletteHTTPException)
     def http_error(request: Request, e: Exception) -> JSONResponse:
         assert isinstance(e, StarletteHTTPException)
-        return _error(e.status_code, str(e.detail), None, **(e.headers or {}))
+        headers = dict(e.headers or {})
+        if e.status_code == 405:  # every method of the path, not only the first route's
+            headers["Allow"] = ", ".join(_methods_of(app, request.scope))
+        return _error(e.status_code, str(e.detail), None, **headers)
 
     @app.exception_handler(Exception)
     def internal_error(request: Request, e: Exception) -> JSONResponse:
         log.exception("internal error on %s %s", request.method, request.url.path)
         return _error(500, "internal error; the server's log has the details", None)
 
-    api = APIRouter(prefix=API_PREFIX, dependencies=[Depends(authorized)], responses=_ERRORS)
+    api = APIRouter(
+        prefix=API_PREFIX,
+        dependencies=[Depends(authorized), Depends(_known_query)],
+        responses=_ERRORS,
+    )
     _routes(api, service)
     app.include_router(api)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     wgjit.web.mount(app, service, token)
     return app
 
 
 class _Unauthorized(Exception):
     pass
+
+
+def _known_query(request: Request) -> None:
+    """A query parameter the route does not take is an error (a misspelt `limit` must not
+    silently give the default)."""
+    route = request.scope.get("route")
+    known: set[str] = set()
+    stack = [route.dependant] if route is not None else []
+    while stack:
+        dependant = stack.pop()
+        known |= {p.alias for p in dependant.query_params}
+        stack += dependant.dependencies
+    for key in request.query_params:
+        if key not in known:
+            takes = f"; it takes {', '.join(sorted(known))}" if known else ""
+            raise InputError(f"unknown query parameter {key!r}{takes}", field=key)
+
+
+def _methods_of(app: FastAPI, scope: Any) -> list[str]:
+    """The methods some route of this path takes (for a 405's Allow header)."""
+    methods: set[str] = set()
+    for route in app.routes:
+        match, _ = route.matches(scope)
+        if match != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document, with every error response as what it is, JSON (FastAPI gives an
+    operation's errors the media type of its success: text/plain for /config)."""
+    if app.openapi_schema is None:
+        doc = get_openapi(
+            title=app.title,
+            version=app.version,
+            description=app.description,
+            routes=app.routes,
+        )
+        for operation in (op for ops in doc["paths"].values() for op in ops.values()):
+            for code, response in operation.get("responses", {}).items():
+                content = response.get("content")
+                if code.startswith(("4", "5")) and content and "application/json" not in content:
+                    response["content"] = {"application/json": next(iter(content.values()))}
+        app.openapi_schema = doc
+    return app.openapi_schema
 
 
 NamePath = Annotated[str, Path(pattern=NAME_PATTERN, description="the peer's name")]

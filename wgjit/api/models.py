@@ -22,6 +22,8 @@ from wgjit.store import MAX_PAGE, Peer
 # a peer name (wgjit.store.validate_peer_name), and a part of one (cursor, prefix)
 NAME_PATTERN = r"^[A-Za-z0-9._@-]{1,64}$"
 NAME_PART_PATTERN = r"^[A-Za-z0-9._@-]{0,64}$"
+# a WireGuard key in base64: 32 bytes, 43 characters and "=" (the last one carries 4 bits)
+KEY_PATTERN = r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$"
 # `limit` of GET /api/v1/peers: the most one page may hold
 MAX_LIMIT = 1000
 assert MAX_LIMIT < MAX_PAGE  # the service asks the store for one more
@@ -99,7 +101,7 @@ class PeerCreate(BaseModel):
         "auto",
         description='"auto": the next free address of the store\'s pool; or a list of CIDRs',
     )
-    public_key: Annotated[str, Field(max_length=64)] | None = Field(
+    public_key: Annotated[str, Field(pattern=KEY_PATTERN)] | None = Field(
         None, description="the peer's public key (base64); omit to have a key pair generated"
     )
     preshared_key: bool = Field(False, description="generate a preshared key")
