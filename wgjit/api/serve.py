@@ -3,10 +3,12 @@ under uvicorn on a socket it bound itself (so a port in use is one line, not a l
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import socket
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from wgjit.addr import Endpoint, InvalidAddress
@@ -138,8 +140,19 @@ def run(
         # the store is synchronous: endpoints run in the thread pool, one loop is enough
         workers=None,
     )
+
+    class Server(uvicorn.Server):
+        """Stops on SIGINT/SIGTERM (finishing the requests in flight) and returns: exit status
+        0, as the gateway's, where uvicorn would die by the signal again afterwards."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            with super().capture_signals():
+                yield
+                self._captured_signals.clear()
+
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        Server(config).run(sockets=[sock])
     except OSError as e:  # e.g. an unreadable or mismatched TLS key
         raise ServeError(f"cannot serve: {e}") from None
     finally:
