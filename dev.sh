@@ -9,7 +9,8 @@ cd "$(dirname "$0")"
 
 APT_PACKAGES=(wireguard-go wireguard-tools iptables iproute2 iputils-ping
     qemu-system-x86 linux-image-amd64 kmod busybox-static  # kernel WireGuard tests under qemu
-    systemd)  # systemd-analyze verify checks contrib/systemd (not started: just the binaries)
+    systemd  # systemd-analyze verify checks contrib/systemd (not started: just the binaries)
+    chromium)  # the web page's tests drive Debian's headless Chromium (Playwright, no download)
 VENV=.venv
 # PostgreSQL server binaries: the store tests initdb a throwaway cluster. The machine image has
 # Debian's postgresql-15; install the server only where it is missing.
