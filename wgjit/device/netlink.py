@@ -392,16 +392,8 @@ class DumpParser:
         return DeviceState(self.ifname, self.private_key, self.listen_port, peers)
 
 
-class HandshakeParser:
-    """Each peer's key and last handshake (unix seconds, 0.0 if never) from the messages of
-    one WG_CMD_GET_DEVICE dump; everything else is stepped over, never decoded.
-
-    A peer continued in a later message (its allowed IPs did not fit) repeats only its key
-    there: the continuation keeps the time already seen."""
-
-    def __init__(self, ifname: str) -> None:
-        self.ifname = ifname
-        self.handshakes: dict[PublicKey, float] = {}
+class _PeersParser:
+    """Feeds the WGDEVICE_A_PEERS nest of each dump message to `_feed_peers`."""
 
     def feed(self, attrs: bytes | memoryview) -> None:
         """One message's attributes (after the generic netlink header)."""
@@ -413,6 +405,21 @@ class HandshakeParser:
             if kind & NLA_TYPE_MASK == WGDEVICE_A_PEERS:
                 self._feed_peers(attrs, off + 4, off + length)
             off += (length + 3) & ~3
+
+    def _feed_peers(self, buf: bytes | memoryview, off: int, end: int) -> None:
+        raise NotImplementedError
+
+
+class HandshakeParser(_PeersParser):
+    """Each peer's key and last handshake (unix seconds, 0.0 if never) from the messages of
+    one WG_CMD_GET_DEVICE dump; everything else is stepped over, never decoded.
+
+    A peer continued in a later message (its allowed IPs did not fit) repeats only its key
+    there: the continuation keeps the time already seen."""
+
+    def __init__(self, ifname: str) -> None:
+        self.ifname = ifname
+        self.handshakes: dict[PublicKey, float] = {}
 
     def _feed_peers(self, buf: bytes | memoryview, off: int, end: int) -> None:
         unpack = _NLA.unpack_from
@@ -469,7 +476,7 @@ def endpoint_text(raw: bytes | memoryview, off: int = 0, end: int | None = None)
     return None
 
 
-class StatsParser:
+class StatsParser(_PeersParser):
     """Each peer's PeerStats (last handshake, rx and tx bytes, endpoint) from the messages of
     one WG_CMD_GET_DEVICE dump, like HandshakeParser: a peer's attributes are read up to its
     allowed IPs (the kernel puts them last), which are stepped over. A continuation (the
@@ -479,17 +486,6 @@ class StatsParser:
         self.ifname = ifname
         self.stats: dict[PublicKey, PeerStats] = {}
         self.laid_out = 0  # peers read with one unpack (the kernel's layout)
-
-    def feed(self, attrs: bytes | memoryview) -> None:
-        """One message's attributes (after the generic netlink header)."""
-        off, end = 0, len(attrs)
-        while off + 4 <= end:
-            length, kind = _NLA.unpack_from(attrs, off)
-            if length < 4 or off + length > end:
-                return
-            if kind & NLA_TYPE_MASK == WGDEVICE_A_PEERS:
-                self._feed_peers(attrs, off + 4, off + length)
-            off += (length + 3) & ~3
 
     def _feed_peers(self, buf: bytes | memoryview, off: int, end: int) -> None:
         unpack = _NLA.unpack_from
