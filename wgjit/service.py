@@ -355,12 +355,7 @@ class PeerService:
         pool's next free address. Without `public_key` a key pair is generated: the private
         key is in the result (and nowhere else). `preshared_key`: generate one."""
         nets = self._networks(allowed_ips, allow_overlap)
-        private = None
-        if public_key is None:
-            private = PrivateKey.generate()
-            key = private.public_key()
-        else:
-            key = self._key(public_key)
+        key, private = self._key_pair(public_key)
         self._future(expires_at)
         psk = PresharedKey.generate() if preshared_key else None
 
@@ -436,12 +431,7 @@ class PeerService:
     def rotate(self, name: str, *, public_key: str | PublicKey | None = None) -> Added:
         """A new key pair for the peer (generated unless `public_key`), and a new preshared
         key if it had one: the old key is refused at once."""
-        private = None
-        if public_key is None:
-            private = PrivateKey.generate()
-            key = private.public_key()
-        else:
-            key = self._key(public_key)
+        key, private = self._key_pair(public_key)
         old = self.get(name)
         psk = PresharedKey.generate() if old.preshared_key is not None else None
         with _blame():
@@ -506,6 +496,15 @@ class PeerService:
             return None
         with about("allowed_ips"):
             return parse_networks(text)
+
+    def _key_pair(
+        self, public_key: str | PublicKey | None
+    ) -> tuple[PublicKey, PrivateKey | None]:
+        """The given public key, or a new pair (its private key is returned once, here)."""
+        if public_key is not None:
+            return self._key(public_key), None
+        private = PrivateKey.generate()
+        return private.public_key(), private
 
     @staticmethod
     def _key(public_key: str | PublicKey) -> PublicKey:
