@@ -495,7 +495,13 @@ def test_role_inversion_keepalive_on_then_off(pair: Pair) -> None:
 
     state = pair.dev.read().peers[pair.client_key]
     assert state.persistent_keepalive == 0
-    assert pair.client_dev.read().peers[pair.gw_key].last_handshake is not None
+    # the client (responder) counts the handshake once the gateway's confirming keepalive
+    # arrives, a moment after the gateway itself does
+    wait_until(
+        "the client's side of the handshake",
+        lambda: pair.client_dev.read().peers[pair.gw_key].last_handshake is not None,
+        timeout=2.0,
+    )
     # handshakes() says the same as read(), and the time is now
     assert state.last_handshake is not None
     assert pair.dev.handshakes() == {pair.client_key: state.last_handshake}
