@@ -1,0 +1,446 @@
+"""Handshake verification in worker processes: the X25519 of every knock off the loop's core.
+
+The loop process keeps the policy and all its state, and does the cheap checks itself (header,
+mac1, duplicates, cookies, rate limits); only the work that needs an X25519 comes here. A job is
+one of two kinds:
+
+- OPEN: a knock's packet. The worker decrypts the claimed static key (one X25519). If its own
+  static-DH cache already holds that key (it authenticated it before), it finishes the
+  authentication too, at no further X25519 cost, and answers VERIFIED; otherwise it answers
+  OPENED with the claimed key and the handshake state (chaining key, hash), and stops: an
+  unknown key costs a worker exactly one X25519.
+- AUTH: a claimed key the policy knows (installed), with the state from OPENED. The worker
+  does the static-static DH (cached from then on) and the timestamp: VERIFIED or a reject.
+
+Affinity. Before the first DH nobody knows the key, so OPEN jobs go to a worker chosen by the
+knock's source (address and port: a client keeps both between rekeys, and a crowd behind one NAT
+address still spreads over the workers by port). The AUTH job of a knock goes to the worker that
+opened it, which then has the key's static DH cached, so the client's next rekeys from the same
+source are VERIFIED in one job. (Routing AUTH by a hash of the key instead would keep the cache
+warm in a worker that the next OPEN, routed by source, does not reach.) A worker at its in-flight
+limit passes an OPEN to the least busy worker with room (a cache miss costs one AUTH round more).
+
+Transport. Each worker is a fresh interpreter (`python -m wgjit.gateway.pool`, started with
+subprocess: no fork of a threaded process) connected by a SOCK_SEQPACKET socket pair, whose
+messages keep their boundaries: one message per batch of fixed-size records (struct), one send
+per batch each way, nothing pickled. The gateway's private key goes to the worker once, as the
+first message, never on a command line or in a log. Alternatives considered: multiprocessing
+queues (a pickle and a lock per item, a feeder thread in the loop process); NFQUEUE
+--queue-balance or PACKET_FANOUT, where each worker would capture its own share (the policy's
+state - installed peers, rate limits, duplicates, pending look-ups - would then have to be
+shared or split by key, which the kernel's fan-out cannot give before decryption).
+
+Bounded: at most `inflight` jobs per worker (more are refused: the caller gives a fail-open
+verdict); a worker that dies, or answers nothing for `hang_timeout`, is killed and started anew,
+and its in-flight jobs come back as LOST (the caller gives them fail-open verdicts). close()
+ends and reaps every worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from wgjit.handshake import (
+    INITIATION_SIZE,
+    BadMac1,
+    BadStatic,
+    BadTimestamp,
+    HandshakeError,
+    Malformed,
+    Opened,
+    Responder,
+    Timestamp,
+    Verified,
+)
+from wgjit.keys import PrivateKey, PublicKey
+
+OPEN = 1
+AUTH = 2
+# job: kind, flags, ticket, packet, claimed static, chaining key, hash (the last three: AUTH)
+_JOB = struct.Struct(f"<BBI{INITIATION_SIZE}s32s32s32s")
+_MAC1_CHECKED = 1
+# result: kind, reason, ticket, static, chaining key, hash, timestamp, sender index
+_RESULT = struct.Struct("<BBI32s32s32s12sI")
+R_OPENED = 1
+R_VERIFIED = 2
+R_REJECTED = 3
+_REASONS: list[type[HandshakeError]] = [HandshakeError, Malformed, BadMac1, BadStatic,
+                                        BadTimestamp]  # fmt: skip
+_REASON_CODE = {cls: i for i, cls in enumerate(_REASONS)}
+MAX_BATCH = 128  # jobs per message (~32 KB); a batch's results come back in one message
+DEFAULT_INFLIGHT = 512
+DEFAULT_HANG_TIMEOUT = 2.0
+_KEY_MESSAGE = struct.Struct("<32sI")  # private key, static cache size
+_HEADER = b"\x01\x00\x00\x00"
+
+
+class Lost:
+    """The result of a job whose worker died or hung: it was not verified."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "LOST"
+
+
+LOST = Lost()
+# what a job comes back with: the claimed key (OPEN of a key the worker has not authenticated
+# before), the claimed key and its proof, a reason it is not an initiation for us, or LOST
+Result = Opened | tuple[Opened, Verified] | HandshakeError | Lost
+
+
+@dataclass(slots=True, eq=False)
+class Job:
+    """One knock's crypto. `context` is the caller's (the policy puts its effect there)."""
+
+    packet: bytes = field(repr=False)
+    affinity: int  # OPEN: hash of the source; AUTH: ignored (goes to `worker`)
+    opened: Opened | None = None  # set: an AUTH job
+    mac1_checked: bool = True
+    context: object = field(default=None, repr=False)
+    worker: int = -1  # set by submit()
+
+
+def source_affinity(host: bytes, port: int) -> int:
+    """The affinity of a knock from (packed address, port)."""
+    return zlib.crc32(host, port)
+
+
+@dataclass(slots=True)
+class _Worker:
+    index: int
+    proc: subprocess.Popen[bytes]
+    sock: socket.socket
+    inflight: dict[int, Job] = field(default_factory=dict)
+    outbox: list[Job] = field(default_factory=list)
+    # when the oldest unanswered batch was sent (monotonic), or None
+    waiting_since: float | None = None
+    started_at: float = 0.0
+
+
+class VerifyPool:
+    """`workers` worker processes verifying initiations for one gateway key."""
+
+    def __init__(
+        self,
+        private_key: PrivateKey,
+        workers: int,
+        *,
+        inflight: int = DEFAULT_INFLIGHT,
+        hang_timeout: float = DEFAULT_HANG_TIMEOUT,
+        static_cache_size: int = 65536,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if workers < 1:
+            raise ValueError("a pool needs at least one worker")
+        self._key = private_key
+        self._cache_size = static_cache_size
+        self._limit = inflight
+        self._hang = hang_timeout
+        self._clock = clock
+        self._ticket = 0
+        self._dying: list[subprocess.Popen[bytes]] = []
+        self.restarts = 0
+        self.lost = 0
+        self._workers = [self._start(i) for i in range(workers)]
+        self._by_fd = {w.sock.fileno(): w for w in self._workers}
+
+    # -- workers --------------------------------------------------------------------------
+
+    def _start(self, index: int) -> _Worker:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "wgjit.gateway.pool", str(child.fileno())],
+                pass_fds=(child.fileno(),),
+                stdin=subprocess.DEVNULL,
+                close_fds=True,
+            )
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        parent.sendall(_KEY_MESSAGE.pack(self._key.raw, self._cache_size))
+        parent.setblocking(False)
+        return _Worker(index, proc, parent, started_at=self._clock())
+
+    def _replace(self, w: _Worker) -> list[tuple[Job, Result]]:
+        """Kill `w` and start its successor; `w`'s in-flight and queued jobs come back LOST."""
+        lost = [(j, LOST) for j in (*w.inflight.values(), *w.outbox)]
+        self.lost += len(lost)
+        self.restarts += 1
+        self._by_fd.pop(w.sock.fileno(), None)
+        w.sock.close()
+        with contextlib.suppress(ProcessLookupError):
+            w.proc.kill()
+        self._dying.append(w.proc)
+        new = self._workers[w.index] = self._start(w.index)
+        self._by_fd[new.sock.fileno()] = new
+        return lost
+
+    def _reap(self) -> None:
+        self._dying = [p for p in self._dying if p.poll() is None]
+
+    @property
+    def size(self) -> int:
+        return len(self._workers)
+
+    def fds(self) -> list[int]:
+        """The sockets to watch for results (they change when a worker is replaced)."""
+        return list(self._by_fd)
+
+    def pids(self) -> list[int]:
+        return [w.proc.pid for w in self._workers]
+
+    @property
+    def inflight(self) -> int:
+        return sum(len(w.inflight) + len(w.outbox) for w in self._workers)
+
+    # -- jobs -----------------------------------------------------------------------------
+
+    def submit(self, job: Job) -> bool:
+        """Queue a job (sent at flush()). False: every worker it may go to is full."""
+        workers = self._workers
+        if job.opened is not None and 0 <= job.worker < len(workers):
+            w = workers[job.worker]
+        else:
+            w = workers[job.affinity % len(workers)]
+        if len(w.inflight) + len(w.outbox) >= self._limit:
+            if job.opened is not None:
+                return False  # its state is cached there only
+            w = min(workers, key=lambda x: len(x.inflight) + len(x.outbox))
+            if len(w.inflight) + len(w.outbox) >= self._limit:
+                return False
+        job.worker = w.index
+        w.outbox.append(job)
+        return True
+
+    def flush(self) -> list[tuple[Job, Result]]:
+        """Send every queued job, in batches; what comes back LOST (a worker that cannot
+        take a message is replaced)."""
+        lost: list[tuple[Job, Result]] = []
+        now = self._clock()
+        for w in list(self._workers):
+            while w.outbox:
+                batch, w.outbox = w.outbox[:MAX_BATCH], w.outbox[MAX_BATCH:]
+                buf = bytearray(_JOB.size * len(batch))
+                tickets = []
+                for i, job in enumerate(batch):
+                    self._ticket = t = (self._ticket + 1) & 0xFFFFFFFF
+                    o = job.opened
+                    _JOB.pack_into(
+                        buf, i * _JOB.size,
+                        AUTH if o is not None else OPEN,
+                        _MAC1_CHECKED if job.mac1_checked else 0,
+                        t, job.packet,
+                        *((o.public_key.raw, o.chaining_key, o.hash) if o is not None
+                          else (b"", b"", b"")),
+                    )  # fmt: skip
+                    tickets.append(t)
+                try:
+                    w.sock.send(buf)
+                except OSError:  # full (a worker that does not read) or gone
+                    w.outbox[:0] = batch
+                    lost.extend(self._replace(w))
+                    break
+                for t, job in zip(tickets, batch, strict=True):
+                    w.inflight[t] = job
+                if w.waiting_since is None:
+                    w.waiting_since = now
+        return lost
+
+    def read(self, fd: int) -> list[tuple[Job, Result]]:
+        """The results waiting on `fd` (one of fds()); a worker found dead is replaced and
+        its jobs come back LOST."""
+        w = self._by_fd.get(fd)
+        if w is None:
+            return []
+        out: list[tuple[Job, Result]] = []
+        while True:
+            try:
+                data = w.sock.recv(_RESULT.size * MAX_BATCH)
+            except BlockingIOError:
+                break
+            except OSError:
+                data = b""
+            if not data:  # the worker is gone
+                out.extend(self._replace(w))
+                return out
+            self._results(w, data, out)
+        w.waiting_since = self._clock() if w.inflight else None
+        return out
+
+    def _results(self, w: _Worker, data: bytes, out: list[tuple[Job, Result]]) -> None:
+        for off in range(0, len(data) - _RESULT.size + 1, _RESULT.size):
+            kind, reason, ticket, static, ck, h, stamp, index = _RESULT.unpack_from(data, off)
+            job = w.inflight.pop(ticket, None)
+            if job is None:
+                continue
+            if kind == R_REJECTED:
+                cls = _REASONS[reason] if reason < len(_REASONS) else HandshakeError
+                out.append((job, cls("rejected by a verify worker")))
+                continue
+            opened = job.opened
+            if opened is None:
+                opened = Opened(PublicKey.trusted(static), job.packet, ck, h)
+            if kind == R_VERIFIED:
+                v = Verified(opened.public_key, Timestamp.trusted(stamp), index)
+                out.append((job, (opened, v)))
+            else:
+                out.append((job, opened))
+
+    def check(self) -> list[tuple[Job, Result]]:
+        """Replace workers that died or answer nothing for hang_timeout; reap the dead."""
+        now = self._clock()
+        lost: list[tuple[Job, Result]] = []
+        for w in list(self._workers):
+            hung = w.waiting_since is not None and now - w.waiting_since > self._hang
+            if hung or w.proc.poll() is not None:
+                lost.extend(self._replace(w))
+        self._reap()
+        return lost
+
+    def close(self, timeout: float = 2.0) -> None:
+        """End every worker (EOF, then a kill after `timeout`) and reap it."""
+        for w in self._workers:
+            with contextlib.suppress(OSError):
+                w.sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + timeout
+        procs = [w.proc for w in self._workers] + self._dying
+        for p in procs:
+            try:
+                p.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for w in self._workers:
+            w.sock.close()
+        self._by_fd.clear()
+        self._dying = []
+
+    def __enter__(self) -> VerifyPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- synchronous use (tests, benchmarks) ----------------------------------------------
+
+    def run(self, jobs: list[Job], timeout: float = 10.0) -> list[tuple[Job, Result]]:
+        """Submit `jobs`, wait for all their results (in completion order)."""
+        import selectors
+
+        out: list[tuple[Job, Result]] = []
+        want = 0
+        for j in jobs:
+            if not self.submit(j):
+                raise RuntimeError("pool full")
+            want += 1
+        out.extend(self.flush())
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as sel:
+            while len(out) < want:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    out.extend(self.check())
+                    if len(out) < want:
+                        raise TimeoutError(f"{want - len(out)} jobs unanswered")
+                    break
+                for fd in self.fds():
+                    sel.register(fd, selectors.EVENT_READ)
+                for key, _ in sel.select(min(left, 0.2)):
+                    out.extend(self.read(int(key.fd)))
+                for fd in list(sel.get_map()):
+                    sel.unregister(fd)
+                out.extend(self.check())
+        return out
+
+
+@contextlib.contextmanager
+def bench_pool(private_key: PrivateKey, workers: int, packets: list[bytes]
+               ) -> Iterator[Callable[[], int]]:  # fmt: skip
+    """For benchmarks/verify.py: a callable that verifies `packets` through a pool of
+    `workers` (static DH cached, as for installed peers rekeying: the first pass warms the
+    workers' caches) and returns how many it verified."""
+    with VerifyPool(private_key, workers) as pool:
+        clients = [source_affinity(i.to_bytes(4, "big"), 51820) for i in range(len(packets))]
+
+        def one_pass() -> int:
+            # keep at most about `inflight` jobs out: submit in waves of a batch per worker
+            done = 0
+            wave = MAX_BATCH * pool.size
+            for start in range(0, len(packets), wave):
+                jobs = [Job(p, clients[start + i])
+                        for i, p in enumerate(packets[start : start + wave])]  # fmt: skip
+                results = pool.run(jobs)
+                auth = [Job(j.packet, 0, r, worker=j.worker)
+                        for j, r in results if isinstance(r, Opened)]  # fmt: skip
+                if auth:
+                    results += pool.run(auth)
+                done += sum(isinstance(r, tuple) for _, r in results)
+            return done
+
+        # warm: every worker authenticates its clients once (and the workers are started)
+        one_pass()
+        yield one_pass
+
+
+# -- the worker process ------------------------------------------------------------------------
+
+
+def _serve(sock: socket.socket) -> None:
+    key, cache_size = _KEY_MESSAGE.unpack(sock.recv(_KEY_MESSAGE.size))
+    responder = Responder(PrivateKey(key), cache_size)
+    del key
+    open_raw, cached, auth = responder.open_raw, responder.cached, responder.authenticate_raw
+    check_mac1 = responder.check_mac1
+    job_unpack, pack, size = _JOB.unpack_from, _RESULT.pack_into, _RESULT.size
+    empty = bytes(32)
+    while data := sock.recv(_JOB.size * MAX_BATCH):
+        n = len(data) // _JOB.size
+        out = bytearray(size * n)
+        for i in range(n):
+            kind, flags, ticket, packet, static, ck, h = job_unpack(data, i * _JOB.size)
+            try:
+                if not flags & _MAC1_CHECKED:
+                    check_mac1(packet)
+                elif packet[:4] != _HEADER:
+                    raise Malformed("not an initiation")
+                if kind == OPEN:
+                    static, ck, h = open_raw(packet)
+                    if not cached(static):
+                        pack(out, i * size, R_OPENED, 0, ticket, static, ck, h, b"", 0)
+                        continue
+                stamp, index = auth(static, packet, ck, h)
+                pack(out, i * size, R_VERIFIED, 0, ticket, static, ck, h, stamp, index)
+            except HandshakeError as e:
+                code = _REASON_CODE.get(type(e), 0)
+                pack(out, i * size, R_REJECTED, code, ticket, empty, empty, empty, b"", 0)
+        sock.sendall(out)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1 or not argv[0].isdigit():
+        print("usage: python -m wgjit.gateway.pool FD (started by the gateway)", file=sys.stderr)
+        return 2
+    # the gateway's Ctrl-C reaches its whole process group: the worker ends when the gateway
+    # closes its socket (or dies), not before the gateway has its results
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sock = socket.socket(fileno=int(argv[0]))
+    with contextlib.suppress(KeyboardInterrupt, BrokenPipeError, ConnectionResetError):
+        _serve(sock)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
