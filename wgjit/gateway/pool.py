@@ -176,7 +176,7 @@ class VerifyPool:
 
     def _replace(self, w: _Worker) -> list[tuple[Job, Result]]:
         """Kill `w` and start its successor; `w`'s in-flight and queued jobs come back LOST."""
-        lost = [(j, LOST) for j in (*w.inflight.values(), *w.outbox)]
+        lost: list[tuple[Job, Result]] = [(j, LOST) for j in (*w.inflight.values(), *w.outbox)]
         self.lost += len(lost)
         self.restarts += 1
         self._by_fd.pop(w.sock.fileno(), None)
@@ -356,11 +356,12 @@ class VerifyPool:
                     if len(out) < want:
                         raise TimeoutError(f"{want - len(out)} jobs unanswered")
                     break
-                for fd in self.fds():
+                fds = self.fds()
+                for fd in fds:
                     sel.register(fd, selectors.EVENT_READ)
                 for key, _ in sel.select(min(left, 0.2)):
-                    out.extend(self.read(int(key.fd)))
-                for fd in list(sel.get_map()):
+                    out.extend(self.read(key.fd))
+                for fd in fds:
                     sel.unregister(fd)
                 out.extend(self.check())
         return out
