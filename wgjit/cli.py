@@ -41,6 +41,7 @@ from wgjit.gateway.core import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_CLOCK_SKEW,
     DEFAULT_SWEEP_INTERVAL,
+    MAX_WORKERS,
     ConfigError,
     GatewayConfig,
 )
@@ -52,6 +53,9 @@ from wgjit.store import DEFAULT_STORE_URL, KEEP, Peer, Store, StoreError, open_s
 from wgjit.store.bulk import BulkError
 from wgjit.store.pool import add_with_auto_address, parse_pool
 from wgjit.store.urls import redact, scrub
+
+# --workers: one verify worker per core this process may run on
+DEFAULT_WORKERS = min(len(os.sched_getaffinity(0)), MAX_WORKERS)
 
 
 class CLIError(Exception):
@@ -742,6 +746,7 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
         adopt_empty_store=args.adopt_empty_store,
         testing_always_under_load=args.testing_always_under_load,
         load_delay=args.load_delay,
+        workers=args.workers,
     )
     try:
         config.validate()
@@ -1061,6 +1066,11 @@ def build_parser() -> _Parser:
                          "order (default)")  # fmt: skip
     gw.add_argument("--queue-num", type=_int_range("--queue-num", 0, 65535), default=None,
                     help="NFQUEUE number for --mode hold (default: the listen port)")  # fmt: skip
+    gw.add_argument("--workers", type=_int_range("--workers", 0, MAX_WORKERS),
+                    default=DEFAULT_WORKERS,
+                    help="worker processes that verify initiations (the X25519 work); 0 or 1: "
+                         f"in the gateway's own process (default: the number of cores, "
+                         f"{DEFAULT_WORKERS})")  # fmt: skip
     gw.add_argument("--testing-no-completion", action="store_true",
                     help="TESTING ONLY: install peers but do nothing to complete the handshake "
                          "(the client's own 5 s retry does; for latency comparisons)")  # fmt: skip
@@ -1068,8 +1078,11 @@ def build_parser() -> _Parser:
                     help="start even if the store has no peers while the interface has some "
                          "(they are removed); without it the gateway refuses, since an empty "
                          "store is almost always a wrong --store")  # fmt: skip
-    gw.add_argument("--metrics-listen", metavar="HOST:PORT",
-                    help="serve Prometheus /metrics and /healthz there (e.g. 127.0.0.1:9586)")
+    gw.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus /metrics and /healthz there (e.g. 127.0.0.1:9586)",
+    )
     gw.add_argument("--testing-always-under-load", action="store_true",
                     help="TESTING ONLY: answer every initiation without a valid mac2 with a "
                          "cookie reply, as under load")  # fmt: skip
