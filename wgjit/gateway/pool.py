@@ -81,6 +81,7 @@ DEFAULT_INFLIGHT = 512
 DEFAULT_HANG_TIMEOUT = 2.0
 _KEY_MESSAGE = struct.Struct("<32sI")  # private key, static cache size
 _HEADER = b"\x01\x00\x00\x00"
+_READY = b"R"  # a worker's first message: it holds the key and takes jobs
 
 
 class Lost:
@@ -125,6 +126,7 @@ class _Worker:
     # when the oldest unanswered batch was sent (monotonic), or None
     waiting_since: float | None = None
     started_at: float = 0.0
+    ready: bool = False  # its _READY was read (until then a job may wait for its start)
 
 
 class VerifyPool:
@@ -139,6 +141,7 @@ class VerifyPool:
         hang_timeout: float = DEFAULT_HANG_TIMEOUT,
         static_cache_size: int = 65536,
         clock: Callable[[], float] = time.monotonic,
+        start_timeout: float = 30.0,
     ) -> None:
         if workers < 1:
             raise ValueError("a pool needs at least one worker")
@@ -151,7 +154,23 @@ class VerifyPool:
         self._dying: list[subprocess.Popen[bytes]] = []
         self.restarts = 0
         self.lost = 0
-        self._workers = [self._start(i) for i in range(workers)]
+        self._workers: list[_Worker] = []
+        self._by_fd: dict[int, _Worker] = {}
+        try:
+            for i in range(workers):
+                self._workers.append(self._start(i))
+            # a fresh interpreter takes a few hundred ms to import its crypto: the first
+            # knocks must not wait for that, so the gateway is ready only once they are
+            deadline = time.monotonic() + start_timeout
+            for w in self._workers:
+                w.sock.settimeout(max(0.001, deadline - time.monotonic()))
+                if w.sock.recv(16) != _READY:
+                    raise OSError("a verify worker did not start")
+                w.sock.setblocking(False)
+                w.ready = True
+        except BaseException:
+            self.close(timeout=0)
+            raise
         self._by_fd = {w.sock.fileno(): w for w in self._workers}
 
     # -- workers --------------------------------------------------------------------------
@@ -276,6 +295,9 @@ class VerifyPool:
             if not data:  # the worker is gone
                 out.extend(self._replace(w))
                 return out
+            if data == _READY and not w.ready:
+                w.ready = True
+                continue
             self._results(w, data, out)
         w.waiting_since = self._clock() if w.inflight else None
         return out
@@ -304,7 +326,9 @@ class VerifyPool:
         now = self._clock()
         lost: list[tuple[Job, Result]] = []
         for w in list(self._workers):
-            hung = w.waiting_since is not None and now - w.waiting_since > self._hang
+            # (a worker still starting gets longer: a fresh interpreter on a busy machine)
+            limit = self._hang if w.ready else max(self._hang, 10.0)
+            hung = w.waiting_since is not None and now - w.waiting_since > limit
             if hung or w.proc.poll() is not None:
                 lost.extend(self._replace(w))
         self._reap()
@@ -313,6 +337,7 @@ class VerifyPool:
     def close(self, timeout: float = 2.0) -> None:
         """End every worker (EOF, then a kill after `timeout`) and reap it."""
         for w in self._workers:
+            w.sock.setblocking(True)
             with contextlib.suppress(OSError):
                 w.sock.shutdown(socket.SHUT_WR)
         deadline = time.monotonic() + timeout
@@ -371,28 +396,44 @@ class VerifyPool:
 def bench_pool(private_key: PrivateKey, workers: int, packets: list[bytes]
                ) -> Iterator[Callable[[], int]]:  # fmt: skip
     """For benchmarks/verify.py: a callable that verifies `packets` through a pool of
-    `workers` (static DH cached, as for installed peers rekeying: the first pass warms the
-    workers' caches) and returns how many it verified."""
-    with VerifyPool(private_key, workers) as pool:
-        clients = [source_affinity(i.to_bytes(4, "big"), 51820) for i in range(len(packets))]
+    `workers` and returns how many it verified. The static DH is cached, as for installed peers
+    rekeying (a first pass warms the workers' caches): each packet is one OPEN job, answered
+    VERIFIED. Jobs are fed as the gateway's loop feeds them: results are read as they come
+    and each frees room for a new job, up to two batches in flight per worker."""
+    import selectors
+
+    with VerifyPool(private_key, workers) as pool, selectors.DefaultSelector() as sel:
+        affinity = [source_affinity(i.to_bytes(4, "big"), 51820) for i in range(len(packets))]
+        window = 2 * MAX_BATCH * workers
+        for fd in pool.fds():
+            sel.register(fd, selectors.EVENT_READ)
 
         def one_pass() -> int:
-            # keep at most about `inflight` jobs out: submit in waves of a batch per worker
-            done = 0
-            wave = MAX_BATCH * pool.size
-            for start in range(0, len(packets), wave):
-                jobs = [Job(p, clients[start + i])
-                        for i, p in enumerate(packets[start : start + wave])]  # fmt: skip
-                results = pool.run(jobs)
-                auth = [Job(j.packet, 0, r, worker=j.worker)
-                        for j, r in results if isinstance(r, Opened)]  # fmt: skip
-                if auth:
-                    results += pool.run(auth)
-                done += sum(isinstance(r, tuple) for _, r in results)
-            return done
+            verified = 0
+            sent = answered = 0
+            total = len(packets)
+            while answered < total:
+                while sent < total and sent - answered < window:
+                    if not pool.submit(Job(packets[sent], affinity[sent])):
+                        break
+                    sent += 1
+                if pool.flush():
+                    raise RuntimeError("a verify worker died during the benchmark")
+                for key, _ in sel.select(10.0):
+                    for _, r in pool.read(key.fd):
+                        answered += 1
+                        verified += isinstance(r, tuple)
+            return verified
 
-        # warm: every worker authenticates its clients once (and the workers are started)
-        one_pass()
+        # warm: every worker authenticates its clients once (OPEN, then AUTH)
+        for start in range(0, len(packets), MAX_BATCH):
+            jobs = [Job(p, affinity[start + i])
+                    for i, p in enumerate(packets[start : start + MAX_BATCH])]  # fmt: skip
+            auth = [Job(j.packet, 0, r, worker=j.worker)
+                    for j, r in pool.run(jobs) if isinstance(r, Opened)]  # fmt: skip
+            pool.run(auth)
+        if one_pass() != len(packets):
+            raise RuntimeError("the pool did not verify every packet")
         yield one_pass
 
 
@@ -403,6 +444,7 @@ def _serve(sock: socket.socket) -> None:
     key, cache_size = _KEY_MESSAGE.unpack(sock.recv(_KEY_MESSAGE.size))
     responder = Responder(PrivateKey(key), cache_size)
     del key
+    sock.sendall(_READY)
     open_raw, cached, auth = responder.open_raw, responder.cached, responder.authenticate_raw
     check_mac1 = responder.check_mac1
     job_unpack, pack, size = _JOB.unpack_from, _RESULT.pack_into, _RESULT.size

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import gc
 import signal
 import socket
@@ -282,6 +281,12 @@ class _Loop:
             self._verified(lost)
         self.reactor.call_at(time.monotonic() + POOL_CHECK_INTERVAL, self._check_pool)
 
+    def _pool_reader(self, fd: int) -> Callable[[], None]:
+        def verify_results() -> None:  # (the reactor names a stall by its handler's name)
+            self._on_pool(fd)
+
+        return verify_results
+
     def _watch_pool(self) -> None:
         """(Re-)register the workers' sockets after a worker was replaced (a new socket may
         reuse the old one's number, which epoll dropped when it was closed)."""
@@ -295,7 +300,7 @@ class _Loop:
             self.reactor.remove_reader(fd)
         self._pool_fds = pool.fds()
         for fd in self._pool_fds:
-            self.reactor.add_reader(fd, functools.partial(self._on_pool, fd))
+            self.reactor.add_reader(fd, self._pool_reader(fd))
 
     def submit(self, effect: Effect) -> None:
         if isinstance(effect, Install):
