@@ -19,7 +19,7 @@ from tests.wgref import reference_initiation, with_mac1
 from wgjit.addr import Endpoint, parse_networks
 from wgjit.events import EventLog
 from wgjit.gateway.core import GatewayConfig
-from wgjit.gateway.effects import Effect, Verify
+from wgjit.gateway.effects import Effect, Verify, run_inline
 from wgjit.gateway.outcome import Outcome
 from wgjit.gateway.pool import LOST, Job, Result, VerifyPool, source_affinity
 from wgjit.handshake import (
@@ -30,6 +30,7 @@ from wgjit.handshake import (
     Malformed,
     Opened,
     Responder,
+    Verified,
     build_initiation,
 )
 from wgjit.keys import PrivateKey
@@ -161,11 +162,17 @@ class PooledGateway(SyncGateway):
     jobs: list[Job]
 
     def run(self, effects: list[Effect]) -> None:
-        while True:
+        while effects:
             verify = [e for e in effects if isinstance(e, Verify)]
-            super().run([e for e in effects if not isinstance(e, Verify)])
-            if not verify:
-                return
+
+            def on_done(e: Effect, r: object, err: Exception | None,
+                        held: list[Verify] = verify) -> list[Effect]:  # fmt: skip
+                out = self.policy.on_done(e, r, err, self.clock())
+                held.extend(x for x in out if isinstance(x, Verify))
+                return [x for x in out if not isinstance(x, Verify)]
+
+            rest = [e for e in effects if not isinstance(e, Verify)]
+            run_inline(rest, on_done, self.store, self.device, self.verdicts.append)
             jobs = []
             for e in verify:
                 src = e.knock.source
@@ -174,10 +181,11 @@ class PooledGateway(SyncGateway):
             self.jobs += jobs
             results: list[tuple[Verify, object]] = []
             for j, r in self.pool.run(jobs):
-                assert isinstance(j.context, Verify)
-                v = Verify(j.context.knock, j.context.ticket, j.context.opened, j.worker)
+                c = j.context
+                assert isinstance(c, Verify)
+                v = Verify(c.knock, c.ticket, c.opened, j.worker, c.waiter)
                 results.append((v, Outcome.WORKER_LOST if r is LOST else r))
-            effects = self.policy.on_verified(results, self.clock())
+            effects = self.policy.on_verified(results, self.clock()) if results else []
 
 
 @pytest.fixture
@@ -215,22 +223,74 @@ def test_policy_through_the_pool_installs_known_and_refuses_unknown_and_forged(
     assert events(out, "reject")[-1]["reason"] == "forged"
 
 
+class CountingResponder(Responder):
+    """The loop's responder, counting the static·static work it does itself."""
+
+    __slots__ = ("authenticated",)
+
+    def __init__(self, key: PrivateKey) -> None:
+        super().__init__(key)
+        self.authenticated: list[Opened] = []
+
+    def authenticate(self, opened: Opened) -> Verified:
+        self.authenticated.append(opened)
+        return super().authenticate(opened)
+
+
+def test_a_new_known_peer_is_authenticated_on_its_worker_not_in_the_loop(
+    gw: tuple[PooledGateway, FakeDevice, io.StringIO],
+) -> None:
+    g, dev, out = gw
+    loop = g.responder = CountingResponder(GW)
+    bob = PrivateKey.generate()  # no worker has seen it
+    g.store.add_peer("bob", bob.public_key(), parse_networks("100.65.0.13/32"))
+    g.jobs.clear()
+    assert g.handle(knock(initiation(bob, GW, 1e9), g.clock())) == "installed"
+    assert bob.public_key() in dev.peers
+    # OPEN, then (known after the look-up) AUTH on the worker that opened it
+    assert [j.opened is not None for j in g.jobs] == [False, True]
+    assert g.jobs[0].worker == g.jobs[1].worker
+    assert loop.authenticated == []
+    # a forged claim of a stored key that is not installed: refused by its worker
+    victim = PrivateKey.generate()
+    g.store.add_peer("victim", victim.public_key(), parse_networks("100.65.0.12/32"))
+    forged = reference_initiation(victim.public_key(), ATTACKER, GW.public_key())
+    assert g.handle(knock(forged, g.clock())) == "forged"
+    assert victim.public_key() not in dev.peers
+    assert loop.authenticated == []
+    assert events(out, "reject")[-1]["reason"] == "forged"
+
+
 def test_installed_peer_rekeys_verified_by_the_warm_worker(
     gw: tuple[PooledGateway, FakeDevice, io.StringIO],
 ) -> None:
     g, dev, _ = gw
+    carol = PrivateKey.generate()  # no worker has seen it
+    g.store.add_peer("carol", carol.public_key(), parse_networks("100.65.0.14/32"))
     src = Endpoint.parse("198.18.0.77:41000")
-    assert g.handle(knock(initiation(CLIENT, GW, 1e9), g.clock(), src)) == "installed"
+    g.jobs.clear()
+    assert g.handle(knock(initiation(carol, GW, 1e9), g.clock(), src)) == "installed"
+    first = g.jobs[0].worker
     g.responder = Responder(GW)  # the loop's own static-DH cache cold, as after a restart
+    # a rekey from the same source: its worker authenticated the key at install, so the
+    # OPEN job comes back verified
     g.jobs.clear()
-    # first rekey: OPEN, then AUTH on the same worker (which caches the static DH)
-    assert g.handle(knock(initiation(CLIENT, GW, 1e9 + 1), g.clock(), src)) == "already_installed"
-    assert [j.opened is not None for j in g.jobs] == [False, True]
-    assert g.jobs[0].worker == g.jobs[1].worker
+    assert g.handle(knock(initiation(carol, GW, 1e9 + 1), g.clock(), src)) == "already_installed"
+    assert [(j.opened, j.worker) for j in g.jobs] == [(None, first)]
+    # the client roams to a source the other worker serves: OPEN, then AUTH there (which
+    # caches the static DH), and the next rekey from there is one job again
+    port = next(p for p in range(40000, 41000)
+                if source_affinity(src.host.packed, p) % 2 != first)  # fmt: skip
+    roamed = Endpoint.parse(f"198.18.0.77:{port}")
     g.jobs.clear()
-    # the next one from the same source: verified in its OPEN job
-    assert g.handle(knock(initiation(CLIENT, GW, 1e9 + 2), g.clock(), src)) == "already_installed"
-    assert [j.opened for j in g.jobs] == [None]
+    assert g.handle(knock(initiation(carol, GW, 1e9 + 2), g.clock(), roamed)) == "already_installed"
+    assert [(j.opened is not None, j.worker) for j in g.jobs] == [
+        (False, 1 - first),
+        (True, 1 - first),
+    ]
+    g.jobs.clear()
+    assert g.handle(knock(initiation(carol, GW, 1e9 + 3), g.clock(), roamed)) == "already_installed"
+    assert [(j.opened, j.worker) for j in g.jobs] == [(None, 1 - first)]
 
 
 def test_lost_verify_jobs_get_a_fail_open_verdict(

@@ -237,10 +237,12 @@ class _Knock:
     ticket: object  # what the loop needs to give the verdict; None once it has one
     opened: Opened
     verified: Verified | None = None
+    worker: int = -1  # the verify worker that opened it (-1: opened in the loop's process)
 
 
 class _Stage(enum.Enum):
     LOOKUP = "lookup"
+    AUTH = "auth"  # known: its knocks' static DH on the verify workers (--workers > 1)
     ADMIT = "admit"
     INSTALL = "install"
 
@@ -254,6 +256,7 @@ class _Pending:
     knocks: list[_Knock]
     peer: Peer | None = None
     admitting: _Knock | None = None  # the knock whose timestamp and endpoint are used
+    auth_left: int = 0  # AUTH: knocks whose verify worker has not answered yet
 
 
 @dataclass
@@ -513,6 +516,9 @@ class Policy:
     def _verify_result(self, job: Verify, result: object, now: float,
                        lookups: list[PublicKey], out: list[Effect]) -> Outcome | None:  # fmt: skip
         knock = job.knock
+        if isinstance(job.waiter, _Knock):  # a pending knock's authentication
+            self._authenticated(job.waiter, result, now, out)
+            return None
         if isinstance(result, Outcome):
             if self._fail_log.allow(now):
                 self.log.warning("fail_open", stage="verify", reason=result.value,
@@ -564,12 +570,15 @@ class Policy:
             return Outcome.STORE_UNAVAILABLE
         if self._pending_knocks >= self.config.max_pending:
             return Outcome.OVERLOADED
-        k = _Knock(knock, ticket, opened, verified)
+        k = _Knock(knock, ticket, opened, verified, worker)
         if p is None:
             p = self._pending[key] = _Pending(key, _Stage.LOOKUP, [k])
             lookups.append(key)
         elif p.stage is _Stage.LOOKUP:
             p.knocks.append(k)
+        elif p.stage is _Stage.AUTH and k.verified is None and worker >= 0:
+            p.knocks.append(k)
+            self._authenticate_on_worker(p, k, out)
         else:
             # the peer is known (admission or install under way): authenticate now
             assert p.peer is not None
@@ -656,6 +665,42 @@ class Policy:
             return
         assert peer is not None
         p.peer = peer
+        if self.config.workers > 1:
+            # the static DH of knocks the workers opened is theirs too: the loop's core does
+            # no X25519 for a herd (knocks opened in this process are authenticated here)
+            todo = [k for k in p.knocks if k.verified is None and k.worker >= 0]
+            if todo:
+                p.stage = _Stage.AUTH
+                for k in todo:
+                    self._authenticate_on_worker(p, k, out)
+                return
+        self._choose(p, now, out)
+
+    def _authenticate_on_worker(self, p: _Pending, k: _Knock, out: list[Effect]) -> None:
+        p.auth_left += 1
+        out.append(Verify(k.knock, k.ticket, k.opened, k.worker, waiter=k))
+
+    def _authenticated(self, k: _Knock, result: object, now: float, out: list[Effect]) -> None:
+        """A verify worker's answer for a knock of a known key (stage AUTH)."""
+        p = self._pending.get(k.opened.public_key)
+        if p is None or p.stage is not _Stage.AUTH or not any(x is k for x in p.knocks):
+            return  # finished meanwhile (the knock had its verdict then)
+        assert p.peer is not None
+        p.auth_left -= 1
+        if isinstance(result, tuple):
+            k.verified = result[1]
+        elif isinstance(result, HandshakeError):
+            self._drop_knock(out, p, k, Outcome(result.reason), p.peer.name)
+        else:  # lost, overloaded: fail-open for this knock, the others go on
+            self._drop_knock(out, p, k, result if isinstance(result, Outcome) else Outcome.ERROR,
+                             p.peer.name)  # fmt: skip
+        if p.auth_left <= 0:
+            self._choose(p, now, out)
+
+    def _choose(self, p: _Pending, now: float, out: list[Effect]) -> None:
+        """The known key's knocks authenticated (here if not yet): admit the newest fresh one."""
+        peer, key = p.peer, p.key
+        assert peer is not None
         best: _Knock | None = None
         for k in list(p.knocks):
             try:

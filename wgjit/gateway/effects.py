@@ -176,6 +176,7 @@ class Verify:
     ticket: object
     opened: Opened | None = None
     worker: int = -1
+    waiter: object = None  # the policy's own note, back with the result
 
 
 @dataclass(frozen=True, slots=True, eq=False)

@@ -18,7 +18,8 @@ address still spreads over the workers by port). The AUTH job of a knock goes to
 opened it, which then has the key's static DH cached, so the client's next rekeys from the same
 source are VERIFIED in one job. (Routing AUTH by a hash of the key instead would keep the cache
 warm in a worker that the next OPEN, routed by source, does not reach.) A worker at its in-flight
-limit passes an OPEN to the least busy worker with room (a cache miss costs one AUTH round more).
+limit passes a job to the least busy worker with room (AUTH jobs carry their whole handshake
+state, so any worker can do them; a cache miss costs one X25519 more).
 
 Transport. Each worker is a fresh interpreter (`python -m wgjit.gateway.pool`, started with
 subprocess: no fork of a threaded process) connected by a SOCK_SEQPACKET socket pair, whose
@@ -235,8 +236,7 @@ class VerifyPool:
         else:
             w = workers[job.affinity % len(workers)]
         if len(w.inflight) + len(w.outbox) >= self._limit:
-            if job.opened is not None:
-                return False  # its state is cached there only
+            # elsewhere: a cache miss (one X25519 more) rather than a refusal
             w = min(workers, key=lambda x: len(x.inflight) + len(x.outbox))
             if len(w.inflight) + len(w.outbox) >= self._limit:
                 return False

@@ -263,7 +263,7 @@ class _Loop:
                 events.append((v, Outcome.WORKER_LOST))
             else:
                 # the worker it ran on: an AUTH job for the claimed key goes there too
-                events.append((Verify(v.knock, v.ticket, v.opened, job.worker), r))
+                events.append((Verify(v.knock, v.ticket, v.opened, job.worker, v.waiter), r))
         self.apply(self.policy.on_verified(events, time.monotonic()))
 
     def _on_pool(self, fd: int) -> None:
