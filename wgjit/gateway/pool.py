@@ -190,6 +190,8 @@ class VerifyPool:
             raise
         finally:
             child.close()
+        with contextlib.suppress(OSError):  # room for the in-flight window (best effort)
+            parent.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
         parent.sendall(_KEY_MESSAGE.pack(self._key.raw, self._cache_size))
         parent.setblocking(False)
         return _Worker(index, proc, parent, started_at=self._clock())
@@ -268,7 +270,12 @@ class VerifyPool:
                     tickets.append(t)
                 try:
                     w.sock.send(buf)
-                except OSError:  # full (a worker that does not read) or gone
+                except BlockingIOError:  # it does not read: sent later (or it counts as hung)
+                    w.outbox[:0] = batch
+                    if w.waiting_since is None:
+                        w.waiting_since = now
+                    break
+                except OSError:  # gone
                     w.outbox[:0] = batch
                     lost.extend(self._replace(w))
                     break
@@ -332,6 +339,7 @@ class VerifyPool:
             if hung or w.proc.poll() is not None:
                 lost.extend(self._replace(w))
         self._reap()
+        lost.extend(self.flush())  # what a full socket held back
         return lost
 
     def close(self, timeout: float = 2.0) -> None:
