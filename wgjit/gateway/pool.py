@@ -142,7 +142,7 @@ class VerifyPool:
         hang_timeout: float = DEFAULT_HANG_TIMEOUT,
         static_cache_size: int = 65536,
         clock: Callable[[], float] = time.monotonic,
-        start_timeout: float = 30.0,
+        start_timeout: float = 60.0,
     ) -> None:
         if workers < 1:
             raise ValueError("a pool needs at least one worker")
@@ -165,8 +165,12 @@ class VerifyPool:
             deadline = time.monotonic() + start_timeout
             for w in self._workers:
                 w.sock.settimeout(max(0.001, deadline - time.monotonic()))
-                if w.sock.recv(16) != _READY:
-                    raise OSError("a verify worker did not start")
+                try:
+                    ready = w.sock.recv(16)
+                except TimeoutError:
+                    raise OSError(f"no answer from a worker within {start_timeout:g} s") from None
+                if ready != _READY:
+                    raise OSError("a worker exited at start")
                 w.sock.setblocking(False)
                 w.ready = True
         except BaseException:

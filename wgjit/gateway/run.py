@@ -140,7 +140,13 @@ def serve(
         stack.callback(reactor.close)
         pool = None
         if config.workers > 1:
-            pool = VerifyPool(state.private_key, config.workers, hang_timeout=POOL_HANG_TIMEOUT)
+            try:
+                pool = VerifyPool(state.private_key, config.workers, hang_timeout=POOL_HANG_TIMEOUT)
+            except OSError as e:
+                raise GatewayError(
+                    f"the {config.workers} verify workers did not start ({e}); "
+                    "--workers 0 verifies in the gateway's own process"
+                ) from None
             stack.callback(pool.close)
         workers = Workers(reactor, {STORE: store_threads, DEVICE: 1, SWEEP: 1})
         loop = _Loop(policy, store, device, sweep_device, reactor, workers, log, metrics, pool)
