@@ -40,6 +40,7 @@ ends and reaps every worker.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
 import struct
@@ -404,14 +405,22 @@ class VerifyPool:
         return out
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
 def bench_pool(private_key: PrivateKey, workers: int, packets: list[bytes]
-               ) -> Iterator[Callable[[], int]]:  # fmt: skip
+               ) -> Iterator[tuple[Callable[[], int], Callable[[], float]]]:  # fmt: skip
     """For benchmarks/verify.py: a callable that verifies `packets` through a pool of
-    `workers` and returns how many it verified. The static DH is cached, as for installed peers
-    rekeying (a first pass warms the workers' caches): each packet is one OPEN job, answered
-    VERIFIED. Jobs are fed as the gateway's loop feeds them: results are read as they come
-    and each frees room for a new job, up to two batches in flight per worker."""
+    `workers` and returns how many it verified, and one that says how much CPU time the
+    workers have used. The static DH is cached, as for installed peers rekeying (a first pass
+    warms the workers' caches): each packet is one OPEN job, answered VERIFIED. Jobs are fed
+    as the gateway's loop feeds them: results are read as they come and each frees room for a
+    new job, up to two batches in flight per worker."""
     import selectors
 
     with VerifyPool(private_key, workers) as pool, selectors.DefaultSelector() as sel:
@@ -446,7 +455,8 @@ def bench_pool(private_key: PrivateKey, workers: int, packets: list[bytes]
             pool.run(auth)
         if one_pass() != len(packets):
             raise RuntimeError("the pool did not verify every packet")
-        yield one_pass
+        pids = pool.pids()
+        yield one_pass, lambda: sum(cpu_seconds(pid) for pid in pids)
 
 
 # -- the worker process ------------------------------------------------------------------------
