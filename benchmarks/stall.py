@@ -167,7 +167,7 @@ def rss_kib(pid: int) -> dict[str, int]:
     with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
         for line in f:
             key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
                 out[key] = int(value.split()[0])
     return out
 
@@ -276,7 +276,9 @@ def run(n: int, store: str, rate: float, sweep_interval: float, cycles: int) -> 
         "",
         f"gateway memory: VmRSS {rss_ready.get('VmRSS', 0) / 1024:.0f} MiB at `ready`,"
         f" max sampled {peak['VmRSS'] / 1024:.0f} MiB, {mem.get('VmRSS', 0) / 1024:.0f} MiB"
-        f" at the end; VmHWM {mem.get('VmHWM', 0) / 1024:.0f} MiB",
+        f" at the end (RssAnon {mem.get('RssAnon', 0) / 1024:.0f} MiB, RssFile"
+        f" {mem.get('RssFile', 0) / 1024:.0f} MiB: libraries); VmHWM"
+        f" {mem.get('VmHWM', 0) / 1024:.0f} MiB",
     ]
     return "\n".join(lines)
 

@@ -40,6 +40,7 @@ from wgjit.files import FileRefused, check_target, private_file, write_private_b
 from wgjit.gateway.core import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_CLOCK_SKEW,
+    DEFAULT_RELEASE_RATE,
     DEFAULT_SWEEP_INTERVAL,
     MAX_WORKERS,
     ConfigError,
@@ -98,6 +99,19 @@ def _seconds(flag: str) -> Callable[[str], float]:
             raise CLIError(f"{flag} {text!r} is not a number of seconds") from None
         if not math.isfinite(value) or value <= 0:
             raise CLIError(f"{flag} {text.strip()} is not a finite positive number of seconds")
+        return value
+
+    return parse
+
+
+def _rate(flag: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text.strip())
+        except ValueError:
+            raise CLIError(f"{flag} {text!r} is not a number per second") from None
+        if not math.isfinite(value) or value < 0:
+            raise CLIError(f"{flag} {text.strip()} must be a finite number >= 0 (0: no limit)")
         return value
 
     return parse
@@ -746,6 +760,7 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
         adopt_empty_store=args.adopt_empty_store,
         testing_always_under_load=args.testing_always_under_load,
         load_delay=args.load_delay,
+        release_rate=args.release_rate,
         workers=args.workers,
     )
     try:
@@ -1052,6 +1067,11 @@ def build_parser() -> _Parser:
                     help="a knock that waited longer than this in the kernel's queue puts the "
                          "gateway under load for a second: cookie replies and per-source "
                          "limits (default 0.25)")  # fmt: skip
+    gw.add_argument("--release-rate", type=_rate("--release-rate"), default=DEFAULT_RELEASE_RATE,
+                    metavar="PER_SECOND",
+                    help="hold mode: hand the device at most this many initiations a second, "
+                         "in bursts of 64, so a herd's releases stay below its own under-load "
+                         f"mark (0: no limit; default {DEFAULT_RELEASE_RATE:g})")  # fmt: skip
     gw.add_argument("--max-clock-skew", type=float, default=DEFAULT_MAX_CLOCK_SKEW,
                     metavar="SECONDS",
                     help="refuse initiations timestamped further ahead of this host's clock "

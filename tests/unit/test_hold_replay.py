@@ -333,6 +333,46 @@ def test_verdicts_are_sent_together_and_once() -> None:
     assert _verdicts(sock.sent) == [(nq.NF_ACCEPT, 7), (nq.NF_DROP, 8)]
 
 
+def test_paced_releases_keep_order_and_rate_and_drops_go_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A herd's 200 ACCEPTs at once leave in a burst of RELEASE_BURST, then at the release
+    rate, in verdict order; a DROP is not paced; the queue's 1 s release still applies."""
+    clock = [100.0]
+    monkeypatch.setattr(modes.time, "monotonic", lambda: clock[0])
+    q, sock = _queue_with({i: 100.0 for i in range(201)})
+    mode = modes.HoldMode(q, EventLog(io.StringIO()), None, release_rate=1000.0)
+    k = knock(bytes(148), 100.0)
+    for i in range(200):
+        mode.verdict(Verdict(nq.Held(k, i), Outcome.INSTALLED, k))
+    mode.verdict(Verdict(nq.Held(k, 200), Outcome.FORGED, k))
+    mode.flush()
+    burst = modes.RELEASE_BURST
+    assert _verdicts(sock.sent) == [(nq.NF_ACCEPT, i) for i in range(burst)] + [(nq.NF_DROP, 200)]
+    assert mode.stats()["queue_paced"] == 200 - burst
+    deadline = mode.next_deadline()
+    assert deadline is not None and deadline == pytest.approx(100.001)  # the next token
+    clock[0] = 100.0505  # 50.5 ms at 1000/s: 50 more
+    mode.tick(clock[0])
+    released = [pid for v, pid in _verdicts(sock.sent) if v == nq.NF_ACCEPT]
+    assert released == list(range(burst + 50))
+    clock[0] = 101.0  # the 1 s limit releases the rest, paced or not
+    mode.tick(clock[0])
+    released = [pid for v, pid in _verdicts(sock.sent) if v == nq.NF_ACCEPT]
+    assert sorted(released) == list(range(200)) and len(released) == 200
+    assert mode.next_deadline() is None
+
+
+def test_unpaced_hold_mode_releases_at_once() -> None:
+    q, sock = _queue_with({i: 0.0 for i in range(200)})
+    mode = modes.HoldMode(q, EventLog(io.StringIO()), None)
+    k = knock(bytes(148), 0.0)
+    for i in range(200):
+        mode.verdict(Verdict(nq.Held(k, i), Outcome.INSTALLED, k))
+    mode.flush()
+    assert len(_verdicts(sock.sent)) == 200
+
+
 # -- choosing the mode -------------------------------------------------------------------------
 
 

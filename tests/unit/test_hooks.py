@@ -158,7 +158,9 @@ def test_a_hung_hook_never_blocks_the_emitting_thread_and_drops_are_counted(
     for i in range(1000):
         log.info("install", peer=f"p{i}", key=f"k{i:07d}", endpoint="192.0.2.1:5")
     took = time.monotonic() - t
-    assert took < 0.5, took  # 1000 log lines (to a StringIO) and enqueues; no hook waited for
+    # 1000 log lines (to a StringIO) and enqueues: ~50 ms; a loaded CI machine may take a
+    # second or two, but waiting for a hook would take 30 s
+    assert took < 5, took
     # two hooks running (one per thread), 5 waiting per thread; the rest dropped
     assert 1000 - 12 <= runner.counts["dropped"] <= 1000 - 10
     t = time.monotonic()

@@ -499,3 +499,61 @@ def test_claims_racing_on_threads(open_same: Callable[[], Store]) -> None:
         t.join()
         peer = b.lookup(k)
         assert peer is not None and peer.holder == "gw-b"
+
+
+# -- a herd's admissions in one transaction ----------------------------------------------------
+
+
+def test_admit_many_is_advance_and_claim_for_each(open_same: Callable[[], Store]) -> None:
+    """admit_many() admits exactly the handshakes advance_handshake() would (new marks only,
+    the newest of a key's duplicates), claims those, and says whom it took each from."""
+    a, b = open_same(), open_same()
+    keys = [new_key() for _ in range(6)]
+    for i, k in enumerate(keys):
+        a.add_peer(f"p{i}", k, net(i))
+    a.heartbeat("gw-a")
+    b.heartbeat("gw-b")
+    assert a.advance_handshake(Handshake(keys[1], tai64n(200), 1.0))  # marked later than...
+    assert a.claim(keys[2], "gw-a") is None  # held by another gateway
+    assert b.claim(keys[3], "gw-b") is None  # already ours
+    gone = new_key()  # never stored
+    a.remove("p5")
+    cursor = a.change_cursor()
+    got = b.admit_many(
+        [
+            Handshake(keys[0], tai64n(100), 2.0),
+            Handshake(keys[1], tai64n(150), 2.0),  # ...this: a replay
+            Handshake(keys[2], tai64n(100), 2.0),
+            Handshake(keys[3], tai64n(100), 2.0),
+            Handshake(keys[4], tai64n(100), 2.0),
+            Handshake(keys[4], tai64n(300), 2.0),  # the newest of a key's two counts
+            Handshake(keys[5], tai64n(100), 2.0),  # removed meanwhile
+            Handshake(gone, tai64n(100), 2.0),
+        ],
+        "gw-b",
+    )
+    assert got == {keys[0]: None, keys[2]: "gw-a", keys[3]: None, keys[4]: None}
+    assert mark_of(a, "p4") == tai64n(300)
+    assert mark_of(a, "p1") == tai64n(200)
+    for i in (0, 2, 3, 4):
+        peer = a.get_peer(f"p{i}")
+        assert peer is not None and peer.holder == "gw-b", i
+    peer = a.get_peer("p1")
+    assert peer is not None and peer.holder is None
+    assert a.changes_since(cursor)[0] == [keys[2]]  # gw-a hears that it lost p2
+    # the same initiations again: all replays, nothing claimed or announced
+    assert b.admit_many([Handshake(k, tai64n(100), 3.0) for k in keys[:5]], "gw-b") == {}
+    assert b.admit_many([], "gw-b") == {}
+
+
+def test_admit_many_in_chunks(open_same: Callable[[], Store]) -> None:
+    """More handshakes than one chunk (a herd of thousands): every one admitted once."""
+    s = open_same()
+    keys = [new_key() for _ in range(2500)]
+    s.import_peers(
+        [Peer(f"h{i:04d}", k, parse_networks(f"100.66.{i >> 8}.{i & 255}/32"))
+         for i, k in enumerate(keys)]
+    )  # fmt: skip
+    hss = [Handshake(k, tai64n(100 + i), 1.0) for i, k in enumerate(keys)]
+    assert set(s.admit_many(hss, "gw-a")) == set(keys)
+    assert s.admit_many(hss, "gw-a") == {}

@@ -366,6 +366,10 @@ class NfQueue(Closing):
         if self._held.pop(held.packet_id, None) is not None:
             self._verdict(held.packet_id, accept)
 
+    def holds(self, held: Held) -> bool:
+        """Whether `held` still waits for its verdict (not released by expire())."""
+        return held.packet_id in self._held
+
     def _verdict(self, packet_id: int, accept: bool) -> None:
         if accept:
             self.accepted += 1

@@ -94,6 +94,9 @@ MAX_WORKERS = 64
 COMPLETIONS = ("hold", "replay", "invert", "none")
 
 
+DEFAULT_RELEASE_RATE = 0.0
+
+
 class ConfigError(ValueError):
     """A gateway setting is out of range; the message names the option and the fix."""
 
@@ -125,6 +128,9 @@ class GatewayConfig:
     max_clock_skew: float = DEFAULT_MAX_CLOCK_SKEW
     # a knock that waited longer than this in the kernel's queue is a sign of load
     load_delay: float = 0.25
+    # hold mode hands the device at most this many initiations per second (0: no limit),
+    # so a herd's releases stay below its under-load mark (see modes.HoldMode)
+    release_rate: float = DEFAULT_RELEASE_RATE
     testing_always_under_load: bool = False
     knock_budget: float = DEFAULT_KNOCK_BUDGET
     max_install_age: float = DEFAULT_MAX_INSTALL_AGE
@@ -773,7 +779,7 @@ class Policy:
             admitted=effect.timestamp,
         )
         self._expire_at(peer.public_key, inst, peer.expires_at)
-        self._claim_prefixes(peer)
+        self._claim_prefixes(peer.public_key, peer)
         self.counters["installs"] += 1
         took = None
         if p is not None and p.admitting is not None:
@@ -955,7 +961,7 @@ class Policy:
                 peer.name, last or wall, fingerprint(peer), seen=peer.handshake_hwm
             )
             self._expire_at(key, inst, peer.expires_at)
-            self._claim_prefixes(peer)
+            self._claim_prefixes(key, peer)
         if update:
             out.append(Update(tuple(update)))
         if claim:
@@ -1115,11 +1121,11 @@ class Policy:
         self._writing_marks = True
         return [RecordHandshakes(tuple(marks))]
 
-    def _claim_prefixes(self, peer: Peer) -> None:
+    def _claim_prefixes(self, key: PublicKey, peer: Peer) -> None:
         """Log when an install takes an allowed IP that another installed peer holds: the
         device's cryptokey routing moves it, and the other peer silently loses its traffic
-        (possible only with peers added with --allow-overlap)."""
-        key = peer.public_key
+        (possible only with peers added with --allow-overlap). `key` is the object `installed`
+        is keyed by (the store's equal copy would cost another ~100 bytes per peer)."""
         for net in peer.allowed_ips:
             h = hash((net.version, int(net.network_address), net.prefixlen))
             holder = self._prefixes.get(h)

@@ -207,10 +207,8 @@ def perform(effect: Effect, store: Store, device: Device) -> object:
     match effect:
         case Lookup(keys=keys):
             return store.lookup_many(keys)
-        case Admit(handshake=hs, gateway_id=gid):
-            if not store.advance_handshake(hs):
-                return Admitted(False)
-            return Admitted(True, store.claim(hs.public_key, gid))
+        case Admit():
+            return admit_all([effect], store)[0]
         case Install():
             install_all([effect], device)
             return None
@@ -256,6 +254,18 @@ def perform(effect: Effect, store: Store, device: Device) -> object:
             store.heartbeat(gid)
             return None
     raise TypeError(f"{type(effect).__name__} is not a store or device effect")
+
+
+def admit_all(admits: Sequence[Admit], store: Store) -> list[Admitted]:
+    """Several admissions in one store transaction (a herd knocking at once); the results in
+    the order of `admits`, which are all for one gateway and for distinct keys."""
+    if not admits:
+        return []
+    fresh = store.admit_many([a.handshake for a in admits], admits[0].gateway_id)
+    return [
+        Admitted(True, fresh[k]) if (k := a.handshake.public_key) in fresh else Admitted(False)
+        for a in admits
+    ]
 
 
 def install_all(installs: Sequence[Install], device: Device) -> None:

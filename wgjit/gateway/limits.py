@@ -88,6 +88,14 @@ class TokenBucket:
             self._b = _Bucket(self.burst, now)
         return self._b.spend(now, self.rate, self.burst)
 
+    def next_token(self, now: float) -> float:
+        """When allow() will next succeed (`now` if it would now)."""
+        b = self._b
+        if b is None:
+            return now
+        tokens = b.tokens + max(0.0, now - b.updated) * self.rate
+        return now if tokens >= 1.0 else now + (1.0 - tokens) / self.rate
+
 
 class KeyedRateLimiter(Generic[K]):
     """One token bucket per key (e.g. source IP), bounded: idle keys are forgotten."""

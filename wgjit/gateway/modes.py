@@ -14,8 +14,11 @@ never blocks (device work for invert goes through `submit`).
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import time
 from collections.abc import Callable
+from typing import Final
 
 from wgjit.capture.afpacket import PacketCapture
 from wgjit.capture.iptables import QueueRules, RuleError
@@ -24,9 +27,12 @@ from wgjit.capture.packet import Knock
 from wgjit.capture.replay import Reinjector, ReplayError
 from wgjit.events import EventLog
 from wgjit.gateway.effects import Invert, Verdict
+from wgjit.gateway.limits import TokenBucket
 from wgjit.gateway.outcome import Outcome
 
 MODES = ("auto", "hold", "replay", "invert", "none")
+# releases a paced hold mode sends at once: below wireguard-go's under-load mark (128 waiting)
+RELEASE_BURST: Final = 64
 
 
 class ModeError(RuntimeError):
@@ -135,12 +141,27 @@ class InvertMode(_Capture):
 
 
 class HoldMode(Mode):
+    """Initiations wait in an NFQUEUE for their verdict.
+
+    Releases are paced (`release_rate` per second, bursts of RELEASE_BURST; 0: unpaced): a
+    herd's verdicts come in bursts of hundreds (one batch of installs), and a device handed
+    more initiations at once than its own under-load mark (wireguard-go: 128 waiting, the
+    kernel: 512) answers cookie replies to everyone for the next second, so each client waits
+    for its 5 s retry. Held packets are released in the order their verdicts came; drops
+    are not paced (the device never sees them). The queue's 1 s release still applies."""
+
     name = "hold"
 
-    def __init__(self, queue: NfQueue, log: EventLog, replier: Reinjector | None) -> None:
+    def __init__(
+        self, queue: NfQueue, log: EventLog, replier: Reinjector | None, release_rate: float = 0.0
+    ) -> None:
         self.queue = queue
         self.log = log
         self.replier = replier
+        self._pace = TokenBucket(release_rate, RELEASE_BURST) if release_rate > 0 else None
+        self._paced: collections.deque[Held] = collections.deque()
+        self.paced = 0  # releases that waited for the pace
+        self.paced_max = 0  # the most that waited at once
 
     def fileno(self) -> int:
         return self.queue.fileno()
@@ -150,22 +171,46 @@ class HoldMode(Mode):
 
     def verdict(self, v: Verdict) -> None:
         self._answer(v, self.log)
-        if isinstance(v.ticket, Held):
-            self.queue.verdict(v.ticket, v.outcome.accepts)
+        held = v.ticket
+        if not isinstance(held, Held):
+            return
+        accept = v.outcome.accepts
+        if accept and self._pace is not None and (
+            self._paced or not self._pace.allow(time.monotonic())
+        ):
+            self._paced.append(held)
+            self.paced += 1
+            self.paced_max = max(self.paced_max, len(self._paced))
+            return
+        self.queue.verdict(held, accept)
 
     def flush(self) -> None:
         self.queue.flush()
 
     def next_deadline(self) -> float | None:
-        return self.queue.next_deadline()
+        deadline = self.queue.next_deadline()
+        if self._paced and self._pace is not None:
+            due = self._pace.next_token(time.monotonic())
+            deadline = due if deadline is None else min(deadline, due)
+        return deadline
 
     def tick(self, now: float) -> None:
-        released = self.queue.expire(now)
+        paced, pace = self._paced, self._pace
+        while paced and pace is not None:
+            if not self.queue.holds(paced[0]):
+                paced.popleft()  # released by the queue's 1 s limit meanwhile
+            elif pace.allow(now):
+                self.queue.verdict(paced.popleft(), True)
+            else:
+                break
+        released = self.queue.expire(now)  # flushes
         if released:
             self.log.warning("held_too_long", released=released)
+            if paced:
+                self._paced = collections.deque(h for h in paced if self.queue.holds(h))
 
     def stats(self) -> dict[str, int]:
-        return self.queue.stats()
+        return {**self.queue.stats(), "queue_paced": self.paced, "queue_paced_max": self.paced_max}
 
 
 def open_mode(
@@ -180,6 +225,7 @@ def open_mode(
     call_at: Callable[[float, Callable[[], None]], None],
     submit: Callable[[Invert], None],
     log: EventLog,
+    release_rate: float = 0.0,
 ) -> Mode:
     """Open what `mode` needs (closed by `stack`); for `auto`, the first of hold, replay,
     invert that works. Raises ModeError when an explicitly requested mode cannot work."""
@@ -203,7 +249,7 @@ def open_mode(
                 stack.callback(replier.close)
             except ReplayError as e:
                 log.warning("cookies_unavailable", reason=str(e))
-            return HoldMode(queue, log, replier)
+            return HoldMode(queue, log, replier, release_rate)
         except (QueueError, RuleError, OSError) as e:
             if mode == "hold":
                 raise ModeError(f"--mode hold: {e}") from None

@@ -25,16 +25,19 @@ from types import FrameType
 from wgjit.cookie import CookieChecker
 from wgjit.device import Device
 from wgjit.events import EventLog
+from wgjit.gateway import memory
 from wgjit.gateway.core import GatewayConfig, Policy
 from wgjit.gateway.effects import (
     DEVICE,
     STORE,
     SWEEP,
+    Admit,
     Effect,
     Install,
     ReadChanges,
     Verdict,
     Verify,
+    admit_all,
     install_all,
     perform,
     run_inline,
@@ -89,6 +92,7 @@ def serve(
     while installs go on); without one, sweeps queue with the installs. `metrics_listen`:
     (host, port) to serve /metrics and /healthz on (503 until ready). `more_stats`: counters
     of other parts (hooks) for the stats line and /metrics."""
+    memory.tune()
     if mode != "auto":
         config = dataclasses.replace(config, completion=mode)
     for w in config.validate():
@@ -133,6 +137,7 @@ def serve(
         reconcile_ms = round((time.monotonic() - started) * 1000)
         gc.collect()
         gc.freeze()
+        memory.trim()
 
         stack.callback(sys.setswitchinterval, sys.getswitchinterval())
         sys.setswitchinterval(SWITCH_INTERVAL)
@@ -163,6 +168,7 @@ def serve(
                 call_at=reactor.call_at,
                 submit=loop.submit,
                 log=log,
+                release_rate=config.release_rate,
             )
         except ModeError as e:
             raise GatewayError(str(e)) from None
@@ -222,6 +228,7 @@ class _Loop:
         self.mode: Mode = None  # type: ignore[assignment]  # set by serve() before run()
         self._store_fd: int | None = None
         self._installs: list[Install] = []
+        self._admits: list[Admit] = []
         self._stop_reason = ""
         self._dump = False
 
@@ -315,6 +322,12 @@ class _Loop:
                 self.reactor.call_at(0.0, self._flush_installs)
             self._installs.append(effect)
             return
+        if isinstance(effect, Admit):
+            # and admissions to the store, in one transaction
+            if not self._admits:
+                self.reactor.call_at(0.0, self._flush_admits)
+            self._admits.append(effect)
+            return
         where, device = effect.where, self.device
         if where == SWEEP:
             if self.sweep_device is None:
@@ -340,6 +353,30 @@ class _Loop:
             self.apply(self.policy.on_done(effect, result, error, time.monotonic()))
 
         self.workers.submit(where, call, done)
+
+    def _flush_admits(self) -> None:
+        batch, self._admits = self._admits, []
+        took = 0.0
+
+        def call() -> object:
+            nonlocal took
+            start = time.monotonic()
+            try:
+                return admit_all(batch, self.store)
+            finally:
+                took = time.monotonic() - start
+
+        def done(result: object, error: Exception | None) -> None:
+            if self.metrics is not None:
+                self.metrics.store_call("admit", took, error)
+            now = time.monotonic()
+            results = result if isinstance(result, list) else [None] * len(batch)
+            out: list[Effect] = []
+            for e, r in zip(batch, results, strict=True):
+                out.extend(self.policy.on_done(e, r, error, now))
+            self.apply(out)
+
+        self.workers.submit(STORE, call, done)
 
     def _flush_installs(self) -> None:
         batch, self._installs = self._installs, []
@@ -447,6 +484,7 @@ class _Loop:
     def _freeze_gc(self) -> None:
         gc.collect()
         gc.freeze()
+        memory.trim()  # what a sweep's snapshot or a batch of look-ups left in malloc's heaps
         self.reactor.call_at(time.monotonic() + GC_FREEZE_INTERVAL, self._freeze_gc)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:

@@ -228,6 +228,16 @@ class Store(Protocol):
         return True; otherwise change nothing and return False."""
         ...
 
+    def admit_many(
+        self, handshakes: Sequence[Handshake], gateway_id: str
+    ) -> dict[PublicKey, str | None]:
+        """Admit a herd's initiations: for each, advance_handshake() and, if it moved the
+        mark, claim() — one transaction per MANY_CHUNK handshakes and a fixed number of
+        statements each. Returns the admitted keys (those whose mark moved) with the gateway
+        that held each before (None: none, or this one). Keys not returned were replays, or
+        peers gone from the store. One key per call (the newest handshake wins otherwise)."""
+        ...
+
     def record_handshakes(self, handshakes: Iterable[Handshake]) -> None:
         """Batch of advance_handshake for already-installed peers (marks only move forward)."""
         ...

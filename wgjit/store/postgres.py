@@ -313,6 +313,18 @@ _CLAIM_MANY_SQL: Final = (
     " SELECT wgjit_feed(ARRAY(SELECT public_key FROM claimed WHERE NOT fresh"
     " ORDER BY public_key))"
 )
+# admit_many(): advance the marks of a chunk of handshakes in one statement; the keys whose
+# mark moved come back with the gateway that held each (read at the statement's start; a claim
+# made or dropped by another gateway in the instant before ours only changes what is logged)
+_ADMIT_MANY_SQL: Final = (
+    "WITH adv AS ("
+    " UPDATE peers p SET handshake_hwm = v.ts, last_seen = v.seen"
+    " FROM unnest(%(keys)s::bytea[], %(ts)s::bytea[], %(seen)s::float8[]) AS v(key, ts, seen)"
+    " WHERE p.public_key = v.key AND (p.handshake_hwm IS NULL OR p.handshake_hwm < v.ts)"
+    " RETURNING p.public_key)"
+    " SELECT a.public_key, c.gateway_id FROM adv a"
+    " LEFT JOIN peer_claims c ON c.public_key = a.public_key AND c.gateway_id <> %(gw)s"
+)
 _CLAIM_READ_SQL: Final = "SELECT gateway_id FROM peer_claims WHERE public_key = %s FOR UPDATE"
 _CLAIM_INSERT_SQL: Final = (
     "INSERT INTO peer_claims (public_key, gateway_id, claimed_at)"
@@ -923,6 +935,44 @@ class PostgresStore(Closing):
                 f"claim {len(keys)} peers",
                 functools.partial(_execute, _CLAIM_MANY_SQL, {"keys": chunk, "gw": gateway_id}),
             )
+
+    def admit_many(
+        self, handshakes: Sequence[Handshake], gateway_id: str
+    ) -> dict[PublicKey, str | None]:
+        newest: dict[bytes, Handshake] = {}
+        for h in handshakes:
+            old = newest.get(h.public_key.raw)
+            if old is None or h.timestamp > old.timestamp:
+                newest[h.public_key.raw] = h
+        # sorted: concurrent admissions and claims lock rows in the same order
+        hss = [newest[k] for k in sorted(newest)]
+        admitted: dict[PublicKey, str | None] = {}
+
+        def op(
+            chunk: list[Handshake], conn: psycopg.Connection[tuple[Any, ...]]
+        ) -> list[tuple[bytes, str | None]]:
+            with conn.transaction():
+                rows = conn.execute(
+                    _ADMIT_MANY_SQL,
+                    {
+                        "keys": [h.public_key.raw for h in chunk],
+                        "ts": [_timestamp(h) for h in chunk],
+                        "seen": [h.seen_at for h in chunk],
+                        "gw": gateway_id,
+                    },
+                ).fetchall()
+                fresh = sorted(bytes(r[0]) for r in rows)
+                if fresh:
+                    conn.execute(_CLAIM_MANY_SQL, {"keys": fresh, "gw": gateway_id})
+                return [(bytes(k), None if gw is None else str(gw)) for k, gw in rows]
+
+        for i in range(0, len(hss), MANY_CHUNK):
+            chunk = hss[i : i + MANY_CHUNK]
+            for raw, previous in self._run(
+                f"admit {len(hss)} handshakes", functools.partial(op, chunk)
+            ):
+                admitted[PublicKey(raw)] = previous
+        return admitted
 
     def release(self, public_keys: Iterable[PublicKey], gateway_id: str) -> None:
         keys = [k.raw for k in public_keys]

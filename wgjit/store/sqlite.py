@@ -361,8 +361,10 @@ class SQLiteStore(Closing):
             raise self._error(e, "open it") from e
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000):d}")
-            # 64 MiB page cache: the key index of millions of peers stays mostly in memory
-            conn.execute("PRAGMA cache_size = -65536")
+            # SQLite's default page cache (2 MiB per connection) on purpose: the upper levels
+            # of the key index of a million peers fit, and the rest is a read from the OS's
+            # page cache on a worker thread. A 64 MiB cache held the whole file of 100 000
+            # peers in every gateway's memory (issue 9's goal: <= 100 MB at 100 000 peers).
         except sqlite3.Error as e:
             conn.close()
             raise self._error(e, "open it") from e
@@ -783,24 +785,45 @@ class SQLiteStore(Closing):
     def claim_many(self, public_keys: Sequence[PublicKey], gateway_id: str) -> None:
         keys = list(dict.fromkeys(k.raw for k in public_keys))
         for i in range(0, len(keys), self._chunk):
-            chunk = keys[i : i + self._chunk]
-            marks = _marks(len(chunk))
             with self._write(f"claim {len(keys)} peers") as conn:
-                # first announce the keys another gateway held (as claim() does), then take all
-                conn.execute(
-                    f"INSERT INTO peer_changes (public_key, at) SELECT public_key, {_NOW_SQL}"
-                    f" FROM peer_claims WHERE public_key IN ({marks}) AND gateway_id <> ?"
-                    " ORDER BY public_key",
-                    (*chunk, gateway_id),
+                _claim_chunk(conn, keys[i : i + self._chunk], gateway_id)
+
+    def admit_many(
+        self, handshakes: Sequence[Handshake], gateway_id: str
+    ) -> dict[PublicKey, str | None]:
+        newest: dict[bytes, Handshake] = {}
+        for h in handshakes:
+            old = newest.get(h.public_key.raw)
+            if old is None or h.timestamp > old.timestamp:
+                newest[h.public_key.raw] = h
+        hss = list(newest.values())
+        admitted: dict[PublicKey, str | None] = {}
+        for i in range(0, len(hss), self._chunk):
+            chunk = hss[i : i + self._chunk]
+            with self._write(f"admit {len(hss)} handshakes") as conn:
+                fresh = [
+                    h.public_key
+                    for h in chunk
+                    if conn.execute(
+                        _ADVANCE_SQL,
+                        (_timestamp(h), h.seen_at, h.public_key.raw, _timestamp(h)),
+                    ).rowcount == 1
+                ]  # fmt: skip
+                if not fresh:
+                    continue
+                keys = [k.raw for k in fresh]
+                held = dict(
+                    conn.execute(
+                        "SELECT public_key, gateway_id FROM peer_claims"
+                        f" WHERE public_key IN ({_marks(len(keys))}) AND gateway_id <> ?",
+                        (*keys, gateway_id),
+                    ).fetchall()
                 )
-                # our own claims are left as they are (no write: a restart's reconcile is cheap)
-                conn.execute(
-                    "INSERT INTO peer_claims (public_key, gateway_id, claimed_at)"
-                    f" SELECT public_key, ?, ? FROM peers WHERE public_key IN ({marks})"
-                    " ON CONFLICT (public_key) DO UPDATE SET gateway_id = excluded.gateway_id,"
-                    " claimed_at = excluded.claimed_at WHERE gateway_id <> excluded.gateway_id",
-                    (gateway_id, time.time(), *chunk),
-                )
+                _claim_chunk(conn, keys, gateway_id)
+            for k in fresh:
+                previous = held.get(k.raw)
+                admitted[k] = None if previous is None else str(previous)
+        return admitted
 
     def release(self, public_keys: Iterable[PublicKey], gateway_id: str) -> None:
         params = [(k.raw, gateway_id) for k in public_keys]
@@ -1146,3 +1169,24 @@ def _backfill_prefixes(conn: sqlite3.Connection) -> None:
     kept: they were accepted before; new peers are checked against them)."""
     for peer_id, ips in conn.execute("SELECT id, allowed_ips FROM peers").fetchall():
         _set_prefixes(conn, int(peer_id), [parse_network(n) for n in ips.split(",") if n])
+
+
+def _claim_chunk(conn: sqlite3.Connection, keys: Sequence[bytes], gateway_id: str) -> None:
+    """claim() for a chunk of keys, inside the caller's write transaction: the keys another
+    gateway held go into the change feed (so it drops them), then all are ours. Our own
+    claims are left as they are (no write: a restart's reconcile is cheap); keys no longer
+    in the store are skipped."""
+    marks = _marks(len(keys))
+    conn.execute(
+        f"INSERT INTO peer_changes (public_key, at) SELECT public_key, {_NOW_SQL}"
+        f" FROM peer_claims WHERE public_key IN ({marks}) AND gateway_id <> ?"
+        " ORDER BY public_key",
+        (*keys, gateway_id),
+    )
+    conn.execute(
+        "INSERT INTO peer_claims (public_key, gateway_id, claimed_at)"
+        f" SELECT public_key, ?, ? FROM peers WHERE public_key IN ({marks})"
+        " ON CONFLICT (public_key) DO UPDATE SET gateway_id = excluded.gateway_id,"
+        " claimed_at = excluded.claimed_at WHERE gateway_id <> excluded.gateway_id",
+        (gateway_id, time.time(), *keys),
+    )
