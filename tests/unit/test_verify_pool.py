@@ -302,3 +302,30 @@ def test_lost_verify_jobs_get_a_fail_open_verdict(
     [verdict] = out
     assert verdict.outcome is Outcome.WORKER_LOST and verdict.outcome.accepts
     assert g.counters["worker_lost"] == 1
+
+
+def test_a_worker_that_cannot_be_restarted_leaves_its_jobs_to_the_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with VerifyPool(GW, 2, hang_timeout=5.0) as pool:
+        pkt = build_initiation(CLIENT, GW.public_key())
+        victim = pool.pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        os.waitpid(victim, 0)  # (reaped here: the pool only polls it)
+
+        def no_processes_left(self: VerifyPool, index: int) -> None:
+            raise BlockingIOError(11, "Resource temporarily unavailable")  # fork's EAGAIN
+
+        with monkeypatch.context() as m:
+            m.setattr(VerifyPool, "_start", no_processes_left)
+            deadline = time.monotonic() + 10
+            while len(pool.pids()) == 2 and time.monotonic() < deadline:
+                pool.check()
+            assert len(pool.pids()) == 1
+            # a job for the dead worker's share goes to the live one
+            [(job, result)] = pool.run([Job(pkt, 0)])
+            assert isinstance(result, Opened) and job.worker == 1
+        pool.check()  # spawning works again: the slot gets its worker back
+        assert len(pool.pids()) == 2
+        [(job, result)] = pool.run([Job(pkt, 0)])
+        assert isinstance(result, Opened) and job.worker == 0

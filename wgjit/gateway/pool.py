@@ -129,6 +129,7 @@ class _Worker:
     waiting_since: float | None = None
     started_at: float = 0.0
     ready: bool = False  # its _READY was read (until then a job may wait for its start)
+    dead: bool = False  # it died and no successor could be started yet (check() tries again)
 
 
 class VerifyPool:
@@ -202,16 +203,26 @@ class VerifyPool:
         return _Worker(index, proc, parent, started_at=self._clock())
 
     def _replace(self, w: _Worker) -> list[tuple[Job, Result]]:
-        """Kill `w` and start its successor; `w`'s in-flight and queued jobs come back LOST."""
+        """Kill `w` and start its successor; `w`'s in-flight and queued jobs come back LOST.
+        If no successor can be started (no memory, no processes left), the slot stays dead:
+        jobs go to the other workers (or are refused) and check() tries again."""
         lost: list[tuple[Job, Result]] = [(j, LOST) for j in (*w.inflight.values(), *w.outbox)]
+        w.inflight.clear()
+        w.outbox.clear()
         self.lost += len(lost)
+        if not w.dead:
+            self._by_fd.pop(w.sock.fileno(), None)
+            w.sock.close()
+            with contextlib.suppress(ProcessLookupError):
+                w.proc.kill()
+            self._dying.append(w.proc)
+            w.dead = True
+        try:
+            new = self._start(w.index)
+        except OSError:
+            return lost
         self.restarts += 1
-        self._by_fd.pop(w.sock.fileno(), None)
-        w.sock.close()
-        with contextlib.suppress(ProcessLookupError):
-            w.proc.kill()
-        self._dying.append(w.proc)
-        new = self._workers[w.index] = self._start(w.index)
+        self._workers[w.index] = new
         self._by_fd[new.sock.fileno()] = new
         return lost
 
@@ -227,7 +238,7 @@ class VerifyPool:
         return list(self._by_fd)
 
     def pids(self) -> list[int]:
-        return [w.proc.pid for w in self._workers]
+        return [w.proc.pid for w in self._workers if not w.dead]
 
     @property
     def inflight(self) -> int:
@@ -242,9 +253,12 @@ class VerifyPool:
             w = workers[job.worker]
         else:
             w = workers[job.affinity % len(workers)]
-        if len(w.inflight) + len(w.outbox) >= self._limit:
+        if w.dead or len(w.inflight) + len(w.outbox) >= self._limit:
             # elsewhere: a cache miss (one X25519 more) rather than a refusal
-            w = min(workers, key=lambda x: len(x.inflight) + len(x.outbox))
+            alive = [x for x in workers if not x.dead]
+            if not alive:
+                return False
+            w = min(alive, key=lambda x: len(x.inflight) + len(x.outbox))
             if len(w.inflight) + len(w.outbox) >= self._limit:
                 return False
         job.worker = w.index
@@ -338,6 +352,9 @@ class VerifyPool:
         now = self._clock()
         lost: list[tuple[Job, Result]] = []
         for w in list(self._workers):
+            if w.dead:
+                lost.extend(self._replace(w))  # start it again
+                continue
             # (a worker still starting gets longer: a fresh interpreter on a busy machine)
             limit = self._hang if w.ready else max(self._hang, 10.0)
             hung = w.waiting_since is not None and now - w.waiting_since > limit
@@ -350,11 +367,13 @@ class VerifyPool:
     def close(self, timeout: float = 2.0) -> None:
         """End every worker (EOF, then a kill after `timeout`) and reap it."""
         for w in self._workers:
+            if w.dead:
+                continue
             w.sock.setblocking(True)
             with contextlib.suppress(OSError):
                 w.sock.shutdown(socket.SHUT_WR)
         deadline = time.monotonic() + timeout
-        procs = [w.proc for w in self._workers] + self._dying
+        procs = [w.proc for w in self._workers if not w.dead] + self._dying
         for p in procs:
             try:
                 p.wait(max(0.0, deadline - time.monotonic()))
