@@ -145,7 +145,11 @@ class VerifyPool:
         static_cache_size: int = 65536,
         clock: Callable[[], float] = time.monotonic,
         start_timeout: float = 60.0,
+        wait: bool = True,
     ) -> None:
+        """Start the workers and (`wait`) wait until each holds the key and takes jobs; OSError
+        if one does not within `start_timeout`. Without `wait`, call wait_ready() later: the
+        workers start meanwhile (a gateway overlaps that with its own start-up)."""
         if workers < 1:
             raise ValueError("a pool needs at least one worker")
         self._key = private_key
@@ -162,25 +166,34 @@ class VerifyPool:
         try:
             for i in range(workers):
                 self._workers.append(self._start(i))
-            # a fresh interpreter takes a few hundred ms to import its crypto: the first
-            # knocks must not wait for that, so the gateway is ready only once they are
-            deadline = time.monotonic() + start_timeout
-            for w in self._workers:
-                w.sock.settimeout(max(0.001, deadline - time.monotonic()))
-                try:
-                    ready = w.sock.recv(16)
-                except TimeoutError:
-                    raise OSError(f"no answer from a worker within {start_timeout:g} s") from None
-                if ready != _READY:
-                    raise OSError("a worker exited at start")
-                w.sock.setblocking(False)
-                w.ready = True
+            if wait:
+                self.wait_ready(start_timeout)
         except BaseException:
             self.close(timeout=0)
             raise
         self._by_fd = {w.sock.fileno(): w for w in self._workers}
 
     # -- workers --------------------------------------------------------------------------
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Wait until every worker has started (OSError if one does not within `timeout`).
+        A fresh interpreter takes a while to import its crypto (~0.3 s, far more under
+        emulation): the first knocks must not wait for that, so a gateway is ready only
+        once its workers are."""
+        deadline = time.monotonic() + timeout
+        for w in self._workers:
+            if w.ready or w.dead:
+                continue
+            w.sock.settimeout(max(0.001, deadline - time.monotonic()))
+            try:
+                ready = w.sock.recv(16)
+            except TimeoutError:
+                raise OSError(f"no answer from a worker within {timeout:g} s") from None
+            finally:
+                w.sock.setblocking(False)
+            if ready != _READY:
+                raise OSError("a worker exited at start")
+            w.ready = True
 
     def _start(self, index: int) -> _Worker:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

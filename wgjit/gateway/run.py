@@ -116,6 +116,15 @@ def serve(
         Responder(state.private_key), config, log, wall=time.time, ignore_ifindex=ifindex
     )
     with contextlib.ExitStack() as stack:  # closed in reverse: capture first, metrics last
+        pool = None
+        if config.workers > 1:
+            # started first: their interpreters start while the gateway reconciles
+            try:
+                pool = VerifyPool(state.private_key, config.workers,
+                                  hang_timeout=POOL_HANG_TIMEOUT, wait=False)  # fmt: skip
+            except OSError as e:
+                raise _no_workers(config.workers, e) from None
+            stack.callback(pool.close)
         metrics = server = None
         if metrics_listen is not None:
             metrics = GatewayMetrics(device.name)
@@ -135,6 +144,11 @@ def serve(
         if policy.refused_start:
             raise GatewayError(policy.refused_start)
         reconcile_ms = round((time.monotonic() - started) * 1000)
+        if pool is not None:
+            try:
+                pool.wait_ready()
+            except OSError as e:
+                raise _no_workers(config.workers, e) from None
         gc.collect()
         gc.freeze()
         memory.trim()
@@ -143,16 +157,6 @@ def serve(
         sys.setswitchinterval(SWITCH_INTERVAL)
         reactor = Reactor()
         stack.callback(reactor.close)
-        pool = None
-        if config.workers > 1:
-            try:
-                pool = VerifyPool(state.private_key, config.workers, hang_timeout=POOL_HANG_TIMEOUT)
-            except OSError as e:
-                raise GatewayError(
-                    f"the {config.workers} verify workers did not start ({e}); "
-                    "--workers 0 verifies in the gateway's own process"
-                ) from None
-            stack.callback(pool.close)
         workers = Workers(reactor, {STORE: store_threads, DEVICE: 1, SWEEP: 1})
         loop = _Loop(policy, store, device, sweep_device, reactor, workers, log, metrics, pool)
         loop.more_stats = more_stats
@@ -196,6 +200,13 @@ def serve(
         sd_notify(f"READY=1\nSTATUS=serving {device.name}, {len(policy.installed)} installed")
         loop.run()
     return 0
+
+
+def _no_workers(n: int, e: OSError) -> GatewayError:
+    return GatewayError(
+        f"the {n} verify workers did not start ({e}); --workers 0 verifies in the gateway's "
+        "own process"
+    )
 
 
 class _Loop:
