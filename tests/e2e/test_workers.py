@@ -117,3 +117,17 @@ def test_two_workers_admit_clients_and_herd_and_install_nobody_unknown(
         code = g.stop()
     assert code == 0, "\n".join(g.lines[-20:])
     assert not any(alive(p) for p in pids), "a verify worker outlived the gateway"
+
+
+def test_workers_0_verifies_in_the_gateways_own_process(lab: Lab, store_url: str) -> None:
+    """`--workers 0` (and 1): no worker processes; a stock client is admitted as before."""
+    c = lab.clients[0]
+    add_client(store_url, c, "solo")
+    g = lab.start_gateway(store_url, "--mode", "hold", "--workers", "0")
+    try:
+        assert g.events("ready")[-1]["verify_workers"] == "0"
+        assert workers_of(g) == []
+        assert c.ping(gw_host(lab).tunnel_ip, timeout=12) is not None, "\n".join(g.lines[-30:])
+        assert "verify_inflight" not in stats(g)
+    finally:
+        assert g.stop() == 0
