@@ -19,7 +19,16 @@ from tests.wgref import reference_initiation, with_mac1
 from wgjit.addr import Endpoint, parse_networks
 from wgjit.events import EventLog
 from wgjit.gateway.core import GatewayConfig
-from wgjit.gateway.effects import Effect, Verify, run_inline
+from wgjit.gateway.effects import (
+    Admit,
+    Effect,
+    Install,
+    Lookup,
+    Verdict,
+    Verify,
+    perform,
+    run_inline,
+)
 from wgjit.gateway.outcome import Outcome
 from wgjit.gateway.pool import LOST, Job, Result, VerifyPool, source_affinity
 from wgjit.handshake import (
@@ -300,6 +309,7 @@ def test_lost_verify_jobs_get_a_fail_open_verdict(
     k = knock(initiation(CLIENT, GW, 1e9), g.clock())
     out = g.policy.on_verified([(Verify(k, k), Outcome.WORKER_LOST)], g.clock())
     [verdict] = out
+    assert isinstance(verdict, Verdict)
     assert verdict.outcome is Outcome.WORKER_LOST and verdict.outcome.accepts
     assert g.counters["worker_lost"] == 1
 
@@ -329,3 +339,54 @@ def test_a_worker_that_cannot_be_restarted_leaves_its_jobs_to_the_others(
         assert len(pool.pids()) == 2
         [(job, result)] = pool.run([Job(pkt, 0)])
         assert isinstance(result, Opened) and job.worker == 0
+
+
+def test_knocks_during_an_admission_are_authenticated_on_their_worker(
+    gw: tuple[PooledGateway, FakeDevice, io.StringIO],
+) -> None:
+    """Step by step: a second knock (and a forgery) of a key whose admission is under way go
+    to a worker for their static DH; the genuine one is answered once the peer is installed,
+    the forgery refused, and the loop does no X25519."""
+    g, dev, _ = gw
+    policy, now = g.policy, g.clock()
+    loop = g.responder = CountingResponder(GW)
+    dave = PrivateKey.generate()
+    g.store.add_peer("dave", dave.public_key(), parse_networks("100.65.0.15/32"))
+
+    def through_pool(effects: list[Effect], affinity: int = 0) -> list[Effect]:
+        jobs = [Job(e.knock.payload, affinity, e.opened, context=e, worker=e.worker)
+                for e in effects if isinstance(e, Verify)]  # fmt: skip
+        results: list[tuple[Verify, object]] = []
+        for j, r in g.pool.run(jobs):
+            c = j.context
+            assert isinstance(c, Verify)
+            results.append((Verify(c.knock, c.ticket, c.opened, j.worker, c.waiter), r))
+        return policy.on_verified(results, now)
+
+    def only(effects: list[Effect], kind: type) -> Effect:
+        [e] = effects
+        assert isinstance(e, kind), effects
+        return e
+
+    k1 = knock(initiation(dave, GW, 1e9), now)
+    lookup = only(through_pool(policy.on_knocks([(k1, k1)], now)), Lookup)
+    auth = policy.on_done(lookup, perform(lookup, g.store, dev), None, now)
+    admit = only(through_pool(auth), Admit)  # authenticated on its worker
+    # the admission is under way: a retry of the client, and a forgery of its key
+    k2 = knock(initiation(dave, GW, 1e9 + 1), now, Endpoint.parse("198.18.0.12:40001"))
+    k3 = knock(reference_initiation(dave.public_key(), ATTACKER, GW.public_key()), now,
+               Endpoint.parse("198.18.0.13:40002"))  # fmt: skip
+    # (opened by the other worker, which has not authenticated dave: affinity 1)
+    opened = through_pool(policy.on_knocks([(k2, k2), (k3, k3)], now), affinity=1)
+    assert [isinstance(e, Verify) and e.opened is not None for e in opened] == [True, True]
+    install = only(policy.on_done(admit, perform(admit, g.store, dev), None, now), Install)
+    done = policy.on_done(install, perform(install, g.store, dev), None, now)
+    verdicts = [v for v in done if isinstance(v, Verdict)]
+    assert [(v.ticket, v.outcome) for v in verdicts] == [(k1, Outcome.INSTALLED)]
+    # the workers answer after the install: the retry is an installed peer's, the forgery not
+    late = through_pool(opened)
+    verdicts = [v for v in late if isinstance(v, Verdict)]
+    assert {v.ticket: v.outcome for v in verdicts} == {
+        k2: Outcome.ALREADY_INSTALLED, k3: Outcome.FORGED}  # fmt: skip
+    assert loop.authenticated == []
+    assert dave.public_key() in dev.peers

@@ -582,7 +582,9 @@ class Policy:
             lookups.append(key)
         elif p.stage is _Stage.LOOKUP:
             p.knocks.append(k)
-        elif p.stage is _Stage.AUTH and k.verified is None and worker >= 0:
+        elif k.verified is None and worker >= 0:
+            # known (authentication, admission or install under way): the worker that
+            # opened it authenticates it
             p.knocks.append(k)
             self._authenticate_on_worker(p, k, out)
         else:
@@ -683,25 +685,56 @@ class Policy:
         self._choose(p, now, out)
 
     def _authenticate_on_worker(self, p: _Pending, k: _Knock, out: list[Effect]) -> None:
-        p.auth_left += 1
+        if p.stage is _Stage.AUTH:
+            p.auth_left += 1
         out.append(Verify(k.knock, k.ticket, k.opened, k.worker, waiter=k))
 
     def _authenticated(self, k: _Knock, result: object, now: float, out: list[Effect]) -> None:
-        """A verify worker's answer for a knock of a known key (stage AUTH)."""
+        """A verify worker's answer for a knock of a known key (pending: authentication,
+        admission or install under way)."""
         p = self._pending.get(k.opened.public_key)
-        if p is None or p.stage is not _Stage.AUTH or not any(x is k for x in p.knocks):
-            return  # finished meanwhile (the knock had its verdict then)
+        if p is None or not any(x is k for x in p.knocks):
+            self._late_authenticated(k, result, out)
+            return
         assert p.peer is not None
-        p.auth_left -= 1
+        waiting = p.stage is _Stage.AUTH
+        if waiting:
+            p.auth_left -= 1
         if isinstance(result, tuple):
             k.verified = result[1]
+            if not waiting and self._future(k.verified, k.knock.source, p.peer.name):
+                self._drop_knock(out, p, k, Outcome.FUTURE, p.peer.name)
         elif isinstance(result, HandshakeError):
             self._drop_knock(out, p, k, Outcome(result.reason), p.peer.name)
         else:  # lost, overloaded: fail-open for this knock, the others go on
             self._drop_knock(out, p, k, result if isinstance(result, Outcome) else Outcome.ERROR,
                              p.peer.name)  # fmt: skip
-        if p.auth_left <= 0:
+        if waiting and p.auth_left <= 0:
             self._choose(p, now, out)
+
+    def _late_authenticated(self, k: _Knock, result: object, out: list[Effect]) -> None:
+        """The answer for a knock whose key's admission ended before it came: if the knock
+        had no verdict then (its key was installed meanwhile), it gets one now."""
+        if k.ticket is None:
+            return
+        key = k.opened.public_key
+        inst = self.installed.get(key)
+        if isinstance(result, tuple) and inst is not None:
+            v = result[1]
+            if self._future(v, k.knock.source, inst.name):
+                outcome = Outcome.FUTURE
+            else:
+                self._note_handshake(key, inst, v)
+                outcome = Outcome.ALREADY_INSTALLED
+        elif isinstance(result, HandshakeError):
+            outcome = Outcome(result.reason)
+            self._reject(outcome, k.knock.source, key, inst.name if inst else None)
+        elif isinstance(result, Outcome):
+            outcome = result
+        else:
+            outcome = Outcome.TIMEOUT  # (not reached: an admission ends with verdicts)
+        self._verdict(out, k.ticket, outcome, k.knock)
+        k.ticket = None
 
     def _choose(self, p: _Pending, now: float, out: list[Effect]) -> None:
         """The known key's knocks authenticated (here if not yet): admit the newest fresh one."""
@@ -796,6 +829,8 @@ class Policy:
         if p is None:
             return
         for k in p.knocks:
+            if k.verified is None and k is not p.admitting:
+                continue  # its worker has not answered yet: judged when it does
             outcome = Outcome.INSTALLED if k is p.admitting else Outcome.ALREADY_INSTALLED
             if k.verified is not None and k is not p.admitting:
                 self._note_handshake(peer.public_key, self.installed[peer.public_key], k.verified)
