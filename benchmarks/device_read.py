@@ -1,5 +1,6 @@
-"""What idle eviction and herd installs cost on the device: read() vs handshakes(), set_peer
-one by one vs set_peers batched.
+"""What idle eviction and herd installs cost on the device: read() vs handshakes() vs
+stats() (what a sweep reads since per-peer traffic is kept), set_peer one by one vs set_peers
+batched.
 
     sudo .venv/bin/python benchmarks/device_read.py [--peers 65536] [--batch 2000] [--rounds 5]
 
@@ -8,15 +9,17 @@ lab's `wjl-TAG-gw`, removed at the end, also on failure). On the empty device, `
 peers (endpoint + one /32, as the gateway installs them) are added with set_peer one by one and
 with one set_peers; then the role-inversion keepalive-off update (update_only) of those peers,
 one by one and batched. Then the device is filled to `--peers` and the time of one `get=1`
-(raw bytes, no parsing), read() and handshakes() is measured; all rows in interleaved rounds,
-medians reported. Peak Python memory of read() and handshakes() (tracemalloc, result included)
-is measured once each, apart from the timings, and so is the longest time a 1 ms ticker
-thread (standing in for the gateway's packet loop) was kept waiting for the GIL meanwhile.
+(raw bytes, no parsing), read(), handshakes() and stats() is measured; all rows in
+interleaved rounds, medians reported. Peak Python memory of read(), handshakes() and stats()
+(tracemalloc, result included) is measured once each, apart from the timings, and so is the
+longest time a 1 ms ticker thread (standing in for the gateway's packet loop) was kept
+waiting for the GIL meanwhile.
 
 Part 2 (no root, no kernel): the netlink parsers on an in-memory dump of `--netlink-peers`
 peers laid out like the kernel's (key, preshared key, handshake time, keepalive, counters,
 protocol version, endpoint, one /32), in 32 KiB messages: DumpParser (read()) vs
-HandshakeParser (handshakes()), parsing only; the kernel's own dump time comes on top.
+HandshakeParser (handshakes()) vs StatsParser (stats()), parsing only; the kernel's own dump
+time comes on top.
 `--netlink-only` runs just this part.
 """
 
@@ -50,6 +53,7 @@ from wgjit.device.netlink import (
     WGPEER_A_TX_BYTES,
     DumpParser,
     HandshakeParser,
+    StatsParser,
     _attr,
     _nest,
     encode_endpoint,
@@ -187,12 +191,14 @@ def uapi_part(peers: int, batch: int, rounds: int) -> list[tuple[str, str]]:
             raw: list[float] = []
             full: list[float] = []
             hs: list[float] = []
+            st: list[float] = []
             size = 0
             for r in range(rounds):
                 steps: list[tuple[list[float], Callable[[], Any]]] = [
                     (raw, lambda: _raw_get(gw.ifname)),
                     (full, dev.read),
                     (hs, dev.handshakes),
+                    (st, dev.stats),
                 ]
                 for sink, fn in steps[:: 1 if r % 2 == 0 else -1]:
                     gc.collect()
@@ -204,20 +210,27 @@ def uapi_part(peers: int, batch: int, rounds: int) -> list[tuple[str, str]]:
             del got
             read_peak, read_kept = _peak_mb(dev.read)
             hs_peak, hs_kept = _peak_mb(dev.handshakes)
+            st_peak, st_kept = _peak_mb(dev.stats)
             read_stall = [_max_stall(dev.read) for _ in range(rounds)]
             hs_stall = [_max_stall(dev.handshakes) for _ in range(rounds)]
+            st_stall = [_max_stall(dev.stats) for _ in range(rounds)]
             rows += [
                 (f"`get=1` with {peers:,} peers, raw bytes only ({size / 1e6:.1f} MB)", _ms(raw)),
                 (f"read() with {peers:,} peers", _ms(full)),
                 (f"handshakes() with {peers:,} peers", _ms(hs)),
+                (f"stats() with {peers:,} peers", _ms(st)),
                 ("read(): peak Python memory (result kept)",
                  f"{read_peak:.0f} MB ({read_kept:.0f} MB)"),
                 ("handshakes(): peak Python memory (result kept)",
                  f"{hs_peak:.0f} MB ({hs_kept:.0f} MB)"),
+                ("stats(): peak Python memory (result kept)",
+                 f"{st_peak:.0f} MB ({st_kept:.0f} MB)"),
                 ("read() in a thread: longest stall of another thread (median, max)",
                  f"{statistics.median(read_stall) * 1e3:.1f} ms, {max(read_stall) * 1e3:.1f} ms"),
                 ("handshakes() in a thread: longest stall of another thread (median, max)",
                  f"{statistics.median(hs_stall) * 1e3:.1f} ms, {max(hs_stall) * 1e3:.1f} ms"),
+                ("stats() in a thread: longest stall of another thread (median, max)",
+                 f"{statistics.median(st_stall) * 1e3:.1f} ms, {max(st_stall) * 1e3:.1f} ms"),
             ]  # fmt: skip
     return rows
 
@@ -272,22 +285,34 @@ def netlink_part(peers: int, rounds: int) -> list[tuple[str, str]]:
             p.feed(memoryview(m))
         return p.result()
 
+    def stats() -> object:
+        p = StatsParser("bench")
+        for m in messages:
+            p.feed(memoryview(m))
+        return p.result()
+
     t_full: list[float] = []
     t_lean: list[float] = []
+    t_stats: list[float] = []
     for r in range(rounds):
-        for sink, fn in [(t_full, full), (t_lean, lean)][:: 1 if r % 2 == 0 else -1]:
+        steps = [(t_full, full), (t_lean, lean), (t_stats, stats)]
+        for sink, fn in steps[:: 1 if r % 2 == 0 else -1]:
             gc.collect()
             sink.append(_timed(fn))
     full_peak, full_kept = _peak_mb(full)
     lean_peak, lean_kept = _peak_mb(lean)
+    stats_peak, stats_kept = _peak_mb(stats)
     return [
         (f"netlink dump of {peers:,} peers, parse only ({len(messages):,} messages, "
          f"{total / 1e6:.1f} MB): DumpParser (read())", _ms(t_full)),
         ("same dump: HandshakeParser (handshakes())", _ms(t_lean)),
+        ("same dump: StatsParser (stats())", _ms(t_stats)),
         ("DumpParser: peak Python memory (result kept)",
          f"{full_peak:.0f} MB ({full_kept:.0f} MB)"),
         ("HandshakeParser: peak Python memory (result kept)",
          f"{lean_peak:.0f} MB ({lean_kept:.0f} MB)"),
+        ("StatsParser: peak Python memory (result kept)",
+         f"{stats_peak:.0f} MB ({stats_kept:.0f} MB)"),
     ]  # fmt: skip
 
 

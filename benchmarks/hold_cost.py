@@ -28,7 +28,7 @@ from pathlib import Path
 from wgjit.addr import parse_networks
 from wgjit.capture.iptables import QueueRules
 from wgjit.capture.nfqueue import Held, NfQueue
-from wgjit.device import DeviceState, PeerConfig, PeerState
+from wgjit.device import DeviceState, PeerConfig, PeerState, PeerStats
 from wgjit.events import EventLog
 from wgjit.gateway.core import GatewayConfig, Policy
 from wgjit.gateway.effects import Verdict, run_inline
@@ -56,6 +56,9 @@ class InstalledDevice:
 
     def handshakes(self) -> dict[PublicKey, float]:
         return dict.fromkeys(self.peers, 0.0)
+
+    def stats(self) -> dict[PublicKey, PeerStats]:
+        return dict.fromkeys(self.peers, (0.0, 0, 0, None))
 
     def set_peer(self, config: PeerConfig) -> None:
         pass

@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 COUNTERS = ("installed", "already_installed", "cookie", "rate_limited", "timeout", "overloaded",
             "duplicate", "replay", "forged", "unknown", "negative_cached", "bad_mac1",
             "queue_accepted", "queue_dropped", "queue_overruns", "queue_expired",
-            "loop_max_stall_ms", "installed_now", "stale")  # fmt: skip
+            "loop_max_stall_ms", "installed_now", "stale", "queue_paced",
+            "queue_paced_max")  # fmt: skip
 
 
 def loadgen(gw: Host, tmp: Path, *args: str) -> dict[str, Any]:
@@ -142,6 +143,9 @@ def main() -> None:
     ap.add_argument("--flood-clients", type=int, default=20)
     ap.add_argument("--floods", default="unknown,spoofed,bad_mac1")
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--release-rates", default="default",
+                    help="comma-separated --release-rate values: one JIT herd row each per "
+                         "round (default: the gateway's default)")  # fmt: skip
     ap.add_argument("--skip", default="", help="comma-separated: herd,plain,crowd,flood")
     ap.add_argument("--profile", type=Path, help="write py-spy raw stacks here")
     ap.add_argument("--logs", type=Path, help="write each gateway's log here")
@@ -163,28 +167,30 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "wgjit", "--store", url, "peer", "import",
                         str(csv)], check=True, capture_output=True)  # fmt: skip
         for rnd in range(args.rounds):
-            if "herd" not in skip:
+            for rate in args.release_rates.split(",") if "herd" not in skip else ():
                 clear_device(gw, tmp)
-                g = lab.start_gateway(url, "--mode", "hold")
+                pace = [] if rate == "default" else ["--release-rate", rate]
+                g = lab.start_gateway(url, "--mode", "hold", *pace)
                 spy = None
                 if args.profile:
                     args.profile.mkdir(parents=True, exist_ok=True)
-                    spy = profile(g.proc.pid, args.profile / f"herd-{rnd}.txt", 15)
+                    spy = profile(g.proc.pid, args.profile / f"herd-{rnd}-{rate}.txt", 15)
                 rss0 = rss_mb(g.proc.pid)
                 r = loadgen(gw, tmp, "--keys", str(keys), "--clients", str(args.herd),
                             "--spread", "1")  # fmt: skip
                 s = stats(g)
-                notes.append(f"herd JIT round {rnd}: gateway RSS {rss0:.0f} -> "
-                             f"{rss_mb(g.proc.pid):.0f} MB; {nfqueue_stats(gw)}; loadgen sent "
-                             f"{r['sent']}, received {r['received']}, answered by attempt "
-                             f"{r['answered_by_attempt']}")  # fmt: skip
+                notes.append(f"herd JIT round {rnd}, release rate {rate}: gateway RSS "
+                             f"{rss0:.0f} -> {rss_mb(g.proc.pid):.0f} MB; {nfqueue_stats(gw)}; "
+                             f"loadgen sent {r['sent']}, received {r['received']}, answered by "
+                             f"attempt {r['answered_by_attempt']}")  # fmt: skip
                 if spy is not None:
                     spy.wait(30)
                 g.stop()
                 if args.logs:
                     args.logs.mkdir(parents=True, exist_ok=True)
-                    (args.logs / f"herd-{rnd}.log").write_text("\n".join(g.lines))
-                herd_rows.append(herd_row(f"JIT gateway, empty device (round {rnd})", r, s))
+                    (args.logs / f"herd-{rnd}-{rate}.log").write_text("\n".join(g.lines))
+                label = "" if rate == "default" else f", --release-rate {rate}"
+                herd_rows.append(herd_row(f"JIT gateway{label}, empty device (round {rnd})", r, s))
                 print(herd_rows[-1], flush=True)
             if "plain" not in skip:
                 clear_device(gw, tmp)

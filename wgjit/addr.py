@@ -8,11 +8,13 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from wgjit.errors import WgjitError
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-class InvalidAddress(ValueError):
+class InvalidAddress(WgjitError, ValueError):
     """An endpoint or prefix could not be parsed; the message names the bad text."""
 
 

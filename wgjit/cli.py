@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import datetime
 import io
 import json
@@ -18,25 +17,24 @@ import re
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 from wgjit import __version__
-from wgjit.addr import InvalidAddress, format_networks, parse_networks
-from wgjit.capture.afpacket import CaptureError
+from wgjit.addr import format_networks, parse_networks
 from wgjit.clientconf import (
     DEFAULT_PORT,
-    ClientConfig,
     ConfigInputError,
     parse_allowed,
     parse_dns,
     parse_endpoint,
 )
-from wgjit.config import ConfigFileError, FileConfig
+from wgjit.config import FileConfig
 from wgjit.config import read as read_config_file
-from wgjit.device import BACKENDS, DeviceError, open_device
+from wgjit.device import BACKENDS, open_device
+from wgjit.errors import WgjitError
 from wgjit.events import EventLog
-from wgjit.files import FileRefused, check_target, private_file, write_private_bytes
+from wgjit.files import check_target, private_file, write_private_bytes
 from wgjit.gateway.core import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_CLOCK_SKEW,
@@ -46,20 +44,36 @@ from wgjit.gateway.core import (
     ConfigError,
     GatewayConfig,
 )
-from wgjit.gateway.lock import AlreadyRunning, LockError
 from wgjit.gateway.lock import acquire as acquire_lock
-from wgjit.gateway.run import GatewayError
-from wgjit.keys import InvalidKey, PresharedKey, PrivateKey, PublicKey
-from wgjit.store import DEFAULT_STORE_URL, KEEP, Peer, Store, StoreError, open_store
-from wgjit.store.bulk import BulkError
-from wgjit.store.pool import add_with_auto_address, parse_pool
+from wgjit.keys import PrivateKey, PublicKey
+from wgjit.service import (
+    DEFAULT_CLIENT_ALLOWED_IPS,
+    ConfigOptions,
+    ConfigPlan,
+    PeerService,
+    iso,
+    mark_time,
+    peer_dict,
+    plan_config,
+    render_qr_png,
+)
+from wgjit.store import (
+    DEFAULT_STORE_URL,
+    KEEP,
+    PEER_STATES,
+    Peer,
+    Store,
+    StoreError,
+    open_store,
+)
+from wgjit.store.pool import parse_pool
 from wgjit.store.urls import redact, scrub
 
 # --workers: one verify worker per core this process may run on
 DEFAULT_WORKERS = min(len(os.sched_getaffinity(0)), MAX_WORKERS)
 
 
-class CLIError(Exception):
+class CLIError(WgjitError):
     pass
 
 
@@ -135,42 +149,12 @@ def _store(args: argparse.Namespace, *, create: bool = False) -> Store:
     return open_store(args.store, create=create)
 
 
-def _iso(ts: float | None) -> str | None:
-    """Unix seconds as ISO 8601 in UTC (`2026-12-01T09:30:00Z`); None stays None."""
-    if ts is None:
-        return None
-    text = datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="seconds")
-    return text.replace("+00:00", "Z")
+def _service(store: Store) -> PeerService:
+    return PeerService(store)
 
 
-def _peer_dict(p: Peer) -> dict[str, Any]:
-    return {
-        "name": p.name,
-        "public_key": p.public_key.b64(),
-        "allowed_ips": [str(n) for n in p.allowed_ips],
-        "preshared_key": p.preshared_key is not None,
-        "state": p.state,
-        "revoked": p.revoked,
-        "disabled": p.disabled,
-        "expires_at": _iso(p.expires_at),
-        "created_at": _iso(p.created_at),
-        "updated_at": _iso(p.updated_at),
-        "last_seen": _iso(p.last_seen),
-        # the newest initiation accepted from the peer (anti-replay), by the client's clock
-        "handshake_mark": _mark_time(p.handshake_hwm) if p.handshake_hwm else None,
-        "holder": p.holder,  # the gateway that has it installed, if any
-    }
-
-
-def _mark_time(mark: bytes) -> str:
-    """A TAI64N mark as ISO 8601 UTC (`2026-11-24T07:30:01.204Z`); hex if out of range."""
-    from wgjit.handshake import Timestamp
-
-    try:
-        t = datetime.datetime.fromtimestamp(Timestamp(mark).to_unix(), datetime.UTC)
-    except (ValueError, OverflowError, OSError):
-        return f"TAI64N {mark.hex()} (out of range)"
-    return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+_iso = iso
+_mark_time = mark_time
 
 
 _RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
@@ -214,36 +198,27 @@ def cmd_peer_add(args: argparse.Namespace) -> int:
     auto = args.allowed_ips.strip().lower() == "auto"
     if auto and args.allow_overlap:
         raise CLIError("--allowed-ips auto takes a free address: drop --allow-overlap")
-    nets = None if auto else parse_networks(args.allowed_ips)
-    private = None
-    if args.public_key:
-        public = PublicKey.from_b64(args.public_key)
-    else:
-        private = PrivateKey.generate()
-        public = private.public_key()
+    if not auto:
+        parse_networks(args.allowed_ips)  # a bad list is that error, before anything else
+    public = PublicKey.from_b64(args.public_key) if args.public_key else None
     # every client-config input is checked before anything is written to the store
-    _apply_defaults(args)
-    plan = _config_plan(args, have_private=private is not None)
-    psk = PresharedKey.generate() if args.preshared_key else None
+    plan = _config_plan(args, have_private=public is None)
     # a store without a pool cannot allocate: `auto` never creates one (it would stay empty)
     with _store(args, create=not auto) as store:
-
-        def add(nets: tuple[Any, ...]) -> Peer:
-            return store.add_peer(
-                args.name,
-                public,
-                nets,
-                psk,
-                allow_overlap=args.allow_overlap,
-                expires_at=args.expires,
-            )
-
-        peer = add(nets) if nets is not None else add_with_auto_address(store, add)
+        added = _service(store).add(
+            args.name,
+            allowed_ips=args.allowed_ips,
+            public_key=public,
+            preshared_key=args.preshared_key,
+            allow_overlap=args.allow_overlap,
+            expires_at=args.expires,
+        )
+    peer, private = added.peer, added.private_key
     if peer.handshake_hwm is not None:
         _note_kept_mark(peer)
     if private is None and args.output is None:
         print(
-            f"added peer {peer.name} ({public.b64()})"
+            f"added peer {peer.name} ({peer.public_key.b64()})"
             f" allowed-ips {format_networks(peer.allowed_ips)}"
         )
         print(
@@ -276,27 +251,21 @@ DEFAULT_OPTIONS = {
     "client-allowed-ips": "client_allowed_ips",
     "pool": "pool",
 }
-DEFAULT_CLIENT_ALLOWED_IPS = "0.0.0.0/0, ::/0"
 _INT_OPTIONS = {
     "mtu": _int_range("--mtu", 576, 65535),
     "persistent-keepalive": _int_range("--persistent-keepalive", 1, 65535),
 }
 
 
-def _apply_defaults(args: argparse.Namespace) -> None:
-    """Fill the client-config options not given on the command line from the store's
-    defaults (flags win). A store that does not exist yet has none (`peer add` creates it
-    later; other commands then fail opening it, naming the fix)."""
+def _stored_defaults(args: argparse.Namespace) -> dict[str, str]:
+    """The store's defaults for client configs (flags win over them). A store that does not
+    exist yet has none (`peer add` creates it later; other commands then fail opening it,
+    naming the fix)."""
     try:
         with _store(args) as store:
-            defaults = store.get_defaults()
+            return store.get_defaults()
     except StoreError:
-        return
-    for key, value in defaults.items():
-        attr = DEFAULT_OPTIONS.get(key)
-        if attr is None or attr == "pool" or getattr(args, attr, None) is not None:
-            continue
-        setattr(args, attr, _INT_OPTIONS[key](value) if key in _INT_OPTIONS else value)
+        return {}
 
 
 def _checked_default(key: str, value: str) -> str:
@@ -316,17 +285,9 @@ def _checked_default(key: str, value: str) -> str:
     return str(_INT_OPTIONS[key](value))
 
 
-@dataclasses.dataclass(frozen=True)
-class _ConfigPlan:
-    gateway_key: PublicKey | None
-    endpoint: str | None
-    allowed_ips: tuple[Any, ...]
-    dns: tuple[str, ...]
-
-
-def _config_plan(args: argparse.Namespace, *, have_private: bool) -> _ConfigPlan:
+def _config_plan(args: argparse.Namespace, *, have_private: bool) -> ConfigPlan:
     """Check every client-config option and read what the interface knows (its public key,
-    and its listen port as the endpoint's default port); CLIError before anything is written."""
+    and its listen port as the endpoint's default port); an error before anything is written."""
     if args.qr and not have_private:
         raise CLIError(
             "--qr needs the peer's private key, which wgjit does not have (it keeps none): omit"
@@ -338,42 +299,41 @@ def _config_plan(args: argparse.Namespace, *, have_private: bool) -> _ConfigPlan
         if not args.qr.lower().endswith(".png"):
             raise CLIError(f"--qr {args.qr!r}: give FILE.png, or --qr alone for the terminal")
         check_target(args.qr, force=args.force)
+    gateway_key, port = _interface_key_port(args)
+    options = ConfigOptions(
+        endpoint=args.endpoint,
+        dns=args.dns,
+        mtu=args.mtu,
+        persistent_keepalive=args.persistent_keepalive,
+        client_allowed_ips=args.client_allowed_ips,
+        gateway_key=gateway_key,
+    )
+    return plan_config(options, _stored_defaults(args), listen_port=port)
+
+
+def _interface_key_port(args: argparse.Namespace) -> tuple[PublicKey | None, int | None]:
+    """The gateway's public key (--gateway-public-key, else --interface's) and the listen port
+    of --interface, where given."""
     gateway_key = None
-    port = DEFAULT_PORT
-    if args.gateway_public_key:
+    port = None
+    if getattr(args, "gateway_public_key", None):
         gateway_key = PublicKey.from_b64(args.gateway_public_key)
-    if args.interface:
+    if getattr(args, "interface", None):
         dev = open_device(args.interface)
         try:
             state = dev.read(peers=False)  # only its key and port
         finally:
             dev.close()
         gateway_key = gateway_key or state.public_key
-        port = state.listen_port or port
-    try:
-        endpoint = parse_endpoint(args.endpoint, port) if args.endpoint else None
-        allowed = parse_allowed(args.client_allowed_ips or DEFAULT_CLIENT_ALLOWED_IPS)
-        dns = parse_dns(args.dns) if args.dns is not None else ()
-    except ConfigInputError as e:
-        raise CLIError(str(e)) from None
-    return _ConfigPlan(gateway_key, endpoint, allowed, dns)
+        port = state.listen_port or None
+    return gateway_key, port
 
 
 def _emit_config(
-    args: argparse.Namespace, plan: _ConfigPlan, peer: Peer, private: PrivateKey | None
+    args: argparse.Namespace, plan: ConfigPlan, peer: Peer, private: PrivateKey | None
 ) -> None:
     """The config to stdout or --output (0600); the QR code to stderr or --qr FILE.png."""
-    conf = ClientConfig(
-        addresses=peer.allowed_ips,
-        private_key=private,
-        gateway_key=plan.gateway_key,
-        preshared_key=peer.preshared_key,
-        endpoint=plan.endpoint,
-        allowed_ips=plan.allowed_ips,
-        dns=plan.dns,
-        mtu=args.mtu,
-        persistent_keepalive=args.persistent_keepalive,
-    )
+    conf = PeerService.client_config(peer, plan, private)
     text = conf.render()
     for gap in conf.missing():
         print(f"wgjit: note: the config lacks {gap}: fill it in", file=sys.stderr)
@@ -389,23 +349,20 @@ def _emit_config(
         print(text, end="")
         sys.stdout.flush()
     if args.qr:
-        import segno
-
-        qr = segno.make(text, error="l")
         if args.qr == "-":
-            qr.terminal(out=sys.stderr, compact=True)  # stdout stays the config alone
+            import segno
+
+            # stdout stays the config alone
+            segno.make(text, error="l").terminal(out=sys.stderr, compact=True)
         else:
-            buf = io.BytesIO()
-            qr.save(buf, kind="png", scale=6)
-            write_private_bytes(args.qr, buf.getvalue(), force=args.force)
+            write_private_bytes(args.qr, render_qr_png(text), force=args.force)
             print(f"wrote the QR code to {args.qr}", file=sys.stderr)
 
 
 def cmd_peer_config(args: argparse.Namespace) -> int:
-    _apply_defaults(args)
     plan = _config_plan(args, have_private=False)
     with _store(args) as store:
-        peer = _get(store, args.name)
+        peer = _service(store).get(args.name)
     why = peer.refusal(time.time())
     if why:
         print(f"wgjit: note: peer {peer.name} is {why}: gateways refuse it", file=sys.stderr)
@@ -415,42 +372,33 @@ def cmd_peer_config(args: argparse.Namespace) -> int:
 
 def cmd_peer_disable(args: argparse.Namespace) -> int:
     with _store(args) as store:
-        p = store.update_peer(args.name, disabled=True)
+        p = _service(store).disable(args.name)
     print(f"disabled peer {p.name}; running gateways evict it and refuse it until enabled")
     return 0
 
 
 def cmd_peer_enable(args: argparse.Namespace) -> int:
     with _store(args) as store:
-        p = store.update_peer(args.name, disabled=False)
+        p = _service(store).enable(args.name)
     why = p.refusal(time.time())
     print(f"enabled peer {p.name}" + (f" (still refused: {why})" if why else ""))
     return 0
 
 
 def cmd_peer_set(args: argparse.Namespace) -> int:
-    changes: dict[str, Any] = {}
     auto = args.allowed_ips is not None and args.allowed_ips.strip().lower() == "auto"
     if auto and args.allow_overlap:
         raise CLIError("--allowed-ips auto takes a free address: drop --allow-overlap")
-    if args.allowed_ips is not None and not auto:
-        changes["allowed_ips"] = parse_networks(args.allowed_ips)
-    if args.rename is not None:
-        changes["new_name"] = args.rename
-    if args.expires is not KEEP:
-        changes["expires_at"] = args.expires
-    if not changes and not auto:
+    if args.allowed_ips is None and args.rename is None and args.expires is KEEP:
         raise CLIError("nothing to change; give --allowed-ips, --rename or --expires")
     with _store(args) as store:
-        if auto:
-            _get(store, args.name)  # an unknown peer is that error, not a pool's
-
-            def change(nets: tuple[Any, ...]) -> Peer:
-                return store.update_peer(args.name, allowed_ips=nets, **changes)
-
-            p = add_with_auto_address(store, change)
-        else:
-            p = store.update_peer(args.name, allow_overlap=args.allow_overlap, **changes)
+        p = _service(store).update(
+            args.name,
+            allowed_ips=args.allowed_ips,
+            new_name=args.rename,
+            expires_at=args.expires,
+            allow_overlap=args.allow_overlap,
+        )
     expiry = _iso(p.expires_at) or "never"
     print(
         f"peer {p.name}: allowed-ips {format_networks(p.allowed_ips)}, expires {expiry};"
@@ -460,60 +408,119 @@ def cmd_peer_set(args: argparse.Namespace) -> int:
 
 
 def cmd_peer_rotate(args: argparse.Namespace) -> int:
-    private = None
-    if args.public_key:
-        public = PublicKey.from_b64(args.public_key)
-    else:
-        private = PrivateKey.generate()
-        public = private.public_key()
-    _apply_defaults(args)
-    plan = _config_plan(args, have_private=private is not None)
+    public = PublicKey.from_b64(args.public_key) if args.public_key else None
+    plan = _config_plan(args, have_private=public is None)
     with _store(args) as store:
-        old = _get(store, args.name)
-        # a peer with a preshared key gets a new one too: the old config is dead either way
-        psk = PresharedKey.generate() if old.preshared_key is not None else None
-        peer = store.update_peer(args.name, public_key=public, preshared_key=psk)
+        added = _service(store).rotate(args.name, public_key=public)
+    peer, old = added.peer, added.previous
+    assert old is not None
     if peer.handshake_hwm is not None:  # the new key was used before (a retired key)
         _note_kept_mark(peer)
     print(
         f"# rotated peer {peer.name}: {old.public_key.b64()} is refused from now on, "
-        f"{public.b64()} replaces it",
+        f"{peer.public_key.b64()} replaces it",
         file=sys.stderr,
     )
-    _emit_config(args, plan, peer, private)
+    _emit_config(args, plan, peer, added.private_key)
     return 0
+
+
+def _listed(service: PeerService, prefix: str | None, state: str | None) -> Iterator[Peer]:
+    """Every peer, or those with a name prefix / in a state, in name order, page by page."""
+    if prefix is None and state is None:
+        yield from service.iter_all()
+        return
+    cursor = None
+    while True:
+        page = service.list_page(cursor=cursor, limit=1000, prefix=prefix, state=state)
+        yield from page.items
+        if page.next_cursor is None:
+            return
+        cursor = page.next_cursor
 
 
 def cmd_peer_list(args: argparse.Namespace) -> int:
     with _store(args) as store:
-        peers = store.list_peers()
+        peers = list(_listed(_service(store), args.prefix, args.state))
     if args.json:
-        print(json.dumps([_peer_dict(p) for p in peers], indent=2))
+        print(json.dumps([peer_dict(p) for p in peers], indent=2))
         return 0
     if not peers:
         print("no peers")
         return 0
+    from wgjit.status import ago, human_bytes
+
+    now = time.time()
     w = max(4, *(len(p.name) for p in peers))
-    print(f"{'NAME':<{w}}  {'PUBLIC KEY':<44}  {'STATE':<8}  {'EXPIRES':<20}  ALLOWED IPS")
+    h = max(6, *(len(p.holder or "-") for p in peers))
+    print(
+        f"{'NAME':<{w}}  {'PUBLIC KEY':<44}  {'STATE':<8}  {'EXPIRES':<20}  {'HOLDER':<{h}}"
+        f"  {'HANDSHAKE':<10}  {'RX':>10}  {'TX':>10}  ALLOWED IPS"
+    )
     for p in peers:
         print(
             f"{p.name:<{w}}  {p.public_key.b64():<44}  {p.state:<8}"
-            f"  {_iso(p.expires_at) or '-':<20}  {format_networks(p.allowed_ips)}"
+            f"  {_iso(p.expires_at) or '-':<20}  {p.holder or '-':<{h}}"
+            f"  {ago(p.last_handshake, now):<10}  {human_bytes(p.rx_bytes):>10}"
+            f"  {human_bytes(p.tx_bytes):>10}  {format_networks(p.allowed_ips)}"
         )
     return 0
 
 
-def _get(store: Store, name: str) -> Peer:
-    p = store.get_peer(name)
-    if p is None:
-        raise CLIError(f"no peer named {name!r} (see `wgjit peer list`)")
-    return p
+def cmd_status(args: argparse.Namespace) -> int:
+    from wgjit.status import ago, gather, human_bytes
+
+    if args.top < 0:
+        raise CLIError(f"--top must be 0 or more, got {args.top}")
+    with _store(args) as store:
+        report = gather(store, args.top)
+    if args.json:
+        print(json.dumps({
+            "peers": report.peers,
+            "gateways": [
+                {
+                    "gateway_id": g.gateway_id,
+                    "heartbeat_at": _iso(g.heartbeat_at),
+                    "installed": g.installed,
+                    "claimed": g.claimed,
+                    "drops": dict(sorted(g.rejects.items())),
+                }
+                for g in report.gateways
+            ],
+            "busiest": [peer_dict(p) for p in report.busiest],
+        }, indent=2))  # fmt: skip
+        return 0
+    now = report.at
+    print(f"store {redact(args.store)}: {report.peers} peers, {len(report.gateways)} gateways")
+    if report.gateways:
+        w = max(7, *(len(g.gateway_id) for g in report.gateways))
+        print(f"\n{'GATEWAY':<{w}}  {'HEARTBEAT':<9}  {'INSTALLED':>9}  {'HOLDS':>7}  DROPS")
+        for g in report.gateways:
+            installed = "?" if g.installed is None else str(g.installed)
+            drops = sorted(g.rejects.items(), key=lambda kv: (-kv[1], kv[0]))
+            print(
+                f"{g.gateway_id:<{w}}  {ago(g.heartbeat_at, now):<9}  {installed:>9}"
+                f"  {g.claimed:>7}  {' '.join(f'{r}={n}' for r, n in drops) or '-'}"
+            )
+    if report.busiest:
+        w = max(4, *(len(p.name) for p in report.busiest))
+        h = max(6, *(len(p.holder or "-") for p in report.busiest))
+        print(
+            f"\n{'BUSIEST':<{w}}  {'RX':>10}  {'TX':>10}  {'HANDSHAKE':<10}  {'HOLDER':<{h}}"
+            "  ENDPOINT"
+        )
+        for p in report.busiest:
+            print(
+                f"{p.name:<{w}}  {human_bytes(p.rx_bytes):>10}  {human_bytes(p.tx_bytes):>10}"
+                f"  {ago(p.last_handshake, now):<10}  {p.holder or '-':<{h}}  {p.endpoint or '-'}"
+            )
+    return 0
 
 
 def cmd_peer_show(args: argparse.Namespace) -> int:
     with _store(args) as store:
-        p = _get(store, args.name)
-    d = _peer_dict(p)
+        p = _service(store).get(args.name)
+    d = peer_dict(p)
     if args.json:
         print(json.dumps(d, indent=2))
     else:
@@ -524,27 +531,28 @@ def cmd_peer_show(args: argparse.Namespace) -> int:
 
 def cmd_peer_revoke(args: argparse.Namespace) -> int:
     with _store(args) as store:
-        p = store.revoke(args.name)
+        p = _service(store).revoke(args.name)
     print(f"revoked peer {p.name}; running gateways drop it within seconds")
     return 0
 
 
 def cmd_peer_remove(args: argparse.Namespace) -> int:
     with _store(args) as store:
-        p = store.remove(args.name)
+        p = _service(store).remove(args.name)
     print(f"removed peer {p.name}")
     return 0
 
 
 def cmd_peer_reset_replay(args: argparse.Namespace) -> int:
     with _store(args) as store:
-        p = _get(store, args.name)
+        service = _service(store)
+        p = service.get(args.name)
         if p.handshake_hwm is None:
             print(f"peer {p.name} has no replay mark; nothing to reset")
             return 0
         if not args.yes:
             _confirm_reset(p)
-        was = store.reset_handshake_mark(p.name)
+        was = service.reset_replay(p.name)
     mark = _mark_time(was.handshake_hwm) if was.handshake_hwm else "none"
     held = f", installed on gateway {was.holder}" if was.holder else ""
     print(
@@ -876,6 +884,30 @@ def _clock_skew(value: float) -> float:
     return value
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The admin HTTP API (and web page): settings checked before the store is opened."""
+    from wgjit.api import serve
+
+    listen = serve.parse_listen(args.listen)
+    serve.check_transport(listen, args.tls_cert, args.tls_key, args.insecure_http)
+    token = serve.read_token(args.token_file)
+    gateway_key, port = _interface_key_port(args)
+    from wgjit.api.app import create_app
+
+    with _store(args) as store:
+        service = PeerService(store, gateway_key=gateway_key, listen_port=port)
+        app = create_app(service, token, store_url=args.store)
+        sock = serve.bind(listen)
+        print(
+            f"wgjit serve: {listen.url(args.tls_cert is not None)}/api/v1 (store"
+            f" {redact(args.store)})",
+            file=sys.stderr,
+            flush=True,
+        )
+        serve.run(app, sock, tls_cert=args.tls_cert, tls_key=args.tls_key)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from wgjit.demo import run_demo
 
@@ -948,6 +980,8 @@ def build_parser() -> _Parser:
     add.set_defaults(func=cmd_peer_add)
     ls = psub.add_parser("list", parents=[after], help="list peers")
     ls.add_argument("--json", action="store_true")
+    ls.add_argument("--prefix", metavar="TEXT", help="only peers whose name starts with TEXT")
+    ls.add_argument("--state", choices=PEER_STATES, help="only peers in this state")
     ls.set_defaults(func=cmd_peer_list)
     show = psub.add_parser("show", parents=[after], help="show one peer")
     show.add_argument("name")
@@ -1011,6 +1045,15 @@ def build_parser() -> _Parser:
     ex.add_argument("--format", choices=("csv", "jsonl"), help="default: from the extension")
     ex.add_argument("--force", action="store_true", help="replace FILE if it exists")
     ex.set_defaults(func=cmd_peer_export)
+
+    stat = sub.add_parser(
+        "status", parents=[after],
+        help="live gateways (installed vs held peers, drops by reason) and the busiest peers",
+    )  # fmt: skip
+    stat.add_argument("--top", type=int, default=10, metavar="N",
+                      help="show the N busiest peers by traffic (default 10; 0: none)")  # fmt: skip
+    stat.add_argument("--json", action="store_true")
+    stat.set_defaults(func=cmd_status)
 
     st = sub.add_parser("store", help="manage the store itself")
     ssub = sub_parsers(st, "store_command", "ACTION")
@@ -1128,6 +1171,25 @@ def build_parser() -> _Parser:
     cc.set_defaults(func=cmd_check_config)
     p.commands = {"gateway": gw}
 
+    sv = sub.add_parser(
+        "serve", parents=[after], help="serve the admin HTTP API and web page over the store"
+    )
+    sv.add_argument("--listen", default="127.0.0.1:8080", metavar="ADDR:PORT",
+                    help="where to listen (default 127.0.0.1:8080); an address other than"
+                         " loopback needs --tls-cert/--tls-key or --insecure-http")  # fmt: skip
+    sv.add_argument("--token-file", required=True, metavar="FILE",
+                    help="the bearer token clients send (one line, 16+ characters); the file"
+                         " must be yours and mode 0600")  # fmt: skip
+    sv.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate")
+    sv.add_argument("--tls-key", metavar="FILE", help="... and this private key")
+    sv.add_argument("--insecure-http", action="store_true",
+                    help="allow plain HTTP on an address other than loopback (behind a TLS"
+                         " proxy)")  # fmt: skip
+    sv.add_argument("--interface", help="read the gateway's public key and port for client"
+                    " configs from this WireGuard interface")  # fmt: skip
+    sv.add_argument("--gateway-public-key", help="the gateway's public key for client configs")
+    sv.set_defaults(func=cmd_serve)
+
     demo = sub.add_parser("demo", help="live demo in throwaway network namespaces")
     demo.add_argument("--connects", type=_int_range("--connects", 1, 100000), default=20,
                       help="connects per latency measurement (default 20)")  # fmt: skip
@@ -1164,27 +1226,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = _parse_args(parser, argv)
-    except (CLIError, ConfigFileError) as e:
+    except WgjitError as e:
         print(f"wgjit: error: {e}", file=sys.stderr)
         return 1
     try:
         rc: int = args.func(args)
         return rc
-    except (
-        CLIError,
-        StoreError,
-        DeviceError,
-        ConfigError,
-        InvalidKey,
-        InvalidAddress,
-        GatewayError,
-        CaptureError,
-        BulkError,
-        ConfigFileError,
-        AlreadyRunning,
-        LockError,
-        FileRefused,
-    ) as e:
+    except WgjitError as e:
         # last line of defence: no message shows the store's password, whatever quoted it
         text = " ".join(scrub(str(e), args.store).split())
         print(f"wgjit: error: {text}", file=sys.stderr)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from wgjit.addr import InvalidAddress, IPNetwork, parse_networks
+from wgjit.errors import WgjitError
 from wgjit.keys import PresharedKey, PrivateKey, PublicKey
 
 DEFAULT_PORT: Final = 51820
@@ -23,7 +24,7 @@ FILL_IN_ENDPOINT: Final = "<fill in: the gateway's HOST:PORT>"
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 
 
-class ConfigInputError(ValueError):
+class ConfigInputError(WgjitError, ValueError):
     """A value for a client config is invalid; the message names the option and the fix."""
 
 

@@ -17,11 +17,13 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from wgjit.errors import WgjitError
+
 # flags that make no sense in a file (the file itself, argparse's own)
 NOT_IN_FILES = frozenset({"config", "help", "version"})
 
 
-class ConfigFileError(Exception):
+class ConfigFileError(WgjitError):
     """A config file that cannot be used; the message is one line naming file and key."""
 
 

@@ -17,8 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from wgjit.errors import WgjitError
 
-class FileRefused(Exception):
+
+class FileRefused(WgjitError):
     """The target cannot or must not be written; the message says why and what to do."""
 
 

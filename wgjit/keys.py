@@ -20,10 +20,12 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
 )
 
+from wgjit.errors import WgjitError
+
 KEY_LEN = 32
 
 
-class InvalidKey(ValueError):
+class InvalidKey(WgjitError, ValueError):
     """A key could not be parsed; the message says what was wrong."""
 
 

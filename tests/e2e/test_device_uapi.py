@@ -512,6 +512,12 @@ def test_role_inversion_keepalive_on_then_off(pair: Pair) -> None:
 
     # and the session carries the client's traffic
     pair.client.ns.run("ping", "-c", "1", "-W", "2", "100.65.98.1")
+    # stats() says what read() does: the handshake, the ping's bytes, the client's endpoint
+    state = pair.dev.read().peers[pair.client_key]
+    assert state.rx_bytes > 0 and state.tx_bytes > 0
+    assert pair.dev.stats() == {pair.client_key: (
+        state.last_handshake, state.rx_bytes, state.tx_bytes, str(state.endpoint)
+    )}  # fmt: skip
 
 
 def test_role_inversion_in_one_set_peers_batch(pair: Pair) -> None:

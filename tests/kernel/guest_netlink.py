@@ -27,6 +27,7 @@ from wgjit.device.netlink import (
     InterfaceMissing,
     NetlinkDevice,
     NotWireGuard,
+    StatsParser,
 )
 from wgjit.device.uapi import UAPIDevice
 from wgjit.keys import PresharedKey, PrivateKey, PublicKey
@@ -293,6 +294,11 @@ def test_set_peers_many_per_message_with_every_field(dev: NetlinkDevice, gw: Ker
     assert psks == {c.public_key.b64(): psk.b64() if c.preshared_key else "(none)"
                     for c in configs}  # fmt: skip
     assert dev.handshakes() == dict.fromkeys(peers, 0.0)
+    # stats(): the same dump, with counters and endpoints, in the kernel's layout (one unpack
+    # per peer: the layout StatsParser expects is the kernel's)
+    parser = dev._dump("stats", StatsParser)
+    assert parser.laid_out == 3000
+    assert parser.result() == {k: (0.0, 0, 0, str(p.endpoint)) for k, p in peers.items()}
 
 
 def test_set_peers_updates_in_order_and_never_creates(dev: NetlinkDevice) -> None:
@@ -469,6 +475,11 @@ def test_role_inversion_keepalive_on_then_off(pair: Pair) -> None:
         state = dev.read().peers[pair.client_key]
         assert len(state.allowed_ips) == 1501 and state.last_handshake
         assert dev.handshakes() == {pair.client_key: state.last_handshake}
+        # stats() agrees with read() (the ping's bytes counted), continuations included
+        assert state.rx_bytes > 0 and state.tx_bytes > 0
+        assert dev.stats() == {pair.client_key: (
+            state.last_handshake, state.rx_bytes, state.tx_bytes, str(state.endpoint)
+        )}  # fmt: skip
 
 
 def test_role_inversion_in_one_set_peers_batch(pair: Pair) -> None:

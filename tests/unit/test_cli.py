@@ -414,3 +414,23 @@ def test_config_inputs_are_validated_before_anything_is_written(
         assert rc == 1 and err.count("\n") == 1, err
         assert message in err or "give FILE.png" in err
     assert listing(capsys) == before
+
+
+def test_peer_list_filters_by_prefix_and_state(
+    store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name, ip in (("ab1", "10.0.0.1/32"), ("ab2", "10.0.0.2/32"), ("cd", "10.0.0.3/32")):
+        key = PrivateKey.generate().public_key().b64()
+        run(capsys, "peer", "add", name, "--allowed-ips", ip, "--public-key", key)
+    run(capsys, "peer", "disable", "ab2")
+    rc, out, _ = run(capsys, "peer", "list", "--json", "--prefix", "ab")
+    assert rc == 0 and [p["name"] for p in json.loads(out)] == ["ab1", "ab2"]
+    rc, out, _ = run(capsys, "peer", "list", "--json", "--state", "active")
+    assert [p["name"] for p in json.loads(out)] == ["ab1", "cd"]
+    rc, out, _ = run(capsys, "peer", "list", "--prefix", "ab", "--state", "disabled")
+    assert rc == 0 and out.splitlines()[1].startswith("ab2 ") and len(out.splitlines()) == 2
+    rc, _, err = run(capsys, "peer", "list", "--prefix", "a b")
+    assert rc == 1 and err == (
+        "wgjit: error: prefix 'a b' cannot be (part of) a peer name: use at most 64 of"
+        " letters, digits, '.', '_', '@' and '-'\n"
+    )

@@ -14,7 +14,7 @@ from tests.unit.policy_driver import SyncGateway
 from tests.wgref import reference_initiation
 from wgjit.addr import Endpoint, parse_networks
 from wgjit.capture.packet import Knock
-from wgjit.device import DeviceState, PeerConfig, PeerState
+from wgjit.device import DeviceState, PeerConfig, PeerState, PeerStats
 from wgjit.events import EventLog, parse_logfmt
 from wgjit.gateway.core import ConfigError, GatewayConfig
 from wgjit.handshake import Opened, Responder, Timestamp, Verified, build_initiation
@@ -58,6 +58,13 @@ class FakeDevice:
 
     def handshakes(self) -> dict[PublicKey, float]:
         return {k: ps.last_handshake or 0.0 for k, ps in self.peers.items()}
+
+    def stats(self) -> dict[PublicKey, PeerStats]:
+        return {
+            k: (ps.last_handshake or 0.0, ps.rx_bytes, ps.tx_bytes,
+                str(ps.endpoint) if ps.endpoint else None)
+            for k, ps in self.peers.items()
+        }  # fmt: skip
 
     def set_peers(self, configs: Sequence[PeerConfig]) -> None:
         for c in configs:

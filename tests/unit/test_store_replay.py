@@ -7,6 +7,7 @@ from __future__ import annotations
 import sqlite3
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -196,6 +197,16 @@ def test_upgraded_store_keeps_marks_of_keys_removed_after_the_upgrade(
             assert upgraded.add_peer("alice", k, NETS).handshake_hwm == tai64n(100)
 
 
+def _raw(store: Store, sql: str) -> None:
+    """One statement on a store as an older wgjit would have run it."""
+    if isinstance(store, SQLiteStore):
+        with store._write("raw") as conn:
+            conn.execute(sql.format(t=1, now=time.time()))
+    else:
+        assert isinstance(store, PostgresStore)
+        store._run("raw", lambda c: c.execute(sql.format(t="true", now=time.time())))
+
+
 def test_a_store_made_before_retired_keys_upgrades_with_everything_in_it(
     request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -216,10 +227,11 @@ def test_a_store_made_before_retired_keys_upgrades_with_everything_in_it(
         with open_store(url) as old:
             old.add_peer("alice", k, NETS, expires_at=4_000_000_000.0)
             old.add_peer("bob", j, net(1))
-            old.update_peer("bob", disabled=True)
+            # written as that wgjit wrote them (this one reads and writes later steps' columns)
+            _raw(old, "UPDATE peers SET disabled = {t} WHERE name = 'bob'")
             old.advance_handshake(Handshake(k, tai64n(100), 1.0))
             old.advance_handshake(Handshake(j, tai64n(200), 1.0))
-            old.heartbeat("gw-a")
+            _raw(old, "INSERT INTO gateways VALUES ('gw-a', {now})")
             old.claim(k, "gw-a")
         monkeypatch.setattr(mod, "MIGRATIONS", full)
         with open_store(url) as new:

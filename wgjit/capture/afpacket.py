@@ -17,6 +17,7 @@ import time
 from wgjit.capture.bpf import Insn, initiation_filter, pack
 from wgjit.capture.packet import Knock, parse_knock
 from wgjit.closing import Closing
+from wgjit.errors import WgjitError
 
 ETH_P_ALL = 0x0003
 SOL_PACKET = 263
@@ -29,7 +30,7 @@ DEFAULT_RCVBUF = 4 << 20
 _BUFSIZE = 2048  # the filter keeps at most 60 + 8 + 148 bytes of a packet
 
 
-class CaptureError(OSError):
+class CaptureError(WgjitError, OSError):
     """The capture socket could not be opened or read; the message says why (`errno` is set)."""
 
     def __init__(self, code: int, message: str) -> None:

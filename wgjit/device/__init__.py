@@ -13,15 +13,22 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from wgjit.addr import Endpoint, IPNetwork
+from wgjit.errors import WgjitError
 from wgjit.keys import PresharedKey, PrivateKey, PublicKey
 
 
-class DeviceError(Exception):
+class DeviceError(WgjitError):
     """A device operation failed; the message names the interface and the operation."""
 
 
 class DeviceNotFound(DeviceError):
     """The interface does not exist or is not a WireGuard device this backend can reach."""
+
+
+# One peer as a sweep sees it (Device.stats): (last handshake in unix seconds, 0.0 if never;
+# bytes received; bytes sent; endpoint as "host:port" / "[v6]:port", None if none). A plain
+# tuple: a sweep of 100 000 peers holds one each, so no per-peer object beyond it.
+PeerStats = tuple[float, int, int, str | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +83,13 @@ class Device(Protocol):
 
         Reads the same dump as read() but keeps only the key and the handshake time of each
         peer, at a fraction of read()'s time and memory (nothing else is decoded)."""
+        ...
+
+    def stats(self) -> dict[PublicKey, PeerStats]:
+        """Every peer's last handshake, byte counters and endpoint (see PeerStats): what a
+        sweep needs (idle eviction and traffic accounting). Reads the same dump as
+        handshakes(), decoding three more small fields per peer; allowed IPs and the rest
+        are stepped over as there. The counters restart when a peer is added anew."""
         ...
 
     def set_peer(self, config: PeerConfig) -> None:

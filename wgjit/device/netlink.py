@@ -4,8 +4,9 @@ Builds and parses WG_CMD_GET_DEVICE / WG_CMD_SET_DEVICE messages itself on a pla
 AF_NETLINK socket (the layout is include/uapi/linux/wireguard.h): one peer per message for
 set_peer, as many peers per message as fit for set_peers and batched removals. It never sets
 WGDEVICE_F_REPLACE_PEERS, never creates or deletes interfaces, and knows nothing of policy.
-The encoders and the dump parsers (DumpParser for read(), HandshakeParser for handshakes())
-are sans-IO so they can be tested without a kernel; dump messages are parsed as they arrive.
+The encoders and the dump parsers (DumpParser for read(), HandshakeParser for handshakes(),
+StatsParser for stats()) are sans-IO so they can be tested without a kernel; dump messages
+are parsed as they arrive.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import errno as errno_mod
 import ipaddress
 import itertools
+import operator
 import os
 import socket
 import struct
@@ -22,7 +24,14 @@ from typing import Protocol, TypeVar
 
 from wgjit.addr import Endpoint, IPNetwork
 from wgjit.closing import Closing
-from wgjit.device import DeviceError, DeviceNotFound, DeviceState, PeerConfig, PeerState
+from wgjit.device import (
+    DeviceError,
+    DeviceNotFound,
+    DeviceState,
+    PeerConfig,
+    PeerState,
+    PeerStats,
+)
 from wgjit.keys import KEY_LEN, PrivateKey, PublicKey
 
 # -- netlink and generic netlink (include/uapi/linux/netlink.h, genetlink.h) ------------------
@@ -89,6 +98,16 @@ _U64 = struct.Struct("=Q")
 _TIMESPEC = struct.Struct("=qq")
 _FAMILY = struct.Struct("=H")
 _PORT = struct.Struct("!H")
+_V4_TAIL = struct.Struct("!H4B")  # a sockaddr_in after its family: port, address bytes
+# A peer's first attributes as the kernel's get_peer() puts them (wireguard/netlink.c): key,
+# preshared key, handshake time, keepalive, tx, rx, protocol version; then the endpoint (if
+# any) and the allowed IPs. StatsParser reads them with one unpack when the headers match
+# (_KERNEL_HEADERS), and attribute by attribute otherwise.
+_KERNEL_LAYOUT = struct.Struct("=HH32sHH32xHHqqHHH2xHHQHHQHHI")
+_KERNEL_HEADER_AT = operator.itemgetter(0, 1, 3, 4, 5, 6, 9, 10, 12, 13, 15, 16, 18, 19)
+_KERNEL_HEADERS = (
+    36, 1, 36, 2, 20, 6, 6, 5, 12, 8, 12, 7, 8, 10
+)  # fmt: skip
 
 
 # -- errors -----------------------------------------------------------------------------------
@@ -433,6 +452,97 @@ class HandshakeParser:
         return self.handshakes
 
 
+def endpoint_text(raw: bytes | memoryview, off: int = 0, end: int | None = None) -> str | None:
+    """The WGPEER_A_ENDPOINT sockaddr in raw[off:end] as "host:port" or "[v6]:port" (as
+    wireguard-go's UAPI prints it), without making address objects; None for one that is
+    not IPv4 or IPv6."""
+    size = (len(raw) if end is None else end) - off
+    if size < 4:
+        return None
+    (family,) = _FAMILY.unpack_from(raw, off)
+    if family == socket.AF_INET and size >= 8:
+        port, a, b, c, d = _V4_TAIL.unpack_from(raw, off + 2)
+        return f"{a}.{b}.{c}.{d}:{port}"
+    if family == socket.AF_INET6 and size >= 24:
+        (port,) = _PORT.unpack_from(raw, off + 2)
+        return f"[{socket.inet_ntop(socket.AF_INET6, bytes(raw[off + 8 : off + 24]))}]:{port}"
+    return None
+
+
+class StatsParser:
+    """Each peer's PeerStats (last handshake, rx and tx bytes, endpoint) from the messages of
+    one WG_CMD_GET_DEVICE dump, like HandshakeParser: a peer's attributes are read up to its
+    allowed IPs (the kernel puts them last), which are stepped over. A continuation (the
+    peer's key and more allowed IPs) keeps what was already seen."""
+
+    def __init__(self, ifname: str) -> None:
+        self.ifname = ifname
+        self.stats: dict[PublicKey, PeerStats] = {}
+        self.laid_out = 0  # peers read with one unpack (the kernel's layout)
+
+    def feed(self, attrs: bytes | memoryview) -> None:
+        """One message's attributes (after the generic netlink header)."""
+        off, end = 0, len(attrs)
+        while off + 4 <= end:
+            length, kind = _NLA.unpack_from(attrs, off)
+            if length < 4 or off + length > end:
+                return
+            if kind & NLA_TYPE_MASK == WGDEVICE_A_PEERS:
+                self._feed_peers(attrs, off + 4, off + length)
+            off += (length + 3) & ~3
+
+    def _feed_peers(self, buf: bytes | memoryview, off: int, end: int) -> None:
+        unpack = _NLA.unpack_from
+        stats = self.stats
+        laid_out = 0
+        while off + 4 <= end:
+            length, _ = unpack(buf, off)
+            if length < 4 or off + length > end:
+                break
+            raw: bytes | None = None
+            when: float | None = None
+            rx = tx = -1
+            ep: str | None = None
+            p, peer_end = off + 4, off + length
+            if p + _KERNEL_LAYOUT.size <= peer_end:
+                f = _KERNEL_LAYOUT.unpack_from(buf, p)
+                if _KERNEL_HEADER_AT(f) == _KERNEL_HEADERS:  # the kernel's layout: one unpack
+                    raw, when, tx, rx = f[2], f[7] + f[8] / 1e9, f[14], f[17]
+                    p += _KERNEL_LAYOUT.size
+                    laid_out += 1
+            while p + 4 <= peer_end:
+                alen, akind = unpack(buf, p)
+                if alen < 4 or p + alen > peer_end:
+                    break
+                akind &= NLA_TYPE_MASK
+                if akind == WGPEER_A_PUBLIC_KEY and alen == 4 + KEY_LEN:
+                    raw = bytes(buf[p + 4 : p + 4 + KEY_LEN])
+                elif akind == WGPEER_A_LAST_HANDSHAKE_TIME and alen >= 4 + _TIMESPEC.size:
+                    sec, nsec = _TIMESPEC.unpack_from(buf, p + 4)
+                    when = sec + nsec / 1e9
+                elif akind == WGPEER_A_RX_BYTES and alen >= 4 + _U64.size:
+                    (rx,) = _U64.unpack_from(buf, p + 4)
+                elif akind == WGPEER_A_TX_BYTES and alen >= 4 + _U64.size:
+                    (tx,) = _U64.unpack_from(buf, p + 4)
+                elif akind == WGPEER_A_ENDPOINT:
+                    ep = endpoint_text(buf, p + 4, p + alen)
+                elif akind == WGPEER_A_ALLOWEDIPS and raw is not None:
+                    break  # the last attribute the kernel sends: not needed
+                p += (alen + 3) & ~3
+            if raw is None:
+                raise DeviceError(f"{self.ifname}: stats: kernel sent a peer without a public key")
+            key = PublicKey(raw)
+            if when is not None:  # a peer's first message (a continuation has no time)
+                stats[key] = (when, max(rx, 0), max(tx, 0), ep)
+            elif key not in stats:
+                stats[key] = (0.0, 0, 0, None)
+            off += (length + 3) & ~3
+        self.laid_out += laid_out
+
+    def result(self) -> dict[PublicKey, PeerStats]:
+        return self.stats
+
+
 class _DumpFeed(Protocol):
     def feed(self, attrs: bytes | memoryview) -> None: ...
 
@@ -554,6 +664,9 @@ class NetlinkDevice(Closing):
 
     def handshakes(self) -> dict[PublicKey, float]:
         return self._dump("handshakes", HandshakeParser).result()
+
+    def stats(self) -> dict[PublicKey, PeerStats]:
+        return self._dump("stats", StatsParser).result()
 
     def set_peer(self, config: PeerConfig) -> None:
         op = f"set_peer {config.public_key.short()}"

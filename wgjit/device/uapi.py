@@ -21,7 +21,14 @@ from pathlib import Path
 
 from wgjit.addr import Endpoint, InvalidAddress, IPNetwork
 from wgjit.closing import Closing
-from wgjit.device import DeviceError, DeviceNotFound, DeviceState, PeerConfig, PeerState
+from wgjit.device import (
+    DeviceError,
+    DeviceNotFound,
+    DeviceState,
+    PeerConfig,
+    PeerState,
+    PeerStats,
+)
 from wgjit.keys import InvalidKey, PrivateKey, PublicKey
 
 UAPI_DIR = Path("/var/run/wireguard")
@@ -73,6 +80,9 @@ class UAPIDevice(Closing):
     def handshakes(self) -> dict[PublicKey, float]:
         reader = self._transact("handshakes", b"get=1\n\n", lambda: HandshakeReader(self.name))
         return reader.handshakes
+
+    def stats(self) -> dict[PublicKey, PeerStats]:
+        return self._transact("stats", b"get=1\n\n", lambda: StatsReader(self.name)).stats
 
     def set_peer(self, config: PeerConfig) -> None:
         try:
@@ -404,6 +414,85 @@ class HandshakeReader:
             ) from None
         finally:
             self._key, self._sec, self._nsec = key, sec, nsec
+
+
+# the lines stats() needs (as _HANDSHAKE_LINE, with the counters and the endpoint)
+_STATS_LINE = re.compile(
+    rb"\n(public_key|last_handshake_time_sec|last_handshake_time_nsec|rx_bytes|tx_bytes"
+    rb"|endpoint|errno)=([^\n]*)(?=\n)"
+)
+
+
+class StatsReader:
+    """Each peer's PeerStats (last handshake, rx and tx bytes, endpoint) from a `get=1`
+    response fed in chunks, like HandshakeReader: other lines are never split or decoded.
+    Raises DeviceError for a value it cannot parse."""
+
+    __slots__ = ("_cur", "_key", "_tail", "errno", "ifname", "last_line", "stats")
+
+    def __init__(self, ifname: str) -> None:
+        self.ifname = ifname
+        self.stats: dict[PublicKey, PeerStats] = {}
+        self.errno: int | None = None
+        self.last_line = "(no errno line)"
+        self._tail = b"\n"
+        self._key: PublicKey | None = None
+        # the current peer's handshake seconds and nanoseconds, rx, tx, endpoint
+        self._cur: tuple[int, int, int, int, str | None] = (0, 0, 0, 0, None)
+
+    def feed(self, data: bytes) -> None:
+        buf = self._tail + data
+        end = buf.rfind(b"\n") + 1
+        lines = _STATS_LINE.findall(buf, 0, end)
+        self._tail = buf[end - 1 :]
+        if lines:
+            self._take(lines)
+
+    def finish(self) -> int | None:
+        if self._tail != b"\n":
+            self.feed(b"\n")
+        if self._key is not None:
+            sec, nsec, rx, tx, ep = self._cur
+            self.stats[self._key] = (sec + nsec / 1e9, rx, tx, ep)
+            self._key = None
+        return self.errno
+
+    def _take(self, lines: list[tuple[bytes, bytes]]) -> None:
+        # one loop over locals: this runs six times per peer
+        stats = self.stats
+        key = self._key
+        sec, nsec, rx, tx, ep = self._cur
+        name = value = b""
+        try:
+            for name, value in lines:
+                if name == b"public_key":
+                    if key is not None:
+                        stats[key] = (sec + nsec / 1e9, rx, tx, ep)
+                    key = PublicKey(binascii.a2b_hex(value))
+                    sec = nsec = rx = tx = 0
+                    ep = None
+                elif name == b"endpoint":
+                    ep = value.decode("ascii") if value else None
+                elif name == b"errno":
+                    self.last_line = "errno=" + value.decode("ascii", "replace")
+                    self.errno = _errno_of(self.last_line)
+                elif not value.isdigit() or len(value) > 20:
+                    raise ValueError("not a non-negative integer")
+                elif name == b"rx_bytes":
+                    rx = int(value)
+                elif name == b"tx_bytes":
+                    tx = int(value)
+                elif name == b"last_handshake_time_sec":
+                    sec = int(value)
+                else:
+                    nsec = int(value)
+        except (InvalidKey, ValueError) as e:  # binascii.Error, UnicodeError: ValueErrors
+            text = value[:80].decode("ascii", "replace")
+            raise DeviceError(
+                f"{self.ifname}: stats: cannot parse {name.decode()}={text!r}: {e}"
+            ) from None
+        finally:
+            self._key, self._cur = key, (sec, nsec, rx, tx, ep)
 
 
 # the lines read(peers=False) needs; the regex engine steps over the peers' lines

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from wgjit.addr import Endpoint, IPNetwork
 from wgjit.capture.packet import Knock
 from wgjit.cookie import CookieChecker
+from wgjit.device import PeerStats
+from wgjit.errors import WgjitError
 from wgjit.events import EventLog
 from wgjit.gateway.effects import (
     Admit,
@@ -45,6 +47,7 @@ from wgjit.gateway.effects import (
     ReadHandshakes,
     ReadIdentity,
     RecordHandshakes,
+    RecordTraffic,
     Release,
     Remove,
     Update,
@@ -56,7 +59,7 @@ from wgjit.gateway.outcome import QUIET as _QUIET
 from wgjit.gateway.outcome import Outcome
 from wgjit.handshake import OFF_MAC1, OFF_MAC2, HandshakeError, Opened, Responder, Verified
 from wgjit.keys import PresharedKey, PublicKey
-from wgjit.store import PRESENCE_TTL_S, ChangeFeedExpired, Handshake, Peer
+from wgjit.store import PRESENCE_TTL_S, ChangeFeedExpired, Handshake, Peer, Traffic
 
 # WireGuard's REJECT_AFTER_TIME (messages.h): a session older than this is dead, so evicting a
 # peer idle for longer can never cut a live session.
@@ -82,6 +85,13 @@ RECONCILE_CHUNK = 4096
 # its log line); the loop handles packets between steps
 SWEEP_STEP = 2000
 EVICT_COST = 10
+# Peers evicted outside a sweep (revoked, disabled, removed, expired, handed off) have their
+# counters read just before the removal, so their last bytes are counted: one device dump per
+# eviction batch, on the device's thread. Above this many installed peers a dump takes too
+# long to put before a revocation; their bytes since the last sweep are then not counted.
+FINAL_READ_MAX = 8192
+# traffic rows kept for the next write when a write fails (the store unreachable)
+TRAFFIC_RETRY_MAX = 100_000
 
 
 MAX_WORKERS = 64
@@ -97,7 +107,7 @@ COMPLETIONS = ("hold", "replay", "invert", "none")
 DEFAULT_RELEASE_RATE = 0.0
 
 
-class ConfigError(ValueError):
+class ConfigError(WgjitError, ValueError):
     """A gateway setting is out of range; the message names the option and the fix."""
 
 
@@ -210,6 +220,11 @@ class Installed:
     # peer (None if adopted from the device)
     admitted: bytes | None = None
     expires_at: float | None = None  # unix time; evicted then (reason expired)
+    # the device's byte counters (received, sent) already added to the store's totals; rx -1:
+    # not known (a peer adopted from the device: the next sweep takes its counters as the
+    # start, since whoever installed it counted those)
+    rx: int = 0
+    tx: int = 0
 
 
 def _rechecks(keys: list[PublicKey]) -> list[Effect]:
@@ -228,6 +243,24 @@ def _source_key(source: Endpoint) -> object:
     if host.version == 6:
         return host.packed[:8]
     return host
+
+
+def _account(key: PublicKey, inst: Installed, st: PeerStats, since: float) -> Traffic | None:
+    """What the device counted for an installed peer since it was last accounted (its
+    counters as `st` has them, `inst.rx`/`inst.tx` as accounted), and its handshake and
+    endpoint if anything happened after `since` (unix time); None if nothing did. Moves the
+    accounted counters to `st`'s."""
+    last, rx, tx, endpoint = st
+    if inst.rx < 0:
+        drx = dtx = 0  # adopted: what it counted so far was counted by whoever installed it
+    elif rx < inst.rx or tx < inst.tx:
+        drx, dtx = rx, tx  # the counters restarted: the peer was added anew behind our back
+    else:
+        drx, dtx = rx - inst.rx, tx - inst.tx
+    inst.rx, inst.tx = rx, tx
+    if drx or dtx or last > since:
+        return Traffic(key, drx, dtx, last or None, endpoint)
+    return None
 
 
 def fingerprint(peer: Peer) -> int:
@@ -325,6 +358,10 @@ class Policy:
         self._expiries: list[tuple[float, PublicKey]] = []  # a heap of (unix time, key)
         # hash of an allowed IP -> the peer last installed with it (for prefix_conflict)
         self._prefixes: dict[int, PublicKey] = {}
+        # when the last sweep read the device (unix time): a handshake after it is news
+        self._accounted_at = 0.0
+        # traffic rows whose write failed: written with the next batch
+        self._traffic_retry: list[Traffic] = []
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -339,7 +376,7 @@ class Policy:
         self._next_marks = now + self.config.mark_interval
         self._next_check = now
         self._last_beat = now
-        effects: list[Effect] = [Heartbeat(self.gateway_id), ReadChanges(None), ReadIdentity()]
+        effects: list[Effect] = [self._heartbeat(), ReadChanges(None), ReadIdentity()]
         keys = list(device_peers)
         for i in range(0, len(keys), RECONCILE_CHUNK):
             chunk = {k: device_peers[k] for k in keys[i : i + RECONCILE_CHUNK]}
@@ -395,7 +432,7 @@ class Policy:
             out.append(self._store_call(ReadChanges(self.cursor), now))
         if now >= self._next_beat:
             self._next_beat = now + self.config.heartbeat_interval
-            out.append(self._store_call(Heartbeat(self.gateway_id), now))
+            out.append(self._store_call(self._heartbeat(), now))
         if now >= self._next_check and not self._checking:
             self._checking = True
             self._next_check = now + DEVICE_CHECK_INTERVAL
@@ -650,6 +687,15 @@ class Policy:
                 self._unwritten.update(hs.public_key for hs in effect.handshakes)
         elif isinstance(effect, Heartbeat):
             self._beat(error, now, out)
+        elif isinstance(effect, RecordTraffic):
+            if error is not None:
+                self._error("record_traffic_failed", error, peers=len(effect.rows))
+                self._retry_traffic(effect.rows)
+        elif isinstance(effect, Remove) and effect.final:
+            if error is not None:
+                self._error("remove_failed", error)
+            if isinstance(result, dict):
+                self._account_final(effect.final, result, out)
         elif isinstance(effect, ReadIdentity):
             self._checking = False
             if error is None:
@@ -843,13 +889,19 @@ class Policy:
                 out.append(Verdict(None, Outcome.INSTALLED, k.knock, peer.public_key))
         self._forget(p)
 
-    def _sweep_steps(self, handshakes: dict[PublicKey, float]) -> Iterator[list[Effect]]:
+    def _sweep_steps(self, handshakes: dict[PublicKey, PeerStats]) -> Iterator[list[Effect]]:
         """The sweep, in steps of about SWEEP_STEP units of work (a peer looked at: 1, a peer
         forgotten or evicted: EVICT_COST; a step takes a few ms and the loop handles packets
         between steps): forget peers the device lost (removed behind our back, device
-        restarted), evict idle peers, look up peers that appeared on the device without us.
-        Knocks, installs and evictions may happen between steps: a peer installed after the
-        device was read is neither lost nor idle, one evicted meanwhile is no stranger."""
+        restarted), account the traffic of installed peers (one RecordTraffic at the end, of
+        the peers with news), evict idle peers, look up peers that appeared on the device
+        without us. Knocks, installs and evictions may happen between steps: a peer installed
+        after the device was read is neither lost nor idle (and its counters in the snapshot
+        may be a former install's: not accounted), one evicted meanwhile is no stranger.
+
+        An idle peer's counters in the snapshot are its last: it had no handshake for longer
+        than a session lives, so nothing moved after the read. A peer the device lost takes
+        its bytes since the previous sweep with it (nothing is left to read)."""
         started = self._sweep_started
         installed = self.installed
         work = 0
@@ -865,15 +917,20 @@ class Policy:
                 work = 0
                 yield []
         cutoff = started - self.config.idle_timeout
+        since, self._accounted_at = self._accounted_at, started
         strangers: dict[PublicKey, float] = {}
         idle: list[PublicKey] = []
-        for key, last in handshakes.items():  # the sweep's own snapshot: nobody changes it
+        rows: list[Traffic] = []
+        for key, st in handshakes.items():  # the sweep's own snapshot: nobody changes it
             work += 1
             inst = installed.get(key)
+            last = st[0]
             if inst is None:
                 if key not in self._pending and key not in self._removed_during_sweep:
                     strangers[key] = last
-            elif last <= cutoff and inst.installed_at <= cutoff:
+            elif inst.installed_at < started and (row := _account(key, inst, st, since)):
+                rows.append(row)
+            if inst is not None and last <= cutoff and inst.installed_at <= cutoff:
                 idle.append(key)
                 del installed[key]
                 self.log.info(
@@ -886,8 +943,12 @@ class Policy:
                 yield self._evict_idle(idle)
                 idle = []
         yield self._evict_idle(idle)
+        last_step: list[Effect] = []
+        if rows or self._traffic_retry:
+            last_step.append(self._record_traffic(rows))
         if strangers:
-            yield [Lookup(tuple(strangers), Purpose.ADOPT, strangers)]
+            last_step.append(Lookup(tuple(strangers), Purpose.ADOPT, strangers))
+        yield last_step
 
     def _evict_idle(self, keys: list[PublicKey]) -> list[Effect]:
         if not keys:
@@ -993,7 +1054,7 @@ class Policy:
                 claim.append(key)
             update.append((key, peer.allowed_ips, peer.preshared_key))
             inst = self.installed[key] = Installed(
-                peer.name, last or wall, fingerprint(peer), seen=peer.handshake_hwm
+                peer.name, last or wall, fingerprint(peer), seen=peer.handshake_hwm, rx=-1
             )
             self._expire_at(key, inst, peer.expires_at)
             self._claim_prefixes(key, peer)
@@ -1037,7 +1098,14 @@ class Policy:
         if not gone:
             return
         keys = tuple(k for k, _, _ in gone)
-        out.append(Remove(keys))
+        final: dict[PublicKey, tuple[int, int]] | None = None
+        if len(self.installed) <= FINAL_READ_MAX:
+            final = {}
+            for key in keys:
+                inst = self.installed.get(key)
+                if inst is not None and inst.rx >= 0:
+                    final[key] = (inst.rx, inst.tx)
+        out.append(Remove(keys, final or None))
         if release:
             out.append(Release(keys, self.gateway_id))
         for key, name, reason in gone:
@@ -1045,6 +1113,38 @@ class Policy:
             self._removed_during_sweep.add(key)
             self.log.info("evict", reason=reason, peer=name, key=key.short(), _key=key)
             self.counters["evicted_handoff" if reason == "handoff" else "evicted_store"] += 1
+
+    def _account_final(self, final: dict[PublicKey, tuple[int, int]],
+                       stats: dict[PublicKey, PeerStats], out: list[Effect]) -> None:  # fmt: skip
+        """The counters of peers read just before their removal (see Remove.final)."""
+        rows = []
+        for key, st in stats.items():
+            rx, tx = final[key]
+            row = _account(key, Installed("", 0.0, 0, rx=rx, tx=tx), st, self._accounted_at)
+            if row is not None:
+                rows.append(row)
+        if rows:
+            out.append(self._record_traffic(rows))
+
+    def _record_traffic(self, rows: list[Traffic]) -> RecordTraffic:
+        """One write of `rows`, with those of a write that failed before."""
+        if self._traffic_retry:
+            rows = self._traffic_retry + rows
+            self._traffic_retry = []
+        return RecordTraffic(tuple(rows))
+
+    def _retry_traffic(self, rows: Sequence[Traffic]) -> None:
+        room = TRAFFIC_RETRY_MAX - len(self._traffic_retry)
+        self._traffic_retry.extend(rows[:room])
+        if len(rows) > room:
+            self.counters["traffic_rows_dropped"] += len(rows) - room
+
+    def _heartbeat(self) -> Heartbeat:
+        """Our heartbeat, with what `wgjit status` shows of us: peers installed now and knocks
+        dropped since start, by reason."""
+        counts = self.counters
+        rejects = {o.value: counts[o] for o in Outcome if not o.accepts and counts.get(o)}
+        return Heartbeat(self.gateway_id, len(self.installed), rejects)
 
     def _store_call(self, effect: Effect, now: float) -> Effect:
         self._store_calls[id(effect)] = now

@@ -18,11 +18,11 @@ from typing import ClassVar
 
 from wgjit.addr import Endpoint, IPNetwork
 from wgjit.capture.packet import Knock
-from wgjit.device import Device, PeerConfig
+from wgjit.device import Device, DeviceError, PeerConfig, PeerStats
 from wgjit.gateway.outcome import Outcome
 from wgjit.handshake import Opened
 from wgjit.keys import PresharedKey, PublicKey
-from wgjit.store import Handshake, Peer, Store
+from wgjit.store import Handshake, Peer, Store, Traffic
 
 STORE = "store"
 DEVICE = "device"
@@ -96,14 +96,21 @@ class Invert:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Remove:
+    """Remove peers from the device. With `final` (each key's counters as last accounted,
+    rx and tx), read the device's counters first, just before the removal: the result is
+    those of the keys still there (a dict key -> PeerStats), so the policy can account their
+    last bytes; if that read fails the peers are removed all the same (result None)."""
+
     where: ClassVar[str] = DEVICE
     what: ClassVar[str] = "remove"
     keys: tuple[PublicKey, ...]
+    final: dict[PublicKey, tuple[int, int]] | None = None
 
 
 @dataclass(frozen=True, slots=True, eq=False)
 class ReadHandshakes:
-    """Every device peer's last handshake: what the sweep needs."""
+    """Every device peer's last handshake, byte counters and endpoint (Device.stats): what
+    the sweep needs, for idle eviction and traffic accounting."""
 
     where: ClassVar[str] = SWEEP
     what: ClassVar[str] = "sweep"
@@ -141,6 +148,16 @@ class RecordHandshakes:
 
 
 @dataclass(frozen=True, slots=True, eq=False)
+class RecordTraffic:
+    """Add what the device counted to the stored per-peer status, one batch per sweep or
+    eviction (Store.record_traffic)."""
+
+    where: ClassVar[str] = STORE
+    what: ClassVar[str] = "record_traffic"
+    rows: tuple[Traffic, ...]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
 class ReadChanges:
     """The change feed after `cursor`; None: start following it (its current position)."""
 
@@ -162,6 +179,8 @@ class Heartbeat:
     where: ClassVar[str] = STORE
     what: ClassVar[str] = "heartbeat"
     gateway_id: str
+    installed: int | None = None  # peers on the device now
+    rejects: dict[str, int] | None = None  # knocks dropped since start, by reason
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -197,7 +216,7 @@ class Verdict:
 Effect = (
     Lookup | Admit | Install | Update | Invert | Remove | ReadHandshakes | ReadIdentity | Release
     | Claim
-    | RecordHandshakes | ReadChanges | Heartbeat | Verdict | Verify
+    | RecordHandshakes | RecordTraffic | ReadChanges | Heartbeat | Verdict | Verify
 )  # fmt: skip
 
 
@@ -227,11 +246,18 @@ def perform(effect: Effect, store: Store, device: Device) -> object:
             device.set_peer(PeerConfig(key, persistent_keepalive=1, update_only=True))
             device.set_peer(PeerConfig(key, persistent_keepalive=0, update_only=True))
             return None
-        case Remove(keys=keys):
+        case Remove(keys=keys, final=final):
+            last: dict[PublicKey, PeerStats] | None = None
+            if final is not None:
+                try:
+                    stats = device.stats()
+                    last = {k: stats[k] for k in final if k in stats}
+                except DeviceError:
+                    last = None  # the removal matters more than the counters
             device.remove_peers(keys)
-            return None
+            return last
         case ReadHandshakes():
-            return device.handshakes()
+            return device.stats()
         case ReadIdentity():
             return device.identity()
         case Release(keys=keys, gateway_id=gid):
@@ -250,8 +276,11 @@ def perform(effect: Effect, store: Store, device: Device) -> object:
             else:
                 changed, position = store.changes_since(cursor)
             return Changes(changed, position, store.wakeup_fd())
-        case Heartbeat(gateway_id=gid):
-            store.heartbeat(gid)
+        case RecordTraffic(rows=rows):
+            store.record_traffic(rows)
+            return None
+        case Heartbeat(gateway_id=gid, installed=installed, rejects=rejects):
+            store.heartbeat(gid, installed=installed, rejects=rejects)
             return None
     raise TypeError(f"{type(effect).__name__} is not a store or device effect")
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from wgjit.addr import format_networks
+from wgjit.errors import WgjitError
 from wgjit.events import EventLog
 from wgjit.keys import PublicKey
 from wgjit.store import Peer
@@ -60,7 +61,7 @@ ENV_REASON = "WGJIT_REASON"  # evict: idle, revoked, disabled, expired, unknown,
 ENV_FROM_GATEWAY = "WGJIT_FROM_GATEWAY"  # install: the gateway that held the peer before
 
 
-class HookError(ValueError):
+class HookError(WgjitError, ValueError):
     """A hook command that cannot run (empty, bad quoting, no such program)."""
 
 

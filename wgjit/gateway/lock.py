@@ -15,14 +15,16 @@ import os
 from pathlib import Path
 from typing import Final
 
+from wgjit.errors import WgjitError
+
 LOCK_DIR: Final = Path("/run/wgjit")
 
 
-class AlreadyRunning(Exception):
+class AlreadyRunning(WgjitError):
     """Another gateway holds the interface; the message names its PID and the lock file."""
 
 
-class LockError(Exception):
+class LockError(WgjitError):
     """The lock file cannot be created; the message says why and what to do."""
 
 

@@ -31,6 +31,7 @@ from prometheus_client.registry import Collector
 
 from wgjit import __version__
 from wgjit.addr import Endpoint, InvalidAddress
+from wgjit.errors import WgjitError
 from wgjit.gateway.outcome import Outcome
 
 # a store that answered nothing for this long makes /healthz say 503
@@ -38,7 +39,7 @@ STORE_SILENT_AFTER = 5.0
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
-class MetricsError(ValueError):
+class MetricsError(WgjitError, ValueError):
     """--metrics-listen is not HOST:PORT, or the address cannot be bound."""
 
 

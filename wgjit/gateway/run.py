@@ -24,6 +24,7 @@ from types import FrameType
 
 from wgjit.cookie import CookieChecker
 from wgjit.device import Device
+from wgjit.errors import WgjitError
 from wgjit.events import EventLog
 from wgjit.gateway import memory
 from wgjit.gateway.core import GatewayConfig, Policy
@@ -71,7 +72,7 @@ POOL_CHECK_INTERVAL = 0.25
 POOL_HANG_TIMEOUT = 3.0
 
 
-class GatewayError(RuntimeError):
+class GatewayError(WgjitError, RuntimeError):
     """The gateway cannot start; the message says why and what to do."""
 
 

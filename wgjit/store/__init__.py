@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import Final, Protocol, Self
 
 from wgjit.addr import IPNetwork
+from wgjit.errors import WgjitError
 from wgjit.keys import PresharedKey, PublicKey
 
 DEFAULT_STORE_URL = "sqlite:///var/lib/wgjit/peers.db"
@@ -30,7 +31,7 @@ PRESENCE_TTL_S = 30.0
 MANY_CHUNK = 1000
 
 
-class StoreError(Exception):
+class StoreError(WgjitError):
     """A store operation failed; the message says what and how to fix it."""
 
 
@@ -55,6 +56,24 @@ class ChangeFeedExpired(StoreError):
     """A change-feed cursor can no longer be followed: the changes after it were pruned (the
     reader fell more than a day behind) or the store was replaced. Resynchronise: take
     `change_cursor()`, then `lookup()` every key you hold."""
+
+
+# what `Peer.state` can be; `Store.list_page(state=...)` filters by one
+PEER_STATES: Final = ("active", "disabled", "expired", "revoked")
+# the most peers one list_page() call returns
+MAX_PAGE: Final = 10000
+
+
+def prefix_bound(prefix: str) -> str | None:
+    """The least string greater than every string that starts with `prefix` (code point order,
+    which is UTF-8 byte order), or None if there is none: `name >= prefix AND name < bound`
+    selects exactly the names with that prefix, as an index range."""
+    chars = list(prefix)
+    while chars:
+        last = ord(chars.pop())
+        if last < 0x10FFFF:
+            return "".join(chars) + chr(last + 1)
+    return None
 
 
 PEER_NAME_CHARS = "letters, digits, '.', '_', '@' and '-'"
@@ -88,6 +107,14 @@ class Peer:
     disabled: bool = False
     # unix seconds after which the peer is refused (reason "expired"); None: never
     expires_at: float | None = None
+    # what gateways' devices saw of the peer, kept across installs (each reinstall restarts
+    # the device's counters; gateways add what they counted, see Store.record_traffic):
+    # bytes received from and sent to it in total, its newest handshake (unix seconds) and
+    # the endpoint it last used (host:port)
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+    last_handshake: float | None = None
+    endpoint: str | None = None
 
     def refusal(self, now: float) -> str | None:
         """Why a gateway must refuse (and evict) this peer at unix time `now`: "revoked",
@@ -143,6 +170,32 @@ class Handshake:
     public_key: PublicKey
     timestamp: bytes
     seen_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Traffic:
+    """What a gateway's device counted for one peer since the gateway last said so: bytes
+    received and sent (deltas, added to the stored totals), its last handshake (unix seconds;
+    None: none yet) and its endpoint (None: unknown, the stored one stays)."""
+
+    public_key: PublicKey
+    rx_bytes: int
+    tx_bytes: int
+    last_handshake: float | None = None
+    endpoint: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayPresence:
+    """A live gateway as its heartbeats describe it (`Store.gateways`)."""
+
+    gateway_id: str
+    heartbeat_at: float  # unix seconds
+    # peers on its device, as of its last heartbeat; None: it did not say (an older wgjit)
+    installed: int | None
+    claimed: int  # peers the store records it as holding
+    # knocks it dropped since it started, by reason (Outcome labels)
+    rejects: dict[str, int] = field(default_factory=dict)
 
 
 class Store(Protocol):
@@ -207,6 +260,24 @@ class Store(Protocol):
         ...
 
     def list_peers(self) -> list[Peer]: ...
+
+    def list_page(
+        self,
+        *,
+        after: str = "",
+        limit: int = 100,
+        prefix: str = "",
+        state: str | None = None,
+        now: float | None = None,
+    ) -> list[Peer]:
+        """One page of peers in name order (code point order, on every backend: SQLite's
+        BINARY, PostgreSQL's "C" collation): names greater than `after` (the last name of the
+        previous page; "" for the first), starting with `prefix`, in `state` (one of
+        PEER_STATES, as `Peer.state` has it at unix time `now`, default the current time; None:
+        any); at most `limit` (1..MAX_PAGE, else ValueError). Keyset pagination: each page is
+        an index range walk from `after`, never a scan of all peers, whatever page it is; a
+        rare state walks an index of its own (partial indexes on revoked, disabled, expiring)."""
+        ...
 
     def revoke(self, name: str) -> Peer:
         """Mark revoked (revoking twice is fine); raises UnknownPeer."""
@@ -277,8 +348,36 @@ class Store(Protocol):
         """Drop `gateway_id`'s claims on these peers (claims by other gateways are kept)."""
         ...
 
-    def heartbeat(self, gateway_id: str) -> None:
-        """Say `gateway_id` is alive; expire the claims of gateways silent for too long."""
+    def heartbeat(
+        self,
+        gateway_id: str,
+        *,
+        installed: int | None = None,
+        rejects: Mapping[str, int] | None = None,
+    ) -> None:
+        """Say `gateway_id` is alive; expire the claims of gateways silent for too long. It
+        may also say how many peers its device holds and how many knocks it dropped, by
+        reason (kept as given until its next heartbeat; `gateways()` shows them)."""
+        ...
+
+    def gateways(self) -> list[GatewayPresence]:
+        """The live gateways (heartbeat within PRESENCE_TTL_S), by id, with their claims."""
+        ...
+
+    def record_traffic(self, rows: Sequence[Traffic]) -> None:
+        """Add each row's byte counts to its peer's totals, move its last handshake forward
+        (never back) and take its endpoint if given. Keys not in the store are skipped (the
+        peer was removed meanwhile); a key given twice counts twice. One statement per
+        MANY_CHUNK rows (never a round trip per peer). Not a change-feed entry."""
+        ...
+
+    def busiest_peers(self, limit: int) -> list[Peer]:
+        """The `limit` peers with the most traffic in total (rx + tx), most first; peers
+        without any are left out."""
+        ...
+
+    def count_peers(self) -> int:
+        """How many peers the store has."""
         ...
 
     def import_peers(

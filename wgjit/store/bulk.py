@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Final
 
 from wgjit.addr import InvalidAddress, IPNetwork, parse_networks
+from wgjit.errors import WgjitError
 from wgjit.keys import InvalidKey, PresharedKey, PublicKey
 from wgjit.store import InvalidPeerName, Peer, Store, validate_peer_name
 from wgjit.store.prefixes import overlaps_within
@@ -42,7 +43,7 @@ REQUIRED: Final = ("name", "public_key", "allowed_ips")
 BATCH_SIZE: Final = 10000
 
 
-class BulkError(ValueError):
+class BulkError(WgjitError, ValueError):
     """A file cannot be read or written as asked; the message says how to fix it."""
 
 

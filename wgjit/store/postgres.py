@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import os
 import re
@@ -56,19 +57,26 @@ from wgjit.keys import InvalidKey, PresharedKey, PublicKey
 from wgjit.store import (
     KEEP,
     MANY_CHUNK,
+    MAX_PAGE,
+    PEER_STATES,
     PRESENCE_TTL_S,
     ChangeFeedExpired,
     DuplicatePeer,
+    GatewayPresence,
     Handshake,
     ImportResult,
     Keep,
     Peer,
     PeerRefused,
     StoreError,
+    Traffic,
     UnknownPeer,
+    prefix_bound,
     validate_peer_name,
 )
 from wgjit.store.prefixes import overlap_message, overlaps_within, peer_problem, plan_update
+from wgjit.store.status import merged as _merged
+from wgjit.store.status import presence
 from wgjit.store.urls import redact, scrub
 
 CHANNEL: Final = "wgjit_changes"
@@ -276,7 +284,39 @@ MIGRATIONS: list[tuple[str, ...]] = [
             value text NOT NULL
         )""",
     ),
+    # 6: per-peer status kept across installs (a device's counters restart at every
+    #    reinstall, so gateways add what they counted: Store.record_traffic), and what a
+    #    gateway's heartbeat says of it (peers on its device, knocks dropped by reason, as
+    #    JSON). Status is not a change: the feed trigger does not watch these columns.
+    (
+        "ALTER TABLE peers ADD COLUMN rx_bytes bigint NOT NULL DEFAULT 0,"
+        " ADD COLUMN tx_bytes bigint NOT NULL DEFAULT 0,"
+        " ADD COLUMN last_handshake double precision, ADD COLUMN endpoint text",
+        "ALTER TABLE gateways ADD COLUMN installed bigint, ADD COLUMN rejects text",
+    ),
+    # 7: list_page() orders by name in the "C" collation (code point order, as SQLite's
+    #    BINARY: the same pages on both backends, and a name prefix is one index range, which
+    #    it is not in a linguistic collation), and a rare state walks an index of that state's
+    #    peers alone. The WHERE clauses are _STATE_SQL's, as the planner needs them.
+    (
+        'CREATE INDEX peers_by_name_c ON peers (name COLLATE "C")',
+        'CREATE INDEX peers_revoked_by_name ON peers (name COLLATE "C") WHERE revoked',
+        'CREATE INDEX peers_disabled_by_name ON peers (name COLLATE "C")'
+        " WHERE disabled AND NOT revoked",
+        'CREATE INDEX peers_expiring_by_name ON peers (name COLLATE "C")'
+        " WHERE expires_at IS NOT NULL",
+    ),
 ]
+# list_page(state=...): the condition, as Peer.refusal() decides it (`now` is bound)
+_STATE_SQL: Final = {
+    "active": "NOT p.revoked AND NOT p.disabled"
+    " AND (p.expires_at IS NULL OR p.expires_at > %(now)s)",
+    "revoked": "p.revoked",
+    "disabled": "p.disabled AND NOT p.revoked",
+    "expired": "p.expires_at IS NOT NULL AND NOT p.revoked AND NOT p.disabled"
+    " AND p.expires_at <= %(now)s",
+}
+_C_NAME: Final = 'p.name COLLATE "C"'
 _OVERLAP_SQL: Final = (
     "SELECT q.net::text, p.name FROM peer_prefixes q JOIN peers p ON p.id = q.peer_id"
     " WHERE q.net && %s::cidr AND q.peer_id <> %s LIMIT 1"
@@ -284,7 +324,8 @@ _OVERLAP_SQL: Final = (
 
 _COLUMNS: Final = (
     "p.name, p.public_key, p.allowed_ips, p.preshared_key, p.revoked, p.created_at,"
-    " p.updated_at, p.last_seen, p.handshake_hwm, c.gateway_id, p.disabled, p.expires_at"
+    " p.updated_at, p.last_seen, p.handshake_hwm, c.gateway_id, p.disabled, p.expires_at,"
+    " p.rx_bytes, p.tx_bytes, p.last_handshake, p.endpoint"
 )
 _FROM: Final = "peers p LEFT JOIN peer_claims c ON c.public_key = p.public_key"
 LOOKUP_SQL: Final = f"SELECT {_COLUMNS} FROM {_FROM} WHERE p.public_key = %s"
@@ -337,6 +378,14 @@ _CLAIM_TAKE_SQL: Final = (
 # each round needs a claim inserted (and removed again) by others in a few milliseconds
 CLAIM_ATTEMPTS: Final = 5
 _LAST_SEQ_SQL: Final = "SELECT coalesce(max(seq), 0) FROM peer_changes"
+# record_traffic: one statement per chunk, the rows as five arrays; greatest() skips NULLs, so
+# a handshake only moves forward and a row without one leaves it
+_TRAFFIC_SQL: Final = (
+    "UPDATE peers p SET rx_bytes = p.rx_bytes + v.rx, tx_bytes = p.tx_bytes + v.tx,"
+    " last_handshake = greatest(p.last_handshake, v.hs), endpoint = coalesce(v.ep, p.endpoint)"
+    " FROM unnest(%s::bytea[], %s::bigint[], %s::bigint[], %s::float8[], %s::text[])"
+    " AS v(k, rx, tx, hs, ep) WHERE p.public_key = v.k"
+)
 
 
 class PostgresStore(Closing):
@@ -670,6 +719,19 @@ class PostgresStore(Closing):
                 yield self._peer(r)
             after = rows[-1][0]
 
+    def list_page(
+        self,
+        *,
+        after: str = "",
+        limit: int = 100,
+        prefix: str = "",
+        state: str | None = None,
+        now: float | None = None,
+    ) -> list[Peer]:
+        sql, params = _page_sql(after, limit, prefix, state, now)
+        rows = self._run("list peers", functools.partial(_fetchall, sql, params))
+        return [self._peer(r) for r in rows]
+
     def revoke(self, name: str) -> Peer:
         def op(conn: psycopg.Connection[tuple[Any, ...]]) -> tuple[Any, ...]:
             with conn.transaction():
@@ -985,13 +1047,23 @@ class PostgresStore(Closing):
                 ),
             )
 
-    def heartbeat(self, gateway_id: str) -> None:
+    def heartbeat(
+        self,
+        gateway_id: str,
+        *,
+        installed: int | None = None,
+        rejects: Mapping[str, int] | None = None,
+    ) -> None:
+        said = json.dumps(dict(rejects), sort_keys=True) if rejects is not None else None
+
         def op(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
             with conn.transaction():
                 conn.execute(
-                    f"INSERT INTO gateways (gateway_id, heartbeat_at) VALUES (%s, {_NOW})"
-                    f" ON CONFLICT (gateway_id) DO UPDATE SET heartbeat_at = {_NOW}",
-                    (gateway_id,),
+                    "INSERT INTO gateways (gateway_id, heartbeat_at, installed, rejects)"
+                    f" VALUES (%s, {_NOW}, %s, %s) ON CONFLICT (gateway_id) DO UPDATE"
+                    f" SET heartbeat_at = {_NOW}, installed = excluded.installed,"
+                    " rejects = excluded.rejects",
+                    (gateway_id, installed, said),
                 )
                 dead = [
                     r[0]
@@ -1005,6 +1077,52 @@ class PostgresStore(Closing):
                     conn.execute("DELETE FROM peer_claims WHERE gateway_id = ANY(%s)", (dead,))
 
         self._run("record a heartbeat", op)
+
+    def gateways(self) -> list[GatewayPresence]:
+        rows = self._run(
+            "read the gateways",
+            lambda c: c.execute(
+                "SELECT g.gateway_id, g.heartbeat_at, g.installed, g.rejects,"
+                " (SELECT count(*) FROM peer_claims c WHERE c.gateway_id = g.gateway_id)"
+                f" FROM gateways g WHERE g.heartbeat_at >= {_NOW} - %s ORDER BY g.gateway_id",
+                (PRESENCE_TTL_S,),
+            ).fetchall(),
+        )
+        return [presence(gid, at, n, said, claimed) for gid, at, n, said, claimed in rows]
+
+    # -- status ---------------------------------------------------------------------------------
+
+    def record_traffic(self, rows: Sequence[Traffic]) -> None:
+        # merged sorts by key: two gateways' overlapping batches lock rows in the same order
+        batch = _merged(rows)
+        for i in range(0, len(batch), MANY_CHUNK):
+            chunk = batch[i : i + MANY_CHUNK]
+            arrays = (
+                [t.public_key.raw for t in chunk],
+                [int(t.rx_bytes) for t in chunk],
+                [int(t.tx_bytes) for t in chunk],
+                [t.last_handshake for t in chunk],
+                [t.endpoint for t in chunk],
+            )
+            self._run(
+                f"record the traffic of {len(batch)} peers",
+                functools.partial(_execute, _TRAFFIC_SQL, arrays),
+            )
+
+    def busiest_peers(self, limit: int) -> list[Peer]:
+        rows = self._run(
+            "list the busiest peers",
+            functools.partial(
+                _fetchall,
+                f"SELECT {_COLUMNS} FROM {_FROM} WHERE p.rx_bytes + p.tx_bytes > 0"
+                " ORDER BY p.rx_bytes + p.tx_bytes DESC, p.name LIMIT %s",
+                (max(0, int(limit)),),
+            ),
+        )
+        return [self._peer(r) for r in rows]
+
+    def count_peers(self) -> int:
+        return int(self._run("count peers", lambda c: _scalar(c, "SELECT count(*) FROM peers")))
 
     # -- change feed ----------------------------------------------------------------------------
 
@@ -1267,7 +1385,8 @@ class PostgresStore(Closing):
         return target
 
     def _peer(self, row: tuple[Any, ...]) -> Peer:
-        name, key, ips, psk, revoked, created, updated, seen, hwm, holder, disabled, exp = row
+        name, key, ips, psk, revoked, created, updated, seen, hwm, holder, disabled, exp = row[:12]
+        rx, tx, last_hs, endpoint = row[12:16]
         try:
             return Peer(
                 name=name,
@@ -1282,6 +1401,10 @@ class PostgresStore(Closing):
                 holder=holder,
                 disabled=bool(disabled),
                 expires_at=float(exp) if exp is not None else None,
+                rx_bytes=int(rx),
+                tx_bytes=int(tx),
+                last_handshake=float(last_hs) if last_hs is not None else None,
+                endpoint=endpoint,
             )
         except (InvalidKey, InvalidAddress, TypeError, ValueError, AttributeError) as e:
             raise StoreError(f"store {self._name} has an invalid row for peer {name!r}: {e}") from e
@@ -1465,3 +1588,29 @@ def _one(cur: psycopg.Cursor[tuple[Any, ...]]) -> tuple[Any, ...]:
     if row is None:
         raise StoreError("the database returned no row where one was expected")
     return row
+
+
+def _page_sql(
+    after: str, limit: int, prefix: str, state: str | None, now: float | None
+) -> tuple[str, dict[str, Any]]:
+    """list_page()'s statement (name bounds first: an index range) and its parameters."""
+    if not 1 <= limit <= MAX_PAGE:
+        raise ValueError(f"limit {limit} is out of range; use 1-{MAX_PAGE}")
+    if state is not None and state not in _STATE_SQL:
+        raise ValueError(f"state {state!r} is not one of {', '.join(PEER_STATES)}")
+    # one lower bound: the planner seeks with one of two, maybe the looser
+    terms = [f"{_C_NAME} >= %(prefix)s" if prefix > after else f"{_C_NAME} > %(after)s"]
+    params: dict[str, Any] = {"after": after, "prefix": prefix, "limit": limit}
+    if prefix:
+        bound = prefix_bound(prefix)
+        if bound is not None:
+            terms.append(f"{_C_NAME} < %(bound)s")
+            params["bound"] = bound
+    if state is not None:
+        terms.append(_STATE_SQL[state])
+        params["now"] = time.time() if now is None else now
+    sql = (
+        f"SELECT {_COLUMNS} FROM {_FROM} WHERE {' AND '.join(terms)}"
+        f" ORDER BY {_C_NAME} LIMIT %(limit)s"
+    )
+    return sql, params

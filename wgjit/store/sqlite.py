@@ -13,6 +13,7 @@ this process's other threads (the connection's lock); either way the call fails 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import sqlite3
@@ -30,16 +31,21 @@ from wgjit.keys import InvalidKey, PresharedKey, PublicKey
 from wgjit.store import (
     KEEP,
     MANY_CHUNK,
+    MAX_PAGE,
+    PEER_STATES,
     PRESENCE_TTL_S,
     ChangeFeedExpired,
     DuplicatePeer,
+    GatewayPresence,
     Handshake,
     ImportResult,
     Keep,
     Peer,
     PeerRefused,
     StoreError,
+    Traffic,
     UnknownPeer,
+    prefix_bound,
     validate_peer_name,
 )
 from wgjit.store.prefixes import (
@@ -51,6 +57,8 @@ from wgjit.store.prefixes import (
     plan_update,
     supernet_firsts,
 )
+from wgjit.store.status import merged as _merged
+from wgjit.store.status import presence
 from wgjit.store.urls import redact
 
 BUSY_TIMEOUT_S: Final = 5.0
@@ -223,13 +231,40 @@ MIGRATIONS: list[tuple[str | Callable[[sqlite3.Connection], None], ...]] = [
             value TEXT NOT NULL
         )""",
     ),
+    # 7: per-peer status kept across installs (a device's counters restart at every
+    #    reinstall, so gateways add what they counted: Store.record_traffic), and what a
+    #    gateway's heartbeat says of it (peers on its device, knocks dropped by reason, as
+    #    JSON). Status is not a change: the feed triggers do not watch these columns.
+    (
+        "ALTER TABLE peers ADD COLUMN rx_bytes INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE peers ADD COLUMN tx_bytes INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE peers ADD COLUMN last_handshake REAL",
+        "ALTER TABLE peers ADD COLUMN endpoint TEXT",
+        "ALTER TABLE gateways ADD COLUMN installed INTEGER",
+        "ALTER TABLE gateways ADD COLUMN rejects TEXT",
+    ),
+    # 8: list_page() by state walks an index of that state's peers alone (a few revoked peers
+    #    among a million are found without reading the rest); active peers, the usual many,
+    #    walk peers_by_name. The WHERE clauses are _STATE_SQL's, as the planner needs them.
+    (
+        "CREATE INDEX peers_revoked_by_name ON peers (name) WHERE revoked = 1",
+        "CREATE INDEX peers_disabled_by_name ON peers (name) WHERE disabled = 1 AND revoked = 0",
+        "CREATE INDEX peers_expiring_by_name ON peers (name) WHERE expires_at IS NOT NULL",
+    ),
 ]
+# list_page(state=...): the condition, as Peer.refusal() decides it (`:now` is bound)
+_STATE_SQL: Final = {
+    "active": "revoked = 0 AND disabled = 0 AND (expires_at IS NULL OR expires_at > :now)",
+    "revoked": "revoked = 1",
+    "disabled": "disabled = 1 AND revoked = 0",
+    "expired": "expires_at IS NOT NULL AND revoked = 0 AND disabled = 0 AND expires_at <= :now",
+}
 
 _COLUMNS: Final = (
     "name, public_key, allowed_ips, preshared_key, revoked, created_at, updated_at, last_seen,"
     " handshake_hwm,"
     " (SELECT gateway_id FROM peer_claims c WHERE c.public_key = peers.public_key),"
-    " disabled, expires_at"
+    " disabled, expires_at, rx_bytes, tx_bytes, last_handshake, endpoint"
 )
 LOOKUP_SQL: Final = f"SELECT {_COLUMNS} FROM peers WHERE public_key = ?"
 _BY_NAME_SQL: Final = f"SELECT {_COLUMNS} FROM peers WHERE name = ?"
@@ -237,6 +272,15 @@ _BY_NAME_SQL: Final = f"SELECT {_COLUMNS} FROM peers WHERE name = ?"
 _ADVANCE_SQL: Final = (
     "UPDATE peers SET handshake_hwm = ?, last_seen = ?"
     " WHERE public_key = ? AND (handshake_hwm IS NULL OR handshake_hwm < ?)"
+)
+# record_traffic: one statement per chunk of rows (key, rx, tx, handshake, endpoint); the
+# marks list is appended per chunk. A handshake only moves forward (max() of SQLite is NULL
+# if either is, hence the coalesces); the endpoint is kept when the row has none.
+_TRAFFIC_SQL: Final = (
+    "UPDATE peers SET rx_bytes = rx_bytes + v.column2, tx_bytes = tx_bytes + v.column3,"
+    " last_handshake = coalesce(max(last_handshake, v.column4), v.column4, last_handshake),"
+    " endpoint = coalesce(v.column5, endpoint)"
+    " FROM (VALUES {rows}) AS v WHERE peers.public_key = v.column1"
 )
 _LAST_SEQ_SQL: Final = (
     "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'peer_changes'), 0)"
@@ -341,6 +385,8 @@ class SQLiteStore(Closing):
             rconn.execute("PRAGMA query_only = ON")
             # the most keys one IN (...) may carry: SQLite's variable limit, less the others
             self._chunk = max(1, min(MANY_CHUNK, rconn.getlimit(_VARIABLE_LIMIT) - 2))
+            # record_traffic binds five variables a row
+            self._rows_chunk = max(1, min(MANY_CHUNK, conn.getlimit(_VARIABLE_LIMIT) // 5))
         except sqlite3.Error as e:
             conn.close()
             rconn.close()
@@ -560,6 +606,21 @@ class SQLiteStore(Closing):
     def list_peers(self) -> list[Peer]:
         with self._query("list peers") as conn:
             rows = conn.execute(f"SELECT {_COLUMNS} FROM peers ORDER BY name").fetchall()
+        return [self._peer(r) for r in rows]
+
+    def list_page(
+        self,
+        *,
+        after: str = "",
+        limit: int = 100,
+        prefix: str = "",
+        state: str | None = None,
+        now: float | None = None,
+    ) -> list[Peer]:
+        where, params = _page_where(after, limit, prefix, state, now)
+        sql = f"SELECT {_COLUMNS} FROM peers WHERE {where} ORDER BY name LIMIT :limit"
+        with self._query("list peers") as conn:
+            rows = conn.execute(sql, params).fetchall()
         return [self._peer(r) for r in rows]
 
     def revoke(self, name: str) -> Peer:
@@ -833,12 +894,20 @@ class SQLiteStore(Closing):
                     "DELETE FROM peer_claims WHERE public_key = ? AND gateway_id = ?", params
                 )
 
-    def heartbeat(self, gateway_id: str) -> None:
+    def heartbeat(
+        self,
+        gateway_id: str,
+        *,
+        installed: int | None = None,
+        rejects: Mapping[str, int] | None = None,
+    ) -> None:
         now = time.time()
+        said = json.dumps(dict(rejects), sort_keys=True) if rejects is not None else None
         with self._write("record a heartbeat") as conn:
             conn.execute(
-                "INSERT OR REPLACE INTO gateways (gateway_id, heartbeat_at) VALUES (?, ?)",
-                (gateway_id, now),
+                "INSERT OR REPLACE INTO gateways (gateway_id, heartbeat_at, installed, rejects)"
+                " VALUES (?, ?, ?, ?)",
+                (gateway_id, now, installed, said),
             )
             conn.execute(
                 "DELETE FROM peer_claims WHERE gateway_id IN"
@@ -846,6 +915,43 @@ class SQLiteStore(Closing):
                 (now - PRESENCE_TTL_S,),
             )
             conn.execute("DELETE FROM gateways WHERE heartbeat_at < ?", (now - PRESENCE_TTL_S,))
+
+    def gateways(self) -> list[GatewayPresence]:
+        with self._read("read the gateways") as conn:
+            rows = conn.execute(
+                "SELECT g.gateway_id, g.heartbeat_at, g.installed, g.rejects,"
+                " (SELECT count(*) FROM peer_claims c WHERE c.gateway_id = g.gateway_id)"
+                " FROM gateways g WHERE g.heartbeat_at >= ? ORDER BY g.gateway_id",
+                (time.time() - PRESENCE_TTL_S,),
+            ).fetchall()
+        return [presence(gid, at, n, said, claimed) for gid, at, n, said, claimed in rows]
+
+    # -- status ---------------------------------------------------------------------------------
+
+    def record_traffic(self, rows: Sequence[Traffic]) -> None:
+        params = [
+            (t.public_key.raw, int(t.rx_bytes), int(t.tx_bytes), t.last_handshake, t.endpoint)
+            for t in _merged(rows)
+        ]
+        step = self._rows_chunk
+        for i in range(0, len(params), step):
+            chunk = params[i : i + step]
+            sql = _TRAFFIC_SQL.format(rows=", ".join(["(?, ?, ?, ?, ?)"] * len(chunk)))
+            with self._write(f"record the traffic of {len(params)} peers") as conn:
+                conn.execute(sql, [v for row in chunk for v in row])
+
+    def busiest_peers(self, limit: int) -> list[Peer]:
+        with self._query("list the busiest peers") as conn:
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM peers WHERE rx_bytes + tx_bytes > 0"
+                " ORDER BY rx_bytes + tx_bytes DESC, name LIMIT ?",
+                (max(0, int(limit)),),
+            ).fetchall()
+        return [self._peer(r) for r in rows]
+
+    def count_peers(self) -> int:
+        with self._query("count peers") as conn:
+            return int(conn.execute("SELECT count(*) FROM peers").fetchone()[0])
 
     # -- change feed ----------------------------------------------------------------------------
 
@@ -1039,7 +1145,8 @@ class SQLiteStore(Closing):
             conn.execute("COMMIT")
 
     def _peer(self, row: tuple[Any, ...]) -> Peer:
-        name, key, ips, psk, revoked, created, updated, seen, hwm, holder, disabled, exp = row
+        name, key, ips, psk, revoked, created, updated, seen, hwm, holder, disabled, exp = row[:12]
+        rx, tx, last_hs, endpoint = row[12:16]
         try:
             return Peer(
                 name=name,
@@ -1054,6 +1161,10 @@ class SQLiteStore(Closing):
                 holder=holder,
                 disabled=bool(disabled),
                 expires_at=float(exp) if exp is not None else None,
+                rx_bytes=int(rx),
+                tx_bytes=int(tx),
+                last_handshake=float(last_hs) if last_hs is not None else None,
+                endpoint=endpoint,
             )
         except (InvalidKey, InvalidAddress, TypeError, ValueError, AttributeError) as e:
             raise StoreError(f"store {self.path} has an invalid row for peer {name!r}: {e}") from e
@@ -1190,3 +1301,26 @@ def _claim_chunk(conn: sqlite3.Connection, keys: Sequence[bytes], gateway_id: st
         " claimed_at = excluded.claimed_at WHERE gateway_id <> excluded.gateway_id",
         (gateway_id, time.time(), *keys),
     )
+
+
+def _page_where(
+    after: str, limit: int, prefix: str, state: str | None, now: float | None
+) -> tuple[str, dict[str, Any]]:
+    """list_page()'s WHERE clause (name bounds first: an index range) and its parameters."""
+    if not 1 <= limit <= MAX_PAGE:
+        raise ValueError(f"limit {limit} is out of range; use 1-{MAX_PAGE}")
+    if state is not None and state not in _STATE_SQL:
+        raise ValueError(f"state {state!r} is not one of {', '.join(PEER_STATES)}")
+    # one lower bound: the planner seeks with one of two, maybe the looser
+    terms = ["name >= :prefix" if prefix > after else "name > :after"]
+    params: dict[str, Any] = {"after": after, "prefix": prefix, "limit": limit}
+    if prefix:
+        bound = prefix_bound(prefix)
+        if bound is not None:
+            terms.append("name < :bound")
+            params["bound"] = bound
+    if state is not None:
+        terms.append(_STATE_SQL[state])
+        if ":now" in _STATE_SQL[state]:
+            params["now"] = time.time() if now is None else now
+    return " AND ".join(terms), params
