@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -390,3 +391,31 @@ def test_knocks_during_an_admission_are_authenticated_on_their_worker(
         k2: Outcome.ALREADY_INSTALLED, k3: Outcome.FORGED}  # fmt: skip
     assert loop.authenticated == []
     assert dave.public_key() in dev.peers
+
+
+def test_a_worker_that_dies_at_start_is_started_again_after_a_growing_pause(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    t = [0.0]
+    with VerifyPool(GW, 1, clock=lambda: t[0]) as pool:
+        pkt = build_initiation(CLIENT, GW.public_key())
+        with monkeypatch.context() as m:
+            m.setattr(sys, "executable", "/bin/false")  # a worker that exits at once
+            os.kill(pool.pids()[0], signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while pool.restarts == 0 and time.monotonic() < deadline:
+                pool.check()  # the killed one (it was ready): replaced at once
+            assert pool.restarts == 1
+            while not pool._workers[0].dead and time.monotonic() < deadline:
+                pool.check()  # the successor exits before it is ready
+                time.sleep(0.01)
+            for _ in range(5):
+                pool.check()
+            assert pool.restarts == 1, "started again without a pause"
+            assert not pool.submit(Job(pkt, 0))  # no worker: refused
+        t[0] += 1.1  # the pause (1 s the first time) is over
+        pool.check()
+        assert pool.restarts == 2
+        pool.wait_ready()
+        [(_, result)] = pool.run([Job(pkt, 0)])
+        assert isinstance(result, Opened)

@@ -144,7 +144,7 @@ class VerifyPool:
         hang_timeout: float = DEFAULT_HANG_TIMEOUT,
         static_cache_size: int = 65536,
         clock: Callable[[], float] = time.monotonic,
-        start_timeout: float = 60.0,
+        start_timeout: float = 120.0,
         wait: bool = True,
     ) -> None:
         """Start the workers and (`wait`) wait until each holds the key and takes jobs; OSError
@@ -156,6 +156,10 @@ class VerifyPool:
         self._cache_size = static_cache_size
         self._limit = inflight
         self._hang = hang_timeout
+        self._start_timeout = start_timeout
+        # a slot whose worker died before it was ready: when to start it again, and the pause
+        self._retry_at: dict[int, float] = {}
+        self._backoff: dict[int, float] = {}
         self._clock = clock
         self._ticket = 0
         self._dying: list[subprocess.Popen[bytes]] = []
@@ -167,7 +171,7 @@ class VerifyPool:
             for i in range(workers):
                 self._workers.append(self._start(i))
             if wait:
-                self.wait_ready(start_timeout)
+                self.wait_ready()
         except BaseException:
             self.close(timeout=0)
             raise
@@ -175,11 +179,13 @@ class VerifyPool:
 
     # -- workers --------------------------------------------------------------------------
 
-    def wait_ready(self, timeout: float = 60.0) -> None:
+    def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until every worker has started (OSError if one does not within `timeout`).
         A fresh interpreter takes a while to import its crypto (~0.3 s, far more under
         emulation): the first knocks must not wait for that, so a gateway is ready only
         once its workers are."""
+        if timeout is None:
+            timeout = self._start_timeout
         deadline = time.monotonic() + timeout
         for w in self._workers:
             if w.ready or w.dead:
@@ -211,7 +217,8 @@ class VerifyPool:
             child.close()
         with contextlib.suppress(OSError):  # room for the in-flight window (best effort)
             parent.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
-        parent.sendall(_KEY_MESSAGE.pack(self._key.raw, self._cache_size))
+        with contextlib.suppress(OSError):  # it died at once: found dead (and replaced) later
+            parent.sendall(_KEY_MESSAGE.pack(self._key.raw, self._cache_size))
         parent.setblocking(False)
         return _Worker(index, proc, parent, started_at=self._clock())
 
@@ -223,6 +230,7 @@ class VerifyPool:
         w.inflight.clear()
         w.outbox.clear()
         self.lost += len(lost)
+        now = self._clock()
         if not w.dead:
             self._by_fd.pop(w.sock.fileno(), None)
             w.sock.close()
@@ -230,11 +238,19 @@ class VerifyPool:
                 w.proc.kill()
             self._dying.append(w.proc)
             w.dead = True
+            if not w.ready:
+                # it died before it could take jobs (a broken install, say): start it again
+                # after a pause that doubles each time, not four times a second forever
+                self._backoff[w.index] = min(2 * self._backoff.get(w.index, 0.5), 30.0)
+                self._retry_at[w.index] = now + self._backoff[w.index]
+        if now < self._retry_at.get(w.index, 0.0):
+            return lost
         try:
             new = self._start(w.index)
         except OSError:
             return lost
         self.restarts += 1
+        self._retry_at.pop(w.index, None)
         self._workers[w.index] = new
         self._by_fd[new.sock.fileno()] = new
         return lost
@@ -336,6 +352,7 @@ class VerifyPool:
                 return out
             if data == _READY and not w.ready:
                 w.ready = True
+                self._backoff.pop(w.index, None)
                 continue
             self._results(w, data, out)
         w.waiting_since = self._clock() if w.inflight else None
@@ -368,8 +385,9 @@ class VerifyPool:
             if w.dead:
                 lost.extend(self._replace(w))  # start it again
                 continue
-            # (a worker still starting gets longer: a fresh interpreter on a busy machine)
-            limit = self._hang if w.ready else max(self._hang, 10.0)
+            # (a worker still starting gets as long as a start may take: a fresh interpreter
+            # on a busy or emulated machine takes seconds)
+            limit = self._hang if w.ready else max(self._hang, self._start_timeout)
             hung = w.waiting_since is not None and now - w.waiting_since > limit
             if hung or w.proc.poll() is not None:
                 lost.extend(self._replace(w))
