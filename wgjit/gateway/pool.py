@@ -270,6 +270,11 @@ class VerifyPool:
         return [w.proc.pid for w in self._workers if not w.dead]
 
     @property
+    def down(self) -> int:
+        """Worker slots without a live worker (one could not be started yet)."""
+        return sum(w.dead for w in self._workers)
+
+    @property
     def inflight(self) -> int:
         return sum(len(w.inflight) + len(w.outbox) for w in self._workers)
 

@@ -231,6 +231,7 @@ class _Loop:
         self.pool = pool
         self._pool_fds: list[int] = []
         self._pool_restarts = 0
+        self._pool_down = 0
         self.metrics = metrics
         self.more_stats: Callable[[], Mapping[str, int]] | None = None
         self.store = store
@@ -318,7 +319,12 @@ class _Loop:
         """(Re-)register the workers' sockets after a worker was replaced (a new socket may
         reuse the old one's number, which epoll dropped when it was closed)."""
         pool = self.pool
-        if pool is None or (pool.restarts == self._pool_restarts and self._pool_fds):
+        if pool is None:
+            return
+        if pool.down != self._pool_down:
+            self._pool_down = pool.down
+            self.log.warning("verify_workers_down", down=pool.down, of=pool.size)
+        if pool.restarts == self._pool_restarts and self._pool_fds:
             return
         if pool.restarts != self._pool_restarts:
             self.log.warning("verify_worker_replaced", restarts=pool.restarts)
@@ -522,6 +528,7 @@ class _Loop:
         if self.pool is not None:
             out["verify_inflight"] = self.pool.inflight
             out["verify_worker_restarts"] = self.pool.restarts
+            out["verify_workers_down"] = self.pool.down
         out.update(self.mode.stats())
         if self.more_stats is not None:
             out.update(self.more_stats())
