@@ -9,8 +9,9 @@ one of two kinds:
   authentication too, at no further X25519 cost, and answers VERIFIED; otherwise it answers
   OPENED with the claimed key and the handshake state (chaining key, hash), and stops: an
   unknown key costs a worker exactly one X25519.
-- AUTH: a claimed key the policy knows (installed), with the state from OPENED. The worker
-  does the static-static DH (cached from then on) and the timestamp: VERIFIED or a reject.
+- AUTH: a claimed key the policy knows (installed, or stored and on its way in), with the
+  state from OPENED. The worker does the static-static DH (cached from then on) and the
+  timestamp: VERIFIED or a reject. So with workers the loop's process does no X25519 at all.
 
 Affinity. Before the first DH nobody knows the key, so OPEN jobs go to a worker chosen by the
 knock's source (address and port: a client keeps both between rekeys, and a crowd behind one NAT
@@ -31,10 +32,13 @@ queues (a pickle and a lock per item, a feeder thread in the loop process); NFQU
 state - installed peers, rate limits, duplicates, pending look-ups - would then have to be
 shared or split by key, which the kernel's fan-out cannot give before decryption).
 
-Bounded: at most `inflight` jobs per worker (more are refused: the caller gives a fail-open
-verdict); a worker that dies, or answers nothing for `hang_timeout`, is killed and started anew,
-and its in-flight jobs come back as LOST (the caller gives them fail-open verdicts). close()
-ends and reaps every worker.
+Bounded: at most `inflight` jobs per worker (more go to another worker, or are refused: the
+caller gives a fail-open verdict); a worker that dies, or answers nothing for `hang_timeout`
+(`start_timeout` while it starts), is killed and started anew, and its in-flight jobs come back
+as LOST (the caller gives them fail-open verdicts). One that dies before it is ready is started
+again after a pause that doubles up to 30 s; a slot whose worker cannot be started (no
+processes left) sends its share to the others until check() manages. close() ends and reaps
+every worker (EOF on its socket; a worker also ends when the gateway dies).
 """
 
 from __future__ import annotations
