@@ -40,6 +40,7 @@ from wgjit.gateway.core import (
     DEFAULT_MAX_CLOCK_SKEW,
     DEFAULT_RELEASE_RATE,
     DEFAULT_SWEEP_INTERVAL,
+    MAX_WORKERS,
     ConfigError,
     GatewayConfig,
 )
@@ -67,6 +68,9 @@ from wgjit.store import (
 )
 from wgjit.store.pool import parse_pool
 from wgjit.store.urls import redact, scrub
+
+# --workers: one verify worker per core this process may run on
+DEFAULT_WORKERS = min(len(os.sched_getaffinity(0)), MAX_WORKERS)
 
 
 class CLIError(WgjitError):
@@ -765,6 +769,7 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
         testing_always_under_load=args.testing_always_under_load,
         load_delay=args.load_delay,
         release_rate=args.release_rate,
+        workers=args.workers,
     )
     try:
         config.validate()
@@ -1124,6 +1129,11 @@ def build_parser() -> _Parser:
                          "order (default)")  # fmt: skip
     gw.add_argument("--queue-num", type=_int_range("--queue-num", 0, 65535), default=None,
                     help="NFQUEUE number for --mode hold (default: the listen port)")  # fmt: skip
+    gw.add_argument("--workers", type=_int_range("--workers", 0, MAX_WORKERS),
+                    default=DEFAULT_WORKERS,
+                    help="worker processes that verify initiations (the X25519 work); 0 or 1: "
+                         f"in the gateway's own process (default: the number of cores, "
+                         f"{DEFAULT_WORKERS})")  # fmt: skip
     gw.add_argument("--testing-no-completion", action="store_true",
                     help="TESTING ONLY: install peers but do nothing to complete the handshake "
                          "(the client's own 5 s retry does; for latency comparisons)")  # fmt: skip
@@ -1131,8 +1141,11 @@ def build_parser() -> _Parser:
                     help="start even if the store has no peers while the interface has some "
                          "(they are removed); without it the gateway refuses, since an empty "
                          "store is almost always a wrong --store")  # fmt: skip
-    gw.add_argument("--metrics-listen", metavar="HOST:PORT",
-                    help="serve Prometheus /metrics and /healthz there (e.g. 127.0.0.1:9586)")
+    gw.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus /metrics and /healthz there (e.g. 127.0.0.1:9586)",
+    )
     gw.add_argument("--testing-always-under-load", action="store_true",
                     help="TESTING ONLY: answer every initiation without a valid mac2 with a "
                          "cookie reply, as under load")  # fmt: skip

@@ -53,9 +53,7 @@ class CookieChecker:
 
     __slots__ = ("_key", "_random", "_secret", "_secret_at")
 
-    def __init__(
-        self, responder: PublicKey, random: Callable[[int], bytes] = os.urandom
-    ) -> None:
+    def __init__(self, responder: PublicKey, random: Callable[[int], bytes] = os.urandom) -> None:
         self._key = cookie_key(responder)
         self._random = random
         self._secret = b""

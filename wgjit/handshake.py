@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from wgjit.keys import InvalidKey, PrivateKey, PublicKey
+from wgjit.keys import PrivateKey, PublicKey
 
 # --- Protocol constants -------------------------------------------------------------------------
 # Message type and size: WireGuard whitepaper §5.4.2, kernel drivers/net/wireguard/messages.h
@@ -137,6 +138,14 @@ class Timestamp:
             raise ValueError(f"a TAI64N timestamp is {TIMESTAMP_SIZE} bytes")
 
     @classmethod
+    def trusted(cls, raw: bytes) -> Timestamp:
+        """A timestamp from 12 bytes known to be right (a decrypted AEAD plaintext of that
+        size): no check, for the hot path."""
+        self = object.__new__(cls)
+        object.__setattr__(self, "raw", raw)
+        return self
+
+    @classmethod
     def _from_parts(cls, seconds: int, nanos: int) -> Timestamp:
         tai = TAI64_BASE + seconds
         if not 0 <= tai < 1 << 64:
@@ -216,14 +225,43 @@ def _split(packet: bytes) -> Initiation:
 
 
 # --- Responder ----------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Opened:
-    """An initiation whose static key is decrypted but not yet authenticated."""
+# The responder's hot path binds its primitives to module names once: a verification is ~10
+# calls into C, and Python's attribute look-ups and wrapper objects were a third of its non-DH
+# cost. HMAC is the stdlib's (hmac.digest over hashlib.blake2s: its inline RFC 2104 path, faster
+# here than OpenSSL's HMAC object for 32-byte messages); nothing below re-implements a primitive.
+_blake2s = hashlib.blake2s
+_hmac_digest = hmac.digest
+_compare = hmac.compare_digest
+_x25519_public = X25519PublicKey.from_public_bytes
+_Aead = ChaCha20Poly1305
 
-    public_key: PublicKey  # claimed, not proven
-    message: Initiation
-    chaining_key: bytes
-    hash: bytes
+
+class Opened:
+    """An initiation whose static key is decrypted but not yet authenticated.
+
+    A plain slotted class, not a dataclass: one is made per initiation on the hot path.
+    `chaining_key` and `hash` are the handshake state after the static key (C and H of
+    whitepaper §5.4.2), which authenticate() continues from."""
+
+    __slots__ = ("chaining_key", "hash", "packet", "public_key")
+
+    def __init__(self, public_key: PublicKey, packet: bytes, chaining_key: bytes, hash: bytes
+                 ) -> None:  # fmt: skip
+        self.public_key = public_key  # claimed, not proven
+        self.packet = packet
+        self.chaining_key = chaining_key
+        self.hash = hash
+
+    @property
+    def message(self) -> Initiation:
+        return _split(self.packet)
+
+    @property
+    def sender_index(self) -> int:
+        return int.from_bytes(self.packet[OFF_SENDER_INDEX:OFF_EPHEMERAL], "little")
+
+    def __repr__(self) -> str:
+        return f"Opened({self.public_key!r}, index={self.sender_index})"
 
 
 class Responder:
@@ -233,18 +271,23 @@ class Responder:
     precomputed static-static, it never changes for a peer. Only keys whose timestamp decrypted
     are cached, so forged initiations cannot evict real peers. Not thread-safe for concurrent
     verify() calls beyond what the GIL gives (races can only cost a cache entry, never a result).
+
+    Per gateway it also keeps what does not depend on the packet: the mac1 key's BLAKE2s state,
+    H after the responder's public key, and the HMAC state keyed with the constant first
+    chaining key (each check copies a state instead of re-keying).
     """
 
-    __slots__ = ("_cache", "_cache_size", "_h0", "_mac1", "_private", "_public")
+    __slots__ = ("_cache", "_cache_size", "_ck0", "_h0", "_mac1", "_private", "_public", "_x")
 
     def __init__(self, private_key: PrivateKey, static_cache_size: int = 65536) -> None:
         if static_cache_size < 0:
             raise ValueError("static_cache_size must be >= 0")
         self._private = private_key
+        self._x = private_key.x25519()
         self._public = private_key.public_key()
-        self._h0 = _initial_hash(self._public)
-        # Keyed once; each check copies the state instead of re-keying.
-        self._mac1 = hashlib.blake2s(key=_mac1_key(self._public), digest_size=MAC_SIZE)
+        self._h0 = _blake2s(_initial_hash(self._public))
+        self._ck0 = hmac.new(_CK0, digestmod=_blake2s)
+        self._mac1 = _blake2s(key=_mac1_key(self._public), digest_size=MAC_SIZE)
         self._cache: OrderedDict[bytes, bytes] = OrderedDict()
         self._cache_size = static_cache_size
 
@@ -255,7 +298,7 @@ class Responder:
     def _mac1_ok(self, packet: bytes) -> bool:
         h = self._mac1.copy()
         h.update(packet[:OFF_MAC1])
-        return hmac.compare_digest(h.digest(), packet[OFF_MAC1:OFF_MAC2])
+        return _compare(h.digest(), packet[OFF_MAC1:OFF_MAC2])
 
     def check_mac1(self, packet: bytes) -> None:
         """Cheap pre-filter (no DH): raises Malformed or BadMac1 unless mac1 is for this key."""
@@ -265,7 +308,11 @@ class Responder:
 
     def verify(self, packet: bytes) -> Verified:
         """Authenticate an initiation; at most two X25519 operations, one for a cached peer."""
-        return self.authenticate(self.open_static(packet))
+        packet = _check_header(packet)
+        if not self._mac1_ok(packet):
+            raise BadMac1("mac1 does not match this gateway's key")
+        static, ck, h = self._open(packet)
+        return self._authenticate(static, packet, ck, h)
 
     def open_static(self, packet: bytes, *, mac1_checked: bool = False) -> Opened:
         """First half of verify(): mac1 and one X25519 reveal the key the sender *claims*.
@@ -277,48 +324,81 @@ class Responder:
             packet = _check_header(packet)
             if not self._mac1_ok(packet):
                 raise BadMac1("mac1 does not match this gateway's key")
-        msg = _split(packet)
+        elif type(packet) is not bytes:
+            packet = bytes(packet)
+        static, ck, h = self._open(packet)
+        return Opened(PublicKey.trusted(static), packet, ck, h)
 
-        # C = KDF1(C, Epub_i); H = HASH(H ‖ Epub_i)
-        ck = _hmac(_hmac(_CK0, msg.ephemeral), _ONE)
-        h = _hash(self._h0, msg.ephemeral)
+    def open_raw(self, packet: bytes) -> tuple[bytes, bytes, bytes]:
+        """open_static() for a packet whose header and mac1 were checked, without objects:
+        (claimed static key, chaining key, hash) as bytes. For worker processes."""
+        return self._open(packet)
+
+    def _open(self, packet: bytes) -> tuple[bytes, bytes, bytes]:
+        ephemeral = packet[OFF_EPHEMERAL:OFF_STATIC]
+        # C = KDF1(C, Epub_i) (the HMAC keyed with the constant first C is precomputed);
+        # H = HASH(H ‖ Epub_i)
+        mac = self._ck0.copy()
+        mac.update(ephemeral)
+        ck = _hmac_digest(mac.digest(), _ONE, _blake2s)
+        hs = self._h0.copy()
+        hs.update(ephemeral)
+        h = hs.digest()
         # C, k = KDF2(C, DH(Spriv_r, Epub_i)); Spub_i = AEAD-decrypt(k, 0, static, H)
         try:
-            es = self._private.exchange(msg.ephemeral)
-        except InvalidKey:
+            es = self._x.exchange(_x25519_public(ephemeral))
+        except ValueError:  # an all-zero result: a low-order point
             raise BadStatic("low-order ephemeral key") from None
-        ck, key = _kdf2(ck, es)
+        t0 = _hmac_digest(ck, es, _blake2s)
+        ck = _hmac_digest(t0, _ONE, _blake2s)
+        encrypted = packet[OFF_STATIC:OFF_TIMESTAMP]
         try:
-            static = ChaCha20Poly1305(key).decrypt(_ZERO_NONCE, msg.encrypted_static, h)
+            static = _Aead(_hmac_digest(t0, ck + _TWO, _blake2s)).decrypt(_ZERO_NONCE, encrypted, h)
         except InvalidTag:
             raise BadStatic("encrypted static key does not decrypt") from None
-        h = _hash(h, msg.encrypted_static)
-        return Opened(PublicKey(static), msg, ck, h)
+        return static, ck, _blake2s(h + encrypted).digest()
 
     def authenticate(self, opened: Opened) -> Verified:
         """Second half of verify(): the static·static DH (cached per peer) and the timestamp.
         Success proves the sender holds the private key of `opened.public_key`."""
-        static = opened.public_key.raw
+        return self._authenticate(
+            opened.public_key.raw, opened.packet, opened.chaining_key, opened.hash
+        )
+
+    def cached(self, static: bytes) -> bool:
+        """Whether authenticating `static` needs no X25519 (its static DH is cached)."""
+        return static in self._cache
+
+    def authenticate_raw(self, static: bytes, packet: bytes, ck: bytes, h: bytes
+                         ) -> tuple[bytes, int]:  # fmt: skip
+        """authenticate() without objects: (timestamp, sender index). For worker processes."""
+        stamp = self._decrypt_timestamp(static, packet, ck, h)
+        return stamp, _INDEX.unpack_from(packet, OFF_SENDER_INDEX)[0]
+
+    def _authenticate(self, static: bytes, packet: bytes, ck: bytes, h: bytes) -> Verified:
+        stamp = self._decrypt_timestamp(static, packet, ck, h)
+        return Verified(
+            PublicKey.trusted(static),
+            Timestamp.trusted(stamp),
+            _INDEX.unpack_from(packet, OFF_SENDER_INDEX)[0],
+        )
+
+    def _decrypt_timestamp(self, static: bytes, packet: bytes, ck: bytes, h: bytes) -> bytes:
         # C, k = KDF2(C, DH(Spriv_r, Spub_i)); timestamp = AEAD-decrypt(k, 0, timestamp, H)
-        ss = self._cache.get(static)
+        cache = self._cache
+        ss = cache.get(static)
         cached = ss is not None
         if ss is None:
             try:
-                ss = self._private.exchange(static)
-            except InvalidKey:
+                ss = self._x.exchange(_x25519_public(static))
+            except ValueError:
                 raise BadStatic("low-order static key") from None
-        _, key = _kdf2(opened.chaining_key, ss)
+        t0 = _hmac_digest(ck, ss, _blake2s)
+        key = _hmac_digest(t0, _hmac_digest(t0, _ONE, _blake2s) + _TWO, _blake2s)
         try:
-            stamp = ChaCha20Poly1305(key).decrypt(
-                _ZERO_NONCE, opened.message.encrypted_timestamp, opened.hash
-            )
+            stamp = _Aead(key).decrypt(_ZERO_NONCE, packet[OFF_TIMESTAMP:OFF_MAC1], h)
         except InvalidTag:
             raise BadTimestamp("timestamp does not decrypt: sender lacks the static key") from None
-        self._remember(static, ss, cached)
-        return Verified(opened.public_key, Timestamp(stamp), opened.message.sender_index)
-
-    def _remember(self, static: bytes, ss: bytes, cached: bool) -> None:
-        cache = self._cache
         try:
             if cached:
                 cache.move_to_end(static)
@@ -328,6 +408,7 @@ class Responder:
                     cache.popitem(last=False)
         except KeyError:  # another thread evicted it meanwhile; the cache is only an optimisation
             pass
+        return stamp
 
 
 # --- Initiator (tests, load generation) ----------------------------------------------------------

@@ -95,6 +95,14 @@ class PublicKey(_Key):
         """First 8 base64 characters, for logs."""
         return self.b64()[:8]
 
+    @classmethod
+    def trusted(cls, raw: bytes) -> PublicKey:
+        """A key from 32 bytes known to be right (`bytes`, e.g. a decrypted static key): no
+        check or copy, for the hot path."""
+        self = object.__new__(cls)
+        self._raw = raw
+        return self
+
 
 class _SecretKey(_Key):
     __slots__ = ()
@@ -125,6 +133,11 @@ class PrivateKey(_SecretKey):
 
     def public_key(self) -> PublicKey:
         return PublicKey(self._x25519.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
+
+    def x25519(self) -> X25519PrivateKey:
+        """The key as the cryptography library's object (for callers that do many exchanges
+        and keep their own X25519PublicKey objects)."""
+        return self._x25519
 
     def exchange(self, peer: PublicKey | bytes) -> bytes:
         """X25519(self, peer). Raises InvalidKey for a low-order peer key (all-zero result)."""

@@ -40,6 +40,7 @@ metrics_listen = "127.0.0.1:9586"
 on_install = "sh -c 'ip route replace \\"$WGJIT_ALLOWED_IPS\\" dev \\"$WGJIT_INTERFACE\\"'"
 on_evict = "true"
 hook_timeout = 3
+workers = 3
 """
 
 
@@ -56,6 +57,7 @@ def test_every_setting_from_the_file(conf: Path) -> None:
     assert args.on_install == ["sh", "-c", 'ip route replace "$WGJIT_ALLOWED_IPS" dev '
                                '"$WGJIT_INTERFACE"']  # fmt: skip
     assert args.on_evict == ["true"] and args.hook_timeout == 3.0
+    assert args.workers == 3
 
 
 def test_flags_override_the_file_and_the_store_comes_from_flag_env_file(
@@ -77,7 +79,7 @@ def test_check_config_good_file(conf: Path, capsys: pytest.CaptureFixture[str]) 
     conf.write_text(GOOD)
     rc, out, err = run(capsys, "check-config", str(conf))
     assert (rc, err) == (0, "")
-    assert out.startswith(f"{conf}: ok (16 settings: interface, store, gateway-id,")
+    assert out.startswith(f"{conf}: ok (17 settings: interface, store, gateway-id,")
     conf.write_text("# nothing set: every default\n")
     rc, out, err = run(capsys, "check-config", str(conf))
     assert (rc, out, err) == (0, f"{conf}: ok (0 settings: none)\n", "")
@@ -97,6 +99,9 @@ def test_check_config_good_file(conf: Path, capsys: pytest.CaptureFixture[str]) 
         ("queue_num = 70000", "queue_num: 70000 is out of range; use 0-65535"),
         ("queue_num = 1.5", "queue_num: '1.5' is not a whole number; use 0-65535"),
         ("mode = 'fast'", "mode: 'fast' is not one of auto, hold, replay, invert"),
+        ("workers = 65", "workers: 65 is out of range; use 0-64"),
+        ("workers = -1", "workers: -1 is out of range; use 0-64"),
+        ("workers = 'many'", "workers: 'many' is not a whole number; use 0-64"),
         ("debug = 'yes'", "debug: expected true or false, not a string"),
         ("interface = 0", "interface: expected a string, not a number"),
         ("hook_timeout = 0", "hook_timeout: 0 is not a finite positive number of seconds"),

@@ -12,7 +12,9 @@ from wgjit.store import StoreError
 def test_scrape_reads_the_loops_stats() -> None:
     m = GatewayMetrics("wg0")
     m.watch(lambda: {"installed": 4, "installs": 4, "installed_now": 3, "cookie": 2,
-                     "queue_accepted": 7, "hooks_run": 3, "hooks_timed_out": 1})  # fmt: skip
+                     "queue_accepted": 7, "hooks_run": 3, "hooks_timed_out": 1,
+                     "verify_inflight": 5, "verify_worker_restarts": 1,
+                     "worker_lost": 2})  # fmt: skip
     m.on_event("evict", {"reason": "idle"})
     m.on_event("install", {"took_ms": 2.5})
     m.store_call("lookup", 0.002, None)
@@ -20,6 +22,9 @@ def test_scrape_reads_the_loops_stats() -> None:
     for line in (
         'wgjit_knocks_total{outcome="installed"} 4.0',
         'wgjit_knocks_total{outcome="unknown"} 0.0',
+        'wgjit_knocks_total{outcome="worker_lost"} 2.0',
+        "wgjit_verify_jobs_in_flight 5.0",
+        "wgjit_verify_worker_restarts_total 1.0",
         "wgjit_installs_total 4.0",
         "wgjit_peers_installed 3.0",
         "wgjit_cookie_replies_total 2.0",

@@ -52,6 +52,7 @@ from wgjit.gateway.effects import (
     Remove,
     Update,
     Verdict,
+    Verify,
 )
 from wgjit.gateway.limits import KeyedRateLimiter, TokenBucket, TTLSet
 from wgjit.gateway.outcome import QUIET as _QUIET
@@ -92,6 +93,8 @@ FINAL_READ_MAX = 8192
 # traffic rows kept for the next write when a write fails (the store unreachable)
 TRAFFIC_RETRY_MAX = 100_000
 
+
+MAX_WORKERS = 64
 
 # How the handshake is completed after an install (GatewayConfig.completion):
 #   hold   - the initiation waits in an NFQUEUE; the loop releases it once installed
@@ -151,6 +154,9 @@ class GatewayConfig:
     # reconcile may remove every device peer (a store that knows none of them); without
     # it the gateway refuses to start (the store is likely the wrong one)
     adopt_empty_store: bool = False
+    # worker processes doing the X25519 work of knocks (wgjit.gateway.pool); 0 or 1: the
+    # loop's own process verifies, as before
+    workers: int = 0
 
     def validate(self) -> list[str]:
         """Raise ConfigError for unsafe values; return warnings to log."""
@@ -177,6 +183,11 @@ class GatewayConfig:
             warnings.append(
                 "--testing-short-timers is set: timers below production minimums are allowed "
                 "and peers may be evicted while their sessions are alive; never use in production"
+            )
+        if not 0 <= self.workers <= MAX_WORKERS:
+            raise ConfigError(
+                f"--workers must be 0 to {MAX_WORKERS} (0 or 1: verify in the loop's process), "
+                f"got {self.workers}"
             )
         if not (self.per_source_rate > 0 and self.global_rate > 0):
             raise ConfigError("rate limits must be positive")
@@ -265,10 +276,12 @@ class _Knock:
     ticket: object  # what the loop needs to give the verdict; None once it has one
     opened: Opened
     verified: Verified | None = None
+    worker: int = -1  # the verify worker that opened it (-1: opened in the loop's process)
 
 
 class _Stage(enum.Enum):
     LOOKUP = "lookup"
+    AUTH = "auth"  # known: its knocks' static DH on the verify workers (--workers > 1)
     ADMIT = "admit"
     INSTALL = "install"
 
@@ -282,6 +295,7 @@ class _Pending:
     knocks: list[_Knock]
     peer: Peer | None = None
     admitting: _Knock | None = None  # the knock whose timestamp and endpoint are used
+    auth_left: int = 0  # AUTH: knocks whose verify worker has not answered yet
 
 
 @dataclass
@@ -513,23 +527,82 @@ class Policy:
                 return Outcome.RATE_LIMITED
         if not self._global.allow(now):
             return Outcome.RATE_LIMITED
+        if self.config.workers > 1:
+            # the X25519 work goes to the verify pool; on_verified() goes on from here
+            out.append(Verify(knock, ticket))
+            return None
         try:
             opened = self.responder.open_static(payload, mac1_checked=True)
         except HandshakeError as e:
             self._reject(Outcome(e.reason), knock.source)
             return Outcome(e.reason)
+        return self._opened(knock, ticket, opened, None, now, lookups, out)
+
+    def on_verified(self, results: Iterable[tuple[Verify, object]], now: float) -> list[Effect]:
+        """Results of Verify effects from the verify pool: an Opened (the claimed key), an
+        (Opened, Verified) pair, a HandshakeError, or an Outcome (the pool could not do it:
+        OVERLOADED, WORKER_LOST; a fail-open verdict)."""
+        out: list[Effect] = []
+        lookups: list[PublicKey] = []
+        for job, result in results:
+            try:
+                outcome = self._verify_result(job, result, now, lookups, out)
+            except Exception as e:  # a bug must cost one knock, never the gateway
+                self._error("knock_failed", e)
+                outcome = Outcome.ERROR
+            if outcome is not None:
+                self._verdict(out, job.ticket, outcome, job.knock)
+        if lookups:
+            out.append(self._store_call(Lookup(tuple(lookups), Purpose.ADMIT), now))
+        return out
+
+    def _verify_result(self, job: Verify, result: object, now: float,
+                       lookups: list[PublicKey], out: list[Effect]) -> Outcome | None:  # fmt: skip
+        knock = job.knock
+        if isinstance(job.waiter, _Knock):  # a pending knock's authentication
+            self._authenticated(job.waiter, result, now, out)
+            return None
+        if isinstance(result, Outcome):
+            if self._fail_log.allow(now):
+                self.log.warning("fail_open", stage="verify", reason=result.value,
+                                 source=str(knock.source))  # fmt: skip
+            return result
+        if isinstance(result, HandshakeError):
+            key = job.opened.public_key if job.opened is not None else None
+            inst = self.installed.get(key) if key is not None else None
+            self._reject(Outcome(result.reason), knock.source, key,
+                         inst.name if inst is not None else None)  # fmt: skip
+            return Outcome(result.reason)
+        verified: Verified | None = None
+        if isinstance(result, tuple):
+            opened, verified = result
+        else:
+            assert isinstance(result, Opened)
+            opened = result
+        return self._opened(knock, job.ticket, opened, verified, now, lookups, out, job.worker)
+
+    def _opened(self, knock: Knock, ticket: object, opened: Opened, verified: Verified | None,
+                now: float, lookups: list[PublicKey], out: list[Effect], worker: int = -1
+                ) -> Outcome | None:  # fmt: skip
+        """A knock whose static key is decrypted (`verified`: and authenticated, by a verify
+        worker whose static-DH cache had the key)."""
         key = opened.public_key  # claimed; proven only by authenticate()
         inst = self.installed.get(key)
         if inst is not None:
             # the fast path: judged from memory, no store or device call
-            try:
-                v = self.responder.authenticate(opened)
-            except HandshakeError as e:
-                self._reject(Outcome(e.reason), knock.source, key, inst.name)
-                return Outcome(e.reason)
-            if self._future(v, knock.source, inst.name):
+            if verified is None:
+                if worker >= 0 and not self.responder.cached(key.raw):
+                    # the worker that opened it does the static DH (and caches it there)
+                    out.append(Verify(knock, ticket, opened, worker))
+                    return None
+                try:
+                    verified = self.responder.authenticate(opened)
+                except HandshakeError as e:
+                    self._reject(Outcome(e.reason), knock.source, key, inst.name)
+                    return Outcome(e.reason)
+            if self._future(verified, knock.source, inst.name):
                 return Outcome.FUTURE
-            self._note_handshake(key, inst, v)
+            self._note_handshake(key, inst, verified)
             return Outcome.ALREADY_INSTALLED
         # unknown keys are dropped before the second X25519: a flood of made-up keys costs
         # one DH each, and a negatively cached key costs no store query
@@ -540,20 +613,26 @@ class Policy:
             return Outcome.STORE_UNAVAILABLE
         if self._pending_knocks >= self.config.max_pending:
             return Outcome.OVERLOADED
-        k = _Knock(knock, ticket, opened)
+        k = _Knock(knock, ticket, opened, verified, worker)
         if p is None:
             p = self._pending[key] = _Pending(key, _Stage.LOOKUP, [k])
             lookups.append(key)
         elif p.stage is _Stage.LOOKUP:
             p.knocks.append(k)
+        elif k.verified is None and worker >= 0:
+            # known (authentication, admission or install under way): the worker that
+            # opened it authenticates it
+            p.knocks.append(k)
+            self._authenticate_on_worker(p, k, out)
         else:
             # the peer is known (admission or install under way): authenticate now
             assert p.peer is not None
-            try:
-                k.verified = self.responder.authenticate(opened)
-            except HandshakeError as e:
-                self._reject(Outcome(e.reason), knock.source, key, p.peer.name)
-                return Outcome(e.reason)
+            if k.verified is None:
+                try:
+                    k.verified = self.responder.authenticate(opened)
+                except HandshakeError as e:
+                    self._reject(Outcome(e.reason), knock.source, key, p.peer.name)
+                    return Outcome(e.reason)
             if self._future(k.verified, knock.source, p.peer.name):
                 return Outcome.FUTURE
             p.knocks.append(k)
@@ -640,10 +719,78 @@ class Policy:
             return
         assert peer is not None
         p.peer = peer
+        if self.config.workers > 1:
+            # the static DH of knocks the workers opened is theirs too: the loop's core does
+            # no X25519 for a herd (knocks opened in this process are authenticated here)
+            todo = [k for k in p.knocks if k.verified is None and k.worker >= 0]
+            if todo:
+                p.stage = _Stage.AUTH
+                for k in todo:
+                    self._authenticate_on_worker(p, k, out)
+                return
+        self._choose(p, now, out)
+
+    def _authenticate_on_worker(self, p: _Pending, k: _Knock, out: list[Effect]) -> None:
+        if p.stage is _Stage.AUTH:
+            p.auth_left += 1
+        out.append(Verify(k.knock, k.ticket, k.opened, k.worker, waiter=k))
+
+    def _authenticated(self, k: _Knock, result: object, now: float, out: list[Effect]) -> None:
+        """A verify worker's answer for a knock of a known key (pending: authentication,
+        admission or install under way)."""
+        p = self._pending.get(k.opened.public_key)
+        if p is None or not any(x is k for x in p.knocks):
+            self._late_authenticated(k, result, out)
+            return
+        assert p.peer is not None
+        waiting = p.stage is _Stage.AUTH
+        if waiting:
+            p.auth_left -= 1
+        if isinstance(result, tuple):
+            k.verified = result[1]
+            if not waiting and self._future(k.verified, k.knock.source, p.peer.name):
+                self._drop_knock(out, p, k, Outcome.FUTURE, p.peer.name)
+        elif isinstance(result, HandshakeError):
+            self._drop_knock(out, p, k, Outcome(result.reason), p.peer.name)
+        else:  # lost, overloaded: fail-open for this knock, the others go on
+            self._drop_knock(out, p, k, result if isinstance(result, Outcome) else Outcome.ERROR,
+                             p.peer.name)  # fmt: skip
+        if waiting and p.auth_left <= 0:
+            self._choose(p, now, out)
+
+    def _late_authenticated(self, k: _Knock, result: object, out: list[Effect]) -> None:
+        """The answer for a knock whose key's admission ended before it came: if the knock
+        had no verdict then (its key was installed meanwhile), it gets one now."""
+        if k.ticket is None:
+            return
+        key = k.opened.public_key
+        inst = self.installed.get(key)
+        if isinstance(result, tuple) and inst is not None:
+            v = result[1]
+            if self._future(v, k.knock.source, inst.name):
+                outcome = Outcome.FUTURE
+            else:
+                self._note_handshake(key, inst, v)
+                outcome = Outcome.ALREADY_INSTALLED
+        elif isinstance(result, HandshakeError):
+            outcome = Outcome(result.reason)
+            self._reject(outcome, k.knock.source, key, inst.name if inst else None)
+        elif isinstance(result, Outcome):
+            outcome = result
+        else:
+            outcome = Outcome.TIMEOUT  # (not reached: an admission ends with verdicts)
+        self._verdict(out, k.ticket, outcome, k.knock)
+        k.ticket = None
+
+    def _choose(self, p: _Pending, now: float, out: list[Effect]) -> None:
+        """The known key's knocks authenticated (here if not yet): admit the newest fresh one."""
+        peer, key = p.peer, p.key
+        assert peer is not None
         best: _Knock | None = None
         for k in list(p.knocks):
             try:
-                k.verified = self.responder.authenticate(k.opened)
+                if k.verified is None:  # (a verify worker may have done it)
+                    k.verified = self.responder.authenticate(k.opened)
             except HandshakeError as e:
                 self._drop_knock(out, p, k, Outcome(e.reason), peer.name)
                 continue
@@ -704,7 +851,10 @@ class Policy:
                 self._finish(out, p, Outcome.INSTALL_FAILED, name=peer.name)
             return
         inst = self.installed[peer.public_key] = Installed(
-            peer.name, self.wall(), fingerprint(peer), seen=effect.timestamp,
+            peer.name,
+            self.wall(),
+            fingerprint(peer),
+            seen=effect.timestamp,
             admitted=effect.timestamp,
         )
         self._expire_at(peer.public_key, inst, peer.expires_at)
@@ -725,6 +875,8 @@ class Policy:
         if p is None:
             return
         for k in p.knocks:
+            if k.verified is None and k is not p.admitting:
+                continue  # its worker has not answered yet: judged when it does
             outcome = Outcome.INSTALLED if k is p.admitting else Outcome.ALREADY_INSTALLED
             if k.verified is not None and k is not p.admitting:
                 self._note_handshake(peer.public_key, self.installed[peer.public_key], k.verified)
@@ -1003,9 +1155,7 @@ class Policy:
         age = now - k.knock.received_at
         if age <= self.config.max_install_age:
             return False
-        self.log.warning(
-            "stale", stage=p.stage.value, key=p.key.short(), age_ms=round(age * 1000)
-        )
+        self.log.warning("stale", stage=p.stage.value, key=p.key.short(), age_ms=round(age * 1000))
         self._finish(out, p, Outcome.TIMEOUT, count=False)
         self.counters["stale"] += 1
         return True

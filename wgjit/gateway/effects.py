@@ -20,6 +20,7 @@ from wgjit.addr import Endpoint, IPNetwork
 from wgjit.capture.packet import Knock
 from wgjit.device import Device, DeviceError, PeerConfig, PeerStats
 from wgjit.gateway.outcome import Outcome
+from wgjit.handshake import Opened
 from wgjit.keys import PresharedKey, PublicKey
 from wgjit.store import Handshake, Peer, Store, Traffic
 
@@ -27,6 +28,7 @@ STORE = "store"
 DEVICE = "device"
 SWEEP = "sweep"
 LOOP = "loop"
+POOL = "pool"
 
 
 class Purpose(enum.StrEnum):
@@ -182,6 +184,21 @@ class Heartbeat:
 
 
 @dataclass(frozen=True, slots=True, eq=False)
+class Verify:
+    """A knock's X25519 work, for the verify pool (--workers > 1): open its static key, or,
+    with `opened`, authenticate the claimed key (on `worker`, the one that opened it). The
+    result comes back through Policy.on_verified."""
+
+    where: ClassVar[str] = POOL
+    what: ClassVar[str] = "verify"
+    knock: Knock
+    ticket: object
+    opened: Opened | None = None
+    worker: int = -1
+    waiter: object = None  # the policy's own note, back with the result
+
+
+@dataclass(frozen=True, slots=True, eq=False)
 class Verdict:
     """The knock's outcome, for the completion mode: hold gives the kernel its verdict
     (`ticket` is the held packet; None when it already had one), replay and invert act on
@@ -199,7 +216,7 @@ class Verdict:
 Effect = (
     Lookup | Admit | Install | Update | Invert | Remove | ReadHandshakes | ReadIdentity | Release
     | Claim
-    | RecordHandshakes | RecordTraffic | ReadChanges | Heartbeat | Verdict
+    | RecordHandshakes | RecordTraffic | ReadChanges | Heartbeat | Verdict | Verify
 )  # fmt: skip
 
 

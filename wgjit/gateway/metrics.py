@@ -162,8 +162,14 @@ class _Snapshot(Collector):
             ("wgjit_knocks_pending", "pending", "Knocks waiting for the store or the device"),
             ("wgjit_store_calls_in_flight", "store_calls", "Store calls not finished"),
             ("wgjit_device_calls_in_flight", "device_calls", "Device calls not finished"),
-        ):
+            ("wgjit_verify_jobs_in_flight", "verify_inflight",
+             "Knocks on the verify workers (--workers), not answered yet"),
+        ):  # fmt: skip
             yield GaugeMetricFamily(name, doc, value=float(s.get(key, 0)))
+        yield CounterMetricFamily(
+            "wgjit_verify_worker_restarts", "Verify workers replaced (died or hung)",
+            value=float(s.get("verify_worker_restarts", 0)),
+        )  # fmt: skip
         yield GaugeMetricFamily(
             "wgjit_loop_max_stall_seconds", "The longest single step of the packet loop",
             value=float(s.get("loop_max_stall_ms", 0)) / 1000,

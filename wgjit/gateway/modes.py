@@ -175,8 +175,10 @@ class HoldMode(Mode):
         if not isinstance(held, Held):
             return
         accept = v.outcome.accepts
-        if accept and self._pace is not None and (
-            self._paced or not self._pace.allow(time.monotonic())
+        if (
+            accept
+            and self._pace is not None
+            and (self._paced or not self._pace.allow(time.monotonic()))
         ):
             self._paced.append(held)
             self.paced += 1

@@ -31,6 +31,7 @@ class Outcome(enum.StrEnum):
     STORE_UNAVAILABLE = "store_unavailable"  # the store is stalled: fail-open, nothing pending
     INSTALL_FAILED = "install_failed"  # a store or device call failed: fail-open
     ERROR = "error"  # an unexpected exception while judging this knock: fail-open
+    WORKER_LOST = "worker_lost"  # its verify worker died or hung before answering: fail-open
 
     @property
     def accepts(self) -> bool:
@@ -55,6 +56,7 @@ ACCEPTS = frozenset(
         Outcome.STORE_UNAVAILABLE,
         Outcome.INSTALL_FAILED,
         Outcome.ERROR,
+        Outcome.WORKER_LOST,
     }
 )
 # outcomes that are normal or too frequent for a line each at info level

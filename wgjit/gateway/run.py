@@ -37,6 +37,7 @@ from wgjit.gateway.effects import (
     Install,
     ReadChanges,
     Verdict,
+    Verify,
     admit_all,
     install_all,
     perform,
@@ -44,6 +45,8 @@ from wgjit.gateway.effects import (
 )
 from wgjit.gateway.metrics import GatewayMetrics, MetricsError, MetricsServer
 from wgjit.gateway.modes import Batch, Mode, ModeError, open_mode
+from wgjit.gateway.outcome import Outcome
+from wgjit.gateway.pool import LOST, Job, Result, VerifyPool, source_affinity
 from wgjit.gateway.reactor import Reactor, Workers
 from wgjit.handshake import Responder
 from wgjit.sdnotify import notify as sd_notify
@@ -60,6 +63,13 @@ SHUTDOWN_WAIT = 5.0
 # survived (gc.freeze: out of the collector's sight; still freed by reference counting when
 # dropped), so no collection ever scans the long-lived peers and no cyclic garbage is frozen.
 GC_FREEZE_INTERVAL = 5.0
+# how often the loop looks for dead or hung verify workers
+POOL_CHECK_INTERVAL = 0.25
+# a verify worker that answers nothing for this long is killed and replaced (its knocks get
+# fail-open verdicts); a healthy one answers a full in-flight window in milliseconds, but on a
+# starved machine (CI, emulation) a healthy one may wait a second for a CPU. Held knocks do not
+# wait for it: the queue releases them after 1 s (late verdicts are ignored)
+POOL_HANG_TIMEOUT = 3.0
 
 
 class GatewayError(WgjitError, RuntimeError):
@@ -109,6 +119,15 @@ def serve(
         Responder(state.private_key), config, log, wall=time.time, ignore_ifindex=ifindex
     )
     with contextlib.ExitStack() as stack:  # closed in reverse: capture first, metrics last
+        pool = None
+        if config.workers > 1:
+            # started first: their interpreters start while the gateway reconciles
+            try:
+                pool = VerifyPool(state.private_key, config.workers,
+                                  hang_timeout=POOL_HANG_TIMEOUT, wait=False)  # fmt: skip
+            except OSError as e:
+                raise _no_workers(config.workers, e) from None
+            stack.callback(pool.close)
         metrics = server = None
         if metrics_listen is not None:
             metrics = GatewayMetrics(device.name)
@@ -128,6 +147,11 @@ def serve(
         if policy.refused_start:
             raise GatewayError(policy.refused_start)
         reconcile_ms = round((time.monotonic() - started) * 1000)
+        if pool is not None:
+            try:
+                pool.wait_ready()
+            except OSError as e:
+                raise _no_workers(config.workers, e) from None
         gc.collect()
         gc.freeze()
         memory.trim()
@@ -137,7 +161,7 @@ def serve(
         reactor = Reactor()
         stack.callback(reactor.close)
         workers = Workers(reactor, {STORE: store_threads, DEVICE: 1, SWEEP: 1})
-        loop = _Loop(policy, store, device, sweep_device, reactor, workers, log, metrics)
+        loop = _Loop(policy, store, device, sweep_device, reactor, workers, log, metrics, pool)
         loop.more_stats = more_stats
         try:
             loop.mode = open_mode(
@@ -168,6 +192,7 @@ def serve(
             sweep_interval=config.sweep_interval,
             capture="nfqueue" if loop.mode.name == "hold" else capture_interface or "all",
             installed_now=len(policy.installed),
+            verify_workers=pool.size if pool is not None else 0,
             cookies=policy.cookies is not None,
             metrics=f"{metrics_listen[0]}:{server.port}" if server and metrics_listen else None,
             reconcile_ms=reconcile_ms,
@@ -178,6 +203,13 @@ def serve(
         sd_notify(f"READY=1\nSTATUS=serving {device.name}, {len(policy.installed)} installed")
         loop.run()
     return 0
+
+
+def _no_workers(n: int, e: OSError) -> GatewayError:
+    return GatewayError(
+        f"the {n} verify workers did not start ({e}); --workers 0 verifies in the gateway's "
+        "own process"
+    )
 
 
 class _Loop:
@@ -193,8 +225,13 @@ class _Loop:
         workers: Workers,
         log: EventLog,
         metrics: GatewayMetrics | None = None,
+        pool: VerifyPool | None = None,
     ) -> None:
         self.policy = policy
+        self.pool = pool
+        self._pool_fds: list[int] = []
+        self._pool_restarts = 0
+        self._pool_down = 0
         self.metrics = metrics
         self.more_stats: Callable[[], Mapping[str, int]] | None = None
         self.store = store
@@ -213,12 +250,90 @@ class _Loop:
     # -- effects --------------------------------------------------------------------------
 
     def apply(self, effects: list[Effect]) -> None:
+        refused: list[tuple[Job, Result | Outcome]] = []
+        jobs = 0
         for e in effects:
             if isinstance(e, Verdict):
                 self.mode.verdict(e)
+            elif isinstance(e, Verify):
+                jobs += 1
+                self._verify(e, refused)
             else:
                 self.submit(e)
+        if jobs:
+            assert self.pool is not None
+            refused.extend(self.pool.flush())
+            self._watch_pool()
         self.mode.flush()
+        if refused:
+            self._verified(refused)
+
+    # -- the verify pool ------------------------------------------------------------------
+
+    def _verify(self, e: Verify, refused: list[tuple[Job, Result | Outcome]]) -> None:
+        pool = self.pool
+        if pool is None:  # cannot happen: the policy offloads only with --workers > 1
+            refused.append((Job(e.knock.payload, 0, context=e), Outcome.ERROR))
+            return
+        src = e.knock.source
+        job = Job(e.knock.payload, source_affinity(src.host.packed, src.port), e.opened,
+                  context=e, worker=e.worker)  # fmt: skip
+        if not pool.submit(job):
+            refused.append((job, Outcome.OVERLOADED))
+
+    def _verified(self, results: list[tuple[Job, Result | Outcome]]) -> None:
+        """Results (or fail-open outcomes) of verify jobs, to the policy."""
+        events: list[tuple[Verify, object]] = []
+        for job, r in results:
+            v = job.context
+            assert isinstance(v, Verify)
+            if r is LOST:
+                events.append((v, Outcome.WORKER_LOST))
+            else:
+                # the worker it ran on: an AUTH job for the claimed key goes there too
+                events.append((Verify(v.knock, v.ticket, v.opened, job.worker, v.waiter), r))
+        self.apply(self.policy.on_verified(events, time.monotonic()))
+
+    def _on_pool(self, fd: int) -> None:
+        assert self.pool is not None
+        results: list[tuple[Job, Result | Outcome]] = list(self.pool.read(fd))
+        self._watch_pool()
+        if results:
+            self._verified(results)
+
+    def _check_pool(self) -> None:
+        assert self.pool is not None
+        lost: list[tuple[Job, Result | Outcome]] = list(self.pool.check())
+        self._watch_pool()
+        if lost:
+            self._verified(lost)
+        self.reactor.call_at(time.monotonic() + POOL_CHECK_INTERVAL, self._check_pool)
+
+    def _pool_reader(self, fd: int) -> Callable[[], None]:
+        def verify_results() -> None:  # (the reactor names a stall by its handler's name)
+            self._on_pool(fd)
+
+        return verify_results
+
+    def _watch_pool(self) -> None:
+        """(Re-)register the workers' sockets after a worker was replaced (a new socket may
+        reuse the old one's number, which epoll dropped when it was closed)."""
+        pool = self.pool
+        if pool is None:
+            return
+        if pool.down != self._pool_down:
+            self._pool_down = pool.down
+            self.log.warning("verify_workers_down", down=pool.down, of=pool.size)
+        if pool.restarts == self._pool_restarts and self._pool_fds:
+            return
+        if pool.restarts != self._pool_restarts:
+            self.log.warning("verify_worker_replaced", restarts=pool.restarts)
+        self._pool_restarts = pool.restarts
+        for fd in self._pool_fds:
+            self.reactor.remove_reader(fd)
+        self._pool_fds = pool.fds()
+        for fd in self._pool_fds:
+            self.reactor.add_reader(fd, self._pool_reader(fd))
 
     def submit(self, effect: Effect) -> None:
         if isinstance(effect, Install):
@@ -367,6 +482,9 @@ class _Loop:
             self.reactor.add_reader(self.mode.fileno(), self._on_knocks)
             self.reactor.add_ticker(self)
             self.reactor.add_ticker(self.mode)
+            if self.pool is not None:
+                self._watch_pool()
+                self.reactor.call_at(time.monotonic() + POOL_CHECK_INTERVAL, self._check_pool)
             self._freeze_gc()
             self.apply([])  # nothing yet; the first tick starts the timers' work
             self.reactor.run()
@@ -407,6 +525,10 @@ class _Loop:
             "device_calls": self.workers.busy(DEVICE),
             "log_dropped": self.log.dropped,
         }
+        if self.pool is not None:
+            out["verify_inflight"] = self.pool.inflight
+            out["verify_worker_restarts"] = self.pool.restarts
+            out["verify_workers_down"] = self.pool.down
         out.update(self.mode.stats())
         if self.more_stats is not None:
             out.update(self.more_stats())
