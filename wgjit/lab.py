@@ -51,6 +51,7 @@ from wgjit.store import open_store
 UAPI_DIR = Path("/var/run/wireguard")
 GATEWAY_PORT = 51820
 UNDERLAY_V4 = "198.18.0"  # RFC 2544 benchmarking range: never routed anywhere
+BRIDGE_MAC = "02:77:6a:00:00:01"  # locally administered, fixed (see add_gateway)
 UNDERLAY_V6 = "fd18:"
 TUNNEL_V4 = "100.65.0"
 CONNECT_SPACING = 0.1  # seconds between measured connects of one client
@@ -341,7 +342,10 @@ class Lab:
             return self._add_more_gateway(key or self.gateway.key)
         ns = self._gw_ns
         self._add_ns(ns)
-        run("ip", "link", "add", "br0", "type", "bridge", ns=ns)
+        # A bridge without an address of its own takes its lowest port's MAC, and changes it
+        # when ports come and go (a load generator's veth): clients' ARP entries would then
+        # point at a MAC nobody has, and their packets vanish until the entries expire.
+        run("ip", "link", "add", "br0", "address", BRIDGE_MAC, "type", "bridge", ns=ns)
         run("ip", "addr", "add", f"{UNDERLAY_V4}.1/24", "dev", "br0", ns=ns)
         run("ip", "addr", "add", f"{UNDERLAY_V6}:1/64", "dev", "br0", "nodad", ns=ns)
         run("ip", "link", "set", "br0", "up", ns=ns)

@@ -192,9 +192,12 @@ def test_cookie_round(lab: Lab, store_url: str, tmp_path: Path,
     # one cookie round is one client retry (5 s + jitter); allow a second round, as WireGuard
     # itself may need it (a cookie reply lost or arriving after the retry was sent)
     rtt = alice.ping(gw.tunnel_ip, timeout=20)
-    assert rtt is not None, "the client never got in after its cookie:\n" + "\n".join(
-        g.lines[-30:]
-    )
+    if rtt is None:
+        alice_wg = alice.wg("show", alice.ifname, "dump")
+        pytest.fail(
+            f"the client never got in after its cookie: {stats(g)}\n{alice_wg}\n"
+            + "\n".join(g.lines[-30:])
+        )
     print(f"\nfirst ping through the cookie round: {rtt} ms")
     s = stats(g)
     assert int(s["cookie"]) >= 1 and int(s["installed"]) >= 1, s
