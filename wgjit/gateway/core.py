@@ -104,7 +104,7 @@ MAX_WORKERS = 64
 COMPLETIONS = ("hold", "replay", "invert", "none")
 
 
-DEFAULT_RELEASE_RATE = 0.0
+DEFAULT_RELEASE_RATE = 6000.0
 
 
 class ConfigError(WgjitError, ValueError):
