@@ -16,6 +16,7 @@ SQLite). Uses benchmarks/loadgen.py against a lab gateway; prints Markdown for d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -33,7 +34,7 @@ from benchmarks.loadgen import make_keys, read_keys
 from wgjit.addr import parse_networks
 from wgjit.keys import PrivateKey
 from wgjit.lab import GatewayProcess, Host, Lab, percentile, wait_for
-from wgjit.store import open_store
+from wgjit.store import UnknownPeer, open_store
 
 ROOT = Path(__file__).resolve().parents[1]
 COUNTERS = ("installed", "already_installed", "cookie", "rate_limited", "timeout", "overloaded",
@@ -240,9 +241,11 @@ def flood(lab: Lab, gw: Host, clients: list[Any], url: str, tmp: Path, keys: Pat
           args: argparse.Namespace, rnd: int) -> str:  # fmt: skip
     clear_device(gw, tmp)
     with open_store(url) as store:
-        for i, c in enumerate(clients):
+        for c in clients:
             k = PrivateKey.generate()
-            store.add_peer(f"fl-{kind}-{rnd}-{i}", k.public_key(), parse_networks(c.tunnel_ip))
+            with contextlib.suppress(UnknownPeer):  # the previous flood row's client
+                store.remove(f"fl-{c.tunnel_ip}")
+            store.add_peer(f"fl-{c.tunnel_ip}", k.public_key(), parse_networks(c.tunnel_ip))
             c.set_private_key(k)
             c.connect_to(gw)
     g = lab.start_gateway(url, "--mode", "hold")

@@ -189,12 +189,12 @@ def test_verdicts_for_outcomes() -> None:
     # fail-open: what is not known to be unwanted goes on to the device, which authenticates
     # every initiation itself
     for accept in (
-        "installed", "already_installed", "own_interface", "rate_limited", "timeout",
+        "installed", "already_installed", "own_interface", "timeout",
         "overloaded", "store_unavailable", "install_failed", "error",
     ):  # fmt: skip
         assert Outcome(accept).accepts
     for drop in ("unknown", "revoked", "forged", "replay", "bad_mac1", "bad_static",
-                 "negative_cached", "duplicate", "malformed"):  # fmt: skip
+                 "negative_cached", "duplicate", "malformed", "rate_limited"):  # fmt: skip
         assert not Outcome(drop).accepts
 
 

@@ -38,10 +38,11 @@ class Outcome(enum.StrEnum):
         """Whether a held initiation with this outcome goes on to the device (hold mode).
 
         Dropped: what is known to be unwanted (unknown, revoked, forged, replayed, malformed,
-        duplicate). Everything else passes: the device authenticates every initiation and
-        ignores keys it does not have, so passing one admits nobody, while dropping a real
-        client's initiation costs it a 5 s retry. Rate-limited ones pass because our limits
-        protect the gateway's CPU, not the device (it has its own limiter)."""
+        duplicate), and what is over a rate limit: passed on, a flood would reach the device,
+        which past its own under-load mark answers everyone, real clients too, with cookie
+        replies (and the kernel's limiter drops such senders too). Everything else passes: the
+        device authenticates every initiation and ignores keys it does not have, so passing
+        one admits nobody, while dropping a real client's initiation costs it a 5 s retry."""
         return self in ACCEPTS
 
 
@@ -50,7 +51,6 @@ ACCEPTS = frozenset(
         Outcome.INSTALLED,
         Outcome.ALREADY_INSTALLED,
         Outcome.OWN_INTERFACE,
-        Outcome.RATE_LIMITED,
         Outcome.TIMEOUT,
         Outcome.OVERLOADED,
         Outcome.STORE_UNAVAILABLE,
