@@ -198,6 +198,17 @@ class GatewayPresence:
     rejects: dict[str, int] = field(default_factory=dict)
 
 
+def newest_handshakes(handshakes: Iterable[Handshake]) -> list[Handshake]:
+    """One handshake per key, the newest (what admit_many() admits), ordered by key: stores
+    that lock rows take them in one order, so concurrent batches cannot deadlock."""
+    newest: dict[bytes, Handshake] = {}
+    for h in handshakes:
+        old = newest.get(h.public_key.raw)
+        if old is None or h.timestamp > old.timestamp:
+            newest[h.public_key.raw] = h
+    return [newest[k] for k in sorted(newest)]
+
+
 class Store(Protocol):
     def add_peer(
         self,

@@ -71,6 +71,7 @@ from wgjit.store import (
     StoreError,
     Traffic,
     UnknownPeer,
+    newest_handshakes,
     prefix_bound,
     validate_peer_name,
 )
@@ -1005,13 +1006,7 @@ class PostgresStore(Closing):
     def admit_many(
         self, handshakes: Sequence[Handshake], gateway_id: str
     ) -> dict[PublicKey, str | None]:
-        newest: dict[bytes, Handshake] = {}
-        for h in handshakes:
-            old = newest.get(h.public_key.raw)
-            if old is None or h.timestamp > old.timestamp:
-                newest[h.public_key.raw] = h
-        # sorted: concurrent admissions and claims lock rows in the same order
-        hss = [newest[k] for k in sorted(newest)]
+        hss = newest_handshakes(handshakes)
         admitted: dict[PublicKey, str | None] = {}
 
         def op(

@@ -45,6 +45,7 @@ from wgjit.store import (
     StoreError,
     Traffic,
     UnknownPeer,
+    newest_handshakes,
     prefix_bound,
     validate_peer_name,
 )
@@ -852,12 +853,7 @@ class SQLiteStore(Closing):
     def admit_many(
         self, handshakes: Sequence[Handshake], gateway_id: str
     ) -> dict[PublicKey, str | None]:
-        newest: dict[bytes, Handshake] = {}
-        for h in handshakes:
-            old = newest.get(h.public_key.raw)
-            if old is None or h.timestamp > old.timestamp:
-                newest[h.public_key.raw] = h
-        hss = list(newest.values())
+        hss = newest_handshakes(handshakes)
         admitted: dict[PublicKey, str | None] = {}
         for i in range(0, len(hss), self._chunk):
             chunk = hss[i : i + self._chunk]
