@@ -355,40 +355,43 @@ class _Loop:
             else:
                 device = self.sweep_device
 
-        took = 0.0
-
-        def call() -> object:
-            nonlocal took
-            start = time.monotonic()
-            try:
-                return perform(effect, self.store, device)
-            finally:
-                took = time.monotonic() - start
-
         def done(result: object, error: Exception | None) -> None:
-            if self.metrics is not None and where == STORE:
-                self.metrics.store_call(effect.what, took, error)
             if isinstance(effect, ReadChanges) and error is None:
                 self._watch_store(getattr(result, "wakeup_fd", None))
             self.apply(self.policy.on_done(effect, result, error, time.monotonic()))
 
-        self.workers.submit(where, call, done)
+        self._call(where, effect.what, lambda: perform(effect, self.store, device), done)
 
-    def _flush_admits(self) -> None:
-        batch, self._admits = self._admits, []
+    def _call(
+        self,
+        where: str,
+        what: str,
+        fn: Callable[[], object],
+        done: Callable[[object, Exception | None], None],
+    ) -> None:
+        """Run `fn` on a `where` worker, then `done(result, error)` on the loop; store calls
+        are timed for /metrics."""
         took = 0.0
 
         def call() -> object:
             nonlocal took
             start = time.monotonic()
             try:
-                return admit_all(batch, self.store)
+                return fn()
             finally:
                 took = time.monotonic() - start
 
+        def timed_done(result: object, error: Exception | None) -> None:
+            if self.metrics is not None and where == STORE:
+                self.metrics.store_call(what, took, error)
+            done(result, error)
+
+        self.workers.submit(where, call, timed_done)
+
+    def _flush_admits(self) -> None:
+        batch, self._admits = self._admits, []
+
         def done(result: object, error: Exception | None) -> None:
-            if self.metrics is not None:
-                self.metrics.store_call("admit", took, error)
             now = time.monotonic()
             results = result if isinstance(result, list) else [None] * len(batch)
             out: list[Effect] = []
@@ -396,7 +399,7 @@ class _Loop:
                 out.extend(self.policy.on_done(e, r, error, now))
             self.apply(out)
 
-        self.workers.submit(STORE, call, done)
+        self._call(STORE, "admit", lambda: admit_all(batch, self.store), done)
 
     def _flush_installs(self) -> None:
         batch, self._installs = self._installs, []
