@@ -128,6 +128,22 @@ def test_herd_of_500(lab: Lab, store_url: str, tmp_path: Path,
     assert "unknown" not in s, s
 
 
+def test_paced_releases_lose_nobody(lab: Lab, store_url: str, tmp_path: Path,
+                                    gateway_factory: list[GatewayProcess]) -> None:  # fmt: skip
+    """A herd released at a pace far below its arrival (--release-rate 40): releases wait
+    their turn (some past the queue's 1 s limit, which then lets them go), and still every
+    stored peer is installed and answered, and nobody else."""
+    keys = stored_keys(store_url, tmp_path, 200)
+    g = lab.start_gateway(store_url, "--mode", "hold", "--release-rate", "40")
+    gateway_factory.append(g)
+    r = loadgen(lab, tmp_path, "--keys", str(keys), "--clients", "200", "--spread", "0.5")
+    assert r["answered"] == 200, r
+    assert set(gw_host(lab).peers()) == public_keys(keys)
+    s = stats(g)
+    assert int(s["queue_paced"]) > 0 and int(s["queue_paced_max"]) > 64, s
+    assert int(s["installed_now"]) == 200, s
+
+
 def test_flood_while_clients_connect(lab: Lab, store_url: str, tmp_path: Path,
                                      gateway_factory: list[GatewayProcess]) -> None:  # fmt: skip
     """5 s of unknown keys, bad mac1, malformed packets and spoofed forgeries of stored keys at
