@@ -769,6 +769,7 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
         testing_always_under_load=args.testing_always_under_load,
         load_delay=args.load_delay,
         release_rate=args.release_rate,
+        global_rate=args.admission_rate,
         workers=args.workers,
     )
     try:
@@ -1115,6 +1116,12 @@ def build_parser() -> _Parser:
                     help="hold mode: hand the device at most this many initiations a second, "
                          "in bursts of 64, so a herd's releases stay below its own under-load "
                          f"mark (0: no limit; default {DEFAULT_RELEASE_RATE:g})")  # fmt: skip
+    gw.add_argument("--admission-rate", type=_rate("--admission-rate"), default=0.0,
+                    metavar="PER_SECOND",
+                    help="initiations a second that may cost an X25519 or a store look-up; "
+                         "more are dropped and put the gateway under load (cookie replies, "
+                         "per-source limits). 0 (default): measured at start, half the X25519 "
+                         "rate of one core times --workers")  # fmt: skip
     gw.add_argument("--max-clock-skew", type=float, default=DEFAULT_MAX_CLOCK_SKEW,
                     metavar="SECONDS",
                     help="refuse initiations timestamped further ahead of this host's clock "

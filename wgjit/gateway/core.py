@@ -54,10 +54,19 @@ from wgjit.gateway.effects import (
     Verdict,
     Verify,
 )
-from wgjit.gateway.limits import KeyedRateLimiter, TokenBucket, TTLSet
+from wgjit.gateway.limits import LRU, KeyedRateLimiter, TokenBucket, TTLSet
 from wgjit.gateway.outcome import QUIET as _QUIET
 from wgjit.gateway.outcome import Outcome
-from wgjit.handshake import OFF_MAC1, OFF_MAC2, HandshakeError, Opened, Responder, Verified
+from wgjit.handshake import (
+    OFF_EPHEMERAL,
+    OFF_MAC1,
+    OFF_MAC2,
+    OFF_TIMESTAMP,
+    HandshakeError,
+    Opened,
+    Responder,
+    Verified,
+)
 from wgjit.keys import PresharedKey, PublicKey
 from wgjit.store import PRESENCE_TTL_S, ChangeFeedExpired, Handshake, Peer, Traffic
 
@@ -76,6 +85,17 @@ DEFAULT_MAX_INSTALL_AGE = 3.0
 DEFAULT_MAX_CLOCK_SKEW = 3600.0
 # messages.h UNDER_LOAD_AFTER_TIME: load lasts this long after its last sign
 UNDER_LOAD_FOR = 1.0
+# The admission budget (GatewayConfig.global_rate) when none was set or measured: knocks per
+# second that may cost an X25519 or a store look-up
+FALLBACK_GLOBAL_RATE = 5000.0
+# Initiation bodies (ephemeral, encrypted static, encrypted timestamp) remembered with what
+# opening or authenticating them gave: the result depends on those bytes alone, so a flood
+# that repeats bodies under fresh sender indexes (one ephemeral key reused: almost free to
+# make) costs a dict look-up per packet instead of an X25519. A real client never sends a
+# body twice. Bounded: ~0.5 KB an entry.
+BODY_CACHE = 4096
+# outcomes that the body alone decides, for good (a replay stays one: marks only go up)
+_LEARNED = frozenset({Outcome.BAD_STATIC, Outcome.FORGED, Outcome.REPLAY})
 # how often the loop checks that the device is still the one it installed peers on
 DEVICE_CHECK_INTERVAL = 1.0
 _UNKNOWN = object()
@@ -122,8 +142,11 @@ class GatewayConfig:
     duplicate_ttl: float = 2.0
     per_source_rate: float = 20.0  # like the kernel's handshake limiter: 20/s per source IP
     per_source_burst: float = 20.0
-    global_rate: float = 5000.0
-    global_burst: float = 1000.0
+    # the admission budget: knocks per second that may cost an X25519 or a store look-up;
+    # more are dropped (rate_limited) and put the gateway under load. 0: set at start from
+    # the X25519 rate measured there (see admission_rate), else FALLBACK_GLOBAL_RATE
+    global_rate: float = 0.0
+    global_burst: float = 0.0  # 0: a quarter second's worth of global_rate
     # how long after a knock the gateway initiates back (invert mode, see modes.InvertMode)
     invert_delay: float = 0.005
     completion: str = "invert"  # one of COMPLETIONS
@@ -189,8 +212,13 @@ class GatewayConfig:
                 f"--workers must be 0 to {MAX_WORKERS} (0 or 1: verify in the loop's process), "
                 f"got {self.workers}"
             )
-        if not (self.per_source_rate > 0 and self.global_rate > 0):
+        if not (self.per_source_rate > 0 and self.global_burst >= 0):
             raise ConfigError("rate limits must be positive")
+        if not (math.isfinite(self.global_rate) and self.global_rate >= 0):
+            raise ConfigError(
+                f"--admission-rate must be a number of initiations per second >= 0 (0: measured "
+                f"at start), got {self.global_rate:g}"
+            )
         if self.completion not in COMPLETIONS:
             raise ConfigError(f"--mode must be one of {', '.join(COMPLETIONS)}")
         if self.testing_always_under_load:
@@ -318,7 +346,13 @@ class Policy:
         c = self.config
         self._dupes: TTLSet[bytes] = TTLSet(c.duplicate_ttl, 65536)
         self._negative: TTLSet[PublicKey] = TTLSet(c.negative_cache_ttl, 65536)
-        self._global = TokenBucket(c.global_rate, c.global_burst)
+        rate = c.global_rate or FALLBACK_GLOBAL_RATE
+        self._global = TokenBucket(rate, c.global_burst or max(1.0, rate / 4))
+        # initiation body -> what it gave: the ephemeral key and encrypted static (OPEN_KEY)
+        # -> (claimed key, C, H, verify worker) or BAD_STATIC; the whole body (JUDGED_KEY)
+        # -> FORGED or REPLAY (see BODY_CACHE)
+        self._opens: LRU[bytes, tuple[PublicKey, bytes, bytes, int] | Outcome] = LRU(BODY_CACHE)
+        self._judged: LRU[bytes, Outcome] = LRU(BODY_CACHE)
         self._per_source: KeyedRateLimiter[object] = KeyedRateLimiter(
             c.per_source_rate, c.per_source_burst
         )
@@ -517,6 +551,23 @@ class Policy:
         # the same datagram is seen on every interface it crosses (bridge port and bridge)
         if self._dupes.seen(payload[OFF_MAC1:OFF_MAC2], now):
             return Outcome.DUPLICATE
+        # a body seen before (a fresh sender index changes only mac1): its outcome is known
+        # or its static key is, with no X25519 (see BODY_CACHE); no budget for known junk
+        judged = self._judged.get(payload[OFF_EPHEMERAL:OFF_MAC1])
+        if judged is not None:
+            self.counters["repeated_bodies"] += 1
+            return judged
+        opened: Opened | None = None
+        worker = -1
+        prior = self._opens.get(payload[OFF_EPHEMERAL:OFF_TIMESTAMP])
+        if prior is not None:
+            self.counters["repeated_bodies"] += 1
+            if isinstance(prior, Outcome):
+                return prior
+            key, ck, h, worker = prior
+            if self._negative.contains(key, now):
+                return Outcome.NEGATIVE_CACHED
+            opened = Opened(key, payload, ck, h)
         if self._under_load(knock, now):
             # like WireGuard under load: no DH for a sender that has not shown (mac2) it
             # receives at its address; then at most per_source_rate of them per address
@@ -526,7 +577,11 @@ class Policy:
             if not self._per_source.allow(_source_key(knock.source), now):
                 return Outcome.RATE_LIMITED
         if not self._global.allow(now):
+            # the budget is spent: a sign of load, like a full handshake queue in WireGuard
+            self._load(now, "admission_budget")
             return Outcome.RATE_LIMITED
+        if opened is not None:
+            return self._opened(knock, ticket, opened, None, now, lookups, out, worker)
         if self.config.workers > 1:
             # the X25519 work goes to the verify pool; on_verified() goes on from here
             out.append(Verify(knock, ticket))
@@ -587,6 +642,8 @@ class Policy:
         """A knock whose static key is decrypted (`verified`: and authenticated, by a verify
         worker whose static-DH cache had the key)."""
         key = opened.public_key  # claimed; proven only by authenticate()
+        self._opens.put(knock.payload[OFF_EPHEMERAL:OFF_TIMESTAMP],
+                        (key, opened.chaining_key, opened.hash, worker))  # fmt: skip
         inst = self.installed.get(key)
         if inst is not None:
             # the fast path: judged from memory, no store or device call
@@ -602,6 +659,10 @@ class Policy:
                     return Outcome(e.reason)
             if self._future(verified, knock.source, inst.name):
                 return Outcome.FUTURE
+            if inst.seen is not None and verified.timestamp.raw <= inst.seen:
+                # the device would refuse it too, after its own X25519
+                self._reject(Outcome.REPLAY, knock.source, key, inst.name)
+                return Outcome.REPLAY
             self._note_handshake(key, inst, verified)
             return Outcome.ALREADY_INSTALLED
         # unknown keys are dropped before the second X25519: a flood of made-up keys costs
@@ -1184,6 +1245,8 @@ class Policy:
             k.ticket = None  # its budget has nothing left to time out
         else:
             self.counters[outcome] += 1
+            if outcome in _LEARNED:
+                self._learn(k.knock, outcome)
 
     def _finish(self, out: list[Effect], p: _Pending, outcome: Outcome,
                 name: str | None = None, count: bool = True) -> None:  # fmt: skip
@@ -1205,9 +1268,19 @@ class Policy:
     def _verdict(self, out: list[Effect], ticket: object, outcome: Outcome, knock: Knock,
                  key: PublicKey | None = None) -> None:  # fmt: skip
         self.counters[outcome] += 1
+        if outcome in _LEARNED:
+            self._learn(knock, outcome)
         if outcome in _QUIET and self.log.debug_enabled:  # every rekey passes here
             self.log.debug("knock", outcome=outcome.value, source=str(knock.source))
         out.append(Verdict(ticket, outcome, knock, key))
+
+    def _learn(self, knock: Knock, outcome: Outcome) -> None:
+        """Remember a body's outcome: its repeats are judged without any X25519."""
+        payload = knock.payload
+        if outcome is Outcome.BAD_STATIC:
+            self._opens.put(payload[OFF_EPHEMERAL:OFF_TIMESTAMP], outcome)
+        else:
+            self._judged.put(payload[OFF_EPHEMERAL:OFF_MAC1], outcome)
 
     def _note_handshake(self, key: PublicKey, inst: Installed, v: Verified) -> None:
         ts = v.timestamp.raw
@@ -1218,14 +1291,21 @@ class Policy:
     def _under_load(self, knock: Knock, now: float) -> bool:
         """Load lasts UNDER_LOAD_FOR after its last sign (as in WireGuard): a knock that
         waited in the kernel's queue longer than load_delay, i.e. the loop cannot judge
-        knocks as fast as they come. Knocks waiting for the store or the device are no sign:
-        a failover herd waits there in order, and cookies would cost each client 5 s."""
+        knocks as fast as they come; or a spent admission budget (see _knock). Knocks
+        waiting for the store or the device are no sign: a failover herd waits there in
+        order, and cookies would cost each client 5 s."""
         c = self.config
-        if now - knock.received_at > c.load_delay or c.testing_always_under_load:
-            if now >= self._load_until:
-                self.log.info("under_load", pending=self._pending_knocks)
-            self._load_until = now + UNDER_LOAD_FOR
+        if c.testing_always_under_load:
+            self._load(now, "testing")
+        elif now - knock.received_at > c.load_delay:
+            self._load(now, "queue_delay")
         return now < self._load_until
+
+    def _load(self, now: float, sign: str) -> None:
+        if now >= self._load_until:
+            self.counters["under_load"] += 1
+            self.log.info("under_load", sign=sign, pending=self._pending_knocks)
+        self._load_until = now + UNDER_LOAD_FOR
 
     def _future(self, v: Verified, source: Endpoint, name: str) -> bool:
         """A timestamp too far ahead of our clock: refused, and logged as suspicious (a

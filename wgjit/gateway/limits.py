@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
 
 
 class TTLSet(Generic[K]):
@@ -59,6 +60,32 @@ class TTLSet(Generic[K]):
             if exp > now and len(self._expiry) <= self.capacity:
                 break
             del self._expiry[k]
+
+
+class LRU(Generic[K, V]):
+    """A mapping of at most `capacity` entries; the least recently used goes first."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._d: OrderedDict[K, V] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def get(self, key: K) -> V | None:
+        value = self._d.get(key)
+        if value is not None:
+            self._d.move_to_end(key)
+        return value
+
+    def put(self, key: K, value: V) -> None:
+        self._d[key] = value
+        self._d.move_to_end(key)
+        if len(self._d) > self.capacity:
+            self._d.popitem(last=False)
+
+    def clear(self) -> None:
+        self._d.clear()
 
 
 @dataclass(slots=True)

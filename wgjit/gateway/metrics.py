@@ -141,6 +141,16 @@ class _Snapshot(Collector):
             "wgjit_cookie_replies", "Cookie replies sent under load",
             value=float(s.get("cookie", 0)),
         )  # fmt: skip
+        yield CounterMetricFamily(
+            "wgjit_under_load", "Times the gateway went under load (queue delay or a spent "
+            "admission budget): cookie replies and per-source limits for a second",
+            value=float(s.get("under_load", 0)),
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "wgjit_repeated_bodies", "Initiations whose body (ephemeral, static, timestamp) "
+            "was seen before: judged from memory, no X25519",
+            value=float(s.get("repeated_bodies", 0)),
+        )  # fmt: skip
         held = CounterMetricFamily(
             "wgjit_held_packets", "Held initiations by how they left the queue",
             labels=["verdict"],

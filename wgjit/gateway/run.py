@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable, Mapping
 from types import FrameType
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
 from wgjit.cookie import CookieChecker
 from wgjit.device import Device
 from wgjit.errors import WgjitError
@@ -49,6 +51,7 @@ from wgjit.gateway.outcome import Outcome
 from wgjit.gateway.pool import LOST, Job, Result, VerifyPool, source_affinity
 from wgjit.gateway.reactor import Reactor, Workers
 from wgjit.handshake import Responder
+from wgjit.keys import PrivateKey
 from wgjit.sdnotify import notify as sd_notify
 from wgjit.store import Store
 
@@ -115,6 +118,10 @@ def serve(
         ifindex = socket.if_nametoindex(device.name)
     except OSError:
         ifindex = -1
+    if not config.global_rate:
+        config = dataclasses.replace(
+            config, global_rate=measured_admission_rate(state.private_key, config.workers)
+        )
     policy = Policy(
         Responder(state.private_key), config, log, wall=time.time, ignore_ifindex=ifindex
     )
@@ -193,6 +200,7 @@ def serve(
             capture="nfqueue" if loop.mode.name == "hold" else capture_interface or "all",
             installed_now=len(policy.installed),
             verify_workers=pool.size if pool is not None else 0,
+            admission_rate=config.global_rate,
             cookies=policy.cookies is not None,
             metrics=f"{metrics_listen[0]}:{server.port}" if server and metrics_listen else None,
             reconcile_ms=reconcile_ms,
@@ -203,6 +211,20 @@ def serve(
         sd_notify(f"READY=1\nSTATUS=serving {device.name}, {len(policy.installed)} installed")
         loop.run()
     return 0
+
+
+def measured_admission_rate(key: PrivateKey, workers: int, seconds: float = 0.02) -> float:
+    """The admission budget this host can pay: a new peer's knock costs two X25519s, so half
+    the rate one core does them (measured now, for `seconds`), times the processes that do
+    them. Without workers the loop's process also does everything else: half that again."""
+    x = key.x25519()
+    other = X25519PublicKey.from_public_bytes(PrivateKey.generate().public_key().raw)
+    n, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds or n < 20:
+        x.exchange(other)
+        n += 1
+    per_core = n / elapsed / 2
+    return float(max(1000, round(per_core * workers if workers > 1 else per_core / 2, -2)))
 
 
 def _no_workers(n: int, e: OSError) -> GatewayError:
