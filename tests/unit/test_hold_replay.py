@@ -7,6 +7,7 @@ import io
 import shlex
 import struct
 import subprocess
+from collections.abc import Iterable
 
 import pytest
 from hypothesis import given
@@ -265,19 +266,25 @@ def _queue_with(held: dict[int, float]) -> tuple[nq.NfQueue, _FakeNetlink]:
     q = object.__new__(nq.NfQueue)
     sock = _FakeNetlink()
     q.queue_num, q.port, q.hold_timeout = 5, 51820, 1.0
-    q.malformed = q.expired = q.accepted = q.dropped = q.overruns = 0
+    q.malformed = q.expired = q.accepted = q.dropped = q.overruns = q.batched = 0
     q._held, q._out, q._seq, q._sock = dict(held), [], 0, sock  # type: ignore[assignment]
     return q, sock
 
 
-def _verdicts(sent: list[bytes]) -> list[tuple[int, int]]:
-    """(verdict, packet id) of every verdict message in the sent datagrams."""
-    out = []
+def _verdicts(sent: list[bytes], held: Iterable[int] = ()) -> list[tuple[int, int]]:
+    """(verdict, packet id) of every verdict message in the sent datagrams; a batch verdict
+    for id N stands for each id of `held` up to N without a verdict before it."""
+    out: list[tuple[int, int]] = []
     for data in sent:
         pos = 0
         while pos < len(data):
-            length = struct.unpack_from("=I", data, pos)[0]
-            out.append(struct.unpack_from("!II", data, pos + 24))
+            length, kind = struct.unpack_from("=IH", data, pos)
+            verdict, pid = struct.unpack_from("!II", data, pos + 24)
+            if kind & 0xFF == nq.NFQNL_MSG_VERDICT_BATCH:
+                done = {p for _, p in out}
+                out += [(verdict, p) for p in sorted(held) if p <= pid and p not in done]
+            else:
+                out.append((verdict, pid))
             pos += length
     return out
 
@@ -333,6 +340,32 @@ def test_verdicts_are_sent_together_and_once() -> None:
     assert _verdicts(sock.sent) == [(nq.NF_ACCEPT, 7), (nq.NF_DROP, 8)]
 
 
+def _kinds(sent: list[bytes]) -> list[int]:
+    return [struct.unpack_from("=H", data, 4)[0] & 0xFF for data in sent]
+
+
+def test_a_floods_drops_go_as_one_batch_verdict_when_nothing_older_waits() -> None:
+    q, sock = _queue_with({5: 0.0, 6: 0.0, 7: 0.0, 9: 0.0})
+    k = knock(bytes(148), 0.0)
+    for pid in (6, 7, 9):
+        q.verdict(nq.Held(k, pid), False)
+    q.flush()  # 5 still waits: a batch up to 9 would drop it too
+    assert _kinds(sock.sent) == [nq.NFQNL_MSG_VERDICT]
+    assert _verdicts(sock.sent) == [(nq.NF_DROP, 6), (nq.NF_DROP, 7), (nq.NF_DROP, 9)]
+    q._held.update({10: 0.0, 11: 0.0, 12: 0.0, 13: 0.0})
+    for pid in (5, 10, 11):
+        q.verdict(nq.Held(k, pid), False)
+    q.flush()  # nothing older than 11 waits (12 and 13 are newer): one message
+    assert _kinds(sock.sent[1:]) == [nq.NFQNL_MSG_VERDICT_BATCH]
+    assert _verdicts(sock.sent[1:], [5, 10, 11]) == [(nq.NF_DROP, p) for p in (5, 10, 11)]
+    assert q.batched == 1
+    q.verdict(nq.Held(k, 12), False)
+    q.verdict(nq.Held(k, 13), True)
+    q.flush()  # mixed: one message each
+    assert _verdicts(sock.sent[2:]) == [(nq.NF_DROP, 12), (nq.NF_ACCEPT, 13)]
+    assert q.stats()["queue_dropped"] == 7 and q.stats()["queue_accepted"] == 1
+
+
 def test_paced_releases_keep_order_and_rate_and_drops_go_at_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -348,17 +381,19 @@ def test_paced_releases_keep_order_and_rate_and_drops_go_at_once(
     mode.verdict(Verdict(nq.Held(k, 200), Outcome.FORGED, k))
     mode.flush()
     burst = modes.RELEASE_BURST
-    assert _verdicts(sock.sent) == [(nq.NF_ACCEPT, i) for i in range(burst)] + [(nq.NF_DROP, 200)]
+    assert _verdicts(sock.sent, range(201)) == [(nq.NF_ACCEPT, i) for i in range(burst)] + [
+        (nq.NF_DROP, 200)
+    ]
     assert mode.stats()["queue_paced"] == 200 - burst
     deadline = mode.next_deadline()
     assert deadline is not None and deadline == pytest.approx(100.001)  # the next token
     clock[0] = 100.0505  # 50.5 ms at 1000/s: 50 more
     mode.tick(clock[0])
-    released = [pid for v, pid in _verdicts(sock.sent) if v == nq.NF_ACCEPT]
+    released = [pid for v, pid in _verdicts(sock.sent, range(201)) if v == nq.NF_ACCEPT]
     assert released == list(range(burst + 50))
     clock[0] = 101.0  # the 1 s limit releases the rest, paced or not
     mode.tick(clock[0])
-    released = [pid for v, pid in _verdicts(sock.sent) if v == nq.NF_ACCEPT]
+    released = [pid for v, pid in _verdicts(sock.sent, range(201)) if v == nq.NF_ACCEPT]
     assert sorted(released) == list(range(200)) and len(released) == 200
     assert mode.next_deadline() is None
 
@@ -370,7 +405,7 @@ def test_unpaced_hold_mode_releases_at_once() -> None:
     for i in range(200):
         mode.verdict(Verdict(nq.Held(k, i), Outcome.INSTALLED, k))
     mode.flush()
-    assert len(_verdicts(sock.sent)) == 200
+    assert len(_verdicts(sock.sent, range(201))) == 200
 
 
 # -- choosing the mode -------------------------------------------------------------------------

@@ -63,13 +63,16 @@ def parse_knock(
     payload = bytes(data[udp + UDP_HEADER_SIZE : udp + INITIATION_UDP_LENGTH])
     if not payload.startswith(INITIATION_PREFIX):
         return None
-    return Knock(
-        source=Endpoint(src, sport),
-        destination=Endpoint(dst, dport),
-        payload=payload,
-        ifindex=ifindex,
-        received_at=received_at,
-    )
+    destination = _destinations.get((dst, dport))
+    if destination is None:
+        if len(_destinations) >= 256:  # the host's own addresses, so few; bounded anyway
+            _destinations.clear()
+        destination = _destinations[dst, dport] = Endpoint(dst, dport)
+    return Knock(Endpoint(src, sport), destination, payload, ifindex, received_at)
+
+
+# (address, port) -> Endpoint: every knock goes to one of a few, made once each
+_destinations: dict[tuple[IPAddress, int], Endpoint] = {}
 
 
 _Parsed = tuple[IPAddress, IPAddress, int]  # source, destination, offset of the UDP header
