@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COUNTERS = ("installed", "already_installed", "cookie", "rate_limited", "timeout", "overloaded",
             "duplicate", "replay", "forged", "unknown", "negative_cached", "bad_mac1",
             "queue_accepted", "queue_dropped", "queue_overruns", "queue_expired",
-            "loop_max_stall_ms", "installed_now", "stale", "queue_paced",
+            "loop_max_stall_ms", "installed_now", "stale", "queue_paced", "under_load",
             "queue_paced_max")  # fmt: skip
 
 
@@ -143,6 +143,8 @@ def main() -> None:
     ap.add_argument("--flood-seconds", type=float, default=8)
     ap.add_argument("--flood-clients", type=int, default=20)
     ap.add_argument("--floods", default="unknown,spoofed,bad_mac1")
+    ap.add_argument("--flood-pool", type=int, default=64,
+                    help="distinct initiations an unknown or spoofed flood cycles through")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--release-rates", default="default",
                     help="comma-separated --release-rate values: one JIT herd row each per "
@@ -259,10 +261,14 @@ def flood(lab: Lab, gw: Host, clients: list[Any], url: str, tmp: Path, keys: Pat
     # the spoofed kind forges keys 0..63 of the key file (stored, never knocking here)
     th = threading.Thread(target=lambda: result.update(loadgen(
         gw, tmp, "--keys", str(keys), "--flood", kind, "--flood-rate", str(args.flood_rate),
-        "--flood-seconds", str(args.flood_seconds), "--max-seconds",
-        str(args.flood_seconds + 5))))  # fmt: skip
+        "--flood-seconds", str(args.flood_seconds), "--flood-pool", str(args.flood_pool),
+        "--max-seconds", str(args.flood_seconds + 5))))  # fmt: skip
     th.start()
-    time.sleep(1.5)  # loadgen start-up (reading keys, namespace) + 1 s of flood
+    # the clients start 1 s into the flood (the loadgen first makes its pool)
+    wait_for("the flood to reach the gateway", lambda: sum(
+        int(stats(g).get(k, 0)) for k in ("bad_mac1", "unknown", "forged", "replay")
+    ) > 0, timeout=120, interval=0.1)  # fmt: skip
+    time.sleep(1.0)
     rtts: dict[int, float | None] = {}
 
     def connect(i: int) -> None:

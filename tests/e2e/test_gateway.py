@@ -188,10 +188,11 @@ def test_replayed_initiation_after_eviction_is_refused(lab: Lab, store_url: str)
         g.wait_event("evict", timeout=6, peer="alice", reason="idle")
 
         # the attacker re-sends alice's captured initiation from another address (again and
-        # again: copies within the gateway's 2 s duplicate window are dropped as duplicates)
+        # again: copies within the gateway's 2 s duplicate window are dropped as duplicates);
+        # a copy of a body the gateway has seen is a replay, named by the key it opened to
         def replayed() -> dict[str, str] | None:
             mallory.run(sys.executable, "-c", SEND, captured, gw.underlay_v4)
-            evs = g.events("reject", reason="replay", peer="alice")
+            evs = g.events("reject", reason="replay", key=alice.public_key.short())
             return evs[-1] if evs else None
 
         ev = wait_for("the replay to be refused", replayed, timeout=8, interval=0.3)

@@ -1,19 +1,19 @@
-"""What floods cost the policy: repeated bodies, the admission budget as a sign of load, replays
-of installed peers. Real SQLite store, the fake device of test_gateway_core, no sockets."""
+"""What floods cost the policy: repeated bodies, reused ephemeral keys, the admission budget as a
+sign of load, replays of installed peers. Real SQLite store, the fake device of
+test_gateway_core, no sockets."""
 
 from __future__ import annotations
 
 import io
 from pathlib import Path
 
-import pytest
-
 from tests.unit.policy_driver import SyncGateway
 from tests.unit.test_gateway_core import Clock, FakeDevice, initiation, knock
 from tests.wgref import reference_initiation
 from wgjit.addr import Endpoint, parse_networks
 from wgjit.events import EventLog
-from wgjit.gateway.core import BODY_CACHE, GatewayConfig
+from wgjit.gateway.core import OPENS, GatewayConfig
+from wgjit.gateway.limits import SeenFilter
 from wgjit.handshake import Responder, Timestamp
 from wgjit.keys import PrivateKey
 from wgjit.store import open_store
@@ -54,19 +54,18 @@ def spoofed(n: int) -> Endpoint:
 def test_a_repeated_forgery_body_costs_no_x25519_and_no_budget(tmp_path: Path) -> None:
     """The flood of issue 10: one forged initiation of a stored key, resent under fresh sender
     indexes (so fresh mac1s) from spoofed sources. Only the first costs X25519s and budget;
-    the victim's own knock afterwards is admitted."""
+    the copies are replays; the victim's own knock afterwards is admitted."""
     g, gw_key, r = gateway(tmp_path, global_rate=1.0, global_burst=2.0)
     victim, attacker, eph = PrivateKey.generate(), PrivateKey.generate(), PrivateKey.generate()
     g.store.add_peer("alice", victim.public_key(), parse_networks("100.65.0.11/32"))
     copies = [
-        reference_initiation(
-            victim.public_key(), attacker, gw_key.public_key(), ephemeral=eph, index=i
-        )
+        reference_initiation(victim.public_key(), attacker, gw_key.public_key(),
+                             ephemeral=eph, index=i)
         for i in range(50)
-    ]
+    ]  # fmt: skip
     assert len({c[116:132] for c in copies}) == 50  # every copy a new mac1
     outcomes = [g.handle(knock(c, g.clock(), spoofed(i))) for i, c in enumerate(copies)]
-    assert outcomes == ["forged"] * 50
+    assert outcomes == ["forged"] + ["replay"] * 49
     assert r.dh == 2  # the first copy's two; none since
     assert g.counters["repeated_bodies"] == 49
     assert g.counters["rate_limited"] == 0 and g.counters["under_load"] == 0
@@ -89,21 +88,23 @@ def test_a_reused_ephemeral_with_fresh_timestamps_costs_no_open(tmp_path: Path) 
         assert r.dh - before == (2 if i == 0 else 1)  # the static·static DH only
 
 
-def test_unknown_keys_repeated_are_negative_cached_without_budget(tmp_path: Path) -> None:
+def test_a_reused_ephemeral_of_an_unknown_key_is_negative_cached_without_budget(
+    tmp_path: Path,
+) -> None:
     g, gw_key, r = gateway(tmp_path, global_rate=1.0, global_burst=1.0)
     claimed, eph = PrivateKey.generate(), PrivateKey.generate()
     copies = [
-        reference_initiation(
-            claimed.public_key(), claimed, gw_key.public_key(), ephemeral=eph, index=i
-        )
+        reference_initiation(claimed.public_key(), claimed, gw_key.public_key(), ephemeral=eph,
+                             timestamp=Timestamp.from_unix(1e9 + i).raw, index=i)
         for i in range(30)
-    ]
+    ]  # fmt: skip
     assert g.handle(knock(copies[0], g.clock())) == "unknown"
     assert r.dh == 1  # an unknown key costs one X25519
-    # the same ephemeral key and encrypted static under fresh indexes: known unknown, free,
+    # the same ephemeral key and encrypted static, other timestamps: a known unknown, free,
     # and the budget (burst 1, spent) is never asked
     assert {g.handle(knock(p, g.clock())) for p in copies[1:]} == {"negative_cached"}
     assert r.dh == 1 and g.counters["rate_limited"] == 0
+    assert g.counters["reused_ephemerals"] == 29
 
 
 def test_a_spent_admission_budget_is_load_then_per_source_limits_apply(tmp_path: Path) -> None:
@@ -148,13 +149,28 @@ def test_an_installed_peers_old_initiation_is_a_replay_without_the_device(tmp_pa
     assert g.handle(knock(initiation(alice, gw_key, 1e9 + 30), g.clock())) == "already_installed"
 
 
-@pytest.mark.parametrize("n", [BODY_CACHE + 10])
-def test_body_caches_are_bounded(tmp_path: Path, n: int) -> None:
+def test_the_open_cache_is_bounded(tmp_path: Path) -> None:
     g, gw_key, r = gateway(tmp_path, global_rate=1e9)
     attacker = PrivateKey.generate()
     victim = PrivateKey.generate()
     g.store.add_peer("alice", victim.public_key(), parse_networks("100.65.0.11/32"))
-    for i in range(n):
+    for i in range(OPENS + 10):
         pkt = reference_initiation(victim.public_key(), attacker, gw_key.public_key(), index=i)
-        g.handle(knock(pkt, g.clock(), spoofed(i)))
-    assert len(g.policy._opens) == BODY_CACHE and len(g.policy._judged) == BODY_CACHE
+        assert g.handle(knock(pkt, g.clock(), spoofed(i))) == "forged"
+    assert len(g.policy._opens) == OPENS
+
+
+def test_the_seen_filter_remembers_its_capacity_and_has_few_false_positives() -> None:
+    f = SeenFilter(20_000, key=b"k" * 16)
+    bodies = [i.to_bytes(4, "little") * 27 for i in range(50_000)]
+    assert not any(f.seen(b) for b in bodies[:20_000])
+    assert all(f.seen(b) for b in bodies[:20_000])  # all remembered
+    fresh = sum(f.seen(b) for b in bodies[20_000:40_000])  # fills the newer filter
+    assert fresh <= 40  # false positives: ~0.1 % with one filter full
+    assert all(f.seen(b) for b in bodies[20_000:40_000])  # the newest 20 000 still there
+    assert sum(f.seen(b) for b in bodies[40_000:]) <= 40
+    g = SeenFilter(1000, key=b"k" * 16)
+    for b in bodies[:3000]:
+        g.seen(b)
+    # two fillings later the first bodies are forgotten (bounded memory), bar a few
+    assert sum(g.seen(b) for b in bodies[:1000]) <= 5

@@ -54,7 +54,7 @@ from wgjit.gateway.effects import (
     Verdict,
     Verify,
 )
-from wgjit.gateway.limits import LRU, KeyedRateLimiter, TokenBucket, TTLSet
+from wgjit.gateway.limits import LRU, KeyedRateLimiter, SeenFilter, TokenBucket, TTLSet
 from wgjit.gateway.outcome import QUIET as _QUIET
 from wgjit.gateway.outcome import Outcome
 from wgjit.handshake import (
@@ -88,14 +88,16 @@ UNDER_LOAD_FOR = 1.0
 # The admission budget (GatewayConfig.global_rate) when none was set or measured: knocks per
 # second that may cost an X25519 or a store look-up
 FALLBACK_GLOBAL_RATE = 5000.0
-# Initiation bodies (ephemeral, encrypted static, encrypted timestamp) remembered with what
-# opening or authenticating them gave: the result depends on those bytes alone, so a flood
-# that repeats bodies under fresh sender indexes (one ephemeral key reused: almost free to
-# make) costs a dict look-up per packet instead of an X25519. A real client never sends a
-# body twice. Bounded: ~0.5 KB an entry.
-BODY_CACHE = 4096
-# outcomes that the body alone decides, for good (a replay stays one: marks only go up)
-_LEARNED = frozenset({Outcome.BAD_STATIC, Outcome.FORGED, Outcome.REPLAY})
+# An initiation's body (ephemeral key, encrypted static, encrypted timestamp) is new in every
+# initiation a client makes, retries included; a body seen before is a copy, a replay, dropped
+# with no X25519. A flood that resends bodies under fresh sender indexes (which change only
+# mac1) then costs a keyed BLAKE2s a packet, however many bodies it cycles through up to
+# SEEN_BODIES (2 MiB of Bloom filters; a bigger pool means that much X25519 work up front).
+SEEN_BODIES = 1 << 19
+# What the ephemeral key and encrypted static opened to, for the last OPENS bodies: a flood
+# that keeps one ephemeral key and varies the timestamp bytes skips the first X25519.
+# ~0.5 KB an entry.
+OPENS = 4096
 # how often the loop checks that the device is still the one it installed peers on
 DEVICE_CHECK_INTERVAL = 1.0
 _UNKNOWN = object()
@@ -348,11 +350,10 @@ class Policy:
         self._negative: TTLSet[PublicKey] = TTLSet(c.negative_cache_ttl, 65536)
         rate = c.global_rate or FALLBACK_GLOBAL_RATE
         self._global = TokenBucket(rate, c.global_burst or max(1.0, rate / 4))
-        # initiation body -> what it gave: the ephemeral key and encrypted static (OPEN_KEY)
-        # -> (claimed key, C, H, verify worker) or BAD_STATIC; the whole body (JUDGED_KEY)
-        # -> FORGED or REPLAY (see BODY_CACHE)
-        self._opens: LRU[bytes, tuple[PublicKey, bytes, bytes, int] | Outcome] = LRU(BODY_CACHE)
-        self._judged: LRU[bytes, Outcome] = LRU(BODY_CACHE)
+        self._seen = SeenFilter(SEEN_BODIES)
+        # ephemeral key and encrypted static -> (claimed key, C, H, verify worker) or
+        # BAD_STATIC (see OPENS)
+        self._opens: LRU[bytes, tuple[PublicKey, bytes, bytes, int] | Outcome] = LRU(OPENS)
         self._per_source: KeyedRateLimiter[object] = KeyedRateLimiter(
             c.per_source_rate, c.per_source_burst
         )
@@ -551,17 +552,20 @@ class Policy:
         # the same datagram is seen on every interface it crosses (bridge port and bridge)
         if self._dupes.seen(payload[OFF_MAC1:OFF_MAC2], now):
             return Outcome.DUPLICATE
-        # a body seen before (a fresh sender index changes only mac1): its outcome is known
-        # or its static key is, with no X25519 (see BODY_CACHE); no budget for known junk
-        judged = self._judged.get(payload[OFF_EPHEMERAL:OFF_MAC1])
-        if judged is not None:
+        # a copy of an earlier initiation (see SEEN_BODIES), or one whose static key is
+        # known (OPENS): no X25519, and no budget for known junk
+        prior = self._opens.get(payload[OFF_EPHEMERAL:OFF_TIMESTAMP])
+        if self._seen.seen(payload[OFF_EPHEMERAL:OFF_MAC1]):
             self.counters["repeated_bodies"] += 1
-            return judged
+            # logged (at a bounded rate) with the key if its static was opened lately
+            key = prior[0] if isinstance(prior, tuple) else None
+            inst = self.installed.get(key) if key is not None else None
+            self._reject(Outcome.REPLAY, knock.source, key, inst.name if inst else None)
+            return Outcome.REPLAY
         opened: Opened | None = None
         worker = -1
-        prior = self._opens.get(payload[OFF_EPHEMERAL:OFF_TIMESTAMP])
         if prior is not None:
-            self.counters["repeated_bodies"] += 1
+            self.counters["reused_ephemerals"] += 1
             if isinstance(prior, Outcome):
                 return prior
             key, ck, h, worker = prior
@@ -1245,8 +1249,6 @@ class Policy:
             k.ticket = None  # its budget has nothing left to time out
         else:
             self.counters[outcome] += 1
-            if outcome in _LEARNED:
-                self._learn(k.knock, outcome)
 
     def _finish(self, out: list[Effect], p: _Pending, outcome: Outcome,
                 name: str | None = None, count: bool = True) -> None:  # fmt: skip
@@ -1268,19 +1270,11 @@ class Policy:
     def _verdict(self, out: list[Effect], ticket: object, outcome: Outcome, knock: Knock,
                  key: PublicKey | None = None) -> None:  # fmt: skip
         self.counters[outcome] += 1
-        if outcome in _LEARNED:
-            self._learn(knock, outcome)
+        if outcome is Outcome.BAD_STATIC:  # its repeats with other timestamps: no X25519
+            self._opens.put(knock.payload[OFF_EPHEMERAL:OFF_TIMESTAMP], outcome)
         if outcome in _QUIET and self.log.debug_enabled:  # every rekey passes here
             self.log.debug("knock", outcome=outcome.value, source=str(knock.source))
         out.append(Verdict(ticket, outcome, knock, key))
-
-    def _learn(self, knock: Knock, outcome: Outcome) -> None:
-        """Remember a body's outcome: its repeats are judged without any X25519."""
-        payload = knock.payload
-        if outcome is Outcome.BAD_STATIC:
-            self._opens.put(payload[OFF_EPHEMERAL:OFF_TIMESTAMP], outcome)
-        else:
-            self._judged.put(payload[OFF_EPHEMERAL:OFF_MAC1], outcome)
 
     def _note_handshake(self, key: PublicKey, inst: Installed, v: Verified) -> None:
         ts = v.timestamp.raw
