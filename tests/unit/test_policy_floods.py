@@ -174,3 +174,12 @@ def test_the_seen_filter_remembers_its_capacity_and_has_few_false_positives() ->
         g.seen(b)
     # two fillings later the first bodies are forgotten (bounded memory), bar a few
     assert sum(g.seen(b) for b in bodies[:1000]) <= 5
+
+
+def test_the_admission_budget_is_measured_from_this_hosts_x25519_rate() -> None:
+    from wgjit.gateway.run import measured_admission_rate
+
+    key = PrivateKey.generate()
+    alone, pooled = measured_admission_rate(key, 0), measured_admission_rate(key, 4)
+    assert 1000 <= alone < pooled  # a worker process each: 8x one loop's share, noise aside
+    assert GatewayConfig(global_rate=pooled).validate() == []
