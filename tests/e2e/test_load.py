@@ -227,3 +227,39 @@ def test_cookie_round(lab: Lab, store_url: str, tmp_path: Path,
     assert r["answered_first_attempt"] == 0, "without mac2 nobody is admitted under load"
     s = stats(g)
     assert int(s["installed_now"]) == 21, s
+
+
+def test_a_flood_of_fresh_bodies_spends_the_budget_then_gets_cookies(
+    lab: Lab, store_url: str, tmp_path: Path, gateway_factory: list[GatewayProcess]
+) -> None:
+    """Made-up keys in 2 000 distinct initiations (no copies to drop for free) at 1 500 pkt/s
+    against an admission budget of 100/s: the spent budget puts the gateway under load, the
+    flood's knocks over it are dropped (never passed to the device) and then answered with
+    cookie replies instead of any X25519; a stock client still gets in (its cookie round
+    included), and no made-up key is installed."""
+    c = lab.clients[0]
+    add_client(store_url, c, "client-0")
+    g = lab.start_gateway(store_url, "--mode", "hold", "--admission-rate", "100")
+    gateway_factory.append(g)
+    gw = gw_host(lab)
+    result: dict[str, object] = {}
+
+    def flood() -> None:
+        result.update(loadgen(lab, tmp_path, "--flood", "unknown", "--flood-pool", "2000",
+                              "--flood-rate", "1500", "--flood-seconds", "6"))  # fmt: skip
+
+    f = threading.Thread(target=flood)
+    f.start()
+    wait_for("the budget to run out", lambda: g.events("under_load", sign="admission_budget"),
+             timeout=30)  # fmt: skip
+    rtt = c.ping(gw.tunnel_ip, timeout=15)
+    f.join()
+    s = stats(g)
+    print(f"\nfirst ping during the flood: {rtt}\n{s}")
+    assert rtt is not None
+    assert int(s.get("rate_limited", 0)) > 0 and int(s.get("cookie", 0)) > 0, s
+    assert int(s.get("queue_dropped", 0)) >= int(s["rate_limited"]), "rate-limited passed on"
+    received = result["received"]
+    assert isinstance(received, dict) and received.get("cookie_reply_to_flood"), result
+    assert not received.get("response_to_flood"), result
+    assert set(gw.peers()) == {c.public_key.b64()}, "only the client installed"
