@@ -549,13 +549,16 @@ class Policy:
             self.responder.check_mac1(payload)
         except HandshakeError as e:
             return Outcome(e.reason)
-        # the same datagram is seen on every interface it crosses (bridge port and bridge)
-        if self._dupes.seen(payload[OFF_MAC1:OFF_MAC2], now):
-            return Outcome.DUPLICATE
         # a copy of an earlier initiation (see SEEN_BODIES), or one whose static key is
         # known (OPENS): no X25519, and no budget for known junk
         prior = self._opens.get(payload[OFF_EPHEMERAL:OFF_TIMESTAMP])
-        if self._seen.seen(payload[OFF_EPHEMERAL:OFF_MAC1]):
+        mac1 = payload[OFF_MAC1:OFF_MAC2]
+        if not self._seen.seen(payload[OFF_EPHEMERAL:OFF_MAC1]):
+            self._dupes.add(mac1, now)
+        elif self._dupes.contains(mac1, now):
+            # the same datagram, seen on every interface it crosses (bridge port and bridge)
+            return Outcome.DUPLICATE
+        else:
             self.counters["repeated_bodies"] += 1
             # logged (at a bounded rate) with the key if its static was opened lately
             key = prior[0] if isinstance(prior, tuple) else None
