@@ -53,7 +53,7 @@ def parse_knock(
         return None
     if parsed is None:
         return None
-    src, dst, udp = parsed
+    src_raw, dst_raw, udp = parsed
     # _ipv4/_ipv6 guarantee len(data) >= udp + 8 + 148
     sport, dport, length = _UDP.unpack_from(data, udp)
     if length != INITIATION_UDP_LENGTH or sport == 0 or dport == 0:
@@ -63,19 +63,23 @@ def parse_knock(
     payload = bytes(data[udp + UDP_HEADER_SIZE : udp + INITIATION_UDP_LENGTH])
     if not payload.startswith(INITIATION_PREFIX):
         return None
-    destination = _destinations.get((dst, dport))
+    destination = _destinations.get((dst_raw, dport))
     if destination is None:
         if len(_destinations) >= 256:  # the host's own addresses, so few; bounded anyway
             _destinations.clear()
-        destination = _destinations[dst, dport] = Endpoint(dst, dport)
-    return Knock(Endpoint(src, sport), destination, payload, ifindex, received_at)
+        destination = _destinations[dst_raw, dport] = Endpoint(_address(dst_raw), dport)
+    return Knock(Endpoint(_address(src_raw), sport), destination, payload, ifindex, received_at)
 
 
-# (address, port) -> Endpoint: every knock goes to one of a few, made once each
-_destinations: dict[tuple[IPAddress, int], Endpoint] = {}
+# (address bytes, port) -> Endpoint: every knock goes to one of a few, made once each
+_destinations: dict[tuple[bytes, int], Endpoint] = {}
 
 
-_Parsed = tuple[IPAddress, IPAddress, int]  # source, destination, offset of the UDP header
+def _address(raw: bytes) -> IPAddress:
+    return ipaddress.IPv4Address(raw) if len(raw) == 4 else ipaddress.IPv6Address(raw)
+
+
+_Parsed = tuple[bytes, bytes, int]  # source, destination, offset of the UDP header
 _IPV4 = struct.Struct("!BxHxxHxB2x4s4s")  # version+IHL, total length, flags+offset, protocol
 _IPV6 = struct.Struct("!4xHB1x16s16s")  # payload length, next header
 _UDP = struct.Struct("!HHH")  # source port, destination port, length
@@ -93,7 +97,7 @@ def _ipv4(data: bytes) -> _Parsed | None:
     # have cut trailing bytes beyond the datagram, so len(data) may be less than `total`)
     if total < end or len(data) < end:
         return None
-    return ipaddress.IPv4Address(src), ipaddress.IPv4Address(dst), ihl
+    return src, dst, ihl
 
 
 def _ipv6(data: bytes) -> _Parsed | None:
@@ -103,4 +107,4 @@ def _ipv6(data: bytes) -> _Parsed | None:
     # payload length 0 would mean a jumbogram, which needs an extension header anyway
     if next_header != IPPROTO_UDP or plen < INITIATION_UDP_LENGTH:
         return None
-    return ipaddress.IPv6Address(src), ipaddress.IPv6Address(dst), IPV6_HEADER_SIZE
+    return src, dst, IPV6_HEADER_SIZE
