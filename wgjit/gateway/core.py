@@ -576,13 +576,15 @@ class Policy:
                 return Outcome.NEGATIVE_CACHED
             opened = Opened(key, payload, ck, h)
         if self._under_load(knock, now):
-            # like WireGuard under load: no DH for a sender that has not shown (mac2) it
-            # receives at its address; then at most per_source_rate of them per address
+            # like WireGuard under load: at most per_source_rate initiations per address (a
+            # /64 for IPv6), checked first so that one flooding address costs a dict look-up,
+            # not a cookie reply each; and no DH for a sender that has not shown (mac2) it
+            # receives at its address: it gets a cookie reply
+            if not self._per_source.allow(_source_key(knock.source), now):
+                return Outcome.RATE_LIMITED
             if self.cookies is not None and not self.cookies.mac2_ok(payload, knock.source, now):
                 self._reply = self.cookies.reply(payload, knock.source, now)
                 return Outcome.COOKIE
-            if not self._per_source.allow(_source_key(knock.source), now):
-                return Outcome.RATE_LIMITED
         if not self._global.allow(now):
             # the budget is spent: a sign of load, like a full handshake queue in WireGuard
             self._load(now, "admission_budget")
