@@ -19,6 +19,7 @@ import signal
 import socket
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from types import FrameType
 
@@ -68,6 +69,11 @@ SHUTDOWN_WAIT = 5.0
 GC_FREEZE_INTERVAL = 5.0
 # how often the loop looks for dead or hung verify workers
 POOL_CHECK_INTERVAL = 0.25
+# Verify jobs waiting for a worker slot (every worker has DEFAULT_INFLIGHT in flight): a herd
+# waits here in order instead of getting fail-open verdicts the device cannot use (it does not
+# know the peers yet). At most this many; a job that waited past the knock budget is let
+# through (timeout) instead, since the queue releases its packet at 1 s anyway.
+VERIFY_BACKLOG = 16384
 # a verify worker that answers nothing for this long is killed and replaced (its knocks get
 # fail-open verdicts); a healthy one answers a full in-flight window in milliseconds, but on a
 # starved machine (CI, emulation) a healthy one may wait a second for a CPU. Held knocks do not
@@ -251,6 +257,7 @@ class _Loop:
     ) -> None:
         self.policy = policy
         self.pool = pool
+        self._backlog: deque[Job] = deque()  # see VERIFY_BACKLOG
         self._pool_fds: list[int] = []
         self._pool_restarts = 0
         self._pool_down = 0
@@ -300,8 +307,28 @@ class _Loop:
         src = e.knock.source
         job = Job(e.knock.payload, source_affinity(src.host.packed, src.port), e.opened,
                   context=e, worker=e.worker)  # fmt: skip
-        if not pool.submit(job):
-            refused.append((job, Outcome.OVERLOADED))
+        if self._backlog or not pool.submit(job):
+            if len(self._backlog) >= VERIFY_BACKLOG:
+                refused.append((job, Outcome.OVERLOADED))
+            else:
+                self._backlog.append(job)
+
+    def _submit_backlog(self, out: list[tuple[Job, Result | Outcome]]) -> None:
+        """Hand waiting verify jobs to workers with free slots, in arrival order."""
+        pool, backlog = self.pool, self._backlog
+        assert pool is not None
+        too_old = time.monotonic() - self.policy.config.knock_budget
+        while backlog:
+            job = backlog[0]
+            v = job.context
+            assert isinstance(v, Verify)
+            if v.knock.received_at < too_old:
+                out.append((backlog.popleft(), Outcome.TIMEOUT))
+            elif pool.submit(job):
+                backlog.popleft()
+            else:
+                break
+        out.extend(pool.flush())
 
     def _verified(self, results: list[tuple[Job, Result | Outcome]]) -> None:
         """Results (or fail-open outcomes) of verify jobs, to the policy."""
@@ -319,6 +346,8 @@ class _Loop:
     def _on_pool(self, fd: int) -> None:
         assert self.pool is not None
         results: list[tuple[Job, Result | Outcome]] = list(self.pool.read(fd))
+        if self._backlog:
+            self._submit_backlog(results)
         self._watch_pool()
         if results:
             self._verified(results)
@@ -326,6 +355,8 @@ class _Loop:
     def _check_pool(self) -> None:
         assert self.pool is not None
         lost: list[tuple[Job, Result | Outcome]] = list(self.pool.check())
+        if self._backlog:
+            self._submit_backlog(lost)
         self._watch_pool()
         if lost:
             self._verified(lost)
@@ -552,6 +583,7 @@ class _Loop:
         }
         if self.pool is not None:
             out["verify_inflight"] = self.pool.inflight
+            out["verify_backlog"] = len(self._backlog)
             out["verify_worker_restarts"] = self.pool.restarts
             out["verify_workers_down"] = self.pool.down
         out.update(self.mode.stats())
