@@ -104,7 +104,10 @@ MAX_WORKERS = 64
 COMPLETIONS = ("hold", "replay", "invert", "none")
 
 
-DEFAULT_RELEASE_RATE = 6000.0
+# hold mode: released initiations the device has not answered yet, at most (see modes.HoldMode)
+DEFAULT_RELEASE_WINDOW = 64
+# hold mode's pace when it cannot watch the device's answers (releases per second)
+FALLBACK_RELEASE_RATE = 6000.0
 
 
 class ConfigError(WgjitError, ValueError):
@@ -138,9 +141,12 @@ class GatewayConfig:
     max_clock_skew: float = DEFAULT_MAX_CLOCK_SKEW
     # a knock that waited longer than this in the kernel's queue is a sign of load
     load_delay: float = 0.25
-    # hold mode hands the device at most this many initiations per second (0: no limit),
-    # so a herd's releases stay below its under-load mark (see modes.HoldMode)
-    release_rate: float = DEFAULT_RELEASE_RATE
+    # hold mode keeps at most this many released initiations unanswered by the device (0: no
+    # window), so a herd's releases stay below its under-load mark (see modes.HoldMode) ...
+    release_window: int = DEFAULT_RELEASE_WINDOW
+    # ... and hands it at most this many per second (0: no cap; without a window's answer
+    # watch, 0 means modes.FALLBACK_RELEASE_RATE)
+    release_rate: float = 0.0
     testing_always_under_load: bool = False
     knock_budget: float = DEFAULT_KNOCK_BUDGET
     max_install_age: float = DEFAULT_MAX_INSTALL_AGE

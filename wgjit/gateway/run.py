@@ -176,6 +176,7 @@ def serve(
                 submit=loop.submit,
                 log=log,
                 release_rate=config.release_rate,
+                release_window=config.release_window,
             )
         except ModeError as e:
             raise GatewayError(str(e)) from None
@@ -187,6 +188,7 @@ def serve(
             public_key=str(state.public_key),
             listen_port=state.listen_port,
             mode=loop.mode.name,
+            release_window=getattr(getattr(loop.mode, "window", None), "size", None),
             queue=getattr(getattr(loop.mode, "queue", None), "queue_num", None),
             idle_timeout=config.idle_timeout,
             sweep_interval=config.sweep_interval,
@@ -483,6 +485,8 @@ class _Loop:
         try:
             self.reactor.add_reader(wake_r.fileno(), on_wake)
             self.reactor.add_reader(self.mode.fileno(), self._on_knocks)
+            for fd, on_readable in self.mode.readers():
+                self.reactor.add_reader(fd, on_readable)
             self.reactor.add_ticker(self)
             self.reactor.add_ticker(self.mode)
             if self.pool is not None:
