@@ -169,6 +169,11 @@ def main() -> None:
     ap.add_argument("--release-windows", default="default",
                     help="comma-separated --release-window values: one JIT herd row each per "
                          "release rate and round (default: the gateway's default)")  # fmt: skip
+    ap.add_argument("--variants",
+                    help="semicolon-separated `wgjit gateway` pacing arguments, one JIT herd "
+                         "row each (instead of --release-rates x --release-windows), e.g. "
+                         "';--release-window 0 --release-rate 6000' (the default; the old pace)",
+                    )  # fmt: skip
     ap.add_argument("--budgets", default="default",
                     help="comma-separated: default (the gateway's global admission budget), "
                          "lifted (benchmarks/unbudgeted.py: no global budget); one JIT herd row "
@@ -197,17 +202,19 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "wgjit", "--store", url, "peer", "import",
                         str(csv)], check=True, capture_output=True)  # fmt: skip
         for rnd in range(args.rounds):
-            variants = [(b, r, w) for b in args.budgets.split(",")
-                        for r in args.release_rates.split(",")
-                        for w in args.release_windows.split(",")]  # fmt: skip
-            for budget, rate, window in variants if "herd" not in skip else ():
+            paces = [shlex.split(v) for v in args.variants.split(";")] if args.variants else [
+                ([] if r == "default" else ["--release-rate", r])
+                + ([] if w == "default" else ["--release-window", w])
+                for r in args.release_rates.split(",") for w in args.release_windows.split(",")
+            ]  # fmt: skip
+            for budget, pace in [(b, p) for b in args.budgets.split(",") for p in paces]:
+                if "herd" in skip:
+                    break
                 clear_device(gw, tmp)
-                pace = [] if rate == "default" else ["--release-rate", rate]
-                pace += [] if window == "default" else ["--release-window", window]
                 module = "benchmarks.unbudgeted" if budget == "lifted" else "wgjit"
                 more = shlex.split(args.gateway_args)
                 g = start_gateway(lab, gw, url, module, "--mode", "hold", *pace, *more)
-                tag = f"{rnd}-{budget}-{rate}-{window}"
+                tag = f"{rnd}-{budget}-{'_'.join(pace).replace('--', '') or 'default'}"
                 spy = None
                 if args.profile:
                     args.profile.mkdir(parents=True, exist_ok=True)
@@ -226,8 +233,7 @@ def main() -> None:
                 if args.logs:
                     args.logs.mkdir(parents=True, exist_ok=True)
                     (args.logs / f"herd-{tag}.log").write_text("\n".join(g.lines))
-                label = "" if rate == "default" else f", --release-rate {rate}"
-                label += "" if window == "default" else f", --release-window {window}"
+                label = f", {shlex.join(pace)}" if pace else ""
                 label += ", global budget lifted" if budget == "lifted" else ""
                 label += f", {args.gateway_args}" if more else ""
                 herd_rows.append(herd_row(f"JIT gateway{label}, empty device (round {rnd})", r, s))
