@@ -280,3 +280,18 @@ def test_open_hold_mode_with_a_window_or_falls_back_to_the_rate(
         ("release_window_unavailable", "300"),
     ]
     assert all(e["reason"] == "no" for e in warnings)
+
+
+def test_a_release_passed_over_leaves_once_later_ones_are_answered() -> None:
+    """The device ignores an initiation (a key it does not have): its slot is free once
+    REORDER later releases were answered, long before the timeout."""
+    w = ReleaseWindow(16)
+    for i in range(12):
+        w.release(i, 0.0)
+    for i in range(1, pace.REORDER):  # answers for 1..REORDER-1: 0 may just be late
+        w.answer(i, False, 0.001)
+    assert w.room(0.001) == 16 - 12 + pace.REORDER - 1
+    w.answer(pace.REORDER, False, 0.001)  # REORDER later ones answered: 0 was passed over
+    assert w.room(0.001) == 16 - 12 + pace.REORDER + 1
+    assert w.unanswered == 1 and len(w) == 12 - pace.REORDER - 1
+    assert w.answer(0, False, 0.002) and w.late == 1  # if it comes after all: counted late

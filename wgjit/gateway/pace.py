@@ -14,8 +14,10 @@ the same frame (seen on a bridge and on its port) matches nothing. A cookie repl
 device passed its mark: the window halves (at most once per answer timeout); each response
 grows it back by 1/window, up to the configured size. An initiation the device never answers
 (it was lost, or the device ignores it: a key it does not have, a stale timestamp) leaves the
-window after the answer timeout, which follows the device's measured answer time (smoothed,
-like TCP's retransmission timeout) between MIN_TIMEOUT and MAX_TIMEOUT, so nothing stalls it.
+window once REORDER later releases were answered (the device works through its queue in
+order), or after the answer timeout, which follows the device's measured answer time
+(smoothed, like TCP's retransmission timeout) between MIN_TIMEOUT and MAX_TIMEOUT: nothing
+stalls the window.
 
 Takes the time as an argument (`now`, monotonic seconds); never does I/O.
 """
@@ -34,6 +36,10 @@ MAX_TIMEOUT: Final = 0.5
 INITIAL_TIMEOUT: Final = 0.25
 # releases that timed out are still matched (late answers, counted) for this long
 LATE_MEMORY: Final = 2.0
+# a device works through its handshake queue in order, give or take its few workers: a
+# release still unanswered once this many later releases were answered was passed over (the
+# device ignores it: a key it does not have, a stale timestamp) and leaves the window then
+REORDER: Final = 8
 
 
 def sender_index(initiation: bytes) -> int:
@@ -51,7 +57,9 @@ class ReleaseWindow:
         self.size = size  # the most the window grows to
         self.min_size = min(min_size, size)
         self.limit = float(size)  # now: halved by cookies, grown back by answers
-        self._inflight: OrderedDict[int, float] = OrderedDict()  # sender index -> released at
+        # sender index -> (release number, released at), in release order
+        self._inflight: OrderedDict[int, tuple[int, float]] = OrderedDict()
+        self._newest_answered = -1  # the release number of the newest release answered
         self._late: OrderedDict[int, float] = OrderedDict()  # timed out -> released at
         self._srtt: float | None = None
         self._rttvar = 0.0
@@ -79,7 +87,7 @@ class ReleaseWindow:
         allowed, or a `forced` one (the queue's hold limit let it go, room or not)."""
         inflight = self._inflight
         inflight.pop(index, None)  # the same index again (a copy of the same datagram)
-        inflight[index] = now
+        inflight[index] = (self.released, now)
         self.released += 1
         if not forced and len(inflight) > self.inflight_max:
             self.inflight_max = len(inflight)
@@ -88,14 +96,16 @@ class ReleaseWindow:
         """The device answered receiver index `index` (a cookie reply if `cookie`); False if
         it answers none of our releases (a copy already counted, a rekey of an installed
         peer, the gateway's own cookie reply)."""
-        released = self._inflight.pop(index, None)
-        if released is None:
+        entry = self._inflight.pop(index, None)
+        if entry is None:
             released = self._late.pop(index, None)
             if released is None or now - released >= LATE_MEMORY:
                 return False
             self.late += 1
         else:
+            number, released = entry
             self._measure(now - released)
+            self._newest_answered = max(self._newest_answered, number)
         if cookie:
             self.cookies += 1
             if now >= self._no_backoff_until:
@@ -117,12 +127,14 @@ class ReleaseWindow:
         self.timeout = min(MAX_TIMEOUT, max(MIN_TIMEOUT, self._srtt + 4 * self._rttvar))
 
     def expire(self, now: float) -> int:
-        """Releases unanswered for longer than the timeout leave the window; how many."""
+        """Releases unanswered for longer than the timeout, or passed over (REORDER later
+        ones answered), leave the window; how many."""
         inflight, late = self._inflight, self._late
+        passed = self._newest_answered - REORDER
         n = 0
         while inflight:
-            index, released = next(iter(inflight.items()))
-            if now - released < self.timeout:
+            index, (number, released) = next(iter(inflight.items()))
+            if now - released < self.timeout and number > passed:
                 break
             del inflight[index]
             late[index] = released
@@ -137,7 +149,7 @@ class ReleaseWindow:
 
     def next_expiry(self) -> float | None:
         """When the oldest release in flight times out (monotonic), or None."""
-        for released in self._inflight.values():
+        for _, released in self._inflight.values():
             return released + self.timeout
         return None
 
