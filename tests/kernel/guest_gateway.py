@@ -81,7 +81,6 @@ def test_hold_window_sees_kernel_answers(lab: Lab, tmp_path: Path) -> None:
         s = stats(g)
         print(s)
         assert 0 < int(s["release_inflight_max"]) <= 2, s
-        matched = int(s["device_answers"]) + int(s["release_late_answers"])
-        assert 40 <= matched <= int(s["queue_accepted"]), s
+        assert 40 <= int(s["device_answers"]) <= int(s["queue_accepted"]), s
     finally:
         assert g.stop() == 0
