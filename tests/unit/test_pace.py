@@ -222,6 +222,17 @@ def test_a_rate_cap_applies_on_top_of_the_window() -> None:
     assert len(_accepted(sent)) == modes.RELEASE_BURST + 10
 
 
+def test_release_delay_is_how_long_the_oldest_judged_knock_waits() -> None:
+    mode, sent, clock = _mode(20, 4)
+    assert mode.release_delay(100.5) == 0.0  # nothing waits
+    for i in range(20):
+        _verdict(mode, i)  # knocks received at 100.0
+    mode.flush()
+    assert mode.release_delay(100.6) == pytest.approx(0.6)
+    mode.queue.expire(101.0)  # the queue let them all go (1 s): nothing waits any more
+    assert mode.release_delay(101.0) == 0.0
+
+
 def test_released_at_once_when_the_window_has_room() -> None:
     mode, sent, clock = _mode(3, 8)
     for i in range(3):

@@ -1233,6 +1233,13 @@ class Policy:
             self._load_until = now + UNDER_LOAD_FOR
         return now < self._load_until
 
+    def note_load(self, now: float, why: str) -> None:
+        """A sign of load seen outside the policy (hold mode: released initiations waiting
+        longer than load_delay for the device): load for UNDER_LOAD_FOR from now."""
+        if now >= self._load_until:
+            self.log.info("under_load", pending=self._pending_knocks, sign=why)
+        self._load_until = now + UNDER_LOAD_FOR
+
     def _future(self, v: Verified, source: Endpoint, name: str) -> bool:
         """A timestamp too far ahead of our clock: refused, and logged as suspicious (a
         client clock far off, or someone with the static key but not the PSK trying to

@@ -80,6 +80,10 @@ class Mode:
         """More sockets the loop watches for this mode: (fd, call when readable)."""
         return []
 
+    def release_delay(self, now: float) -> float:
+        """How long the oldest knock whose verdict is given has waited to be released."""
+        return 0.0
+
     def stats(self) -> dict[str, int]:
         return {}
 
@@ -219,6 +223,13 @@ class HoldMode(Mode):
                 return
             self._released(held, self.clock())
         self.queue.verdict(held, accept)
+
+    def release_delay(self, now: float) -> float:
+        paced = self._paced
+        while paced and not self.queue.holds(paced[0]):
+            paced.popleft()  # released by the queue's 1 s limit meanwhile
+        # the head was judged first; knocks are judged about in the order they came
+        return now - paced[0].knock.received_at if paced else 0.0
 
     def _may_release(self, now: float) -> bool:
         """Whether one more may go to the device now (spends a token of the cap if so)."""

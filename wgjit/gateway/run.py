@@ -63,6 +63,9 @@ SHUTDOWN_WAIT = 5.0
 # survived (gc.freeze: out of the collector's sight; still freed by reference counting when
 # dropped), so no collection ever scans the long-lived peers and no cyclic garbage is frozen.
 GC_FREEZE_INTERVAL = 5.0
+# hold mode: a judged knock still waiting for its release after this long (of the queue's 1 s
+# hold limit) is a sign of load (see _on_knocks)
+RELEASE_LOAD_DELAY = 0.6
 # how often the loop looks for dead or hung verify workers
 POOL_CHECK_INTERVAL = 0.25
 # a verify worker that answers nothing for this long is killed and replaced (its knocks get
@@ -439,7 +442,13 @@ class _Loop:
     def _on_knocks(self) -> None:
         batch: Batch = self.mode.read()
         if batch:
-            self.apply(self.policy.on_knocks(batch, time.monotonic()))
+            now = time.monotonic()
+            if self.mode.release_delay(now) > RELEASE_LOAD_DELAY:
+                # judged knocks wait for the device: judging more now only makes them wait
+                # past the hold limit (released at once then, pushing the device past its
+                # mark); new senders get cookies, as if the queue itself were late
+                self.policy.note_load(now, "release_delay")
+            self.apply(self.policy.on_knocks(batch, now))
 
     def next_deadline(self) -> float:
         return self.policy.next_deadline()
