@@ -126,12 +126,13 @@ def herd_row(name: str, r: dict[str, Any], s: dict[str, str] | None) -> str:
     )
 
 
-def start_gateway(lab: Lab, gw: Host, url: str, module: str, *args: str) -> GatewayProcess:
-    """Lab.start_gateway, but `python -m module` (wgjit, or benchmarks.unbudgeted)."""
+def start_gateway(lab: Lab, gw: Host, url: str, module: str, *args: str,
+                  before: list[str] | None = None) -> GatewayProcess:  # fmt: skip
+    """Lab.start_gateway, but `python -m module [before]` (wgjit, or benchmarks.unbudgeted)."""
     if module == "wgjit":
         return lab.start_gateway(url, *args)
-    cmd = ["ip", "netns", "exec", gw.ns, sys.executable, "-m", module, "--store", url,
-           "gateway", "--interface", gw.ifname, *args]  # fmt: skip
+    cmd = ["ip", "netns", "exec", gw.ns, sys.executable, "-m", module, *(before or []),
+           "--store", url, "gateway", "--interface", gw.ifname, *args]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             bufsize=1, cwd=ROOT, env=env)  # fmt: skip
@@ -176,8 +177,8 @@ def main() -> None:
                     )  # fmt: skip
     ap.add_argument("--budgets", default="default",
                     help="comma-separated: default (the gateway's global admission budget), "
-                         "lifted (benchmarks/unbudgeted.py: no global budget); one JIT herd row "
-                         "each")  # fmt: skip
+                         "lifted (benchmarks/unbudgeted.py: no global budget), lifted-nosignal "
+                         "(and no release-wait load sign); one JIT herd row each")  # fmt: skip
     ap.add_argument("--gateway-args", default="",
                     help="more `wgjit gateway` arguments for every JIT herd row, e.g. "
                          "'--load-delay 1' (shell words)")  # fmt: skip
@@ -211,9 +212,11 @@ def main() -> None:
                 if "herd" in skip:
                     break
                 clear_device(gw, tmp)
-                module = "benchmarks.unbudgeted" if budget == "lifted" else "wgjit"
+                module = "wgjit" if budget == "default" else "benchmarks.unbudgeted"
                 more = shlex.split(args.gateway_args)
-                g = start_gateway(lab, gw, url, module, "--mode", "hold", *pace, *more)
+                nosignal = ["--no-release-signal"] if budget == "lifted-nosignal" else []
+                g = start_gateway(lab, gw, url, module, "--mode", "hold", *pace, *more,
+                                  before=nosignal)  # fmt: skip
                 tag = f"{rnd}-{budget}-{'_'.join(pace).replace('--', '') or 'default'}"
                 spy = None
                 if args.profile:
@@ -234,7 +237,8 @@ def main() -> None:
                     args.logs.mkdir(parents=True, exist_ok=True)
                     (args.logs / f"herd-{tag}.log").write_text("\n".join(g.lines))
                 label = f", {shlex.join(pace)}" if pace else ""
-                label += ", global budget lifted" if budget == "lifted" else ""
+                label += ", global budget lifted" if budget != "default" else ""
+                label += ", no release-wait load sign" if nosignal else ""
                 label += f", {args.gateway_args}" if more else ""
                 herd_rows.append(herd_row(f"JIT gateway{label}, empty device (round {rnd})", r, s))
                 print(herd_rows[-1], flush=True)
