@@ -177,8 +177,9 @@ def main() -> None:
                     )  # fmt: skip
     ap.add_argument("--budgets", default="default",
                     help="comma-separated: default (the gateway's global admission budget), "
-                         "lifted (benchmarks/unbudgeted.py: no global budget), lifted-nosignal "
-                         "(and no release-wait load sign); one JIT herd row each")  # fmt: skip
+                         "lifted (benchmarks/unbudgeted.py: no global budget), "
+                         "default-nosignal, lifted-nosignal (without the release-wait load "
+                         "sign); one JIT herd row each")  # fmt: skip
     ap.add_argument("--gateway-args", default="",
                     help="more `wgjit gateway` arguments for every JIT herd row, e.g. "
                          "'--load-delay 1' (shell words)")  # fmt: skip
@@ -214,7 +215,8 @@ def main() -> None:
                 clear_device(gw, tmp)
                 module = "wgjit" if budget == "default" else "benchmarks.unbudgeted"
                 more = shlex.split(args.gateway_args)
-                nosignal = ["--no-release-signal"] if budget == "lifted-nosignal" else []
+                nosignal = ["--no-release-signal"] if budget.endswith("-nosignal") else []
+                nosignal += ["--keep-budget"] if budget == "default-nosignal" else []
                 g = start_gateway(lab, gw, url, module, "--mode", "hold", *pace, *more,
                                   before=nosignal)  # fmt: skip
                 tag = f"{rnd}-{budget}-{'_'.join(pace).replace('--', '') or 'default'}"
@@ -237,7 +239,7 @@ def main() -> None:
                     args.logs.mkdir(parents=True, exist_ok=True)
                     (args.logs / f"herd-{tag}.log").write_text("\n".join(g.lines))
                 label = f", {shlex.join(pace)}" if pace else ""
-                label += ", global budget lifted" if budget != "default" else ""
+                label += ", global budget lifted" if budget.startswith("lifted") else ""
                 label += ", no release-wait load sign" if nosignal else ""
                 label += f", {args.gateway_args}" if more else ""
                 herd_rows.append(herd_row(f"JIT gateway{label}, empty device (round {rnd})", r, s))

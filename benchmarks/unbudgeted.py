@@ -6,8 +6,8 @@ budget, and a herd of 10 000 within 1 s spends it (5 000/s, burst 1 000): ~4 000
 dropped as rate_limited and wait for their client's 5 s retry, whatever the release pacing
 does. Lifting it here shows the pacing's own figure; the default budget's row shows the product.
 
-`python -m benchmarks.unbudgeted --no-release-signal --store URL gateway ...` also turns off
-hold mode's release wait as a sign of load (run.RELEASE_LOAD_DELAY), for the A/B in
+Before `--store`: `--no-release-signal` also turns off hold mode's release wait as a sign of
+load (run.RELEASE_LOAD_DELAY), and `--keep-budget` keeps the budget, for the A/B in
 docs/benchmarks.md.
 """
 
@@ -30,9 +30,11 @@ def _lifted(args: argparse.Namespace) -> GatewayConfig:
 cli._gateway_config = _lifted
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--no-release-signal"]:
-        del sys.argv[1]
-        from wgjit.gateway import run
+    while sys.argv[1:2] in (["--no-release-signal"], ["--keep-budget"]):
+        if sys.argv.pop(1) == "--keep-budget":
+            cli._gateway_config = _config
+        else:
+            from wgjit.gateway import run
 
-        run.RELEASE_LOAD_DELAY = float("inf")
+            run.RELEASE_LOAD_DELAY = float("inf")
     sys.exit(cli.main())
