@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import statistics
@@ -41,7 +42,9 @@ COUNTERS = ("installed", "already_installed", "cookie", "rate_limited", "timeout
             "duplicate", "replay", "forged", "unknown", "negative_cached", "bad_mac1",
             "queue_accepted", "queue_dropped", "queue_overruns", "queue_expired",
             "loop_max_stall_ms", "installed_now", "stale", "queue_paced", "under_load",
-            "queue_paced_max")  # fmt: skip
+            "verify_backlog", "queue_paced_max", "release_window", "release_inflight_max",
+            "release_timeout_ms", "device_answers", "device_cookies", "release_unanswered",
+            "release_late_answers", "release_backoffs")  # fmt: skip
 
 
 def loadgen(gw: Host, tmp: Path, *args: str) -> dict[str, Any]:
@@ -149,6 +152,17 @@ def main() -> None:
     ap.add_argument("--release-rates", default="default",
                     help="comma-separated --release-rate values: one JIT herd row each per "
                          "round (default: the gateway's default)")  # fmt: skip
+    ap.add_argument("--release-windows", default="default",
+                    help="comma-separated --release-window values: one JIT herd row each per "
+                         "release rate and round (default: the gateway's default)")  # fmt: skip
+    ap.add_argument("--variants",
+                    help="semicolon-separated `wgjit gateway` pacing arguments, one JIT herd "
+                         "row each (instead of --release-rates x --release-windows), e.g. "
+                         "';--release-window 0 --release-rate 6000' (the default; the old pace)",
+                    )  # fmt: skip
+    ap.add_argument("--gateway-args", default="",
+                    help="more `wgjit gateway` arguments for every JIT herd row, e.g. "
+                         "'--load-delay 1' (shell words)")  # fmt: skip
     ap.add_argument("--skip", default="", help="comma-separated: herd,plain,crowd,flood")
     ap.add_argument("--profile", type=Path, help="write py-spy raw stacks here")
     ap.add_argument("--logs", type=Path, help="write each gateway's log here")
@@ -170,19 +184,27 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "wgjit", "--store", url, "peer", "import",
                         str(csv)], check=True, capture_output=True)  # fmt: skip
         for rnd in range(args.rounds):
-            for rate in args.release_rates.split(",") if "herd" not in skip else ():
+            paces = [shlex.split(v) for v in args.variants.split(";")] if args.variants else [
+                ([] if r == "default" else ["--release-rate", r])
+                + ([] if w == "default" else ["--release-window", w])
+                for r in args.release_rates.split(",") for w in args.release_windows.split(",")
+            ]  # fmt: skip
+            for pace in paces:
+                if "herd" in skip:
+                    break
                 clear_device(gw, tmp)
-                pace = [] if rate == "default" else ["--release-rate", rate]
-                g = lab.start_gateway(url, "--mode", "hold", *pace)
+                more = shlex.split(args.gateway_args)
+                g = lab.start_gateway(url, "--mode", "hold", *pace, *more)
+                tag = f"{rnd}-{'_'.join(pace).replace('--', '') or 'default'}"
                 spy = None
                 if args.profile:
                     args.profile.mkdir(parents=True, exist_ok=True)
-                    spy = profile(g.proc.pid, args.profile / f"herd-{rnd}-{rate}.txt", 15)
+                    spy = profile(g.proc.pid, args.profile / f"herd-{tag}.txt", 15)
                 rss0 = rss_mb(g.proc.pid)
                 r = loadgen(gw, tmp, "--keys", str(keys), "--clients", str(args.herd),
                             "--spread", "1")  # fmt: skip
                 s = stats(g)
-                notes.append(f"herd JIT round {rnd}, release rate {rate}: gateway RSS "
+                notes.append(f"herd JIT {tag}: gateway RSS "
                              f"{rss0:.0f} -> {rss_mb(g.proc.pid):.0f} MB; {nfqueue_stats(gw)}; "
                              f"loadgen sent {r['sent']}, received {r['received']}, answered by "
                              f"attempt {r['answered_by_attempt']}")  # fmt: skip
@@ -191,8 +213,9 @@ def main() -> None:
                 g.stop()
                 if args.logs:
                     args.logs.mkdir(parents=True, exist_ok=True)
-                    (args.logs / f"herd-{rnd}-{rate}.log").write_text("\n".join(g.lines))
-                label = "" if rate == "default" else f", --release-rate {rate}"
+                    (args.logs / f"herd-{tag}.log").write_text("\n".join(g.lines))
+                label = f", {shlex.join(pace)}" if pace else ""
+                label += f", {args.gateway_args}" if more else ""
                 herd_rows.append(herd_row(f"JIT gateway{label}, empty device (round {rnd})", r, s))
                 print(herd_rows[-1], flush=True)
             if "plain" not in skip:

@@ -38,8 +38,9 @@ from wgjit.files import check_target, private_file, write_private_bytes
 from wgjit.gateway.core import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_CLOCK_SKEW,
-    DEFAULT_RELEASE_RATE,
+    DEFAULT_RELEASE_WINDOW,
     DEFAULT_SWEEP_INTERVAL,
+    FALLBACK_RELEASE_RATE,
     MAX_WORKERS,
     ConfigError,
     GatewayConfig,
@@ -770,6 +771,7 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
         load_delay=args.load_delay,
         release_rate=args.release_rate,
         global_rate=args.admission_rate,
+        release_window=args.release_window,
         workers=args.workers,
     )
     try:
@@ -1111,11 +1113,21 @@ def build_parser() -> _Parser:
                     help="a knock that waited longer than this in the kernel's queue puts the "
                          "gateway under load for a second: cookie replies and per-source "
                          "limits (default 0.25)")  # fmt: skip
-    gw.add_argument("--release-rate", type=_rate("--release-rate"), default=DEFAULT_RELEASE_RATE,
+    gw.add_argument("--release-window", type=_int_range("--release-window", 0, 4096),
+                    default=DEFAULT_RELEASE_WINDOW, metavar="N",
+                    help="hold mode: keep at most N released initiations that the device has "
+                         "not answered yet (its responses and cookie replies are watched "
+                         "leaving), so a herd stays below the device's own under-load mark "
+                         "(wireguard-go 128, kernel 512); cookie replies from the device halve "
+                         "the window for a while. 0: no window. If the answers cannot be "
+                         "watched, the gateway warns and paces at --release-rate, or "
+                         f"{FALLBACK_RELEASE_RATE:g}/s if that is 0 "
+                         f"(default {DEFAULT_RELEASE_WINDOW})")  # fmt: skip
+    gw.add_argument("--release-rate", type=_rate("--release-rate"), default=0.0,
                     metavar="PER_SECOND",
-                    help="hold mode: hand the device at most this many initiations a second, "
-                         "in bursts of 64, so a herd's releases stay below its own under-load "
-                         f"mark (0: no limit; default {DEFAULT_RELEASE_RATE:g})")  # fmt: skip
+                    help="hold mode: also hand the device at most this many initiations a "
+                         "second, in bursts of 64 (0: no cap, the default); the only pace with "
+                         "--release-window 0")  # fmt: skip
     gw.add_argument("--admission-rate", type=_rate("--admission-rate"), default=0.0,
                     metavar="PER_SECOND",
                     help="initiations a second that may cost an X25519 or a store look-up; "

@@ -99,6 +99,13 @@ def test_ipv6_client_installed_same_way(lab: Lab, store_url: str, gateway: Gatew
     endpoint = gw.peers()[dave.public_key.b64()]["endpoint"]
     assert Endpoint.parse(endpoint).host.version == 6
     assert endpoint == client_endpoint(dave)
+    if gateway.events("ready")[-1]["mode"] == "hold":
+        # hold mode's release window saw the device answer over IPv6 and matched it
+        before = len(gateway.events("stats"))
+        gateway.proc.send_signal(signal.SIGUSR1)
+        wait_for("stats line", lambda: len(gateway.events("stats")) > before)
+        stats = gateway.events("stats")[-1]
+        assert int(stats["device_answers"]) >= 1 and stats["device_cookies"] == "0", stats
 
 
 def test_unknown_never_installed_revoked_evicted(

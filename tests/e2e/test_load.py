@@ -144,6 +144,31 @@ def test_paced_releases_lose_nobody(lab: Lab, store_url: str, tmp_path: Path,
     assert int(s["installed_now"]) == 200, s
 
 
+def test_windowed_releases_lose_nobody(lab: Lab, store_url: str, tmp_path: Path,
+                                       gateway_factory: list[GatewayProcess]) -> None:  # fmt: skip
+    """A herd released through a small window (--release-window 2): releases wait for the
+    device's answers, seen leaving the gateway (on the bridge and on its port: each counted
+    once), and still every stored peer is installed and answered, and nobody else; the window
+    was never exceeded and the device sent no cookie replies."""
+    keys = stored_keys(store_url, tmp_path, 300)
+    g = lab.start_gateway(store_url, "--mode", "hold", "--release-window", "2")
+    gateway_factory.append(g)
+    assert g.events("ready")[-1]["release_window"] == "2"
+    assert not g.events("release_window_unavailable")
+    r = loadgen(lab, tmp_path, "--keys", str(keys), "--clients", "300", "--spread", "0.3")
+    assert r["answered"] == 300, r
+    assert set(gw_host(lab).peers()) == public_keys(keys)
+    s = stats(g)
+    print(s)
+    assert int(s["installed_now"]) == 300, s
+    assert int(s["queue_paced"]) > 0, s  # the window held some back
+    assert 0 < int(s["release_inflight_max"]) <= 2, s
+    # every answered client's response was seen and matched to its release, once (late
+    # answers, after their release timed out, included)
+    assert 300 <= int(s["device_answers"]) <= int(s["queue_accepted"]), s
+    assert int(s["device_cookies"]) == 0, s
+
+
 def test_flood_while_clients_connect(lab: Lab, store_url: str, tmp_path: Path,
                                      gateway_factory: list[GatewayProcess]) -> None:  # fmt: skip
     """5 s of unknown keys, bad mac1, malformed packets and spoofed forgeries of stored keys at

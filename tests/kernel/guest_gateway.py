@@ -2,7 +2,9 @@
 tests/e2e/test_gateway.py which the guest runs on kernel WireGuard as it is.
 
 The gateway's interface vanishes while it runs: it logs, keeps running, and serves again once
-the interface is back. Not collected on the host (the name does not start with test_).
+the interface is back. Hold mode's release window sees kernel WireGuard's answers leave (they
+come from the kernel, not from a process's socket). Not collected on the host (the name does
+not start with test_).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.test_gateway import add
+from tests.e2e.test_load import loadgen, public_keys, stats, stored_keys
 from wgjit.lab import GATEWAY_PORT, Host, Lab, wait_for
 
 
@@ -57,5 +60,27 @@ def test_gateway_survives_interface_vanishing(lab: Lab, tmp_path: Path) -> None:
         assert rtt is not None, "\n".join(g.lines[-20:])
         wait_for("a second install", lambda: len(g.events("install", peer="alice")) == 2)
         assert alice.public_key.b64() in gw.peers()
+    finally:
+        assert g.stop() == 0
+
+
+def test_hold_window_sees_kernel_answers(lab: Lab, tmp_path: Path) -> None:
+    """A small herd through a window of 2 on kernel WireGuard: every stored peer answered and
+    installed, nobody else, each kernel response matched to its release, the window kept."""
+    gw = lab.reset()
+    store_url = f"sqlite:///{tmp_path / 'peers.db'}"
+    keys = stored_keys(store_url, tmp_path, 40)
+    g = lab.start_gateway(store_url, "--backend", "netlink", "--mode", "hold",
+                          "--release-window", "2")  # fmt: skip
+    try:
+        assert not g.events("release_window_unavailable"), g.lines
+        r = loadgen(lab, tmp_path, "--keys", str(keys), "--clients", "40", "--spread", "0.2",
+                    timeout=300)  # fmt: skip
+        assert r["answered"] == 40, r
+        assert set(gw.peers()) == public_keys(keys)
+        s = stats(g)
+        print(s)
+        assert 0 < int(s["release_inflight_max"]) <= 2, s
+        assert 40 <= int(s["device_answers"]) <= int(s["queue_accepted"]), s
     finally:
         assert g.stop() == 0

@@ -10,6 +10,8 @@ from __future__ import annotations
 import ipaddress
 import os
 import struct
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -17,7 +19,8 @@ from hypothesis import strategies as st
 
 from wgjit.addr import Endpoint
 from wgjit.capture import bpf
-from wgjit.capture.bpf import Insn, assemble, initiation_filter, jump, pack, stmt
+from wgjit.capture.answers import COOKIE_REPLY, RESPONSE, Answer, parse_answer
+from wgjit.capture.bpf import Insn, answers_filter, assemble, initiation_filter, jump, pack, stmt
 from wgjit.capture.packet import Knock, parse_knock
 
 PORT = 51820
@@ -375,3 +378,81 @@ def test_mutated_headers_parse_only_if_the_filter_accepts(
         kept = captured(data, protocol=protocol)
         assert kept is not None
         assert parse_knock(kept, port=PORT) == knock
+
+
+# ---------------------------------------------------------------- the device's answers
+
+RESPONSE_MSG = b"\x02\x00\x00\x00" + (0x11223344).to_bytes(4, "little") + (
+    0x55667788).to_bytes(4, "little") + os.urandom(80)  # fmt: skip
+COOKIE_MSG = b"\x03\x00\x00\x00" + (0x55667788).to_bytes(4, "little") + os.urandom(56)
+ANSWERS = answers_filter(PORT)
+
+
+def answered(pkt: bytes, *, pkttype: int = OUTGOING) -> bytes | None:
+    protocol = bpf.ETH_P_IPV6 if pkt[0] >> 4 == 6 else bpf.ETH_P_IP
+    keep = run_bpf(ANSWERS, pkt, pkttype=pkttype, protocol=protocol)
+    return pkt[:keep] if keep else None
+
+
+def _out(build: Callable[..., bytes], msg: bytes, **kw: Any) -> bytes:
+    """An answer the device sends: from the listen port to a client's."""
+    v4 = build is ipv4
+    return build(msg, sport=PORT, dport=40000, src=V4_DST if v4 else V6_DST,
+                 dst=V4_SRC if v4 else V6_SRC, **kw)  # fmt: skip
+
+
+@pytest.mark.parametrize("build, ip", [(ipv4, 20), (ipv6, 40)], ids=["v4", "v6"])
+@pytest.mark.parametrize("msg, kind", [(RESPONSE_MSG, RESPONSE), (COOKIE_MSG, COOKIE_REPLY)],
+                         ids=["response", "cookie"])  # fmt: skip
+def test_answers_filter_keeps_the_head_of_outgoing_answers(
+    build: Callable[..., bytes], ip: int, msg: bytes, kind: int
+) -> None:
+    pkt = _out(build, msg)
+    got = answered(pkt)
+    assert got == pkt[: ip + 8 + bpf.ANSWER_KEEP]
+    assert parse_answer(got, PORT) == Answer(kind, 0x55667788)  # the initiation's sender index
+    assert answered(pkt, pkttype=HOST) is None  # an answer *to* us is not the device's
+
+
+def test_answers_filter_keeps_ipv4_with_options() -> None:
+    pkt = _out(ipv4, RESPONSE_MSG, options=b"\x01" * 8)
+    got = answered(pkt)
+    assert got is not None and len(got) == 28 + 8 + bpf.ANSWER_KEEP
+    assert parse_answer(got) == Answer(RESPONSE, 0x55667788)
+
+
+@pytest.mark.parametrize(
+    "pkt",
+    [
+        ipv4(RESPONSE_MSG, sport=PORT + 1, dport=40000),  # another port's answers
+        ipv6(COOKIE_MSG, sport=PORT + 1, dport=40000),
+        ipv4(RESPONSE_MSG, sport=40000, dport=PORT),  # sent *to* the port
+        ipv4(RESPONSE_MSG[:91], sport=PORT, dport=40000),  # wrong sizes
+        ipv4(COOKIE_MSG + b"\x00", sport=PORT, dport=40000),
+        ipv4(b"\x03" + RESPONSE_MSG[1:], sport=PORT, dport=40000),  # size of one, type of other
+        ipv6(b"\x02" + COOKIE_MSG[1:], sport=PORT, dport=40000),
+        ipv4(b"\x01\x00\x00\x00" + bytes(144), sport=PORT, dport=40000),  # an initiation
+        ipv4(b"\x04\x00\x00\x00" + bytes(28), sport=PORT, dport=40000),  # transport data
+        ipv4(RESPONSE_MSG, sport=PORT, dport=40000, frag=0x2000),
+        ipv4(RESPONSE_MSG, sport=PORT, dport=40000, proto=6),
+        ipv4(RESPONSE_MSG, sport=PORT, dport=40000)[:50],  # truncated
+        ipv6(COOKIE_MSG, sport=PORT, dport=40000)[:70],
+    ],
+    ids=["v4-port", "v6-port", "v4-inbound", "v4-91", "v4-cookie-65", "v4-type3-92",
+         "v6-type2-64", "v4-initiation", "v4-data", "v4-mf", "v4-tcp", "v4-truncated",
+         "v6-truncated"],
+)  # fmt: skip
+def test_answers_filter_rejects(pkt: bytes) -> None:
+    assert answered(pkt) is None
+
+
+@given(st.binary(max_size=120))
+def test_parse_answer_is_total(data: bytes) -> None:
+    a = parse_answer(data)
+    assert a is None or a.kind in (RESPONSE, COOKIE_REPLY)
+
+
+def test_answers_filter_port_is_checked() -> None:
+    for bad in (0, 65536):
+        with pytest.raises(ValueError):
+            answers_filter(bad)

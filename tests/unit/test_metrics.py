@@ -14,7 +14,9 @@ def test_scrape_reads_the_loops_stats() -> None:
     m.watch(lambda: {"installed": 4, "installs": 4, "installed_now": 3, "cookie": 2,
                      "queue_accepted": 7, "hooks_run": 3, "hooks_timed_out": 1,
                      "verify_inflight": 5, "verify_worker_restarts": 1,
-                     "worker_lost": 2, "under_load": 1, "repeated_bodies": 9})  # fmt: skip
+                     "worker_lost": 2, "under_load": 1, "repeated_bodies": 9,
+                     "device_answers": 9, "device_cookies": 1,
+                     "release_window": 32, "release_inflight": 6})  # fmt: skip
     m.on_event("evict", {"reason": "idle"})
     m.on_event("install", {"took_ms": 2.5})
     m.store_call("lookup", 0.002, None)
@@ -30,6 +32,11 @@ def test_scrape_reads_the_loops_stats() -> None:
         "wgjit_cookie_replies_total 2.0",
         "wgjit_under_load_total 1.0",
         "wgjit_repeated_bodies_total 9.0",
+        'wgjit_device_answers_total{kind="response"} 9.0',
+        'wgjit_device_answers_total{kind="cookie_reply"} 1.0',
+        "wgjit_release_window 32.0",
+        "wgjit_releases_in_flight 6.0",
+        "wgjit_releases_unanswered_total 0.0",
         'wgjit_held_packets_total{verdict="accept"} 7.0',
         'wgjit_hooks_total{result="run"} 3.0',
         'wgjit_hooks_total{result="timed_out"} 1.0',

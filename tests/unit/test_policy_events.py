@@ -282,6 +282,22 @@ def test_under_load_a_knock_without_mac2_gets_a_cookie_and_no_dh(tmp_path: Path)
     assert loop.outcome(k2) is None
 
 
+def test_a_sign_of_load_from_the_mode_cookies_new_senders(tmp_path: Path) -> None:
+    """Hold mode's releases waiting long for the device (the loop's note_load): like a late
+    queue, a new sender without mac2 gets a cookie reply for the next second."""
+    loop = Loop(tmp_path)
+    loop.policy.cookies = CookieChecker(loop.gw_key.public_key())
+    loop.policy.note_load(loop.clock.t, "release_delay")
+    k = knock(initiation(loop.peer("alice"), loop.gw_key, 1e9), loop.clock.t)
+    loop.knock(k)
+    assert loop.outcome(k) == Outcome.COOKIE
+    assert [e["sign"] for e in events(loop.out, "under_load")] == ["release_delay"]
+    loop.clock.t += 1.5  # a second after its last sign, load is over
+    k2 = knock(initiation(loop.peer("bob"), loop.gw_key, 1e9), loop.clock.t)
+    loop.knock(k2)
+    assert loop.outcome(k2) is None  # on to its look-up
+
+
 def test_under_load_ipv6_senders_share_a_limit_per_64(tmp_path: Path) -> None:
     loop = Loop(tmp_path, testing_always_under_load=True)  # no cookies: limits only
     outcomes = []

@@ -230,3 +230,86 @@ def initiation_filter(port: int) -> list[Insn]:
         stmt(BPF_RET | BPF_K, 0),
     ]
     return assemble(src)
+
+
+PACKET_OUTGOING = 4  # sent by this host
+RESPONSE_SIZE = 92  # handshake response (type 2)
+COOKIE_REPLY_SIZE = 64  # cookie reply (type 3)
+RESPONSE_WORD = 0x02000000
+COOKIE_REPLY_WORD = 0x03000000
+# what answers_filter keeps of the WireGuard message: type, sender/receiver indices, and a cookie
+# reply's nonce (enough to match an answer to its initiation and to tell copies apart)
+ANSWER_KEEP = 32
+
+
+def answers_filter(port: int) -> list[Insn]:
+    """Accept only the device's outgoing handshake answers from UDP source port `port`.
+
+    For a cooked (SOCK_DGRAM) AF_PACKET socket bound to all interfaces: packets this host
+    sends (PACKET_OUTGOING), IPv4 (unfragmented, any IHL) or IPv6 with UDP directly after the
+    fixed header, source port `port`, and either a handshake response (UDP length 8+92, first
+    word 02 00 00 00) or a cookie reply (8+64, 03 00 00 00). Keeps the bytes from the network
+    header to ANSWER_KEEP bytes into the message. A frame that crosses several interfaces (a
+    bridge, then its port) is seen once on each: the reader tells copies apart.
+    """
+    if not 0 < port < 65536:
+        raise ValueError(f"port must be 1-65535, not {port}")
+    ld_w = BPF_LD | BPF_W | BPF_ABS
+    ld_h = BPF_LD | BPF_H | BPF_ABS
+    ld_b = BPF_LD | BPF_B | BPF_ABS
+    ind_w = BPF_LD | BPF_W | BPF_IND
+    ind_h = BPF_LD | BPF_H | BPF_IND
+    reject = "reject"
+    src: list[Insn | Jump | Label] = [
+        stmt(ld_w, SKF_AD_OFF + SKF_AD_PKTTYPE),
+        jump(BPF_JEQ, PACKET_OUTGOING, None, reject),
+        stmt(ld_w, SKF_AD_OFF + SKF_AD_PROTOCOL),
+        jump(BPF_JEQ, ETH_P_IP, "ipv4"),
+        jump(BPF_JEQ, ETH_P_IPV6, "ipv6", reject),
+        Label("ipv4"),
+        stmt(ld_b, 0),
+        jump(BPF_JGE, 0x45, None, reject),
+        jump(BPF_JGT, 0x4F, reject),
+        stmt(ld_b, 9),
+        jump(BPF_JEQ, IPPROTO_UDP, None, reject),
+        stmt(ld_h, 6),
+        jump(BPF_JSET, 0x3FFF, reject),
+        stmt(BPF_LDX | BPF_B | BPF_MSH, 0),  # X = 4 * IHL: the UDP header's offset
+        stmt(ind_h, 0),
+        jump(BPF_JEQ, port, None, reject),
+        stmt(ind_h, 4),
+        jump(BPF_JEQ, UDP_HEADER_SIZE + RESPONSE_SIZE, "v4_response"),
+        jump(BPF_JEQ, UDP_HEADER_SIZE + COOKIE_REPLY_SIZE, None, reject),
+        stmt(ind_w, UDP_HEADER_SIZE),
+        jump(BPF_JEQ, COOKIE_REPLY_WORD, "v4_keep", reject),
+        Label("v4_response"),
+        stmt(ind_w, UDP_HEADER_SIZE),
+        jump(BPF_JEQ, RESPONSE_WORD, None, reject),
+        Label("v4_keep"),
+        stmt(BPF_LD | BPF_B | BPF_IND, UDP_HEADER_SIZE + ANSWER_KEEP - 1),  # truncated?
+        stmt(BPF_MISC | BPF_TXA),
+        stmt(BPF_ALU | BPF_ADD | BPF_K, UDP_HEADER_SIZE + ANSWER_KEEP),
+        stmt(BPF_RET | BPF_A),
+        Label("ipv6"),
+        stmt(ld_b, 0),
+        stmt(BPF_ALU | BPF_AND | BPF_K, 0xF0),
+        jump(BPF_JEQ, 0x60, None, reject),
+        stmt(ld_b, 6),
+        jump(BPF_JEQ, IPPROTO_UDP, None, reject),
+        stmt(ld_h, IPV6_HEADER_SIZE),
+        jump(BPF_JEQ, port, None, reject),
+        stmt(ld_h, IPV6_HEADER_SIZE + 4),
+        jump(BPF_JEQ, UDP_HEADER_SIZE + RESPONSE_SIZE, "v6_response"),
+        jump(BPF_JEQ, UDP_HEADER_SIZE + COOKIE_REPLY_SIZE, None, reject),
+        stmt(ld_w, IPV6_HEADER_SIZE + UDP_HEADER_SIZE),
+        jump(BPF_JEQ, COOKIE_REPLY_WORD, "v6_keep", reject),
+        Label("v6_response"),
+        stmt(ld_w, IPV6_HEADER_SIZE + UDP_HEADER_SIZE),
+        jump(BPF_JEQ, RESPONSE_WORD, None, reject),
+        Label("v6_keep"),
+        stmt(ld_b, IPV6_HEADER_SIZE + UDP_HEADER_SIZE + ANSWER_KEEP - 1),
+        stmt(BPF_RET | BPF_K, IPV6_HEADER_SIZE + UDP_HEADER_SIZE + ANSWER_KEEP),
+        Label(reject),
+        stmt(BPF_RET | BPF_K, 0),
+    ]
+    return assemble(src)

@@ -126,7 +126,10 @@ MAX_WORKERS = 64
 COMPLETIONS = ("hold", "replay", "invert", "none")
 
 
-DEFAULT_RELEASE_RATE = 6000.0
+# hold mode: released initiations the device has not answered yet, at most (see modes.HoldMode)
+DEFAULT_RELEASE_WINDOW = 64
+# hold mode's pace when it cannot watch the device's answers (releases per second)
+FALLBACK_RELEASE_RATE = 6000.0
 
 
 class ConfigError(WgjitError, ValueError):
@@ -163,9 +166,12 @@ class GatewayConfig:
     max_clock_skew: float = DEFAULT_MAX_CLOCK_SKEW
     # a knock that waited longer than this in the kernel's queue is a sign of load
     load_delay: float = 0.25
-    # hold mode hands the device at most this many initiations per second (0: no limit),
-    # so a herd's releases stay below its under-load mark (see modes.HoldMode)
-    release_rate: float = DEFAULT_RELEASE_RATE
+    # hold mode keeps at most this many released initiations unanswered by the device (0: no
+    # window), so a herd's releases stay below its under-load mark (see modes.HoldMode) ...
+    release_window: int = DEFAULT_RELEASE_WINDOW
+    # ... and hands it at most this many per second (0: no cap; without a window's answer
+    # watch, 0 means modes.FALLBACK_RELEASE_RATE)
+    release_rate: float = 0.0
     testing_always_under_load: bool = False
     knock_budget: float = DEFAULT_KNOCK_BUDGET
     max_install_age: float = DEFAULT_MAX_INSTALL_AGE
@@ -587,7 +593,7 @@ class Policy:
                 return Outcome.COOKIE
         if not self._global.allow(now):
             # the budget is spent: a sign of load, like a full handshake queue in WireGuard
-            self._load(now, "admission_budget")
+            self.note_load(now, "admission_budget")
             return Outcome.RATE_LIMITED
         if opened is not None:
             return self._opened(knock, ticket, opened, None, now, lookups, out, worker)
@@ -1295,12 +1301,14 @@ class Policy:
         order, and cookies would cost each client 5 s."""
         c = self.config
         if c.testing_always_under_load:
-            self._load(now, "testing")
+            self.note_load(now, "testing")
         elif now - knock.received_at > c.load_delay:
-            self._load(now, "queue_delay")
+            self.note_load(now, "queue_delay")
         return now < self._load_until
 
-    def _load(self, now: float, sign: str) -> None:
+    def note_load(self, now: float, sign: str) -> None:
+        """A sign of load (also from outside the policy: hold mode's releases waiting long for
+        the device): load for UNDER_LOAD_FOR from now."""
         if now >= self._load_until:
             self.counters["under_load"] += 1
             self.log.info("under_load", sign=sign, pending=self._pending_knocks)

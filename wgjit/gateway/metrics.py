@@ -161,6 +161,19 @@ class _Snapshot(Collector):
         ):  # fmt: skip
             held.add_metric([label], float(s.get(key, 0)))
         yield held
+        device = CounterMetricFamily(
+            "wgjit_device_answers",
+            "Hold mode: the device's answers to released initiations, seen leaving (a cookie "
+            "reply: the device passed its own under-load mark, and the release window backs off)",
+            labels=["kind"],
+        )
+        for label, key in (("response", "device_answers"), ("cookie_reply", "device_cookies")):
+            device.add_metric([label], float(s.get(key, 0)))
+        yield device
+        yield CounterMetricFamily(
+            "wgjit_releases_unanswered", "Hold mode: releases the device did not answer in time",
+            value=float(s.get("release_unanswered", 0)),
+        )  # fmt: skip
         hooks = CounterMetricFamily(
             "wgjit_hooks", "Install/evict hook runs, by result", labels=["result"]
         )
@@ -174,6 +187,10 @@ class _Snapshot(Collector):
             ("wgjit_device_calls_in_flight", "device_calls", "Device calls not finished"),
             ("wgjit_verify_jobs_in_flight", "verify_inflight",
              "Knocks on the verify workers (--workers), not answered yet"),
+            ("wgjit_release_window", "release_window",
+             "Hold mode: released initiations the device may have unanswered now"),
+            ("wgjit_releases_in_flight", "release_inflight",
+             "Hold mode: released initiations the device has not answered yet"),
         ):  # fmt: skip
             yield GaugeMetricFamily(name, doc, value=float(s.get(key, 0)))
         yield CounterMetricFamily(

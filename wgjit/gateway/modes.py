@@ -20,15 +20,18 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-from wgjit.capture.afpacket import PacketCapture
+from wgjit.capture.afpacket import CaptureError, PacketCapture
+from wgjit.capture.answers import COOKIE_REPLY, Answer, AnswerCapture
 from wgjit.capture.iptables import QueueRules, RuleError
 from wgjit.capture.nfqueue import Held, NfQueue, QueueError
 from wgjit.capture.packet import Knock
 from wgjit.capture.replay import Reinjector, ReplayError
 from wgjit.events import EventLog
+from wgjit.gateway.core import FALLBACK_RELEASE_RATE
 from wgjit.gateway.effects import Invert, Verdict
 from wgjit.gateway.limits import TokenBucket
 from wgjit.gateway.outcome import Outcome
+from wgjit.gateway.pace import ReleaseWindow, sender_index
 
 MODES = ("auto", "hold", "replay", "invert", "none")
 # releases a paced hold mode sends at once: below wireguard-go's under-load mark (128 waiting)
@@ -72,6 +75,14 @@ class Mode:
 
     def tick(self, now: float) -> None:
         pass
+
+    def readers(self) -> list[tuple[int, Callable[[], None]]]:
+        """More sockets the loop watches for this mode: (fd, call when readable)."""
+        return []
+
+    def release_delay(self, now: float) -> float:
+        """How long the oldest knock whose verdict is given has waited to be released."""
+        return 0.0
 
     def stats(self) -> dict[str, int]:
         return {}
@@ -143,28 +154,57 @@ class InvertMode(_Capture):
 class HoldMode(Mode):
     """Initiations wait in an NFQUEUE for their verdict.
 
-    Releases are paced (`release_rate` per second, bursts of RELEASE_BURST; 0: unpaced): a
-    herd's verdicts come in bursts of hundreds (one batch of installs), and a device handed
+    A herd's verdicts come in bursts of hundreds (one batch of installs), and a device handed
     more initiations at once than its own under-load mark (wireguard-go: 128 waiting, the
     kernel: 512) answers cookie replies to everyone for the next second, so each client waits
-    for its 5 s retry. Held packets are released in the order their verdicts came; drops
-    are not paced (the device never sees them). The queue's 1 s release still applies."""
+    for its 5 s retry. So releases are paced:
+
+    - by the device's own answers (`window`, a pace.ReleaseWindow, with `answers`, the socket
+      that sees them leave): at most the window's limit released and not answered yet; cookie
+      replies the device sends halve the window;
+    - and/or at most `release_rate` per second (bursts of RELEASE_BURST): a cap with a
+      window, the only pace without one (0: none).
+
+    Held packets are released in the order their verdicts came; drops are not paced (the
+    device never sees them). The queue's 1 s release still applies: a paced release that
+    reaches it goes then (counted as released late), whatever the window says."""
 
     name = "hold"
 
     def __init__(
-        self, queue: NfQueue, log: EventLog, replier: Reinjector | None, release_rate: float = 0.0
+        self,
+        queue: NfQueue,
+        log: EventLog,
+        replier: Reinjector | None,
+        release_rate: float = 0.0,
+        *,
+        window: ReleaseWindow | None = None,
+        answers: AnswerCapture | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.queue = queue
         self.log = log
         self.replier = replier
-        self._pace = TokenBucket(release_rate, RELEASE_BURST) if release_rate > 0 else None
+        self.clock = clock if clock is not None else time.monotonic
+        self._cap = TokenBucket(release_rate, RELEASE_BURST) if release_rate > 0 else None
+        self.window = window
+        self.answers = answers
         self._paced: collections.deque[Held] = collections.deque()
         self.paced = 0  # releases that waited for the pace
         self.paced_max = 0  # the most that waited at once
+        self.late = 0  # paced releases that waited until the queue's hold limit
+
+    @property
+    def pacing(self) -> bool:
+        return self.window is not None or self._cap is not None
 
     def fileno(self) -> int:
         return self.queue.fileno()
+
+    def readers(self) -> list[tuple[int, Callable[[], None]]]:
+        if self.answers is None:
+            return []
+        return [(self.answers.fileno(), self.device_answers)]
 
     def read(self) -> Batch:
         return [(h.knock, h) for h in self.queue.recv_batch()]
@@ -175,44 +215,121 @@ class HoldMode(Mode):
         if not isinstance(held, Held):
             return
         accept = v.outcome.accepts
-        if (
-            accept
-            and self._pace is not None
-            and (self._paced or not self._pace.allow(time.monotonic()))
-        ):
-            self._paced.append(held)
-            self.paced += 1
-            self.paced_max = max(self.paced_max, len(self._paced))
-            return
+        if accept and self.pacing:
+            if self._paced or not self._may_release(self.clock()):
+                self._paced.append(held)
+                self.paced += 1
+                self.paced_max = max(self.paced_max, len(self._paced))
+                return
+            self._released(held, self.clock())
         self.queue.verdict(held, accept)
+
+    def release_delay(self, now: float) -> float:
+        paced = self._paced
+        while paced and not self.queue.holds(paced[0]):
+            paced.popleft()  # released by the queue's 1 s limit meanwhile
+        # the head was judged first; knocks are judged about in the order they came
+        return now - paced[0].knock.received_at if paced else 0.0
+
+    def _may_release(self, now: float) -> bool:
+        """Whether one more may go to the device now (spends a token of the cap if so)."""
+        if self.window is not None and self.window.room(now) <= 0:
+            return False
+        return self._cap is None or self._cap.allow(now)
+
+    def _released(self, held: Held, now: float, *, forced: bool = False) -> None:
+        if self.window is not None:
+            self.window.release(sender_index(held.knock.payload), now, forced=forced)
+
+    def device_answers(self) -> None:
+        """The answer socket is readable: read what the device sent."""
+        assert self.answers is not None
+        try:
+            answers = self.answers.recv_batch()
+        except OSError as e:
+            self.log.error("answer_watch_failed", error=str(e))
+            return
+        self.on_answers(answers, self.clock())
+
+    def on_answers(self, answers: list[Answer], now: float) -> None:
+        """The device's answers seen leaving: free their releases' slots, release more."""
+        window = self.window
+        if window is None:
+            return
+        for a in answers:
+            window.answer(a.receiver, a.kind == COOKIE_REPLY, now)
+        if self._paced:
+            self._drain(now)
+            self.queue.flush()
+
+    def _drain(self, now: float) -> None:
+        paced = self._paced
+        while paced:
+            if not self.queue.holds(paced[0]):
+                paced.popleft()  # released by the queue's 1 s limit meanwhile
+            elif self._may_release(now):
+                held = paced.popleft()
+                self._released(held, now)
+                self.queue.verdict(held, True)
+            else:
+                break
 
     def flush(self) -> None:
         self.queue.flush()
 
     def next_deadline(self) -> float | None:
         deadline = self.queue.next_deadline()
-        if self._paced and self._pace is not None:
-            due = self._pace.next_token(time.monotonic())
-            deadline = due if deadline is None else min(deadline, due)
+        if self._paced:
+            now = self.clock()
+            due: float | None = now
+            if self.window is not None and self.window.room(now) <= 0:
+                due = self.window.next_expiry()  # else an answer wakes the loop
+            elif self._cap is not None:
+                due = self._cap.next_token(now)
+            if due is not None:
+                deadline = due if deadline is None else min(deadline, due)
+        elif self.window is not None and len(self.window):
+            due = self.window.next_expiry()  # keeps the window's counters current
+            if due is not None:
+                deadline = due if deadline is None else min(deadline, due)
         return deadline
 
     def tick(self, now: float) -> None:
-        paced, pace = self._paced, self._pace
-        while paced and pace is not None:
-            if not self.queue.holds(paced[0]):
-                paced.popleft()  # released by the queue's 1 s limit meanwhile
-            elif pace.allow(now):
-                self.queue.verdict(paced.popleft(), True)
-            else:
-                break
-        released = self.queue.expire(now)  # flushes
+        if self.window is not None:
+            self.window.expire(now)
+        self._drain(now)
+        late = 0
+        due = self.queue.next_deadline()
+        if self._paced and due is not None and due <= now:
+            # paced releases that reached the queue's hold limit go now (the queue would
+            # release them anyway), counted in the window: they are on their way to the device
+            limit = self.queue.hold_timeout
+            keep: collections.deque[Held] = collections.deque()
+            for held in self._paced:
+                if not self.queue.holds(held):
+                    continue
+                if now - held.knock.received_at >= limit:
+                    self._released(held, now, forced=True)
+                    self.queue.verdict(held, True)
+                    late += 1
+                else:
+                    keep.append(held)
+            self._paced = keep
+            self.late += late
+        released = self.queue.expire(now) + late  # flushes
         if released:
             self.log.warning("held_too_long", released=released)
-            if paced:
-                self._paced = collections.deque(h for h in paced if self.queue.holds(h))
 
     def stats(self) -> dict[str, int]:
-        return {**self.queue.stats(), "queue_paced": self.paced, "queue_paced_max": self.paced_max}
+        out = {
+            **self.queue.stats(),
+            "queue_paced": self.paced,
+            "queue_paced_max": self.paced_max,
+        }
+        out["queue_expired"] += self.late  # released at the hold limit, by the queue or here
+        if self.window is not None:
+            out.update(self.window.stats())
+        return out
 
 
 def open_mode(
@@ -228,9 +345,14 @@ def open_mode(
     submit: Callable[[Invert], None],
     log: EventLog,
     release_rate: float = 0.0,
+    release_window: int = 0,
 ) -> Mode:
     """Open what `mode` needs (closed by `stack`); for `auto`, the first of hold, replay,
-    invert that works. Raises ModeError when an explicitly requested mode cannot work."""
+    invert that works. Raises ModeError when an explicitly requested mode cannot work.
+
+    Hold mode paces releases by a window of `release_window` unanswered (0: none), capped at
+    `release_rate` a second (0: no cap). If the device's answers cannot be watched, it warns
+    once and paces at `release_rate`, or FALLBACK_RELEASE_RATE if that is 0."""
     if mode in ("auto", "hold"):
         qnum = port if queue_num is None else queue_num
         try:
@@ -251,7 +373,17 @@ def open_mode(
                 stack.callback(replier.close)
             except ReplayError as e:
                 log.warning("cookies_unavailable", reason=str(e))
-            return HoldMode(queue, log, replier, release_rate)
+            window = answers = None
+            if release_window > 0:
+                try:
+                    answers = AnswerCapture(port)
+                    stack.callback(answers.close)
+                    window = ReleaseWindow(release_window)
+                except (CaptureError, OSError) as e:
+                    release_rate = release_rate or FALLBACK_RELEASE_RATE
+                    log.warning("release_window_unavailable", reason=str(e),
+                                release_rate=release_rate)  # fmt: skip
+            return HoldMode(queue, log, replier, release_rate, window=window, answers=answers)
         except (QueueError, RuleError, OSError) as e:
             if mode == "hold":
                 raise ModeError(f"--mode hold: {e}") from None

@@ -67,6 +67,9 @@ SHUTDOWN_WAIT = 5.0
 # survived (gc.freeze: out of the collector's sight; still freed by reference counting when
 # dropped), so no collection ever scans the long-lived peers and no cyclic garbage is frozen.
 GC_FREEZE_INTERVAL = 5.0
+# hold mode: a judged knock still waiting for its release after this long (of the queue's 1 s
+# hold limit) is a sign of load (see _on_knocks)
+RELEASE_LOAD_DELAY = 0.6
 # how often the loop looks for dead or hung verify workers
 POOL_CHECK_INTERVAL = 0.25
 # Verify jobs waiting for a worker slot (every worker has DEFAULT_INFLIGHT in flight): a herd
@@ -189,6 +192,7 @@ def serve(
                 submit=loop.submit,
                 log=log,
                 release_rate=config.release_rate,
+                release_window=config.release_window,
             )
         except ModeError as e:
             raise GatewayError(str(e)) from None
@@ -200,6 +204,7 @@ def serve(
             public_key=str(state.public_key),
             listen_port=state.listen_port,
             mode=loop.mode.name,
+            release_window=getattr(getattr(loop.mode, "window", None), "size", None),
             queue=getattr(getattr(loop.mode, "queue", None), "queue_num", None),
             idle_timeout=config.idle_timeout,
             sweep_interval=config.sweep_interval,
@@ -490,7 +495,13 @@ class _Loop:
     def _on_knocks(self) -> None:
         batch: Batch = self.mode.read()
         if batch:
-            self.apply(self.policy.on_knocks(batch, time.monotonic()))
+            now = time.monotonic()
+            if self.mode.release_delay(now) > RELEASE_LOAD_DELAY:
+                # judged knocks wait for the device: judging more now only makes them wait
+                # past the hold limit (released at once then, pushing the device past its
+                # mark); new senders get cookies, as if the queue itself were late
+                self.policy.note_load(now, "release_delay")
+            self.apply(self.policy.on_knocks(batch, now))
 
     def next_deadline(self) -> float:
         return self.policy.next_deadline()
@@ -536,6 +547,8 @@ class _Loop:
         try:
             self.reactor.add_reader(wake_r.fileno(), on_wake)
             self.reactor.add_reader(self.mode.fileno(), self._on_knocks)
+            for fd, on_readable in self.mode.readers():
+                self.reactor.add_reader(fd, on_readable)
             self.reactor.add_ticker(self)
             self.reactor.add_ticker(self.mode)
             if self.pool is not None:

@@ -1,0 +1,308 @@
+"""Hold mode's release window (wgjit.gateway.pace) and hold mode paced by it: sans-IO, the clock
+passed in. No sockets: the queue is the fake of test_hold_replay, answers are given directly."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+
+import pytest
+
+from tests.unit.test_gateway_core import knock
+from tests.unit.test_hold_replay import _Dummy, _queue_with, _refuse, _verdicts
+from wgjit.capture import nfqueue as nq
+from wgjit.capture.afpacket import CaptureError
+from wgjit.capture.answers import COOKIE_REPLY, RESPONSE, Answer
+from wgjit.events import EventLog, parse_logfmt
+from wgjit.gateway import modes, pace
+from wgjit.gateway.core import FALLBACK_RELEASE_RATE
+from wgjit.gateway.effects import Verdict
+from wgjit.gateway.outcome import Outcome
+from wgjit.gateway.pace import ReleaseWindow, sender_index
+
+# -- the window ------------------------------------------------------------------------------
+
+
+def test_releases_wait_for_answers_and_an_answer_frees_its_own_slot() -> None:
+    w = ReleaseWindow(4)
+    for i in range(4):
+        assert w.room(0.0) == 4 - i
+        w.release(i, 0.0)
+    assert w.room(0.001) == 0 and len(w) == 4
+    assert w.answer(2, False, 0.002)  # the device answered initiation 2
+    assert w.room(0.002) == 1
+    assert not w.answer(2, False, 0.002)  # a second copy of that frame: matches nothing
+    assert not w.answer(99, False, 0.002)  # a rekey of an installed peer: not ours
+    assert w.answered == 1 and w.room(0.002) == 1
+
+
+def test_a_lost_release_never_stalls_the_window_and_a_late_answer_is_counted() -> None:
+    w = ReleaseWindow(2)
+    w.release(1, 10.0)
+    w.release(2, 10.0)
+    assert w.room(10.0 + pace.INITIAL_TIMEOUT - 0.001) == 0
+    assert w.next_expiry() == pytest.approx(10.0 + pace.INITIAL_TIMEOUT)
+    assert w.room(10.0 + pace.INITIAL_TIMEOUT) == 2  # neither answered: both time out
+    assert w.unanswered == 2 and w.next_expiry() is None
+    assert w.answer(1, False, 10.3)  # answered after all: matched, counted as late
+    assert w.late == 1 and w.answered == 1 and w.room(10.3) == 2
+    assert not w.answer(2, False, 10.0 + pace.LATE_MEMORY + 1)  # forgotten by then
+
+
+def test_cookies_halve_the_window_once_per_timeout_and_answers_grow_it_back() -> None:
+    w = ReleaseWindow(64)
+    for i in range(64):
+        w.release(i, 0.0)
+    assert w.answer(0, True, 0.010)  # the device passed its under-load mark
+    assert w.cookies == 1 and w.limit == 32 and w.backoffs == 1
+    assert w.answer(1, True, 0.011)  # the same episode: not halved again
+    assert w.limit == 32 and w.cookies == 2
+    # not before one answer timeout has passed (it follows the answer times: 10 ms here)
+    assert w.answer(2, True, 0.011 + w.timeout) and w.limit == 16
+    for i in range(3, 40):
+        w.answer(i, True, 1.0 + i)
+    assert w.limit == pace.MIN_WINDOW  # never below
+    before = w.limit
+    for i in range(100, 400):
+        w.release(i, 50.0)
+        w.answer(i, False, 50.001)
+    assert before < w.limit <= 64
+    for i in range(400, 5000):
+        w.release(i, 60.0)
+        w.answer(i, False, 60.001)
+    assert w.limit == 64  # and no further
+
+
+def test_the_timeout_follows_measured_answer_times_within_bounds() -> None:
+    w = ReleaseWindow(8)
+    assert w.timeout == pace.INITIAL_TIMEOUT
+    for i in range(50):
+        w.release(i, float(i))
+        w.answer(i, False, i + 0.002)
+    assert w.timeout == pace.MIN_TIMEOUT  # 2 ms answers: the floor
+    for i in range(50, 100):
+        w.release(i, float(i))
+        w.answer(i, False, i + 0.2)
+    assert 0.2 <= w.timeout <= pace.MAX_TIMEOUT
+    for i in range(100, 150):
+        w.release(i, float(i))
+        w.answer(i, False, i + 3.0)
+    assert w.timeout == pace.MAX_TIMEOUT
+
+
+def test_late_memory_is_bounded() -> None:
+    w = ReleaseWindow(2)
+    for i in range(1000):
+        w.release(i, 0.0)  # forced ones (the hold limit) may exceed the window
+    w.expire(1.0)
+    assert len(w._late) <= 16 * 2
+
+
+def test_window_size_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        ReleaseWindow(0)
+
+
+def test_sender_index_is_what_answers_carry_back() -> None:
+    init = b"\x01\x00\x00\x00" + bytes([0x78, 0x56, 0x34, 0x12]) + bytes(140)
+    assert sender_index(init) == 0x12345678
+
+
+# -- hold mode paced by the window -------------------------------------------------------------
+
+
+def _init(i: int) -> bytes:
+    return b"\x01\x00\x00\x00" + i.to_bytes(4, "little") + bytes(140)
+
+
+_Mode = tuple[modes.HoldMode, list[bytes], list[float]]
+
+
+def _mode(n: int, window: int, rate: float = 0.0) -> _Mode:
+    clock = [100.0]
+    q, sock = _queue_with({i: 100.0 for i in range(n)})
+    mode = modes.HoldMode(q, EventLog(io.StringIO()), None, rate, window=ReleaseWindow(window),
+                          clock=lambda: clock[0])  # fmt: skip
+    return mode, sock.sent, clock
+
+
+def _accepted(sent: list[bytes]) -> list[int]:
+    return [pid for v, pid in _verdicts(sent, range(201)) if v == nq.NF_ACCEPT]
+
+
+def _verdict(mode: modes.HoldMode, i: int, outcome: Outcome = Outcome.INSTALLED) -> None:
+    k = knock(_init(i), 100.0)
+    mode.verdict(Verdict(nq.Held(k, i), outcome, k))
+
+
+def test_hold_mode_releases_in_verdict_order_as_the_device_answers() -> None:
+    mode, sent, clock = _mode(201, 8)
+    for i in range(200):
+        _verdict(mode, i)
+    _verdict(mode, 200, Outcome.UNKNOWN)  # a drop is not paced
+    mode.flush()
+    assert _accepted(sent) == list(range(8))
+    assert (nq.NF_DROP, 200) in _verdicts(sent, range(201))
+    assert mode.next_deadline() == pytest.approx(100.0 + pace.INITIAL_TIMEOUT)  # or an answer
+    clock[0] = 100.005
+    mode.on_answers([Answer(RESPONSE, 3), Answer(RESPONSE, 5), Answer(RESPONSE, 3)], clock[0])
+    assert _accepted(sent) == list(range(10))  # two slots freed (the copy of 3 freed none)
+    answered = 2
+    while len(_accepted(sent)) < 200:
+        clock[0] += 0.001
+        released = _accepted(sent)
+        mode.on_answers([Answer(RESPONSE, i) for i in released[answered - 2 :]], clock[0])
+        answered = len(released) + 2
+        window = mode.window
+        assert window is not None and len(window) <= 8
+    assert _accepted(sent) == list(range(200))  # all of them, in verdict order
+    s = mode.stats()
+    assert s["queue_paced"] == 192 and s["release_inflight_max"] == 8
+    assert s["device_answers"] >= 190 and s["device_cookies"] == 0 and s["queue_expired"] == 0
+
+
+def test_hold_mode_backs_off_on_the_devices_cookies() -> None:
+    mode, sent, clock = _mode(100, 16)
+    for i in range(100):
+        _verdict(mode, i)
+    mode.flush()
+    assert _accepted(sent) == list(range(16))
+    clock[0] = 100.01
+    # the device cookies two of ours: it passed its mark; the window halves to 8, so the
+    # two freed slots release nothing while 14 are still in flight
+    mode.on_answers([Answer(COOKIE_REPLY, 0), Answer(COOKIE_REPLY, 1)], clock[0])
+    assert _accepted(sent) == list(range(16))
+    s = mode.stats()
+    assert s["device_cookies"] == 2 and s["release_window"] == 8 and s["release_backoffs"] == 1
+    mode.on_answers([Answer(RESPONSE, i) for i in range(2, 9)], clock[0])
+    assert _accepted(sent) == list(range(17))  # 7 in flight now: one more fits
+
+
+def test_unanswered_releases_time_out_on_tick() -> None:
+    mode, sent, clock = _mode(20, 4)
+    for i in range(20):
+        _verdict(mode, i)
+    mode.flush()
+    assert _accepted(sent) == [0, 1, 2, 3]
+    deadline = mode.next_deadline()
+    assert deadline == pytest.approx(100.0 + pace.INITIAL_TIMEOUT)
+    clock[0] = deadline
+    mode.tick(clock[0])  # the device answered none of them (lost): the window moves on
+    assert _accepted(sent) == list(range(8))
+    assert mode.stats()["release_unanswered"] == 4
+
+
+def test_the_hold_limit_wins_over_the_window_and_is_counted_in_it() -> None:
+    mode, sent, clock = _mode(50, 4)
+    for i in range(50):
+        _verdict(mode, i)
+    mode.flush()
+    clock[0] = 101.0  # nobody answered; the queue's 1 s limit is reached for all
+    mode.tick(clock[0])
+    assert sorted(_accepted(sent)) == list(range(50)) and len(_accepted(sent)) == 50
+    s = mode.stats()
+    # the first 4 timed out, so 4 more went through the window; the other 42 reached the
+    # limit and went whatever the window said
+    assert s["queue_expired"] == 42
+    window = mode.window
+    assert window is not None and len(window) == 46  # and on their way to the device
+    assert s["release_inflight_max"] == 4
+    assert mode.next_deadline() == pytest.approx(101.0 + window.timeout)
+
+
+def test_a_rate_cap_applies_on_top_of_the_window() -> None:
+    mode, sent, clock = _mode(200, 128, rate=1000.0)
+    for i in range(200):
+        _verdict(mode, i)
+    mode.flush()
+    assert _accepted(sent) == list(range(modes.RELEASE_BURST))  # the cap's burst, not 128
+    clock[0] = 100.010
+    mode.tick(clock[0])
+    assert len(_accepted(sent)) == modes.RELEASE_BURST + 10
+
+
+def test_release_delay_is_how_long_the_oldest_judged_knock_waits() -> None:
+    mode, sent, clock = _mode(20, 4)
+    assert mode.release_delay(100.5) == 0.0  # nothing waits
+    for i in range(20):
+        _verdict(mode, i)  # knocks received at 100.0
+    mode.flush()
+    assert mode.release_delay(100.6) == pytest.approx(0.6)
+    mode.queue.expire(101.0)  # the queue let them all go (1 s): nothing waits any more
+    assert mode.release_delay(101.0) == 0.0
+
+
+def test_released_at_once_when_the_window_has_room() -> None:
+    mode, sent, clock = _mode(3, 8)
+    for i in range(3):
+        _verdict(mode, i, Outcome.ALREADY_INSTALLED)
+    mode.flush()
+    assert _accepted(sent) == [0, 1, 2] and mode.stats()["queue_paced"] == 0
+
+
+# -- opening: a window if the answers can be watched, else one warning and the rate -----------
+
+
+def _open(stack: contextlib.ExitStack, out: io.StringIO, **kw: object) -> modes.Mode:
+    return modes.open_mode(
+        stack, "hold", port=51820, queue_num=None, ifname="wg0", capture_interface=None,
+        invert_delay=0.005, call_at=lambda w, c: None, submit=lambda e: None,
+        log=EventLog(out), **kw,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def _no(self: object) -> None:
+    pass
+
+
+class _Answers(_Dummy):
+    def fileno(self) -> int:
+        return 42
+
+
+def test_open_hold_mode_with_a_window_or_falls_back_to_the_rate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(modes, "NfQueue", _Dummy)
+    rules = type("Rules", (_Dummy,), {"install": _no, "remove": _no, "removed_stale": 0})
+    monkeypatch.setattr(modes, "QueueRules", rules)
+    monkeypatch.setattr(modes, "Reinjector", _Dummy)
+    monkeypatch.setattr(modes, "AnswerCapture", _Answers)
+    out = io.StringIO()
+    with contextlib.ExitStack() as stack:
+        m = _open(stack, out, release_window=64)
+        assert isinstance(m, modes.HoldMode) and m.window is not None and m.window.size == 64
+        assert m._cap is None and m.readers()[0][0] == 42
+        m = _open(stack, out, release_window=64, release_rate=500.0)
+        assert isinstance(m, modes.HoldMode) and m._cap is not None and m._cap.rate == 500.0
+        assert out.getvalue() == ""
+        monkeypatch.setattr(modes, "AnswerCapture", _refuse(CaptureError(errno.EPERM, "no")))
+        m = _open(stack, out, release_window=64)
+        assert isinstance(m, modes.HoldMode) and m.window is None and m.readers() == []
+        assert m._cap is not None and m._cap.rate == FALLBACK_RELEASE_RATE
+        m = _open(stack, out, release_window=64, release_rate=300.0)
+        assert isinstance(m, modes.HoldMode) and m._cap is not None and m._cap.rate == 300.0
+        m = _open(stack, out, release_window=0)  # no window asked: no watch, no warning
+        assert isinstance(m, modes.HoldMode) and m.window is None and m._cap is None
+    warnings = [parse_logfmt(line) for line in out.getvalue().splitlines()]
+    assert [(e["event"], e["release_rate"]) for e in warnings] == [
+        ("release_window_unavailable", f"{FALLBACK_RELEASE_RATE:g}"),
+        ("release_window_unavailable", "300"),
+    ]
+    assert all(e["reason"] == "no" for e in warnings)
+
+
+def test_a_release_passed_over_leaves_once_later_ones_are_answered() -> None:
+    """The device ignores an initiation (a key it does not have): its slot is free once
+    REORDER later releases were answered, long before the timeout."""
+    w = ReleaseWindow(16)
+    for i in range(12):
+        w.release(i, 0.0)
+    for i in range(1, pace.REORDER):  # answers for 1..REORDER-1: 0 may just be late
+        w.answer(i, False, 0.001)
+    assert w.room(0.001) == 16 - 12 + pace.REORDER - 1
+    w.answer(pace.REORDER, False, 0.001)  # REORDER later ones answered: 0 was passed over
+    assert w.room(0.001) == 16 - 12 + pace.REORDER + 1
+    assert w.unanswered == 1 and len(w) == 12 - pace.REORDER - 1
+    assert w.answer(0, False, 0.002) and w.late == 1  # if it comes after all: counted late
