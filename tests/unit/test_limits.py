@@ -3,8 +3,9 @@ from wgjit.gateway.limits import KeyedRateLimiter, TokenBucket, TTLSet
 
 def test_ttlset_expires_and_bounds() -> None:
     s: TTLSet[str] = TTLSet(ttl=10, capacity=3)
-    assert not s.seen("a", 0)
-    assert s.seen("a", 5)
+    assert not s.contains("a", 0)
+    s.add("a", 0)
+    assert s.contains("a", 5)
     assert not s.contains("a", 10.0)  # expired exactly at ttl
     for i, k in enumerate("bcde"):
         s.add(k, 20 + i)

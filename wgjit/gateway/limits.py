@@ -1,7 +1,8 @@
 """Small, bounded, clock-injected building blocks of the gateway's admission policy.
 
-TTL sets (duplicate suppression, negative cache) and token-bucket rate limiters. They take the
-current time as an argument, so tests drive them without sleeping; they never do I/O.
+TTL sets (duplicate suppression, negative cache), an LRU map, a filter of bodies seen before,
+and token-bucket rate limiters. Those with time take it as an argument, so tests drive them
+without sleeping; none does I/O.
 """
 
 from __future__ import annotations
@@ -41,13 +42,6 @@ class TTLSet(Generic[K]):
         self._expiry[key] = now + self.ttl
         self._expiry.move_to_end(key)
         self._trim(now)
-
-    def seen(self, key: K, now: float) -> bool:
-        """True if `key` is remembered; otherwise remember it and return False."""
-        if self.contains(key, now):
-            return True
-        self.add(key, now)
-        return False
 
     def discard(self, key: K) -> None:
         self._expiry.pop(key, None)
