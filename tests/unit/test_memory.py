@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tests.unit.policy_driver import SyncGateway
-from wgjit.device import DeviceState, PeerConfig, PeerStats
+from wgjit.device import DeviceState, PeerConfig, PeerStats, SnapshotDump, StatsDump
 from wgjit.events import EventLog
 from wgjit.gateway import memory
 from wgjit.gateway.core import GatewayConfig
@@ -55,6 +55,9 @@ class DumpDevice:
             )
             for i in range(0, len(raw), 32)
         }  # fmt: skip
+
+    def stats_dump(self) -> StatsDump:
+        return SnapshotDump(self.stats())
 
     def set_peer(self, config: PeerConfig) -> None:
         pass
