@@ -250,6 +250,7 @@ def run(n: int, store: str, rate: float, sweep_interval: float, cycles: int) -> 
         out = prober.stdout.read()
         prober.wait(30)
         run_end = time.monotonic()
+        sweeps = [e for e in g.events("sweep") if sweep_start <= wall_to_mono(e["ts"]) < sweep_end]
         assert g.stop() == 0, "\n".join(g.lines[-20:])
     rows: list[list[Any]] = json.loads(out)
     start_name = f"start + reconcile ({ready - gw_start:.1f} s to `ready`) + {SETTLE_S:g} s"
@@ -279,6 +280,13 @@ def run(n: int, store: str, rate: float, sweep_interval: float, cycles: int) -> 
         f" at the end (RssAnon {mem.get('RssAnon', 0) / 1024:.0f} MiB, RssFile"
         f" {mem.get('RssFile', 0) / 1024:.0f} MiB: libraries); VmHWM"
         f" {mem.get('VmHWM', 0) / 1024:.0f} MiB",
+        # (a memory figure says what a sweep holds only if a sweep ran whole in the window)
+        f"sweeps finished in the sweep window: {len(sweeps)}"
+        + "".join(
+            f"; {e.get('peers')} peers in {int(e.get('took_ms', 0)) / 1000:.1f} s"
+            f"{'' if e.get('complete') in (True, 'true') else ' (incomplete)'}"
+            for e in sweeps
+        ),
     ]
     return "\n".join(lines)
 

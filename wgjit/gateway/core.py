@@ -365,6 +365,7 @@ class Policy:
         self._sweep_complete = False  # ... and the read had every device peer in it
         self._sweep_ending = False  # _sweep_work is the sweep's last phase (_sweep_end)
         self._sweep_since = 0.0  # what _account() takes as news: handshakes after this
+        self._sweep_peers = 0  # device peers read so far (for the sweep's log line)
         # an idle peer whose removal waits for the next chunk (see _chunk_steps)
         self._sweep_held: list[PublicKey] = []
         self._reconciling = [0, 0, 0]  # look-ups to go, peers kept, peers the store knows
@@ -476,6 +477,7 @@ class Policy:
             self._sweep_started = self.wall()
             self._removed_during_sweep.clear()
             self._sweep_gen += 1
+            self._sweep_peers = 0
             self._sweep_read_over = self._sweep_complete = False
             self._sweep_reading = True
             out.append(ReadHandshakes(None, SWEEP_CHUNK))
@@ -938,6 +940,7 @@ class Policy:
             self._next_sweep = now + self.config.sweep_interval
         else:
             assert isinstance(result, StatsChunk)
+            self._sweep_peers += len(result.stats)
             if effect.dump is None:  # the first chunk: handshakes after this sweep are news
                 self._sweep_since, self._accounted_at = self._accounted_at, self._sweep_started
             self._sweep_chunks.append(result)
@@ -1020,6 +1023,7 @@ class Policy:
             # the read failed, or the device changed while it was read (netlink: peers may be
             # missing from it): nobody is taken for lost this time
             self.counters["sweeps_incomplete"] += 1
+            self._log_sweep()
             yield first
             return
         started, gen = self._sweep_started, self._sweep_gen
@@ -1037,7 +1041,15 @@ class Policy:
                 work = 0
                 yield first
                 first = []
+        self._log_sweep()
         yield first
+
+    def _log_sweep(self) -> None:
+        self.counters["sweeps"] += 1
+        self.log.info(
+            "sweep", peers=self._sweep_peers, complete=self._sweep_complete,
+            took_ms=round((self.wall() - self._sweep_started) * 1000),
+        )  # fmt: skip
 
     def _unheld(self, held: list[PublicKey]) -> list[PublicKey]:
         """Held-back idle peers still to remove: not those installed or on their way in
