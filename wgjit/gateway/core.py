@@ -234,15 +234,6 @@ class Installed:
     swept: int = 0
 
 
-def _rechecks(keys: list[PublicKey]) -> list[Effect]:
-    """Look-ups of installed peers, RECONCILE_CHUNK at a time: a pause or a feed reset with
-    100 000 installed must not hold 100 000 Peer objects at once."""
-    return [
-        Lookup(tuple(keys[i : i + RECONCILE_CHUNK]), Purpose.RECHECK)
-        for i in range(0, len(keys), RECONCILE_CHUNK)
-    ]
-
-
 def _source_key(source: Endpoint) -> object:
     """What per-source limits count by: an IPv4 address, or an IPv6 /64 (one host's share;
     anyone can have a /64 of addresses, as in the kernel's ratelimiter)."""
@@ -368,6 +359,9 @@ class Policy:
         self._sweep_peers = 0  # device peers read so far (for the sweep's log line)
         # an idle peer whose removal waits for the next chunk (see _chunk_steps)
         self._sweep_held: list[PublicKey] = []
+        # re-checks of every installed peer, a chunk at a time (see _recheck_all)
+        self._recheck_todo: deque[tuple[PublicKey, ...]] = deque()
+        self._recheck_inflight: Lookup | None = None
         self._reconciling = [0, 0, 0]  # look-ups to go, peers kept, peers the store knows
         self._reconcile_bad: list[tuple[PublicKey, str, str]] = []
         # why the policy refuses to start (set by reconcile), or None
@@ -674,6 +668,9 @@ class Policy:
         out: list[Effect],
     ) -> None:  # fmt: skip
         if isinstance(effect, Lookup):
+            if effect is self._recheck_inflight:
+                self._recheck_inflight = None
+                self._next_recheck(out)  # (looked up while this one is worked through)
             if error is not None:
                 self._error(f"{effect.purpose}_failed", error)
                 if effect.purpose is Purpose.ADMIT:
@@ -1069,8 +1066,7 @@ class Policy:
             self.cursor = 0
             self._negative.clear()
             out.append(ReadChanges(None))
-            if self.installed:
-                out.extend(_rechecks(list(self.installed)))
+            self._recheck_all(out)
             return
         if error is not None:
             self._error("poll_changes_failed", error)
@@ -1085,7 +1081,27 @@ class Policy:
             if key in self.installed:
                 recheck.append(key)
         if recheck:
-            out.extend(_rechecks(recheck))
+            out.extend(
+                Lookup(tuple(recheck[i : i + RECONCILE_CHUNK]), Purpose.RECHECK)
+                for i in range(0, len(recheck), RECONCILE_CHUNK)
+            )
+
+    def _recheck_all(self, out: list[Effect]) -> None:
+        """Look every installed peer up again (see _recheck), RECONCILE_CHUNK at a time and
+        one look-up after the other: after a pause or a feed reset with 100 000 installed,
+        look-ups issued at once come back faster than the loop works through them and wait
+        in its queue, Peer objects and all (~20 MB). A re-check of everything replaces one
+        still queued."""
+        keys = list(self.installed)
+        self._recheck_todo = deque(
+            tuple(keys[i : i + RECONCILE_CHUNK]) for i in range(0, len(keys), RECONCILE_CHUNK)
+        )
+        self._next_recheck(out)
+
+    def _next_recheck(self, out: list[Effect]) -> None:
+        if self._recheck_inflight is None and self._recheck_todo:
+            self._recheck_inflight = Lookup(self._recheck_todo.popleft(), Purpose.RECHECK)
+            out.append(self._recheck_inflight)
 
     def _recheck(self, keys: Sequence[PublicKey], peers: dict[PublicKey, Peer],
                  out: list[Effect]) -> None:  # fmt: skip
@@ -1418,7 +1434,7 @@ class Policy:
         self._last_beat = now
         if paused and self.installed:
             self.log.info("reassert_claims", installed=len(self.installed))
-            out.extend(_rechecks(list(self.installed)))
+            self._recheck_all(out)
 
     def _reject(
         self,
