@@ -386,3 +386,25 @@ def test_claims_are_rechecked_a_chunk_at_a_time_one_after_the_other(
         loop.answer(Lookup)
     assert sizes == [2, 2, 1]
     assert all(loop.store.get_peer("p" * (i + 1)).holder for i in range(5))  # type: ignore[union-attr]
+
+
+def test_a_device_created_anew_during_a_sweeps_read_is_swept_again_at_once(loop: Loop) -> None:
+    a = loop.peer("alice")
+    loop.knock(knock(initiation(a, loop.gw_key, 1e9), loop.clock.t))
+    loop.answer(Lookup)
+    loop.answer(Admit)
+    loop.answer(Install)
+    loop.clock.t += 16
+    loop.tick()  # the sweep's read starts (and takes its time)
+    loop.answer(ReadIdentity)
+    loop.dev.identity = lambda: "new"  # type: ignore[method-assign]
+    loop.clock.t += 1.0
+    loop.tick()
+    loop.answer(ReadIdentity)
+    assert events(loop.out, "device_changed")
+    loop.answer(ReadHandshakes)  # the read (of the old device) ends after the change
+    for _ in range(10):  # its steps; then the next sweep starts at once, not in 15 s
+        loop.tick()
+        if any(isinstance(e, ReadHandshakes) for e in loop.pending):
+            break
+    assert any(isinstance(e, ReadHandshakes) for e in loop.pending)

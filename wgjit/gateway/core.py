@@ -468,6 +468,7 @@ class Policy:
                 out.extend(step)
         if now >= self._next_sweep and not self._sweeping:
             self._sweeping = True
+            self._next_sweep = math.inf  # set when the read ends (-inf: the device changed)
             self._sweep_started = self.wall()
             self._removed_during_sweep.clear()
             self._sweep_gen += 1
@@ -930,11 +931,14 @@ class Policy:
                     now: float, out: list[Effect]) -> None:  # fmt: skip
         """A chunk of the sweep's read came (or the read failed)."""
         self._sweep_reading = False
+        # the next sweep: sweep_interval after this one's read, or at once if the device was
+        # created anew while it was read (_device_identity)
+        after = now + self.config.sweep_interval if self._next_sweep > -math.inf else -math.inf
         if error is not None:
             self._error("sweep_failed", error)
             self._sweep_dump = None
             self._sweep_read_over = True  # what was read is worked through; nobody is lost
-            self._next_sweep = now + self.config.sweep_interval
+            self._next_sweep = after
         else:
             assert isinstance(result, StatsChunk)
             self._sweep_peers += len(result.stats)
@@ -945,7 +949,7 @@ class Policy:
                 self._sweep_dump = None
                 self._sweep_read_over = True
                 self._sweep_complete = result.complete
-                self._next_sweep = now + self.config.sweep_interval
+                self._next_sweep = after
             else:
                 self._sweep_dump = result.dump
         self._sweep_next(out)
