@@ -139,8 +139,9 @@ class Device(Protocol):
 
     def stats_dump(self) -> StatsDump:
         """What stats() reads, in chunks as the answer is parsed (what a sweep reads): on a
-        connection of its own, so the handle stays free for other calls meanwhile. Raises
-        DeviceError if the read cannot start."""
+        connection of its own, so the handle stays free for other calls meanwhile (but
+        wireguard-go applies no change until its answer is read to the end: take the chunks
+        without long pauses). Raises DeviceError if the read cannot start."""
         ...
 
     def set_peer(self, config: PeerConfig) -> None:

@@ -163,8 +163,8 @@ class RecordHandshakes:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class RecordTraffic:
-    """Add what the device counted to the stored per-peer status, one batch per sweep or
-    eviction (Store.record_traffic)."""
+    """Add what the device counted to the stored per-peer status, one batch per chunk of a
+    sweep's read or per eviction (Store.record_traffic)."""
 
     where: ClassVar[str] = STORE
     what: ClassVar[str] = "record_traffic"
