@@ -980,9 +980,11 @@ class Policy:
         strangers: dict[PublicKey, float] = {}
         rows: list[Traffic] = []
         work = 0
+        left = len(stats)
         key: PublicKey | None = None
         for key, st in stats.items():  # the chunk is the sweep's own: nobody changes it
             work += 1
+            left -= 1
             inst = installed.get(key)
             last = st[0]
             if inst is None:
@@ -1001,7 +1003,7 @@ class Policy:
                         idle_s=round(started - max(last, inst.installed_at)),
                     )  # fmt: skip
                     work += EVICT_COST
-            if work >= SWEEP_STEP:
+            if work >= SWEEP_STEP and left:  # (the last peer's removal may wait: below)
                 work = 0
                 yield self._evict_idle(idle)
                 idle = []
