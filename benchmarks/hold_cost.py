@@ -28,7 +28,7 @@ from pathlib import Path
 from wgjit.addr import parse_networks
 from wgjit.capture.iptables import QueueRules
 from wgjit.capture.nfqueue import Held, NfQueue
-from wgjit.device import DeviceState, PeerConfig, PeerState, PeerStats
+from wgjit.device import DeviceState, PeerConfig, PeerState, PeerStats, SnapshotDump, StatsDump
 from wgjit.events import EventLog
 from wgjit.gateway.core import GatewayConfig, Policy
 from wgjit.gateway.effects import Verdict, run_inline
@@ -59,6 +59,9 @@ class InstalledDevice:
 
     def stats(self) -> dict[PublicKey, PeerStats]:
         return dict.fromkeys(self.peers, (0.0, 0, 0, None))
+
+    def stats_dump(self) -> StatsDump:
+        return SnapshotDump(self.stats())
 
     def set_peer(self, config: PeerConfig) -> None:
         pass
@@ -101,6 +104,7 @@ def inner(n: int) -> None:
             for e in gw.on_knocks([(h.knock, h) for h in batch], now()):
                 assert isinstance(e, Verdict), e
                 queue.verdict(e.ticket, e.outcome.accepts)  # type: ignore[arg-type]
+
         t0 = time.time()
         packets = [
             build_initiation(clients[i % PEERS], gw_key.public_key(),

@@ -230,9 +230,14 @@ def run(n: int, store: str, rate: float, sweep_interval: float, cycles: int) -> 
         )  # fmt: skip  # waits for `ready` (60 s at most)
         pid = g.proc.pid  # `ip netns exec` execs the gateway: same pid
 
+        rises: list[tuple[float, int]] = []  # (when, VmRSS): each new maximum, after `ready`
+
         def sample() -> None:
             while not sampling.wait(0.5):
-                peak["VmRSS"] = max(peak["VmRSS"], rss_kib(pid).get("VmRSS", 0))
+                rss = rss_kib(pid).get("VmRSS", 0)
+                if rss > peak["VmRSS"]:
+                    peak["VmRSS"] = rss
+                    rises.append((time.monotonic(), rss))
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
@@ -250,6 +255,18 @@ def run(n: int, store: str, rate: float, sweep_interval: float, cycles: int) -> 
         out = prober.stdout.read()
         prober.wait(30)
         run_end = time.monotonic()
+        sweeps = [e for e in g.events("sweep") if sweep_start <= wall_to_mono(e["ts"]) < sweep_end]
+        # what the gateway did after `ready` besides knocks and installs, beside its memory
+        # (a re-check of every claim after a long reconcile costs memory too, not a sweep)
+        happened = [
+            (
+                wall_to_mono(e["ts"]) - ready,
+                e["event"] + ("" if e["event"] != "sweep" else f" ({e.get('took_ms')} ms)"),
+            )
+            for e in g.events()
+            if e.get("event") in ("sweep", "reassert_claims", "sweep_failed", "lost", "stats")
+            and wall_to_mono(e["ts"]) > ready
+        ]
         assert g.stop() == 0, "\n".join(g.lines[-20:])
     rows: list[list[Any]] = json.loads(out)
     start_name = f"start + reconcile ({ready - gw_start:.1f} s to `ready`) + {SETTLE_S:g} s"
@@ -279,6 +296,18 @@ def run(n: int, store: str, rate: float, sweep_interval: float, cycles: int) -> 
         f" at the end (RssAnon {mem.get('RssAnon', 0) / 1024:.0f} MiB, RssFile"
         f" {mem.get('RssFile', 0) / 1024:.0f} MiB: libraries); VmHWM"
         f" {mem.get('VmHWM', 0) / 1024:.0f} MiB",
+        # (a memory figure says what a sweep holds only if a sweep ran whole in the window)
+        "after `ready`: "
+        + "; ".join(
+            [f"+{t:.1f} s {what}" for t, what in happened]
+            + [f"+{t - ready:.1f} s VmRSS {kib / 1024:.0f} MiB" for t, kib in rises]
+        ),
+        f"sweeps finished in the sweep window: {len(sweeps)}"
+        + "".join(
+            f"; {e.get('peers')} peers in {int(e.get('took_ms', 0)) / 1000:.1f} s"
+            f"{'' if e.get('complete') in (True, 'true') else ' (incomplete)'}"
+            for e in sweeps
+        ),
     ]
     return "\n".join(lines)
 

@@ -260,6 +260,29 @@ def test_handshakes_of_peers_that_never_shook_hands(dev: UAPIDevice) -> None:
     assert dev.handshakes() == dict.fromkeys(keys[10:], 0.0)
 
 
+def test_stats_dump_in_chunks_is_stats(dev: UAPIDevice) -> None:
+    """What a sweep reads: wireguard-go's answer taken 500 peers at a time, on a connection
+    of its own (the device's handle answers meanwhile), is what stats() reads at once."""
+    keys = [new_key() for _ in range(3000)]
+    dev.set_peers([PeerConfig(k, ep(f"198.18.{i >> 8}.{i & 255}:51821"),
+                              (net(f"10.4.{i >> 8}.{i & 255}/32"),))
+                   for i, k in enumerate(keys)])  # fmt: skip
+    dump = dev.stats_dump()
+    chunks = [dump.take(500)]
+    assert len(dev.handshakes()) == 3000  # the handle, while the dump is open
+    while not dump.done:
+        chunks.append(dump.take(500))
+    assert dump.complete and all(len(c) >= 500 for c in chunks[:-1]) and len(chunks) >= 4
+    merged = {k: v for c in chunks for k, v in c.items()}
+    assert sum(map(len, chunks)) == len(merged) == 3000 and merged == dev.stats()
+    # an unfinished dump closed early leaves the device as usable as before
+    dump = dev.stats_dump()
+    dump.take(10)
+    dump.close()
+    dev.remove_peers(keys[:100])
+    assert len(dev.handshakes()) == 2900
+
+
 def test_set_peers_is_one_transaction_with_every_field(dev: UAPIDevice, gw: WireguardGo) -> None:
     psk = PresharedKey.generate()
     configs = [

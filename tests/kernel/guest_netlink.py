@@ -299,6 +299,16 @@ def test_set_peers_many_per_message_with_every_field(dev: NetlinkDevice, gw: Ker
     parser = dev._dump("stats", StatsParser)
     assert parser.laid_out == 3000
     assert parser.result() == {k: (0.0, 0, 0, str(p.endpoint)) for k, p in peers.items()}
+    # what a sweep reads: the same, 500 peers at a time on a socket of the dump's own (the
+    # device's socket answers meanwhile)
+    dump = dev.stats_dump()
+    chunks = [dump.take(500)]
+    assert len(dev.handshakes()) == 3000
+    while not dump.done:
+        chunks.append(dump.take(500))
+    assert dump.complete and len(chunks) >= 4 and all(len(c) >= 500 for c in chunks[:-1])
+    merged = {k: v for c in chunks for k, v in c.items()}
+    assert sum(map(len, chunks)) == 3000 and merged == parser.result()
 
 
 def test_set_peers_updates_in_order_and_never_creates(dev: NetlinkDevice) -> None:
@@ -480,6 +490,12 @@ def test_role_inversion_keepalive_on_then_off(pair: Pair) -> None:
         assert dev.stats() == {pair.client_key: (
             state.last_handshake, state.rx_bytes, state.tx_bytes, str(state.endpoint)
         )}  # fmt: skip
+        # in chunks of one peer: its continuations in the next messages are nobody new
+        dump = dev.stats_dump()
+        chunks = [dump.take(1)]
+        while not dump.done:
+            chunks.append(dump.take(1))
+        assert [c for c in chunks if c] == [dev.stats()] and dump.complete
 
 
 def test_role_inversion_in_one_set_peers_batch(pair: Pair) -> None:

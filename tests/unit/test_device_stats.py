@@ -180,3 +180,75 @@ def test_netlink_stats_in_another_layout_are_read_attribute_by_attribute() -> No
     b = key()
     p.feed(_nest(WGDEVICE_A_PEERS, [kernel_peer(b, 7, 0, ["10.0.0.0/8"])]))
     assert p.result()[b] == (7.0, 92, 148, "198.18.0.2:7") and p.laid_out == 1
+
+
+# -- in chunks (Device.stats_dump: what a sweep reads) ---------------------------------------
+
+
+def test_netlink_stats_taken_per_message_are_the_whole_result() -> None:
+    """A sweep takes the parser's peers after each message: a peer cut at a message's end
+    continues in the next one with its key and more allowed IPs only, which must not come
+    out again as a peer that never had a handshake."""
+    a, b, c = key(), key(), key()
+    peers = [
+        (a, 1700000000, 5 * 10**8, [f"10.0.{i}.0/24" for i in range(5)]),
+        (b, 0, 0, []),
+        (c, 1700000001, 0, ["fd00::/64", "fd01::/64"]),
+    ]
+    whole = StatsParser("wg0")
+    chunked = StatsParser("wg0")
+    chunks = []
+    for m in dump_of(peers, {2, 4, 7}):  # a is cut twice, c once
+        whole.feed(m)
+        chunked.feed(m)
+        chunks.append(chunked.take())
+    assert [len(ch) for ch in chunks] == [1, 0, 2, 0]  # (a continuation adds nobody)
+    merged = {k: v for ch in chunks for k, v in ch.items()}
+    assert merged == whole.result() and len(merged) == 3
+
+
+@settings(max_examples=200, deadline=None)
+@given(_peer_specs, st.sets(st.integers(min_value=1, max_value=40), max_size=8))
+def test_netlink_stats_in_chunks_agree_with_stats(
+    specs: list[tuple[bytes, int, int, int]], splits: set[int]
+) -> None:
+    peers = [(PublicKey(raw), s, ns, [f"10.{i}.0.0/16" for i in range(n)])
+             for raw, s, ns, n in specs]  # fmt: skip
+    whole, chunked = StatsParser("wg0"), StatsParser("wg0")
+    seen: list[PublicKey] = []
+    merged = {}
+    for m in dump_of(peers, splits):
+        whole.feed(m)
+        chunked.feed(m)
+        chunk = chunked.take()
+        seen.extend(chunk)
+        merged.update(chunk)
+    assert merged == whole.result() and len(seen) == len(merged)  # each peer once
+
+
+def test_uapi_stats_taken_between_reads_are_the_whole_result() -> None:
+    a, b = key(), key()
+    raw = _uapi_dump(a, b)
+    r = StatsReader("wg0")
+    chunks = []
+    for i in range(0, len(raw), 50):
+        r.feed(raw[i : i + 50])
+        chunks.append(r.take())
+    assert r.finish() == 0
+    chunks.append(r.take())  # the last peer is whole only at the end of the answer
+    assert sum(len(ch) for ch in chunks) == 2 and chunks[-1] == {b: (0.0, 0, 0, "[2001:db8::1]:7")}
+    assert {k: v for ch in chunks for k, v in ch.items()} == {
+        a: (1800000000.25, 920, 1480, "198.18.0.11:40000"),
+        b: (0.0, 0, 0, "[2001:db8::1]:7"),
+    }
+
+
+def test_snapshot_dump_hands_out_chunks_then_is_done() -> None:
+    from wgjit.device import SnapshotDump
+
+    stats = {key(): (float(i), i, i, None) for i in range(10)}
+    d = SnapshotDump(stats)
+    assert not d.done
+    assert [len(d.take(4)) for _ in range(3)] == [4, 4, 2] and d.done and d.complete
+    assert d.take(4) == {}
+    assert SnapshotDump({}).done

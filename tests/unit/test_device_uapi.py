@@ -351,3 +351,41 @@ def test_set_peers_on_a_full_device_drops_absent_updates(
         pytest.raises(UAPIError, match=r"^wgfake0: set_peers \(2 peers\) failed: .*errno=-22"),
     ):
         dev.set_peers([PeerConfig(new), batch[1]])
+
+
+def test_stats_dump_in_chunks_on_a_connection_of_its_own(
+    daemon_dir: Path, fake: list[FakeDaemon]
+) -> None:
+    keys = [key() for _ in range(300)]
+    data = response(*(peer_text(k, 1700000000 + i, ips=20) for i, k in enumerate(keys)))
+    d = start(daemon_dir, fake, [data])
+    with UAPIDevice("wgfake0") as dev:
+        dev.close()  # (the fake daemon serves one connection at a time)
+        dump = dev.stats_dump()
+        chunks = []
+        while not dump.done:
+            chunks.append(dump.take(10))
+        assert dump.complete and dump.take(100) == {}
+    assert all(len(ch) >= 10 for ch in chunks[:-1]) and len(chunks) >= 3  # (a read each)
+    merged = {k: v for ch in chunks for k, v in ch.items()}
+    assert merged == {
+        k: (1700000000.0 + i, 92, 148, "198.18.0.2:51821") for i, k in enumerate(keys)
+    }  # fmt: skip
+    assert d.requests == [b"get=1\n\n"] and d.connections == 2
+
+
+def test_stats_dump_names_a_bad_value_and_a_refusal(
+    daemon_dir: Path, fake: list[FakeDaemon]
+) -> None:
+    bad = response(peer_text(key())).replace(b"rx_bytes=92", b"rx_bytes=x")
+    start(daemon_dir, fake, [bad, response(errno=-22)])
+    with UAPIDevice("wgfake0") as dev:
+        dev.close()
+        dump = dev.stats_dump()
+        with pytest.raises(DeviceError, match=r"^wgfake0: stats: cannot parse rx_bytes='x'"):
+            dump.take(100)
+        assert dump.done
+        dump = dev.stats_dump()
+        with pytest.raises(DeviceError, match=r"^wgfake0: stats failed: wireguard-go returned"):
+            dump.take(100)
+        assert dump.done

@@ -14,7 +14,7 @@ from tests.unit.policy_driver import SyncGateway
 from tests.wgref import reference_initiation
 from wgjit.addr import Endpoint, parse_networks
 from wgjit.capture.packet import Knock
-from wgjit.device import DeviceState, PeerConfig, PeerState, PeerStats
+from wgjit.device import DeviceState, PeerConfig, PeerState, PeerStats, SnapshotDump, StatsDump
 from wgjit.events import EventLog, parse_logfmt
 from wgjit.gateway.core import ConfigError, GatewayConfig
 from wgjit.handshake import Opened, Responder, Timestamp, Verified, build_initiation
@@ -65,6 +65,9 @@ class FakeDevice:
                 str(ps.endpoint) if ps.endpoint else None)
             for k, ps in self.peers.items()
         }  # fmt: skip
+
+    def stats_dump(self) -> StatsDump:
+        return SnapshotDump(self.stats())
 
     def set_peers(self, configs: Sequence[PeerConfig]) -> None:
         for c in configs:

@@ -19,6 +19,7 @@ from wgjit.gateway.core import GatewayConfig, Policy
 from wgjit.gateway.effects import (
     Admit,
     Effect,
+    Heartbeat,
     Install,
     Lookup,
     Purpose,
@@ -368,3 +369,58 @@ def test_a_knock_dropped_from_a_waiting_group_gets_one_verdict(loop: Loop) -> No
     loop.tick()
     assert [v.outcome for v in loop.verdicts if v.ticket is forged] == [Outcome.FORGED]
     assert loop.policy.counters[Outcome.TIMEOUT] == 1  # alice's, not the forgery's
+
+
+def test_claims_are_rechecked_a_chunk_at_a_time_one_after_the_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a pause every installed peer is looked up again, RECONCILE_CHUNK (here 2) at a
+    time and one look-up after the other: issued at once they came back faster than the
+    loop worked through them and waited in its queue, Peer objects and all."""
+    from wgjit.gateway import core
+
+    monkeypatch.setattr(core, "RECONCILE_CHUNK", 2)
+    loop = Loop(tmp_path)
+    clients = [loop.peer("p" * (i + 1)) for i in range(5)]
+    for i, c in enumerate(clients):
+        loop.knock(knock(initiation(c, loop.gw_key, 1e9 + i), loop.clock.t))
+        loop.answer(Lookup)
+        loop.answer(Admit)
+        loop.answer(Install)
+    loop.clock.t += 40  # no heartbeat for 40 s: our claims may have expired
+    loop.tick()
+    loop.answer(Heartbeat)
+    assert events(loop.out, "reassert_claims")
+
+    def rechecks() -> list[Lookup]:
+        return [e for e in loop.pending if isinstance(e, Lookup) and e.purpose is Purpose.RECHECK]
+
+    sizes = []
+    while rechecks():
+        assert len(rechecks()) == 1
+        sizes.append(len(rechecks()[0].keys))
+        loop.answer(Lookup)
+    assert sizes == [2, 2, 1]
+    assert all(loop.store.get_peer("p" * (i + 1)).holder for i in range(5))  # type: ignore[union-attr]
+
+
+def test_a_device_created_anew_during_a_sweeps_read_is_swept_again_at_once(loop: Loop) -> None:
+    a = loop.peer("alice")
+    loop.knock(knock(initiation(a, loop.gw_key, 1e9), loop.clock.t))
+    loop.answer(Lookup)
+    loop.answer(Admit)
+    loop.answer(Install)
+    loop.clock.t += 16
+    loop.tick()  # the sweep's read starts (and takes its time)
+    loop.answer(ReadIdentity)
+    loop.dev.identity = lambda: "new"  # type: ignore[method-assign]
+    loop.clock.t += 1.0
+    loop.tick()
+    loop.answer(ReadIdentity)
+    assert events(loop.out, "device_changed")
+    loop.answer(ReadHandshakes)  # the read (of the old device) ends after the change
+    for _ in range(10):  # its steps; then the next sweep starts at once, not in 15 s
+        loop.tick()
+        if any(isinstance(e, ReadHandshakes) for e in loop.pending):
+            break
+    assert any(isinstance(e, ReadHandshakes) for e in loop.pending)

@@ -4,6 +4,7 @@ totals when the device's counters restart at every (re)install, and in how many 
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 from tests.unit.policy_driver import SyncGateway
 from tests.unit.test_gateway_core import SRC, Clock, FakeDevice, initiation, knock
 from wgjit.addr import parse_networks
-from wgjit.device import PeerState
+from wgjit.device import PeerState, PeerStats, SnapshotDump
 from wgjit.events import EventLog
 from wgjit.gateway.core import GatewayConfig
 from wgjit.handshake import Responder
@@ -268,3 +269,128 @@ def test_the_sweep_asks_for_one_store_write_and_does_not_do_it(tmp_path: Path) -
     assert loop.store.get_peer("alice").rx_bytes == 0  # type: ignore[union-attr]
     loop.answer(RecordTraffic)
     assert loop.store.get_peer("alice").rx_bytes == 50  # type: ignore[union-attr]
+
+
+# -- sweeps that read the device in chunks ----------------------------------------------------
+
+
+def _sweep_outcome(tmp_path: Path, chunk: int, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """One scenario swept with SWEEP_CHUNK `chunk`: active, idle, lost peers and a stranger."""
+    from wgjit.gateway import core
+
+    monkeypatch.setattr(core, "SWEEP_CHUNK", chunk)
+    rig = Rig(tmp_path)
+    rig.start()
+    names = [f"p{i}" for i in range(9)]
+    clients = {n: rig.add(n) for n in names}
+    for c in clients.values():
+        assert rig.connect(c) == "installed"
+    installed_at = rig.clock.t
+    rig.clock.t += 400  # everybody idle unless counted below
+    for i, n in enumerate(names[:5]):
+        rig.count(clients[n], 1000 * (i + 1), 10 * (i + 1))
+    lost = clients["p5"].public_key()
+    del rig.dev.peers[lost]  # removed behind the gateway's back
+    stranger = PrivateKey.generate()
+    k = stranger.public_key()
+    rig.real.add_peer("q", k, parse_networks("100.65.1.2/32"))
+    rig.dev.peers[k] = PeerState(k, SRC, (), installed_at, rx_bytes=70, tx_bytes=7)
+    rig.g.sweep()
+    out = rig.out.getvalue()
+    return {
+        "installed": sorted(inst.name for inst in rig.g.installed.values()),
+        "on_device": len(rig.dev.peers),
+        "totals": {n: (rig.totals(n).rx_bytes, rig.totals(n).tx_bytes) for n in names},
+        "lost": out.count("event=lost"),
+        "idle": out.count("reason=idle"),
+        "rows": sum(len(b) for b in rig.store.batches),
+        "writes": len(rig.store.batches),
+        "incomplete": rig.g.counters["sweeps_incomplete"],
+    }
+
+
+def test_a_sweep_in_chunks_does_what_one_read_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read two peers at a time (five chunks here), a sweep accounts, evicts idle peers,
+    forgets the one the device lost and adopts the stranger exactly as from one read; only
+    its traffic is written per chunk."""
+    whole = _sweep_outcome(tmp_path / "whole", 4096, monkeypatch)
+    chunked = _sweep_outcome(tmp_path / "chunked", 2, monkeypatch)
+    assert whole["installed"] == ["p0", "p1", "p2", "p3", "p4", "q"]
+    assert whole["totals"]["p4"] == (5000, 50) and whole["totals"]["p8"] == (0, 0)
+    assert (whole["lost"], whole["idle"], whole["rows"], whole["writes"]) == (1, 3, 5, 1)
+    assert whole["on_device"] == 6 and whole["incomplete"] == 0
+    assert chunked["writes"] > 1
+    del whole["writes"], chunked["writes"]
+    assert chunked == whole
+
+
+class ChangingDump(SnapshotDump):
+    """A read the device changed during (netlink's NLM_F_DUMP_INTR): peers may be missing."""
+
+    def take(self, peers: int) -> dict[PublicKey, PeerStats]:
+        chunk = super().take(peers)
+        if self.done:
+            self.complete = False
+        return chunk
+
+
+def test_nobody_is_taken_for_lost_after_an_incomplete_read(rig: Rig) -> None:
+    a, b = rig.add("alice"), rig.add("bob")
+    rig.connect(a)
+    rig.connect(b)
+    rig.count(a, 100, 10)
+    real = rig.dev.stats_dump
+    rig.dev.stats_dump = lambda: ChangingDump(  # type: ignore[method-assign]
+        {k: v for k, v in rig.dev.stats().items() if k != b.public_key()}
+    )
+    rig.g.sweep()
+    assert b.public_key() in rig.g.installed and rig.g.counters["sweeps_incomplete"] == 1
+    assert rig.totals("alice").rx_bytes == 100  # what was read is accounted all the same
+    rig.dev.stats_dump = real  # type: ignore[method-assign]
+    del rig.dev.peers[b.public_key()]
+    rig.g.sweep()  # a complete read without bob: now he is lost
+    assert b.public_key() not in rig.g.installed and rig.g.counters["lost"] == 1
+
+
+class RecordingDump(SnapshotDump):
+    def __init__(self, stats: dict[PublicKey, PeerStats], log: list[str]) -> None:
+        super().__init__(stats)
+        self.log = log
+
+    def take(self, peers: int) -> dict[PublicKey, PeerStats]:
+        self.log.append("take")
+        return super().take(peers)
+
+
+def test_a_chunks_last_idle_peer_is_removed_after_the_next_chunk_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel goes on with a dump after the last peer it sent; removing that peer
+    before the next message is read would end the dump there."""
+    from wgjit.gateway import core
+
+    monkeypatch.setattr(core, "SWEEP_CHUNK", 2)
+    rig = Rig(tmp_path)
+    rig.start()
+    clients = [rig.add(f"p{i}") for i in range(4)]
+    for c in clients:
+        rig.connect(c)
+    rig.clock.t += 400  # all idle
+    log: list[str] = []
+    keys = {c.public_key(): i for i, c in enumerate(clients)}
+    rig.dev.stats_dump = lambda: RecordingDump(rig.dev.stats(), log)  # type: ignore[method-assign]
+    remove = rig.dev.remove_peers
+
+    def recorded(removed: Iterable[PublicKey]) -> None:
+        removed = list(removed)
+        log.append("remove " + " ".join(f"p{keys[k]}" for k in removed))
+        remove(removed)
+
+    rig.dev.remove_peers = recorded  # type: ignore[method-assign]
+    rig.g.sweep()
+    assert not rig.dev.peers and not rig.g.installed
+    # (the second chunk is read while the first is worked through) p1, the first chunk's
+    # last, is removed with the second chunk's peers, not with p0; p3 ends the read
+    assert log == ["take", "take", "remove p0", "remove p1 p2 p3"]

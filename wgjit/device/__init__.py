@@ -8,7 +8,8 @@ about stores or policy.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -29,6 +30,50 @@ class DeviceNotFound(DeviceError):
 # bytes received; bytes sent; endpoint as "host:port" / "[v6]:port", None if none). A plain
 # tuple: a sweep of 100 000 peers holds one each, so no per-peer object beyond it.
 PeerStats = tuple[float, int, int, str | None]
+
+
+class StatsDump(Protocol):
+    """One read of every peer's PeerStats (Device.stats_dump), taken a chunk at a time as the
+    device's answer is parsed: whoever reads it holds one chunk's tuples, never the whole
+    device's. Not thread-safe: one thread takes from it at a time."""
+
+    done: bool  # the last peers were taken (the dump is closed)
+    # with `done`: every peer of the device was in the dump. False when the device changed
+    # while it was read (netlink's NLM_F_DUMP_INTR) and peers may be missing from it.
+    complete: bool
+
+    def take(self, peers: int) -> dict[PublicKey, PeerStats]:
+        """The next peers: `peers` or a few more (what the last message or read held), fewer
+        only when the dump ends with them (`done` is then True; {} once done). Raises
+        DeviceError (which names the interface); the dump is then closed."""
+        ...
+
+    def close(self) -> None:
+        """Stop reading (and let the device go) before the end; harmless after it."""
+        ...
+
+
+class SnapshotDump:
+    """A StatsDump of peers already read whole (a device that cannot stream its answer)."""
+
+    def __init__(self, stats: dict[PublicKey, PeerStats]) -> None:
+        self._items: Iterator[tuple[PublicKey, PeerStats]] | None = iter(stats.items())
+        self._left = len(stats)
+        self.done = not stats
+        self.complete = True
+
+    def take(self, peers: int) -> dict[PublicKey, PeerStats]:
+        if self._items is None:
+            return {}
+        chunk = dict(itertools.islice(self._items, max(peers, 1)))
+        self._left -= len(chunk)
+        if self._left <= 0:
+            self.close()
+        return chunk
+
+    def close(self) -> None:
+        self._items = None
+        self.done = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +135,13 @@ class Device(Protocol):
         sweep needs (idle eviction and traffic accounting). Reads the same dump as
         handshakes(), decoding three more small fields per peer; allowed IPs and the rest
         are stepped over as there. The counters restart when a peer is added anew."""
+        ...
+
+    def stats_dump(self) -> StatsDump:
+        """What stats() reads, in chunks as the answer is parsed (what a sweep reads): on a
+        connection of its own, so the handle stays free for other calls meanwhile (but
+        wireguard-go applies no change until its answer is read to the end: take the chunks
+        without long pauses). Raises DeviceError if the read cannot start."""
         ...
 
     def set_peer(self, config: PeerConfig) -> None:

@@ -20,6 +20,7 @@ import socket
 import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Protocol, TypeVar
 
 from wgjit.addr import Endpoint, IPNetwork
@@ -31,6 +32,7 @@ from wgjit.device import (
     PeerConfig,
     PeerState,
     PeerStats,
+    StatsDump,
 )
 from wgjit.keys import KEY_LEN, PrivateKey, PublicKey
 
@@ -480,17 +482,26 @@ class StatsParser(_PeersParser):
     """Each peer's PeerStats (last handshake, rx and tx bytes, endpoint) from the messages of
     one WG_CMD_GET_DEVICE dump, like HandshakeParser: a peer's attributes are read up to its
     allowed IPs (the kernel puts them last), which are stepped over. A continuation (the
-    peer's key and more allowed IPs) keeps what was already seen."""
+    peer's key and more allowed IPs) keeps what was already seen, also when what was seen
+    has been taken (take()) in the meantime."""
 
     def __init__(self, ifname: str) -> None:
         self.ifname = ifname
         self.stats: dict[PublicKey, PeerStats] = {}
         self.laid_out = 0  # peers read with one unpack (the kernel's layout)
+        self._last: PublicKey | None = None  # the last peer fed: the next message may go on
+
+    def take(self) -> dict[PublicKey, PeerStats]:
+        """The peers parsed since the last take() (all so far, the first time), for a reader
+        that hands the dump on in chunks; the parser goes on with an empty result."""
+        stats, self.stats = self.stats, {}
+        return stats
 
     def _feed_peers(self, buf: bytes | memoryview, off: int, end: int) -> None:
         unpack = _NLA.unpack_from
         stats = self.stats
         laid_out = 0
+        last = self._last
         while off + 4 <= end:
             length, _ = unpack(buf, off)
             if length < 4 or off + length > end:
@@ -530,10 +541,12 @@ class StatsParser(_PeersParser):
             key = PublicKey(raw)
             if when is not None:  # a peer's first message (a continuation has no time)
                 stats[key] = (when, max(rx, 0), max(tx, 0), ep)
-            elif key not in stats:
+            elif key not in stats and key != last:
                 stats[key] = (0.0, 0, 0, None)
+            last = key
             off += (length + 3) & ~3
         self.laid_out += laid_out
+        self._last = last
 
     def result(self) -> dict[PublicKey, PeerStats]:
         return self.stats
@@ -581,12 +594,32 @@ class _GenericNetlink:
 
         With `on_reply`, each reply's attributes go to it as they arrive instead (a view of
         the receive buffer, valid during the call only) and the returned list is empty."""
+        seq = self.send(family, cmd, attrs, dump=dump, version=version)
+        replies: list[bytes] = []
+        interrupted = False
+        for payload, mflags in self.replies(seq):
+            if mflags & NLM_F_DUMP_INTR:
+                interrupted = True
+            if on_reply is not None:
+                on_reply(payload)
+            else:
+                replies.append(bytes(payload))
+        return replies, interrupted
+
+    def send(
+        self, family: int, cmd: int, attrs: bytes, *, dump: bool = False, version: int = 1
+    ) -> int:
+        """Send one request; its sequence number, for replies()."""
         seq = next(self._seq)
         flags = NLM_F_REQUEST | (NLM_F_DUMP if dump else NLM_F_ACK)
         body = _GENL.pack(cmd, version, 0) + attrs
         self.sock.sendall(_NLMSG.pack(_NLMSG.size + len(body), family, flags, seq, 0) + body)
-        replies: list[bytes] = []
-        interrupted = False
+        return seq
+
+    def replies(self, seq: int) -> Iterator[tuple[memoryview, int]]:
+        """The replies to request `seq` as they are received: each one's attributes (a view
+        of the receive buffer, valid until the next is taken) and netlink flags; ends with
+        the ACK or the dump's end. Raises _KernelErrno for an error reply."""
         view = memoryview(self._buf)
         while True:
             n = self.sock.recv_into(self._buf)
@@ -603,19 +636,14 @@ class _GenericNetlink:
                     (code,) = struct.unpack_from("=i", payload)
                     if code:
                         raise _KernelErrno(-code)
-                    return replies, interrupted  # the ACK ends a non-dump request
+                    return  # the ACK ends a non-dump request
                 if kind == NLMSG_DONE:
                     if len(payload) >= 4:
                         (code,) = struct.unpack_from("=i", payload)
                         if code < 0:
                             raise _KernelErrno(-code)
-                    return replies, interrupted
-                if mflags & NLM_F_DUMP_INTR:
-                    interrupted = True
-                if on_reply is not None:
-                    on_reply(payload[_GENL.size :])
-                else:
-                    replies.append(bytes(payload[_GENL.size :]))
+                    return
+                yield payload[_GENL.size :], mflags
 
     def resolve_family(self, name: str) -> int:
         attrs = _attr(CTRL_ATTR_FAMILY_NAME, name.encode() + b"\0")
@@ -663,6 +691,9 @@ class NetlinkDevice(Closing):
 
     def stats(self) -> dict[PublicKey, PeerStats]:
         return self._dump("stats", StatsParser).result()
+
+    def stats_dump(self) -> StatsDump:
+        return _StatsStream(self)
 
     def set_peer(self, config: PeerConfig) -> None:
         op = f"set_peer {config.public_key.short()}"
@@ -739,42 +770,93 @@ class NetlinkDevice(Closing):
         dump: bool = False,
         on_reply: Callable[[memoryview], None] | None = None,
     ) -> tuple[list[bytes], bool]:
-        with self._lock:
-            try:
-                if self._nl is None:
-                    self._nl = _GenericNetlink(self._timeout)
-                if self._family is None:
-                    self._family = self._nl.resolve_family(WG_GENL_NAME)
-                return self._nl.request(
-                    self._family, cmd, attrs, dump=dump, version=WG_GENL_VERSION,
-                    on_reply=on_reply,
-                )  # fmt: skip
-            except _KernelErrno as e:
-                if e.errno == errno_mod.ENOENT:
-                    self._family = None  # module unloaded (or reloaded with a new family id)
+        with self._lock, self._failures(op, self._drop):
+            if self._nl is None:
+                self._nl = _GenericNetlink(self._timeout)
+            if self._family is None:
+                self._family = self._nl.resolve_family(WG_GENL_NAME)
+            result = self._nl.request(
+                self._family, cmd, attrs, dump=dump, version=WG_GENL_VERSION, on_reply=on_reply
+            )
+        return result
+
+    @contextmanager
+    def _failures(self, op: str, drop: Callable[[], None]) -> Iterator[None]:
+        """Kernel and socket errors of `op` as DeviceErrors that name the interface; `drop`
+        closes the socket where it must not be used again."""
+        try:
+            yield
+        except _KernelErrno as e:
+            if e.errno == errno_mod.ENOENT:
+                self._family = None  # module unloaded (or reloaded with a new family id)
+            raise describe_error(self.name, op, e.errno) from None
+        except TimeoutError:
+            drop()
+            raise NetlinkError(
+                f"{self.name}: {op} failed: no answer from the kernel within {self._timeout:g} s",
+                errno_mod.ETIMEDOUT,
+            ) from None
+        except OSError as e:
+            drop()
+            if e.errno in (errno_mod.EPERM, errno_mod.EACCES):
                 raise describe_error(self.name, op, e.errno) from None
-            except TimeoutError:
-                self._drop()
-                raise NetlinkError(
-                    f"{self.name}: {op} failed: no answer from the kernel within "
-                    f"{self._timeout:g} s",
-                    errno_mod.ETIMEDOUT,
-                ) from None
-            except OSError as e:
-                self._drop()
-                if e.errno in (errno_mod.EPERM, errno_mod.EACCES):
-                    raise describe_error(self.name, op, e.errno) from None
-                raise NetlinkError(
-                    f"{self.name}: {op} failed: netlink socket error: {e.strerror or e}",
-                    e.errno or errno_mod.EIO,
-                ) from None
-            except BaseException:
-                # a parser error or an interrupt mid-dump: the kernel would refuse the next dump
-                # on this socket (EBUSY) while this one is unfinished, so start a fresh socket
-                self._drop()
-                raise
+            raise NetlinkError(
+                f"{self.name}: {op} failed: netlink socket error: {e.strerror or e}",
+                e.errno or errno_mod.EIO,
+            ) from None
+        except BaseException:
+            # a parser error or an interrupt mid-dump: the kernel would refuse the next dump
+            # on this socket (EBUSY) while this one is unfinished, so start a fresh socket
+            drop()
+            raise
 
     def _drop(self) -> None:
         if self._nl is not None:
             self._nl.close()
+            self._nl = None
+
+
+class _StatsStream:
+    """NetlinkDevice.stats_dump(): one WG_CMD_GET_DEVICE dump on a socket of its own (the
+    device's handle stays free for installs), its messages parsed by a StatsParser as they
+    are received and handed out a chunk at a time. The kernel takes the device's locks only
+    while it fills each message, so a pause between chunks holds nothing. A dump the device
+    changed during (NLM_F_DUMP_INTR) is not read again, as stats() does: what was handed out
+    is handed out; it ends with `complete` False."""
+
+    def __init__(self, device: NetlinkDevice) -> None:
+        self.done = False
+        self.complete = True
+        self._device = device
+        self._parser = StatsParser(device.name)
+        self._nl: _GenericNetlink | None = None
+        with device._failures("stats", self.close):
+            self._nl = nl = _GenericNetlink(device._timeout)
+            family = device._family
+            if family is None:
+                family = device._family = nl.resolve_family(WG_GENL_NAME)
+            seq = nl.send(family, WG_CMD_GET_DEVICE, _ifname_attr(device.name), dump=True,
+                          version=WG_GENL_VERSION)  # fmt: skip
+        self._replies: Iterator[tuple[memoryview, int]] = nl.replies(seq)
+
+    def take(self, peers: int) -> dict[PublicKey, PeerStats]:
+        parser = self._parser
+        if self.done:
+            return parser.take()
+        with self._device._failures("stats", self.close):
+            while len(parser.stats) < peers:
+                reply = next(self._replies, None)
+                if reply is None:
+                    self.close()
+                    break
+                attrs, flags = reply
+                if flags & NLM_F_DUMP_INTR:
+                    self.complete = False
+                parser.feed(attrs)
+        return parser.take()
+
+    def close(self) -> None:
+        self.done = True
+        if self._nl is not None:
+            self._nl.close()  # an unfinished dump ends with its socket
             self._nl = None

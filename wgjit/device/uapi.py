@@ -28,6 +28,7 @@ from wgjit.device import (
     PeerConfig,
     PeerState,
     PeerStats,
+    StatsDump,
 )
 from wgjit.keys import InvalidKey, PrivateKey, PublicKey
 
@@ -83,6 +84,9 @@ class UAPIDevice(Closing):
 
     def stats(self) -> dict[PublicKey, PeerStats]:
         return self._transact("stats", b"get=1\n\n", lambda: StatsReader(self.name)).stats
+
+    def stats_dump(self) -> StatsDump:
+        return _StatsStream(self)
 
     def set_peer(self, config: PeerConfig) -> None:
         try:
@@ -448,6 +452,12 @@ class StatsReader:
         if lines:
             self._take(lines)
 
+    def take(self) -> dict[PublicKey, PeerStats]:
+        """The peers read whole since the last take() (all so far, the first time), for a
+        reader that hands the response on in chunks; the peer being read stays."""
+        stats, self.stats = self.stats, {}
+        return stats
+
     def finish(self) -> int | None:
         if self._tail != b"\n":
             self.feed(b"\n")
@@ -619,3 +629,83 @@ class _PeerBuilder:
 def _body(lines: list[str]) -> bytes:
     lines.append("\n")  # the blank line that ends a `set=1` transaction
     return "\n".join(lines).encode("ascii")
+
+
+class _StatsStream:
+    """UAPIDevice.stats_dump(): a `get=1` on a connection of its own, its response fed to a
+    StatsReader as it is received and handed out a chunk at a time.
+
+    wireguard-go writes its whole answer holding its configuration lock for reading: other
+    reads go on, but a change (an install on the device's handle) waits until this answer is
+    read to its end, so whoever takes the chunks must not pause long between them."""
+
+    def __init__(self, device: UAPIDevice) -> None:
+        self.done = False
+        self.complete = True
+        self._name = device.name
+        self._path = device.path
+        self._timeout = device._timeout
+        self._reader = StatsReader(device.name)
+        self._last2 = b""
+        self._sock: socket.socket | None = device._connect()
+        try:
+            self._sock.sendall(b"get=1\n\n")
+        except OSError as e:
+            self.close()
+            raise DeviceError(
+                f"{self._name}: stats failed: cannot send to {self._path}: {e.strerror or e}"
+            ) from None
+
+    def take(self, peers: int) -> dict[PublicKey, PeerStats]:
+        reader = self._reader
+        sock = self._sock
+        if sock is None:
+            return reader.take()
+        try:
+            while len(reader.stats) < peers:
+                data = sock.recv(_RECV_SIZE)
+                if not data:
+                    raise DeviceError(
+                        f"{self._name}: stats failed: wireguard-go closed the UAPI connection "
+                        "(end of stream); is it still running?"
+                    )
+                reader.feed(data)
+                self._last2 = (self._last2 + data)[-2:]
+                if self._last2 == b"\n\n":
+                    self.close()
+                    self._finish()
+                    break
+        except TimeoutError:
+            self.close()
+            raise DeviceError(
+                f"{self._name}: stats failed: no answer from {self._path} "
+                f"within {self._timeout:g} s"
+            ) from None
+        except OSError as e:
+            self.close()
+            raise DeviceError(
+                f"{self._name}: stats failed: UAPI connection error: {e.strerror or e}"
+            ) from None
+        except BaseException:
+            self.close()
+            raise
+        return reader.take()
+
+    def _finish(self) -> None:
+        code = self._reader.finish()
+        if code is None:
+            raise DeviceError(
+                f"{self._name}: stats: malformed UAPI response ending {self._reader.last_line!r}"
+            )
+        if code != 0:
+            raise UAPIError(
+                f"{self._name}: stats failed: wireguard-go returned errno={code} "
+                f"({os.strerror(abs(code))}); its log says why",
+                code,
+            )
+
+    def close(self) -> None:
+        self.done = True
+        if self._sock is not None:
+            self._sock.close()  # an answer left unread ends with its connection
+            self._sock = None

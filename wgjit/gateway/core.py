@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from wgjit.addr import Endpoint, IPNetwork
 from wgjit.capture.packet import Knock
 from wgjit.cookie import CookieChecker
-from wgjit.device import PeerStats
+from wgjit.device import PeerStats, StatsDump
 from wgjit.errors import WgjitError
 from wgjit.events import EventLog
 from wgjit.gateway.effects import (
@@ -50,6 +50,7 @@ from wgjit.gateway.effects import (
     RecordTraffic,
     Release,
     Remove,
+    StatsChunk,
     Update,
     Verdict,
     Verify,
@@ -107,6 +108,9 @@ RECONCILE_CHUNK = 4096
 # its log line); the loop handles packets between steps
 SWEEP_STEP = 2000
 EVICT_COST = 10
+# device peers per chunk of a sweep's read: a sweep holds at most two chunks' PeerStats (one
+# worked through, the next being read), ~250 bytes a peer, never the whole device's
+SWEEP_CHUNK = 4096
 # Peers evicted outside a sweep (revoked, disabled, removed, expired, handed off) have their
 # counters read just before the removal, so their last bytes are counted: one device dump per
 # eviction batch, on the device's thread. Above this many installed peers a dump takes too
@@ -261,15 +265,9 @@ class Installed:
     # start, since whoever installed it counted those)
     rx: int = 0
     tx: int = 0
-
-
-def _rechecks(keys: list[PublicKey]) -> list[Effect]:
-    """Look-ups of installed peers, RECONCILE_CHUNK at a time: a pause or a feed reset with
-    100 000 installed must not hold 100 000 Peer objects at once."""
-    return [
-        Lookup(tuple(keys[i : i + RECONCILE_CHUNK]), Purpose.RECHECK)
-        for i in range(0, len(keys), RECONCILE_CHUNK)
-    ]
+    # the last sweep whose device read had this peer in it (Policy._sweep_gen): a peer
+    # installed before a sweep and not in its whole read is one the device lost
+    swept: int = 0
 
 
 def _source_key(source: Endpoint) -> object:
@@ -389,6 +387,22 @@ class Policy:
         self._sweep_started = 0.0
         self._removed_during_sweep: set[PublicKey] = set()
         self._sweep_work: Iterator[list[Effect]] | None = None
+        # a sweep reads the device in chunks (ReadHandshakes, StatsChunk) and works through
+        # each in steps while the next is read: see _sweep_read() and _sweep_next()
+        self._sweep_gen = 0  # sweeps started (what Installed.swept refers to)
+        self._sweep_chunks: deque[StatsChunk] = deque()  # read, waiting to be worked
+        self._sweep_dump: StatsDump | None = None  # the read to go on with; None: over
+        self._sweep_reading = False  # a chunk is being read
+        self._sweep_read_over = False  # the last chunk came (or a read failed)
+        self._sweep_complete = False  # ... and the read had every device peer in it
+        self._sweep_ending = False  # _sweep_work is the sweep's last phase (_sweep_end)
+        self._sweep_since = 0.0  # what _account() takes as news: handshakes after this
+        self._sweep_peers = 0  # device peers read so far (for the sweep's log line)
+        # an idle peer whose removal waits for the next chunk (see _chunk_steps)
+        self._sweep_held: list[PublicKey] = []
+        # re-checks of every installed peer, a chunk at a time (see _recheck_all)
+        self._recheck_todo: deque[tuple[PublicKey, ...]] = deque()
+        self._recheck_inflight: Lookup | None = None
         self._reconciling = [0, 0, 0]  # look-ups to go, peers kept, peers the store knows
         self._reconcile_bad: list[tuple[PublicKey, str, str]] = []
         # why the policy refuses to start (set by reconcile), or None
@@ -487,14 +501,22 @@ class Policy:
             step = next(self._sweep_work, None)
             if step is None:
                 self._sweep_work = None
-                self._sweeping = False
+                if self._sweep_ending:
+                    self._sweep_ending = self._sweeping = False
+                else:
+                    self._sweep_next(out)
             else:
                 out.extend(step)
         if now >= self._next_sweep and not self._sweeping:
             self._sweeping = True
+            self._next_sweep = math.inf  # set when the read ends (-inf: the device changed)
             self._sweep_started = self.wall()
             self._removed_during_sweep.clear()
-            out.append(ReadHandshakes())
+            self._sweep_gen += 1
+            self._sweep_peers = 0
+            self._sweep_read_over = self._sweep_complete = False
+            self._sweep_reading = True
+            out.append(ReadHandshakes(None, SWEEP_CHUNK))
         return out
 
     def next_deadline(self) -> float:
@@ -723,6 +745,9 @@ class Policy:
         out: list[Effect],
     ) -> None:  # fmt: skip
         if isinstance(effect, Lookup):
+            if effect is self._recheck_inflight:
+                self._recheck_inflight = None
+                self._next_recheck(out)  # (looked up while this one is worked through)
             if error is not None:
                 self._error(f"{effect.purpose}_failed", error)
                 if effect.purpose is Purpose.ADMIT:
@@ -745,13 +770,7 @@ class Policy:
         elif isinstance(effect, Install):
             self._installed(effect, error, now, out)
         elif isinstance(effect, ReadHandshakes):
-            self._next_sweep = now + self.config.sweep_interval
-            if error is not None:
-                self._sweeping = False
-                self._error("sweep_failed", error)
-                return
-            assert isinstance(result, dict)
-            self._sweep_work = self._sweep_steps(result)
+            self._sweep_read(effect, result, error, now, out)
         elif isinstance(effect, ReadChanges):
             self._polling = False
             self._next_poll = now + self.config.change_poll_interval
@@ -965,71 +984,160 @@ class Policy:
                 out.append(Verdict(None, Outcome.INSTALLED, k.knock, peer.public_key))
         self._forget(p)
 
-    def _sweep_steps(self, handshakes: dict[PublicKey, PeerStats]) -> Iterator[list[Effect]]:
-        """The sweep, in steps of about SWEEP_STEP units of work (a peer looked at: 1, a peer
-        forgotten or evicted: EVICT_COST; a step takes a few ms and the loop handles packets
-        between steps): forget peers the device lost (removed behind our back, device
-        restarted), account the traffic of installed peers (one RecordTraffic at the end, of
-        the peers with news), evict idle peers, look up peers that appeared on the device
-        without us. Knocks, installs and evictions may happen between steps: a peer installed
-        after the device was read is neither lost nor idle (and its counters in the snapshot
-        may be a former install's: not accounted), one evicted meanwhile is no stranger.
+    # -- the sweep ------------------------------------------------------------------------
+    #
+    # Every sweep_interval the device is read (ReadHandshakes) a chunk of SWEEP_CHUNK peers at
+    # a time, as its answer is parsed; each chunk is worked through in steps of about
+    # SWEEP_STEP units of work (a peer looked at: 1, a peer evicted or forgotten: EVICT_COST;
+    # a step takes a few ms and the loop handles packets between steps) while the next chunk
+    # is read, so a sweep holds at most two chunks of the device's answer, never all of it.
+    # Per chunk: account the traffic of installed peers (one RecordTraffic, of the peers with
+    # news), evict idle peers, look up peers that appeared on the device without us. After
+    # the last: forget peers the device lost (installed before the sweep and in none of its
+    # chunks: removed behind our back, device restarted), if the read had every device peer.
+    #
+    # Knocks, installs and evictions happen between steps and between chunks: a peer
+    # installed after the sweep started is neither lost nor idle (and its counters in the
+    # read may be a former install's: not accounted), one evicted meanwhile is no stranger.
+    # An idle peer's counters in the read are its last: it had no handshake for longer than a
+    # session lives, so nothing moved after the read. A peer the device lost takes its bytes
+    # since the previous sweep with it (nothing is left to read).
 
-        An idle peer's counters in the snapshot are its last: it had no handshake for longer
-        than a session lives, so nothing moved after the read. A peer the device lost takes
-        its bytes since the previous sweep with it (nothing is left to read)."""
-        started = self._sweep_started
-        installed = self.installed
-        work = 0
-        for key in list(installed):
-            work += 1
-            inst = installed.get(key)
-            if inst is not None and key not in handshakes and inst.installed_at < started:
-                del installed[key]
-                self.log.info("lost", peer=inst.name, key=key.short())
-                self.counters["lost"] += 1
-                work += EVICT_COST
-            if work >= SWEEP_STEP:
-                work = 0
-                yield []
+    def _sweep_read(self, effect: ReadHandshakes, result: object, error: Exception | None,
+                    now: float, out: list[Effect]) -> None:  # fmt: skip
+        """A chunk of the sweep's read came (or the read failed)."""
+        self._sweep_reading = False
+        # the next sweep: sweep_interval after this one's read, or at once if the device was
+        # created anew while it was read (_device_identity)
+        after = now + self.config.sweep_interval if self._next_sweep > -math.inf else -math.inf
+        if error is not None:
+            self._error("sweep_failed", error)
+            self._sweep_dump = None
+            self._sweep_read_over = True  # what was read is worked through; nobody is lost
+            self._next_sweep = after
+        else:
+            assert isinstance(result, StatsChunk)
+            self._sweep_peers += len(result.stats)
+            if effect.dump is None:  # the first chunk: handshakes after this sweep are news
+                self._sweep_since, self._accounted_at = self._accounted_at, self._sweep_started
+            self._sweep_chunks.append(result)
+            if result.last:
+                self._sweep_dump = None
+                self._sweep_read_over = True
+                self._sweep_complete = result.complete
+                self._next_sweep = after
+            else:
+                self._sweep_dump = result.dump
+        self._sweep_next(out)
+
+    def _sweep_next(self, out: list[Effect]) -> None:
+        """Work through the next chunk if none is being worked on (or end the sweep after
+        the last), and read the one after it meanwhile: one chunk read ahead, no more."""
+        if self._sweep_work is None:
+            if self._sweep_chunks:
+                chunk = self._sweep_chunks.popleft()
+                self._sweep_work = self._chunk_steps(chunk.stats, chunk.last)
+            elif self._sweep_read_over:
+                self._sweep_ending = True
+                self._sweep_work = self._sweep_end()
+        if self._sweep_dump is not None and not self._sweep_reading and not self._sweep_chunks:
+            self._sweep_reading = True
+            out.append(ReadHandshakes(self._sweep_dump, SWEEP_CHUNK))
+
+    def _chunk_steps(self, stats: dict[PublicKey, PeerStats], last_chunk: bool
+                     ) -> Iterator[list[Effect]]:  # fmt: skip
+        """One chunk of the sweep's read, in steps."""
+        started, gen = self._sweep_started, self._sweep_gen
         cutoff = started - self.config.idle_timeout
-        since, self._accounted_at = self._accounted_at, started
+        since = self._sweep_since
+        installed, pending, removed = self.installed, self._pending, self._removed_during_sweep
+        # the previous chunk's held-back idle peer goes with this chunk's first removals
+        idle, self._sweep_held = self._unheld(self._sweep_held), []
         strangers: dict[PublicKey, float] = {}
-        idle: list[PublicKey] = []
         rows: list[Traffic] = []
-        for key, st in handshakes.items():  # the sweep's own snapshot: nobody changes it
+        work = 0
+        left = len(stats)
+        key: PublicKey | None = None
+        for key, st in stats.items():  # the chunk is the sweep's own: nobody changes it
             work += 1
+            left -= 1
             inst = installed.get(key)
             last = st[0]
             if inst is None:
-                if key not in self._pending and key not in self._removed_during_sweep:
+                if key not in pending and key not in removed:
                     strangers[key] = last
-            elif inst.installed_at < started and (row := _account(key, inst, st, since)):
-                rows.append(row)
-            if inst is not None and last <= cutoff and inst.installed_at <= cutoff:
-                idle.append(key)
-                del installed[key]
-                self.log.info(
-                    "evict", reason="idle", peer=inst.name, key=key.short(), _key=key,
-                    idle_s=round(started - max(last, inst.installed_at)),
-                )  # fmt: skip
-                work += EVICT_COST
-            if work >= SWEEP_STEP:
+            else:
+                inst.swept = gen
+                if inst.installed_at < started and (row := _account(key, inst, st, since)):
+                    rows.append(row)
+                if last <= cutoff and inst.installed_at <= cutoff:
+                    idle.append(key)
+                    del installed[key]
+                    self.counters["evicted_idle"] += 1
+                    self.log.info(
+                        "evict", reason="idle", peer=inst.name, key=key.short(), _key=key,
+                        idle_s=round(started - max(last, inst.installed_at)),
+                    )  # fmt: skip
+                    work += EVICT_COST
+            if work >= SWEEP_STEP and left:  # (the last peer's removal may wait: below)
                 work = 0
                 yield self._evict_idle(idle)
                 idle = []
-        yield self._evict_idle(idle)
-        last_step: list[Effect] = []
+        if idle and idle[-1] is key and not last_chunk:
+            # The kernel goes on with its dump after the last peer it sent (this chunk's
+            # last): removed before the next chunk is read, it would end the dump there.
+            self._sweep_held = [idle.pop()]
+        last_step = self._evict_idle(idle)
         if rows or self._traffic_retry:
             last_step.append(self._record_traffic(rows))
         if strangers:
             last_step.append(Lookup(tuple(strangers), Purpose.ADOPT, strangers))
         yield last_step
 
+    def _sweep_end(self) -> Iterator[list[Effect]]:
+        """After the sweep's last chunk: forget the peers the device lost, in steps."""
+        first = self._evict_idle(self._unheld(self._sweep_held))
+        self._sweep_held = []
+        if not self._sweep_complete:
+            # the read failed, or the device changed while it was read (netlink: peers may be
+            # missing from it): nobody is taken for lost this time
+            self.counters["sweeps_incomplete"] += 1
+            self._log_sweep()
+            yield first
+            return
+        started, gen = self._sweep_started, self._sweep_gen
+        installed = self.installed
+        work = 0
+        for key in list(installed):
+            work += 1
+            inst = installed.get(key)
+            if inst is not None and inst.swept != gen and inst.installed_at < started:
+                del installed[key]
+                self.log.info("lost", peer=inst.name, key=key.short())
+                self.counters["lost"] += 1
+                work += EVICT_COST
+            if work >= SWEEP_STEP:
+                work = 0
+                yield first
+                first = []
+        self._log_sweep()
+        yield first
+
+    def _log_sweep(self) -> None:
+        self.counters["sweeps"] += 1
+        self.log.info(
+            "sweep", peers=self._sweep_peers, complete=self._sweep_complete,
+            took_ms=round((self.wall() - self._sweep_started) * 1000),
+        )  # fmt: skip
+
+    def _unheld(self, held: list[PublicKey]) -> list[PublicKey]:
+        """Held-back idle peers still to remove: not those installed or on their way in
+        again meanwhile (their install may be queued before this removal)."""
+        return [k for k in held if k not in self.installed and k not in self._pending]
+
     def _evict_idle(self, keys: list[PublicKey]) -> list[Effect]:
         if not keys:
             return []
-        self.counters["evicted_idle"] += len(keys)
         return [Remove(tuple(keys)), Release(tuple(keys), self.gateway_id)]
 
     def _changes(self, effect: ReadChanges, result: object, error: Exception | None,
@@ -1040,8 +1148,7 @@ class Policy:
             self.cursor = 0
             self._negative.clear()
             out.append(ReadChanges(None))
-            if self.installed:
-                out.extend(_rechecks(list(self.installed)))
+            self._recheck_all(out)
             return
         if error is not None:
             self._error("poll_changes_failed", error)
@@ -1056,7 +1163,27 @@ class Policy:
             if key in self.installed:
                 recheck.append(key)
         if recheck:
-            out.extend(_rechecks(recheck))
+            out.extend(
+                Lookup(tuple(recheck[i : i + RECONCILE_CHUNK]), Purpose.RECHECK)
+                for i in range(0, len(recheck), RECONCILE_CHUNK)
+            )
+
+    def _recheck_all(self, out: list[Effect]) -> None:
+        """Look every installed peer up again (see _recheck), RECONCILE_CHUNK at a time and
+        one look-up after the other: after a pause or a feed reset with 100 000 installed,
+        look-ups issued at once come back faster than the loop works through them and wait
+        in its queue, Peer objects and all (~20 MB). A re-check of everything replaces one
+        still queued."""
+        keys = list(self.installed)
+        self._recheck_todo = deque(
+            tuple(keys[i : i + RECONCILE_CHUNK]) for i in range(0, len(keys), RECONCILE_CHUNK)
+        )
+        self._next_recheck(out)
+
+    def _next_recheck(self, out: list[Effect]) -> None:
+        if self._recheck_inflight is None and self._recheck_todo:
+            self._recheck_inflight = Lookup(self._recheck_todo.popleft(), Purpose.RECHECK)
+            out.append(self._recheck_inflight)
 
     def _recheck(self, keys: Sequence[PublicKey], peers: dict[PublicKey, Peer],
                  out: list[Effect]) -> None:  # fmt: skip
@@ -1129,9 +1256,11 @@ class Policy:
             if peer.holder is None:
                 claim.append(key)
             update.append((key, peer.allowed_ips, peer.preshared_key))
+            # (swept: a stranger a sweep read is in that sweep's read)
             inst = self.installed[key] = Installed(
-                peer.name, last or wall, fingerprint(peer), seen=peer.handshake_hwm, rx=-1
-            )
+                peer.name, last or wall, fingerprint(peer), seen=peer.handshake_hwm, rx=-1,
+                swept=self._sweep_gen,
+            )  # fmt: skip
             self._expire_at(key, inst, peer.expires_at)
             self._claim_prefixes(key, peer)
         if update:
@@ -1398,7 +1527,7 @@ class Policy:
         self._last_beat = now
         if paused and self.installed:
             self.log.info("reassert_claims", installed=len(self.installed))
-            out.extend(_rechecks(list(self.installed)))
+            self._recheck_all(out)
 
     def _reject(
         self,

@@ -1,12 +1,12 @@
 """What the policy asks the outside world to do, and the one place that does it.
 
 Effects are plain values returned by `wgjit.gateway.core.Policy`. Each names where it runs:
-`STORE`, `DEVICE` (changes to the device, in order), `SWEEP` (reading all of the device, on a
-thread of its own so installs never wait behind a big device's dump) or `LOOP` (verdicts, which
-the completion mode gives on the loop's thread). `perform()` maps a store or device effect to
-its call. The loop runs `perform()` on worker threads (`wgjit.gateway.run`); tests and start-up
-run it inline (`run_inline`). Effects compare by identity: the policy matches each result to
-the effect it issued.
+`STORE`, `DEVICE` (changes to the device, in order), `SWEEP` (reading all of the device, a
+chunk at a time, on a thread of its own so installs never wait behind a big device's dump) or
+`LOOP` (verdicts, which the completion mode gives on the loop's thread). `perform()` maps a
+store or device effect to its call. The loop runs `perform()` on worker threads
+(`wgjit.gateway.run`); tests and start-up run it inline (`run_inline`). Effects compare by
+identity: the policy matches each result to the effect it issued.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import ClassVar
 
 from wgjit.addr import Endpoint, IPNetwork
 from wgjit.capture.packet import Knock
-from wgjit.device import Device, DeviceError, PeerConfig, PeerStats
+from wgjit.device import Device, DeviceError, PeerConfig, PeerStats, StatsDump
 from wgjit.gateway.outcome import Outcome
 from wgjit.handshake import Opened
 from wgjit.keys import PresharedKey, PublicKey
@@ -109,11 +109,25 @@ class Remove:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class ReadHandshakes:
-    """Every device peer's last handshake, byte counters and endpoint (Device.stats): what
-    the sweep needs, for idle eviction and traffic accounting."""
+    """The next chunk of a sweep's read of the device (Device.stats_dump): about `peers`
+    device peers' last handshake, byte counters and endpoint, what the sweep needs for idle
+    eviction and traffic accounting. `dump` None starts the read; else it goes on with the
+    dump of the previous chunk's result (a StatsChunk)."""
 
     where: ClassVar[str] = SWEEP
     what: ClassVar[str] = "sweep"
+    dump: StatsDump | None = None
+    peers: int = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class StatsChunk:
+    """What a ReadHandshakes read: a chunk of the dump, and the dump to read on from."""
+
+    stats: dict[PublicKey, PeerStats]
+    dump: StatsDump
+    last: bool  # the dump ended with this chunk
+    complete: bool  # (with `last`) every device peer was in the dump (see StatsDump)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -149,8 +163,8 @@ class RecordHandshakes:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class RecordTraffic:
-    """Add what the device counted to the stored per-peer status, one batch per sweep or
-    eviction (Store.record_traffic)."""
+    """Add what the device counted to the stored per-peer status, one batch per chunk of a
+    sweep's read or per eviction (Store.record_traffic)."""
 
     where: ClassVar[str] = STORE
     what: ClassVar[str] = "record_traffic"
@@ -256,8 +270,11 @@ def perform(effect: Effect, store: Store, device: Device) -> object:
                     last = None  # the removal matters more than the counters
             device.remove_peers(keys)
             return last
-        case ReadHandshakes():
-            return device.stats()
+        case ReadHandshakes(dump=dump, peers=peers):
+            if dump is None:
+                dump = device.stats_dump()
+            stats = dump.take(peers)
+            return StatsChunk(stats, dump, dump.done, dump.complete)
         case ReadIdentity():
             return device.identity()
         case Release(keys=keys, gateway_id=gid):
