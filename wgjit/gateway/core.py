@@ -93,7 +93,8 @@ FALLBACK_GLOBAL_RATE = 5000.0
 # initiation a client makes, retries included; a body seen before is a copy, a replay, dropped
 # with no X25519. A flood that resends bodies under fresh sender indexes (which change only
 # mac1) then costs a keyed BLAKE2s a packet, however many bodies it cycles through up to
-# SEEN_BODIES (2 MiB of Bloom filters; a bigger pool means that much X25519 work up front).
+# SEEN_BODIES (Bloom filters of up to 2 MiB, touched as they fill; a bigger pool means that
+# much X25519 work up front).
 SEEN_BODIES = 1 << 19
 # What the ephemeral key and encrypted static opened to, for the last OPENS bodies: a flood
 # that keeps one ephemeral key and varies the timestamp bytes skips the first X25519.

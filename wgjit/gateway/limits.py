@@ -8,6 +8,7 @@ without sleeping; none does I/O.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 from collections import OrderedDict
 from collections.abc import Hashable
@@ -101,8 +102,10 @@ class SeenFilter:
         self._mask = bits - 1
         self._shift = bits.bit_length() - 1
         assert self._shift * self.PROBES <= 256  # probes from one 32-byte digest
-        self._new = bytearray(bits >> 3)
-        self._old = bytearray(bits >> 3)
+        # private anonymous mappings: a page costs memory only once a bit in it is set, and
+        # MADV_DONTNEED gives it back as zeros
+        self._new = mmap.mmap(-1, bits >> 3, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._old = mmap.mmap(-1, bits >> 3, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self._added = 0
         self._hash = hashlib.blake2s(key=key or os.urandom(16))
 
@@ -127,7 +130,7 @@ class SeenFilter:
         self._added += 1
         if self._added >= self.capacity:
             self._old, self._new = new, old
-            old[:] = bytes(len(old))
+            old.madvise(mmap.MADV_DONTNEED)  # zero again, its pages given back
             self._added = 0
         return in_old
 
