@@ -98,8 +98,8 @@ FALLBACK_GLOBAL_RATE = 5000.0
 SEEN_BODIES = 1 << 19
 # What the ephemeral key and encrypted static opened to, for the last OPENS bodies: a flood
 # that keeps one ephemeral key and varies the timestamp bytes skips the first X25519.
-# ~0.5 KB an entry.
-OPENS = 4096
+# ~0.4 KB an entry; an attacker reuses a few ephemeral keys, not thousands.
+OPENS = 1024
 # how often the loop checks that the device is still the one it installed peers on
 DEVICE_CHECK_INTERVAL = 1.0
 _UNKNOWN = object()
