@@ -72,6 +72,53 @@ _recvfrom.argtypes = (
 _recvfrom.restype = ctypes.c_ssize_t
 
 
+def filtered_socket(program: list[Insn], what: str, doing: str, *, ifindex: int = 0,
+                    rcvbuf: int, ignore_outgoing: bool = False) -> socket.socket:  # fmt: skip
+    """A non-blocking AF_PACKET socket (cooked: from the network header) that receives only
+    what `program` accepts, on interface `ifindex` (0: all). Errors are CaptureError, one
+    line: `what` names the socket, `doing` what needs root or CAP_NET_RAW."""
+    try:
+        # Protocol 0: the socket receives nothing until bind() names a protocol, so no
+        # packet can be queued before the filter is attached and nothing needs draining.
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)
+    except PermissionError:
+        raise CaptureError(
+            errno.EPERM, f"{doing} needs root or CAP_NET_RAW (AF_PACKET socket refused)"
+        ) from None
+    except OSError as e:
+        raise CaptureError(
+            e.errno or errno.EIO, f"cannot open an AF_PACKET socket: {e.strerror}"
+        ) from None
+    try:
+        code = pack(program)
+        insns = ctypes.create_string_buffer(code, len(code))
+        fprog = _SockFprog(len(program), ctypes.addressof(insns))
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, bytes(fprog))
+        del insns  # the kernel has copied the program
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # capped by rmem_max
+        if ignore_outgoing:
+            with contextlib.suppress(OSError):  # old kernel: the filter rejects them anyway
+                sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+        sll = _SockaddrLL(
+            sll_family=socket.AF_PACKET, sll_protocol=socket.htons(ETH_P_ALL), sll_ifindex=ifindex
+        )
+        if _bind(sock.fileno(), ctypes.addressof(sll), ctypes.sizeof(sll)) != 0:
+            err = ctypes.get_errno()
+            raise CaptureError(err, f"cannot bind the {what} socket: {os.strerror(err)}")
+        sock.setblocking(False)
+    except BaseException as e:
+        sock.close()
+        if isinstance(e, OSError) and not isinstance(e, CaptureError):
+            raise CaptureError(
+                e.errno or errno.EIO, f"cannot set up the {what} socket: {e.strerror}"
+            ) from None
+        raise
+    return sock
+
+
 class PacketCapture(Closing):
     """Handshake initiations to UDP `port`, as seen on one interface or all (`interface=None`).
 
@@ -89,43 +136,6 @@ class PacketCapture(Closing):
         self._drops = 0
         self.errors = 0  # transient socket errors seen by recv_batch (e.g. ENETDOWN)
         program = initiation_filter(port)  # ValueError for a bad port, before any socket
-        try:
-            # Protocol 0: the socket receives nothing until bind() names a protocol, so no
-            # packet can be queued before the filter is attached and nothing needs draining.
-            self._sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)
-        except PermissionError:
-            raise CaptureError(
-                errno.EPERM, "capturing needs root or CAP_NET_RAW (AF_PACKET socket refused)"
-            ) from None
-        except OSError as e:
-            raise CaptureError(
-                e.errno or errno.EIO, f"cannot open an AF_PACKET socket: {e.strerror}"
-            ) from None
-        try:
-            self._setup(program, interface, rcvbuf)
-        except BaseException:
-            self._sock.close()
-            raise
-        self._buf = ctypes.create_string_buffer(_BUFSIZE)
-        self._addr = _SockaddrLL()
-        self._addrlen = ctypes.c_uint32()
-        self._buf_p = ctypes.addressof(self._buf)
-        self._addr_p = ctypes.addressof(self._addr)
-        self._addrlen_p = ctypes.pointer(self._addrlen)
-
-    def _setup(self, program: list[Insn], interface: str | None, rcvbuf: int) -> None:
-        sock = self._sock
-        code = pack(program)
-        insns = ctypes.create_string_buffer(code, len(code))
-        fprog = _SockFprog(len(program), ctypes.addressof(insns))
-        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, bytes(fprog))
-        del insns  # the kernel has copied the program
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
-        except OSError:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # capped by rmem_max
-        with contextlib.suppress(OSError):  # old kernel: the filter rejects them anyway
-            sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
         if interface is not None:
             try:
                 self.ifindex = socket.if_nametoindex(interface)
@@ -133,15 +143,14 @@ class PacketCapture(Closing):
                 raise CaptureError(
                     errno.ENODEV, f"no network interface named {interface!r} to capture on"
                 ) from None
-        sll = _SockaddrLL(
-            sll_family=socket.AF_PACKET,
-            sll_protocol=socket.htons(ETH_P_ALL),
-            sll_ifindex=self.ifindex,
-        )
-        if _bind(sock.fileno(), ctypes.addressof(sll), ctypes.sizeof(sll)) != 0:
-            e = ctypes.get_errno()
-            raise CaptureError(e, f"cannot bind the capture socket: {os.strerror(e)}")
-        sock.setblocking(False)
+        self._sock = filtered_socket(program, "capture", "capturing", ifindex=self.ifindex,
+                                     rcvbuf=rcvbuf, ignore_outgoing=True)  # fmt: skip
+        self._buf = ctypes.create_string_buffer(_BUFSIZE)
+        self._addr = _SockaddrLL()
+        self._addrlen = ctypes.c_uint32()
+        self._buf_p = ctypes.addressof(self._buf)
+        self._addr_p = ctypes.addressof(self._addr)
+        self._addrlen_p = ctypes.pointer(self._addrlen)
 
     def fileno(self) -> int:
         return self._sock.fileno()

@@ -14,22 +14,11 @@ too; they answer initiations it never released, so they match nothing.
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import os
-import socket
 import struct
 from typing import NamedTuple
 
-from wgjit.capture.afpacket import (
-    ETH_P_ALL,
-    SO_ATTACH_FILTER,
-    SO_RCVBUFFORCE,
-    CaptureError,
-    _bind,
-    _SockaddrLL,
-    _SockFprog,
-)
+from wgjit.capture.afpacket import CaptureError, filtered_socket
 from wgjit.capture.bpf import (
     ANSWER_KEEP,
     COOKIE_REPLY_SIZE,
@@ -38,7 +27,6 @@ from wgjit.capture.bpf import (
     RESPONSE_SIZE,
     UDP_HEADER_SIZE,
     answers_filter,
-    pack,
 )
 from wgjit.closing import Closing
 
@@ -101,40 +89,8 @@ class AnswerCapture(Closing):
         self.port = port
         self.errors = 0
         program = answers_filter(port)  # ValueError for a bad port, before any socket
-        try:
-            # protocol 0 until bind(): nothing is queued before the filter is attached
-            self._sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)
-        except PermissionError:
-            raise CaptureError(
-                errno.EPERM, "watching the device's answers needs root or CAP_NET_RAW"
-            ) from None
-        except OSError as e:
-            raise CaptureError(
-                e.errno or errno.EIO, f"cannot open an AF_PACKET socket: {e.strerror}"
-            ) from None
-        try:
-            code = pack(program)
-            insns = ctypes.create_string_buffer(code, len(code))
-            fprog = _SockFprog(len(program), ctypes.addressof(insns))
-            self._sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, bytes(fprog))
-            try:
-                self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
-            except OSError:
-                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-            sll = _SockaddrLL(
-                sll_family=socket.AF_PACKET, sll_protocol=socket.htons(ETH_P_ALL), sll_ifindex=0
-            )
-            if _bind(self._sock.fileno(), ctypes.addressof(sll), ctypes.sizeof(sll)) != 0:
-                err = ctypes.get_errno()
-                raise CaptureError(err, f"cannot bind the answer watch socket: {os.strerror(err)}")
-            self._sock.setblocking(False)
-        except OSError as e:
-            self._sock.close()
-            if isinstance(e, CaptureError):
-                raise
-            raise CaptureError(
-                e.errno or errno.EIO, f"cannot set up the answer watch socket: {e.strerror}"
-            ) from None
+        self._sock = filtered_socket(program, "answer watch", "watching the device's answers",
+                                     rcvbuf=rcvbuf)  # fmt: skip
 
     def fileno(self) -> int:
         return self._sock.fileno()
