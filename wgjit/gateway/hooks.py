@@ -43,6 +43,7 @@ QUEUE_PER_THREAD = 256
 # at most one hook_failed / hook_dropped line per this many seconds; the ones left out are
 # counted in the next line's `suppressed=`
 LOG_INTERVAL = 1.0
+_STOPPING = "killed: the gateway is stopping"
 # how much of a failed hook's output (stdout and stderr together) its log line shows
 OUTPUT_TAIL = 200
 
@@ -233,11 +234,14 @@ class HookRunner:
         if rc is None:
             with self._counts_lock:
                 self.counts["timed_out"] += 1
-            self._failed(job, timeout_s=round(left, 3), output=tail)
+            # a hook started while the gateway stops has only what is left of close()'s wait
+            stopping = self._stop_at is not None and left < self.timeout
+            self._failed(job, timeout_s=round(left, 3), output=tail,
+                         why=_STOPPING if stopping else None)  # fmt: skip
         elif rc != 0:
             stopping = rc == -signal.SIGKILL and self._stop_at is not None
             self._failed(job, status=rc, took_ms=took, output=tail,
-                         why="killed: the gateway is stopping" if stopping else None)  # fmt: skip
+                         why=_STOPPING if stopping else None)  # fmt: skip
         else:
             self.log.debug("hook_done", hook=job.event, peer=job.fields.get("peer"), took_ms=took)
 
