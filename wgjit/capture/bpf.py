@@ -179,57 +179,77 @@ def initiation_filter(port: int) -> list[Insn]:
     bytes present (a load past the end of the packet rejects it). Keeps exactly the bytes from
     the network header to the end of the 148-byte message (IP header + UDP header + payload).
     """
-    if not 0 < port < 65536:
-        raise ValueError(f"port must be 1-65535, not {port}")
-    ld_w = BPF_LD | BPF_W | BPF_ABS
-    ld_h = BPF_LD | BPF_H | BPF_ABS
-    ld_b = BPF_LD | BPF_B | BPF_ABS
-    ind_w = BPF_LD | BPF_W | BPF_IND
-    ind_h = BPF_LD | BPF_H | BPF_IND
-    reject = "reject"
-    src: list[Insn | Jump | Label] = [
-        stmt(ld_w, SKF_AD_OFF + SKF_AD_PKTTYPE),
-        jump(BPF_JEQ, PACKET_HOST, None, reject),
-        stmt(ld_w, SKF_AD_OFF + SKF_AD_PROTOCOL),
-        jump(BPF_JEQ, ETH_P_IP, "ipv4"),
-        jump(BPF_JEQ, ETH_P_IPV6, "ipv6", reject),
-        Label("ipv4"),
-        stmt(ld_b, 0),  # version and IHL: 0x45..0x4f
-        jump(BPF_JGE, 0x45, None, reject),
-        jump(BPF_JGT, 0x4F, reject),
-        stmt(ld_b, 9),
-        jump(BPF_JEQ, IPPROTO_UDP, None, reject),
-        stmt(ld_h, 6),  # flags and fragment offset: MF set or offset nonzero -> fragment
-        jump(BPF_JSET, 0x3FFF, reject),
-        stmt(BPF_LDX | BPF_B | BPF_MSH, 0),  # X = 4 * IHL: the UDP header's offset
+    ld_w, ld_h, ld_b, ind_w, ind_h = _LOADS
+    v4: _Source = [  # X = the UDP header's offset
         stmt(ind_h, 2),
-        jump(BPF_JEQ, port, None, reject),
+        jump(BPF_JEQ, port, None, _REJECT),
         stmt(ind_h, 4),
-        jump(BPF_JEQ, INITIATION_UDP_LENGTH, None, reject),
+        jump(BPF_JEQ, INITIATION_UDP_LENGTH, None, _REJECT),
         stmt(ind_w, UDP_HEADER_SIZE),
-        jump(BPF_JEQ, INITIATION_WORD, None, reject),
+        jump(BPF_JEQ, INITIATION_WORD, None, _REJECT),
         stmt(BPF_LD | BPF_B | BPF_IND, INITIATION_UDP_LENGTH - 1),  # truncated? (rejects)
         stmt(BPF_MISC | BPF_TXA),
         stmt(BPF_ALU | BPF_ADD | BPF_K, INITIATION_UDP_LENGTH),
         stmt(BPF_RET | BPF_A),
+    ]
+    v6: _Source = [
+        stmt(ld_h, IPV6_HEADER_SIZE + 2),
+        jump(BPF_JEQ, port, None, _REJECT),
+        stmt(ld_h, IPV6_HEADER_SIZE + 4),
+        jump(BPF_JEQ, INITIATION_UDP_LENGTH, None, _REJECT),
+        stmt(ld_w, IPV6_HEADER_SIZE + UDP_HEADER_SIZE),
+        jump(BPF_JEQ, INITIATION_WORD, None, _REJECT),
+        stmt(ld_b, IPV6_HEADER_SIZE + INITIATION_UDP_LENGTH - 1),
+        stmt(BPF_RET | BPF_K, IPV6_HEADER_SIZE + INITIATION_UDP_LENGTH),
+    ]
+    return _udp_filter(port, PACKET_HOST, v4, v6)
+
+
+# BPF_ABS loads of a word, half-word and byte; BPF_IND loads (offset + X) of a word, half-word
+_LOADS = (
+    BPF_LD | BPF_W | BPF_ABS,
+    BPF_LD | BPF_H | BPF_ABS,
+    BPF_LD | BPF_B | BPF_ABS,
+    BPF_LD | BPF_W | BPF_IND,
+    BPF_LD | BPF_H | BPF_IND,
+)
+_REJECT = "reject"
+_Source = list[Insn | Jump | Label]  # a program before assemble()
+
+
+def _udp_filter(port: int, pkttype: int, v4: _Source, v6: _Source) -> list[Insn]:
+    """What both filters share: packets of `pkttype` carrying IPv4 (unfragmented, any IHL)
+    or IPv6 with UDP directly after the fixed header; then `v4` (with X = the UDP header's
+    offset) or `v6` judges the datagram, each ending in a return or a jump to _REJECT."""
+    if not 0 < port < 65536:
+        raise ValueError(f"port must be 1-65535, not {port}")
+    ld_w, ld_h, ld_b, _, _ = _LOADS
+    return assemble([
+        stmt(ld_w, SKF_AD_OFF + SKF_AD_PKTTYPE),
+        jump(BPF_JEQ, pkttype, None, _REJECT),
+        stmt(ld_w, SKF_AD_OFF + SKF_AD_PROTOCOL),
+        jump(BPF_JEQ, ETH_P_IP, "ipv4"),
+        jump(BPF_JEQ, ETH_P_IPV6, "ipv6", _REJECT),
+        Label("ipv4"),
+        stmt(ld_b, 0),  # version and IHL: 0x45..0x4f
+        jump(BPF_JGE, 0x45, None, _REJECT),
+        jump(BPF_JGT, 0x4F, _REJECT),
+        stmt(ld_b, 9),
+        jump(BPF_JEQ, IPPROTO_UDP, None, _REJECT),
+        stmt(ld_h, 6),  # flags and fragment offset: MF set or offset nonzero -> fragment
+        jump(BPF_JSET, 0x3FFF, _REJECT),
+        stmt(BPF_LDX | BPF_B | BPF_MSH, 0),  # X = 4 * IHL: the UDP header's offset
+        *v4,
         Label("ipv6"),
         stmt(ld_b, 0),
         stmt(BPF_ALU | BPF_AND | BPF_K, 0xF0),
-        jump(BPF_JEQ, 0x60, None, reject),
+        jump(BPF_JEQ, 0x60, None, _REJECT),
         stmt(ld_b, 6),  # next header: UDP right after the fixed header, nothing else
-        jump(BPF_JEQ, IPPROTO_UDP, None, reject),
-        stmt(ld_h, IPV6_HEADER_SIZE + 2),
-        jump(BPF_JEQ, port, None, reject),
-        stmt(ld_h, IPV6_HEADER_SIZE + 4),
-        jump(BPF_JEQ, INITIATION_UDP_LENGTH, None, reject),
-        stmt(ld_w, IPV6_HEADER_SIZE + UDP_HEADER_SIZE),
-        jump(BPF_JEQ, INITIATION_WORD, None, reject),
-        stmt(ld_b, IPV6_HEADER_SIZE + INITIATION_UDP_LENGTH - 1),
-        stmt(BPF_RET | BPF_K, IPV6_HEADER_SIZE + INITIATION_UDP_LENGTH),
-        Label(reject),
+        jump(BPF_JEQ, IPPROTO_UDP, None, _REJECT),
+        *v6,
+        Label(_REJECT),
         stmt(BPF_RET | BPF_K, 0),
-    ]
-    return assemble(src)
+    ])
 
 
 PACKET_OUTGOING = 4  # sent by this host
@@ -252,64 +272,37 @@ def answers_filter(port: int) -> list[Insn]:
     header to ANSWER_KEEP bytes into the message. A frame that crosses several interfaces (a
     bridge, then its port) is seen once on each: the reader tells copies apart.
     """
-    if not 0 < port < 65536:
-        raise ValueError(f"port must be 1-65535, not {port}")
-    ld_w = BPF_LD | BPF_W | BPF_ABS
-    ld_h = BPF_LD | BPF_H | BPF_ABS
-    ld_b = BPF_LD | BPF_B | BPF_ABS
-    ind_w = BPF_LD | BPF_W | BPF_IND
-    ind_h = BPF_LD | BPF_H | BPF_IND
-    reject = "reject"
-    src: list[Insn | Jump | Label] = [
-        stmt(ld_w, SKF_AD_OFF + SKF_AD_PKTTYPE),
-        jump(BPF_JEQ, PACKET_OUTGOING, None, reject),
-        stmt(ld_w, SKF_AD_OFF + SKF_AD_PROTOCOL),
-        jump(BPF_JEQ, ETH_P_IP, "ipv4"),
-        jump(BPF_JEQ, ETH_P_IPV6, "ipv6", reject),
-        Label("ipv4"),
-        stmt(ld_b, 0),
-        jump(BPF_JGE, 0x45, None, reject),
-        jump(BPF_JGT, 0x4F, reject),
-        stmt(ld_b, 9),
-        jump(BPF_JEQ, IPPROTO_UDP, None, reject),
-        stmt(ld_h, 6),
-        jump(BPF_JSET, 0x3FFF, reject),
-        stmt(BPF_LDX | BPF_B | BPF_MSH, 0),  # X = 4 * IHL: the UDP header's offset
+    ld_w, ld_h, ld_b, ind_w, ind_h = _LOADS
+    v4: _Source = [  # X = the UDP header's offset
         stmt(ind_h, 0),
-        jump(BPF_JEQ, port, None, reject),
+        jump(BPF_JEQ, port, None, _REJECT),
         stmt(ind_h, 4),
         jump(BPF_JEQ, UDP_HEADER_SIZE + RESPONSE_SIZE, "v4_response"),
-        jump(BPF_JEQ, UDP_HEADER_SIZE + COOKIE_REPLY_SIZE, None, reject),
+        jump(BPF_JEQ, UDP_HEADER_SIZE + COOKIE_REPLY_SIZE, None, _REJECT),
         stmt(ind_w, UDP_HEADER_SIZE),
-        jump(BPF_JEQ, COOKIE_REPLY_WORD, "v4_keep", reject),
+        jump(BPF_JEQ, COOKIE_REPLY_WORD, "v4_keep", _REJECT),
         Label("v4_response"),
         stmt(ind_w, UDP_HEADER_SIZE),
-        jump(BPF_JEQ, RESPONSE_WORD, None, reject),
+        jump(BPF_JEQ, RESPONSE_WORD, None, _REJECT),
         Label("v4_keep"),
         stmt(BPF_LD | BPF_B | BPF_IND, UDP_HEADER_SIZE + ANSWER_KEEP - 1),  # truncated?
         stmt(BPF_MISC | BPF_TXA),
         stmt(BPF_ALU | BPF_ADD | BPF_K, UDP_HEADER_SIZE + ANSWER_KEEP),
         stmt(BPF_RET | BPF_A),
-        Label("ipv6"),
-        stmt(ld_b, 0),
-        stmt(BPF_ALU | BPF_AND | BPF_K, 0xF0),
-        jump(BPF_JEQ, 0x60, None, reject),
-        stmt(ld_b, 6),
-        jump(BPF_JEQ, IPPROTO_UDP, None, reject),
+    ]
+    v6: _Source = [
         stmt(ld_h, IPV6_HEADER_SIZE),
-        jump(BPF_JEQ, port, None, reject),
+        jump(BPF_JEQ, port, None, _REJECT),
         stmt(ld_h, IPV6_HEADER_SIZE + 4),
         jump(BPF_JEQ, UDP_HEADER_SIZE + RESPONSE_SIZE, "v6_response"),
-        jump(BPF_JEQ, UDP_HEADER_SIZE + COOKIE_REPLY_SIZE, None, reject),
+        jump(BPF_JEQ, UDP_HEADER_SIZE + COOKIE_REPLY_SIZE, None, _REJECT),
         stmt(ld_w, IPV6_HEADER_SIZE + UDP_HEADER_SIZE),
-        jump(BPF_JEQ, COOKIE_REPLY_WORD, "v6_keep", reject),
+        jump(BPF_JEQ, COOKIE_REPLY_WORD, "v6_keep", _REJECT),
         Label("v6_response"),
         stmt(ld_w, IPV6_HEADER_SIZE + UDP_HEADER_SIZE),
-        jump(BPF_JEQ, RESPONSE_WORD, None, reject),
+        jump(BPF_JEQ, RESPONSE_WORD, None, _REJECT),
         Label("v6_keep"),
         stmt(ld_b, IPV6_HEADER_SIZE + UDP_HEADER_SIZE + ANSWER_KEEP - 1),
         stmt(BPF_RET | BPF_K, IPV6_HEADER_SIZE + UDP_HEADER_SIZE + ANSWER_KEEP),
-        Label(reject),
-        stmt(BPF_RET | BPF_K, 0),
     ]
-    return assemble(src)
+    return _udp_filter(port, PACKET_OUTGOING, v4, v6)
