@@ -7,12 +7,14 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.unit.policy_driver import SyncGateway
 from tests.unit.test_gateway_core import Clock, FakeDevice, events, initiation, knock
 from wgjit.addr import Endpoint, parse_networks
+from wgjit.device import PeerConfig
 from wgjit.events import EventLog
 from wgjit.gateway.core import GatewayConfig
 from wgjit.handshake import Responder, Timestamp
@@ -184,6 +186,43 @@ def test_claims_reasserted_after_a_pause(nodes: Callable[[str], Node]) -> None:
     peer = a.store.lookup(c.public_key())
     assert peer is not None and peer.holder == "gw-a"
     assert events(a.out, "reassert_claims")
+
+
+def test_a_long_reconcile_beats_between_its_chunks(
+    nodes: Callable[[str], Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reconcile that outlasts the presence TTL (100 000 peers under emulation) renews the
+    gateway's presence between its chunks: its claims never lapse, and nothing is re-checked
+    once it is ready (a re-check of 100 000 peers costs the loop seconds and ~3 MiB)."""
+    from wgjit.gateway import core
+
+    monkeypatch.setattr(core, "RECONCILE_CHUNK", 2)
+    a = nodes("gw-a")
+    for i in range(10):
+        key = PrivateKey.generate().public_key()
+        a.store.add_peer(f"p{i}", key, parse_networks(f"100.65.0.{i + 1}/32"))
+        a.dev.set_peer(PeerConfig(key))
+    clock = a.g.clock
+    lookup_many, heartbeat = a.store.lookup_many, a.store.heartbeat
+    beats: list[float] = []
+
+    def slow_lookup(*args: Any, **kwargs: Any) -> Any:
+        clock.t += 4.0  # type: ignore[attr-defined]  # five chunks: a 20 s reconcile
+        return lookup_many(*args, **kwargs)
+
+    def beat(*args: Any, **kwargs: Any) -> Any:
+        beats.append(clock())
+        return heartbeat(*args, **kwargs)
+
+    monkeypatch.setattr(a.store, "lookup_many", slow_lookup)
+    monkeypatch.setattr(a.store, "heartbeat", beat)
+    started = clock()
+    a.g.start()
+    assert len(a.g.installed) == 10 and clock() - started == 20.0
+    gaps = [b - a for a, b in zip([started, *beats], [*beats, clock()], strict=True)]
+    assert max(gaps) <= 8.0, f"heartbeats at {beats} over a reconcile from {started}"
+    a.g.tick()  # the first tick after `ready`
+    assert not events(a.out, "reassert_claims")
 
 
 def test_far_future_timestamp_refused_and_leaves_the_mark(nodes: Callable[[str], Node]) -> None:

@@ -26,6 +26,7 @@ import socket
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Final
 
 from wgjit.addr import Endpoint, IPNetwork
 from wgjit.capture.packet import Knock
@@ -298,9 +299,14 @@ def _account(key: PublicKey, inst: Installed, st: PeerStats, since: float) -> Tr
     return None
 
 
+# Hashes kept per installed peer are cut to 60 bits: an int of two 30-bit digits is a 32-byte
+# object, a full 64-bit hash a 48-byte one (3.2 MB in all at 100 000 peers, two per peer)
+HASH_BITS: Final = (1 << 60) - 1
+
+
 def fingerprint(peer: Peer) -> int:
     """What a peer's device config depends on, as one hash."""
-    return hash((frozenset(peer.allowed_ips), peer.preshared_key))
+    return hash((frozenset(peer.allowed_ips), peer.preshared_key)) & HASH_BITS
 
 
 @dataclass(slots=True)
@@ -764,6 +770,11 @@ class Policy:
             elif effect.purpose in (Purpose.RECONCILE, Purpose.ADOPT):
                 assert effect.handshakes is not None
                 self._adopt(effect, result, out)
+                if effect.purpose is Purpose.RECONCILE and now >= self._next_beat:
+                    # a reconcile of 100 000 peers may outlast the presence TTL: beat between
+                    # its chunks, or the others may take our claims and we re-check them all
+                    self._next_beat = now + self.config.heartbeat_interval
+                    out.append(self._heartbeat())
             else:
                 self._recheck(effect.keys, result, out)
         elif isinstance(effect, Admit):
@@ -1479,7 +1490,7 @@ class Policy:
         (possible only with peers added with --allow-overlap). `key` is the object `installed`
         is keyed by (the store's equal copy would cost another ~100 bytes per peer)."""
         for net in peer.allowed_ips:
-            h = hash((net.version, int(net.network_address), net.prefixlen))
+            h = hash((net.version, int(net.network_address), net.prefixlen)) & HASH_BITS
             holder = self._prefixes.get(h)
             if holder is not None and holder != key and holder in self.installed:
                 self.log.warning(
