@@ -291,7 +291,8 @@ def run(n: int, store: str, rate: float, sweep_interval: float, cycles: int) -> 
                      f" | {w.blocked_p99_ms:.1f} |")  # fmt: skip
     lines += [
         "",
-        f"gateway memory: VmRSS {rss_ready.get('VmRSS', 0) / 1024:.0f} MiB at `ready`,"
+        f"gateway memory: VmRSS {rss_ready.get('VmRSS', 0) / 1024:.0f} MiB at `ready`"
+        f" (VmHWM then {rss_ready.get('VmHWM', 0) / 1024:.0f} MiB: start-up's peak),"
         f" max sampled {peak['VmRSS'] / 1024:.0f} MiB, {mem.get('VmRSS', 0) / 1024:.0f} MiB"
         f" at the end (RssAnon {mem.get('RssAnon', 0) / 1024:.0f} MiB, RssFile"
         f" {mem.get('RssFile', 0) / 1024:.0f} MiB: libraries); VmHWM"
