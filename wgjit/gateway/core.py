@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import heapq
+import itertools
 import math
 import socket
 from collections import Counter, deque
@@ -104,8 +105,9 @@ OPENS = 1024
 # how often the loop checks that the device is still the one it installed peers on
 DEVICE_CHECK_INTERVAL = 1.0
 _UNKNOWN = object()
-# device peers looked up per store call at start (bounds the Peer objects alive at once)
-RECONCILE_CHUNK = 4096
+# device peers looked up per store call at start and per re-check: bounds the Peer objects
+# alive at once (~1 KB a peer with its row) and a re-check's step on the loop
+RECONCILE_CHUNK = 1024
 # work per sweep step (a peer looked at costs 1, one evicted or forgotten EVICT_COST more:
 # its log line); the loop handles packets between steps
 SWEEP_STEP = 2000
@@ -411,6 +413,7 @@ class Policy:
         self._recheck_todo: deque[tuple[PublicKey, ...]] = deque()
         self._recheck_inflight: Lookup | None = None
         self._reconciling = [0, 0, 0]  # look-ups to go, peers kept, peers the store knows
+        self._reconcile_todo: Iterator[tuple[PublicKey, float]] = iter(())  # not looked up yet
         self._reconcile_bad: list[tuple[PublicKey, str, str]] = []
         # why the policy refuses to start (set by reconcile), or None
         self.refused_start: str | None = None
@@ -439,15 +442,21 @@ class Policy:
         self._next_check = now
         self._last_beat = now
         effects: list[Effect] = [self._heartbeat(), ReadChanges(None), ReadIdentity()]
-        keys = list(device_peers)
-        for i in range(0, len(keys), RECONCILE_CHUNK):
-            chunk = {k: device_peers[k] for k in keys[i : i + RECONCILE_CHUNK]}
-            effects.append(Lookup(tuple(chunk), Purpose.RECONCILE, chunk))
-        lookups = sum(isinstance(e, Lookup) for e in effects)
-        self._reconciling = [lookups, 0, 0]
-        if not keys:
+        # one chunk looked up at a time, the next made when one is done: 100 000 peers' chunks
+        # made at once (and kept by the effects until reconcile ends) cost ~5 MB at the peak
+        self._reconciling = [-(-len(device_peers) // RECONCILE_CHUNK), 0, 0]
+        self._reconcile_todo = iter(device_peers.items())
+        self._next_reconcile(effects)
+        if not device_peers:
             self.log.info("reconcile", kept=0, removed=0)
         return effects
+
+    def _next_reconcile(self, out: list[Effect]) -> None:
+        chunk = dict(itertools.islice(self._reconcile_todo, RECONCILE_CHUNK))
+        if chunk:
+            out.append(Lookup(tuple(chunk), Purpose.RECONCILE, chunk))
+        else:
+            self._reconcile_todo = iter(())  # the device's peers are let go
 
     # -- events ---------------------------------------------------------------------------
 
@@ -757,6 +766,8 @@ class Policy:
                 self._next_recheck(out)  # (looked up while this one is worked through)
             if error is not None:
                 self._error(f"{effect.purpose}_failed", error)
+                if effect.purpose is Purpose.RECONCILE:  # (a sweep adopts what it left)
+                    self._next_reconcile(out)
                 if effect.purpose is Purpose.ADMIT:
                     for key in effect.keys:
                         p = self._pending.get(key)
@@ -770,11 +781,14 @@ class Policy:
             elif effect.purpose in (Purpose.RECONCILE, Purpose.ADOPT):
                 assert effect.handshakes is not None
                 self._adopt(effect, result, out)
-                if effect.purpose is Purpose.RECONCILE and now >= self._next_beat:
-                    # a reconcile of 100 000 peers may outlast the presence TTL: beat between
-                    # its chunks, or the others may take our claims and we re-check them all
-                    self._next_beat = now + self.config.heartbeat_interval
-                    out.append(self._heartbeat())
+                if effect.purpose is Purpose.RECONCILE:
+                    if now >= self._next_beat:
+                        # a reconcile of 100 000 peers may outlast the presence TTL: beat
+                        # between its chunks, or others may take our claims (and we re-check
+                        # them all once ready)
+                        self._next_beat = now + self.config.heartbeat_interval
+                        out.append(self._heartbeat())
+                    self._next_reconcile(out)
             else:
                 self._recheck(effect.keys, result, out)
         elif isinstance(effect, Admit):
