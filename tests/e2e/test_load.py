@@ -128,6 +128,23 @@ def test_herd_of_500(lab: Lab, store_url: str, tmp_path: Path,
     assert "unknown" not in s, s
 
 
+def test_crowd_behind_three_addresses(lab: Lab, store_url: str, tmp_path: Path,
+                                      gateway_factory: list[GatewayProcess]) -> None:  # fmt: skip
+    """300 stored peers behind 3 addresses (carrier-grade NAT) knock within 1 s: 100 a
+    second from one address is over the per-source limit (20/s), which applies only under
+    load, as in the kernel. Every one is answered, none rate-limited, nobody else installed."""
+    keys = stored_keys(store_url, tmp_path, 300)
+    g = lab.start_gateway(store_url, "--mode", "hold")
+    gateway_factory.append(g)
+    r = loadgen(lab, tmp_path, "--keys", str(keys), "--clients", "300", "--addresses", "3",
+                "--spread", "1")  # fmt: skip
+    assert r["answered"] == 300, r
+    assert set(gw_host(lab).peers()) == public_keys(keys)
+    s = stats(g)
+    assert int(s["installed_now"]) == 300, s
+    assert "rate_limited" not in s and "unknown" not in s, s
+
+
 def test_paced_releases_lose_nobody(lab: Lab, store_url: str, tmp_path: Path,
                                     gateway_factory: list[GatewayProcess]) -> None:  # fmt: skip
     """A herd released at a pace far below its arrival (--release-rate 40): releases wait
