@@ -210,6 +210,50 @@ def test_replayed_initiation_after_eviction_is_refused(lab: Lab, store_url: str)
         assert g.stop() == 0
 
 
+def test_old_initiation_of_an_installed_peer_is_refused_after_a_restart(
+    lab: Lab, store_url: str
+) -> None:
+    """The copy is new to the restarted gateway (its filter of seen bodies starts empty), and
+    the peer stays installed across the restart: only the timestamp mark the gateway took
+    back from the store at reconcile can refuse it, from memory, before the device."""
+    gw = gw_host(lab)
+    alice, mallory = lab.clients[0], lab.clients[2]
+    add(store_url, "alice", alice)
+    sniffer = subprocess.Popen(
+        ["ip", "netns", "exec", gw.ns, sys.executable, "-c", CAPTURE_ONE],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert sniffer.stdout is not None
+    assert sniffer.stdout.readline().strip() == "ready"
+    g = lab.start_gateway(store_url)
+    try:
+        assert alice.ping(gw.tunnel_ip, timeout=4) is not None
+        captured = sniffer.stdout.readline().strip()
+        sniffer.wait(5)
+        assert len(bytes.fromhex(captured)) == 148
+    finally:
+        sniffer.kill()
+        assert g.stop() == 0  # writes the marks it has not written yet
+    endpoint = client_endpoint(alice)
+    assert gw.peers()[alice.public_key.b64()]["endpoint"] == endpoint
+    g = lab.start_gateway(store_url)
+    try:
+        ev = g.wait_event("reconcile")
+        assert ev["kept"] == "1"
+        g.wait_event("ready")
+        # one copy, once: the first is what must be refused (a second copy would be refused
+        # as a body the gateway has just seen, whatever it did with the first)
+        mallory.run(sys.executable, "-c", SEND, captured, gw.underlay_v4)
+        ev = g.wait_event("reject", timeout=5, reason="replay", peer="alice")
+        assert ev["source"].startswith(mallory.underlay_v4 + ":")
+        assert not g.events("reject", reason="replay", source=endpoint)
+        # it never reached the device: alice's endpoint is hers, and her tunnel still works
+        assert gw.peers()[alice.public_key.b64()]["endpoint"] == endpoint
+        assert alice.ping(gw.tunnel_ip, timeout=2) is not None
+    finally:
+        assert g.stop() == 0
+
+
 def test_reconcile_on_restart(lab: Lab, store_url: str) -> None:
     gw = gw_host(lab)
     alice, bob = lab.clients[0], lab.clients[1]
