@@ -14,7 +14,7 @@ from datetime import datetime
 
 import pytest
 
-from tests.e2e.test_gateway import CAPTURE_ONE, SEND
+from tests.e2e.test_gateway import SEND, sniffing
 from tests.pgserver import PostgresServer
 from wgjit.lab import Client, GatewayProcess, Host, Lab, wait_for
 from wgjit.store import open_store
@@ -140,20 +140,10 @@ def test_initiation_accepted_at_one_gateway_is_refused_at_another(
     a, b = lab.gateways[0], lab.gateways[1]
     alice, mallory = lab.clients[0], lab.clients[2]
     add(store_url, "alice", alice)
-    sniffer = subprocess.Popen(
-        ["ip", "netns", "exec", a.ns, sys.executable, "-c", CAPTURE_ONE],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert sniffer.stdout is not None
-        assert sniffer.stdout.readline().strip() == "ready"
+    with sniffing(a) as first:
         assert alice.ping(a.tunnel_ip, timeout=4) is not None
-        captured = sniffer.stdout.readline().strip()
-        assert len(bytes.fromhex(captured)) == 148
-        gateways[0].wait_event("install", peer="alice")
-    finally:
-        sniffer.kill()
-        sniffer.wait()
+        captured = first()
+    gateways[0].wait_event("install", peer="alice")
     # the attacker sends alice's initiation to gateway B (again and again: copies within the
     # duplicate window are dropped before they are judged)
     gb = gateways[1]

@@ -6,11 +6,12 @@ process on its own SQLite store and begins with an empty device.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -174,24 +175,41 @@ s.sendto(bytes.fromhex(sys.argv[1]), (sys.argv[2], 51820))
 """
 
 
+@contextlib.contextmanager
+def sniffing(host: Host) -> Iterator[Callable[[], str]]:
+    """Capture initiations to port 51820 in `host`'s namespace (AF_PACKET, beside whatever
+    the gateway does); the callable waits for the first and returns it as hex (for SEND)."""
+    sniffer = subprocess.Popen(
+        ["ip", "netns", "exec", host.ns, sys.executable, "-c", CAPTURE_ONE],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        out = sniffer.stdout
+        assert out is not None
+        assert out.readline().strip() == "ready"
+
+        def first() -> str:
+            captured = out.readline().strip()
+            assert len(bytes.fromhex(captured)) == 148
+            return captured
+
+        yield first
+    finally:
+        sniffer.kill()
+        sniffer.wait()
+
+
 def test_replayed_initiation_after_eviction_is_refused(lab: Lab, store_url: str) -> None:
     gw = gw_host(lab)
     alice, mallory = lab.clients[0], lab.clients[2]
     add(store_url, "alice", alice)
-    sniffer = subprocess.Popen(
-        ["ip", "netns", "exec", gw.ns, sys.executable, "-c", CAPTURE_ONE],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert sniffer.stdout is not None
-    assert sniffer.stdout.readline().strip() == "ready"
     g = lab.start_gateway(
         store_url, "--idle-timeout", "1", "--sweep-interval", "0.3", "--testing-short-timers"
     )
     try:
-        assert alice.ping(gw.tunnel_ip, timeout=4) is not None
-        captured = sniffer.stdout.readline().strip()
-        sniffer.wait(5)
-        assert len(bytes.fromhex(captured)) == 148
+        with sniffing(gw) as first:
+            assert alice.ping(gw.tunnel_ip, timeout=4) is not None
+            captured = first()
         g.wait_event("evict", timeout=6, peer="alice", reason="idle")
 
         # the attacker re-sends alice's captured initiation from another address (again and
@@ -206,7 +224,6 @@ def test_replayed_initiation_after_eviction_is_refused(lab: Lab, store_url: str)
         assert ev["source"].startswith(mallory.underlay_v4 + ":")
         assert alice.public_key.b64() not in gw.peers()
     finally:
-        sniffer.kill()
         assert g.stop() == 0
 
 
@@ -219,20 +236,12 @@ def test_old_initiation_of_an_installed_peer_is_refused_after_a_restart(
     gw = gw_host(lab)
     alice, mallory = lab.clients[0], lab.clients[2]
     add(store_url, "alice", alice)
-    sniffer = subprocess.Popen(
-        ["ip", "netns", "exec", gw.ns, sys.executable, "-c", CAPTURE_ONE],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert sniffer.stdout is not None
-    assert sniffer.stdout.readline().strip() == "ready"
     g = lab.start_gateway(store_url)
     try:
-        assert alice.ping(gw.tunnel_ip, timeout=4) is not None
-        captured = sniffer.stdout.readline().strip()
-        sniffer.wait(5)
-        assert len(bytes.fromhex(captured)) == 148
+        with sniffing(gw) as first:
+            assert alice.ping(gw.tunnel_ip, timeout=4) is not None
+            captured = first()
     finally:
-        sniffer.kill()
         assert g.stop() == 0  # writes the marks it has not written yet
     endpoint = client_endpoint(alice)
     assert gw.peers()[alice.public_key.b64()]["endpoint"] == endpoint
