@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.pgserver import PostgresServer
-from wgjit.lab import Client, GatewayProcess, Host, Lab, wait_for
+from wgjit.lab import Client, GatewayProcess, Host, Lab, LabError, wait_for
 from wgjit.store import Peer, open_store
 
 pytestmark = pytest.mark.netns
@@ -202,7 +202,11 @@ def replay_rekeys(
                 return "replay"
             return None
 
-        verdict = wait_for("gateway B to judge the copy", judged, timeout=3)
+        try:
+            verdict = wait_for("gateway B to judge the copy", judged, timeout=3)
+        except LabError:
+            print("gateway B's last lines:\n" + "\n".join(gb.lines[-40:]))
+            raise
         print(f"\nround {attempt}: B judged the copy {1000 * (time.monotonic() - sent_at):.0f} ms"
               f" after it was sent: {verdict}")  # fmt: skip
         if verdict == "admitted":
@@ -263,6 +267,9 @@ def test_the_same_after_a_database_outage(
         raise
     wait_for("gw-a to hold alice again", lambda: peer(store_url, "alice").holder == "gw-a",
              timeout=10)  # fmt: skip
+    # B holds nothing to reassert; its store is back when its heartbeat gets through again
+    # (until then its pool may still be between reconnect tries, and a copy fails open)
+    gateways[1].wait_event("store_back", timeout=15)
     print(f"\nafter a {OUTAGE_S:g} s outage: gw-a holds alice again"
           f" {time.monotonic() - back:.1f} s after the database came back")  # fmt: skip
     replay_rekeys(lab, store_url, gateways, *eavesdropper)

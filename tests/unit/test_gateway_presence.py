@@ -19,7 +19,7 @@ from wgjit.events import EventLog
 from wgjit.gateway.core import GatewayConfig
 from wgjit.handshake import Responder, Timestamp
 from wgjit.keys import PrivateKey
-from wgjit.store import Store, open_store
+from wgjit.store import Store, StoreError, open_store
 
 OTHER_SRC = Endpoint.parse("198.18.0.12:40000")
 
@@ -186,6 +186,30 @@ def test_claims_reasserted_after_a_pause(nodes: Callable[[str], Node]) -> None:
     peer = a.store.lookup(c.public_key())
     assert peer is not None and peer.holder == "gw-a"
     assert events(a.out, "reassert_claims")
+
+
+def test_store_back_is_logged_once_when_heartbeats_succeed_again(
+    nodes: Callable[[str], Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = nodes("gw-a")
+    a.g.start()
+    clock, heartbeat = a.g.clock, a.store.heartbeat
+
+    def unreachable(*args: Any, **kwargs: Any) -> Any:
+        raise StoreError("store x: could not record a heartbeat: the database is unreachable")
+
+    monkeypatch.setattr(a.store, "heartbeat", unreachable)
+    for _ in range(3):
+        clock.t += 5.0  # type: ignore[attr-defined]  # the heartbeat interval
+        a.g.tick()
+    assert len(events(a.out, "heartbeat_failed")) == 3
+    assert not events(a.out, "store_back")
+    monkeypatch.setattr(a.store, "heartbeat", heartbeat)
+    for _ in range(2):
+        clock.t += 5.0  # type: ignore[attr-defined]
+        a.g.tick()
+    (back,) = events(a.out, "store_back")
+    assert float(back["down_s"]) == 15.0  # from the first failed heartbeat to the one that worked
 
 
 def test_a_long_reconcile_beats_between_its_chunks(

@@ -388,6 +388,8 @@ class Policy:
         self._next_marks = math.inf
         self._last_beat = 0.0
         self._beat_failed = False
+        # when the first of the heartbeats failing now failed (the store unreachable since)
+        self._beats_failing_since: float | None = None
         # installed peers whose newest handshake timestamp is not in the store yet
         self._unwritten: set[PublicKey] = set()
         self._writing_marks = False
@@ -1547,7 +1549,13 @@ class Policy:
         if error is not None:
             self._error("heartbeat_failed", error)
             self._beat_failed = True
+            if self._beats_failing_since is None:
+                self._beats_failing_since = now
             return
+        if self._beats_failing_since is not None:
+            # the line an operator looks for after the heartbeat_failed ones
+            self.log.info("store_back", down_s=round(now - self._beats_failing_since, 1))
+            self._beats_failing_since = None
         paused = self._beat_failed or now - self._last_beat > PRESENCE_TTL_S / 2
         self._beat_failed = False
         self._last_beat = now
