@@ -374,6 +374,26 @@ def test_stats_dump_in_chunks_on_a_connection_of_its_own(
     assert d.requests == [b"get=1\n\n"] and d.connections == 2
 
 
+def test_stats_dump_frees_the_daemon_before_it_is_parsed(
+    daemon_dir: Path, fake: list[FakeDaemon]
+) -> None:
+    # wireguard-go holds its configuration lock until its answer is read to the end, so an
+    # install waits for that; this fake serves the next connection only then, the same way
+    keys = [key() for _ in range(300)]
+    data = response(*(peer_text(k, ips=20) for k in keys))  # more than a socket buffer
+    other = key()
+    start(daemon_dir, fake, [data, response(peer_text(other, 1700000000))])
+    with UAPIDevice("wgfake0", timeout=2) as dev:
+        dev.close()
+        dump = dev.stats_dump()
+        first = dump.take(10)
+        assert 10 <= len(first) < 300 and not dump.done
+        assert dev.handshakes() == {other: 1700000000.0}  # while the dump is still parsed
+        rest = dump.take(1000)
+        assert dump.done and dump.complete
+    assert first.keys() | rest.keys() == set(keys)
+
+
 def test_stats_dump_names_a_bad_value_and_a_refusal(
     daemon_dir: Path, fake: list[FakeDaemon]
 ) -> None:
