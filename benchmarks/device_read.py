@@ -62,6 +62,9 @@ from wgjit.device.uapi import UAPIDevice, uapi_socket_path
 from wgjit.keys import PublicKey
 
 LOAD_CHUNK = 8192  # peers per set_peers while filling the device
+# an install during a sweep: when it starts, and the pause between the sweep's chunks
+SWEEP_INSTALL_DELAYS = (0.0, 0.05, 0.1, 0.2, 0.4)
+SWEEP_CHUNK_PAUSE = 0.01
 
 
 def _key() -> PublicKey:
@@ -132,6 +135,33 @@ def _raw_get(ifname: str) -> int:
             n += len(chunk)
             last = (last + chunk)[-2:]
     return n
+
+
+def _install_during_sweep(dev: UAPIDevice, delay: float, pause: float) -> tuple[float, float]:
+    """One new peer installed `delay` s after a sweep's stats_dump started, while another
+    thread takes the dump in chunks of 4 096 peers, `pause` s apart (the gateway's loop
+    handling a chunk before it asks for the next): how long the install took, and the sweep."""
+    dump = dev.stats_dump()
+    swept = 0.0
+
+    def sweep() -> None:
+        nonlocal swept
+        t = time.perf_counter()
+        while not dump.done:
+            dump.take(4096)
+            time.sleep(pause)
+        swept = time.perf_counter() - t
+
+    thread = threading.Thread(target=sweep)
+    thread.start()
+    try:
+        time.sleep(delay)
+        config = _config(0, _key())
+        took = _timed(lambda: dev.set_peer(config))
+    finally:
+        thread.join()
+    dev.remove_peers([config.public_key])
+    return took, swept
 
 
 def _ms(values: list[float]) -> str:
@@ -214,6 +244,14 @@ def uapi_part(peers: int, batch: int, rounds: int) -> list[tuple[str, str]]:
             read_stall = [_max_stall(dev.read) for _ in range(rounds)]
             hs_stall = [_max_stall(dev.handshakes) for _ in range(rounds)]
             st_stall = [_max_stall(dev.stats) for _ in range(rounds)]
+            # room for one install on a full device (wireguard-go refuses the 65 537th)
+            dev.remove_peers([next(iter(dev.handshakes()))])
+            waits, sweeps = [], []
+            for _ in range(rounds):
+                for delay in SWEEP_INSTALL_DELAYS:
+                    took, swept = _install_during_sweep(dev, delay, SWEEP_CHUNK_PAUSE)
+                    waits.append(took)
+                    sweeps.append(swept)
             rows += [
                 (f"`get=1` with {peers:,} peers, raw bytes only ({size / 1e6:.1f} MB)", _ms(raw)),
                 (f"read() with {peers:,} peers", _ms(full)),
@@ -231,6 +269,11 @@ def uapi_part(peers: int, batch: int, rounds: int) -> list[tuple[str, str]]:
                  f"{statistics.median(hs_stall) * 1e3:.1f} ms, {max(hs_stall) * 1e3:.1f} ms"),
                 ("stats() in a thread: longest stall of another thread (median, max)",
                  f"{statistics.median(st_stall) * 1e3:.1f} ms, {max(st_stall) * 1e3:.1f} ms"),
+                (f"set_peer (one new peer) while a sweep takes the dump, {len(waits)} installs"
+                 f" {'/'.join(f'{d * 1e3:g}' for d in SWEEP_INSTALL_DELAYS)} ms into it"
+                 " (median, max; the sweep's median)",
+                 f"{statistics.median(waits) * 1e3:.1f} ms, {max(waits) * 1e3:.1f} ms;"
+                 f" {_ms(sweeps)}"),
             ]  # fmt: skip
     return rows
 
