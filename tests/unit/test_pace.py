@@ -306,3 +306,115 @@ def test_a_release_passed_over_leaves_once_later_ones_are_answered() -> None:
     assert w.room(0.001) == 16 - 12 + pace.REORDER + 1
     assert w.unanswered == 1 and len(w) == 12 - pace.REORDER - 1
     assert w.answer(0, False, 0.002) and w.late == 1  # if it comes after all: counted late
+
+
+# -- late installs: re-injected once installed, paced, recognised when they come back ----------
+
+
+class _Replier:
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def send(self, k: object) -> None:
+        self.sent.append(k.payload)  # type: ignore[attr-defined]
+
+    def answer(self, k: object, payload: bytes) -> None:
+        pass
+
+
+def _late_mode(n: int, window: int) -> tuple[modes.HoldMode, list[bytes], _Replier, list[float]]:
+    mode, sent, clock = _mode(n, window)
+    replier = _Replier()
+    mode.replier = replier  # type: ignore[assignment]
+    return mode, sent, replier, clock
+
+
+def _installed_late(mode: modes.HoldMode, i: int, ticket: nq.Held | None = None) -> None:
+    """The policy's verdict for knock `i` whose install finished after it had a verdict."""
+    k = knock(_init(i), 100.0)
+    held = nq.Held(k, i)
+    if ticket is None:
+        mode.verdict(Verdict(None, Outcome.INSTALLED, k, had=held))
+    else:
+        mode.verdict(Verdict(held, Outcome.INSTALLED, k))
+
+
+def test_a_late_install_reinjects_its_initiation_and_lets_the_copy_through() -> None:
+    mode, sent, replier, clock = _late_mode(2, 8)
+    _verdict(mode, 0, Outcome.TIMEOUT)  # fail-open at the knock budget: released at once
+    mode.flush()
+    assert _accepted(sent) == [0] and replier.sent == []
+    clock[0] = 101.5  # the install finishes 1.5 s after the knock: the device ignored it
+    _installed_late(mode, 0)
+    assert replier.sent == [_init(0)]
+    assert mode.stats()["late_reinjected"] == 1
+    # the copy comes back through the queue: released as is, never judged again
+    echo = knock(_init(0), 101.5)
+    stranger = knock(_init(1), 101.5)
+    mode.queue._held.update({7: 101.5, 8: 101.5})
+    mode.queue.recv_batch = lambda: [nq.Held(echo, 7), nq.Held(stranger, 8)]  # type: ignore[method-assign]
+    assert mode.read() == [(stranger, nq.Held(stranger, 8))]
+    assert (nq.NF_ACCEPT, 7) in _verdicts(sent, range(9))
+    mode.queue.recv_batch = lambda: [nq.Held(echo, 9)]  # type: ignore[method-assign]
+    mode.queue._held[9] = 101.6
+    assert mode.read() == [(echo, nq.Held(echo, 9))]  # a second copy is judged (a replay)
+
+
+def test_a_knock_released_by_the_hold_limit_is_reinjected_once_installed() -> None:
+    mode, sent, replier, clock = _late_mode(1, 8)
+    clock[0] = 101.0
+    mode.tick(clock[0])  # nothing decided in 1 s: the queue let it go
+    assert _accepted(sent) == [0] and mode.stats()["queue_expired"] == 1
+    clock[0] = 101.2
+    _installed_late(mode, 0, ticket=nq.Held(knock(_init(0), 100.0), 0))
+    assert replier.sent == [_init(0)]
+
+
+def test_a_fail_open_release_still_paced_is_not_reinjected_too() -> None:
+    mode, sent, replier, clock = _late_mode(3, 2)
+    for i in range(3):
+        _verdict(mode, i, Outcome.TIMEOUT)
+    mode.flush()
+    assert _accepted(sent) == [0, 1]  # 2 waits for the window
+    clock[0] = 100.9
+    _installed_late(mode, 2)  # its packet is still held: it goes to the installed peer itself
+    assert replier.sent == [] and mode.stats()["late_missed"] == 0
+    mode.on_answers([Answer(RESPONSE, 0)], clock[0])
+    assert _accepted(sent) == [0, 1, 2]
+
+
+def test_late_reinjections_wait_behind_held_releases_and_age_out() -> None:
+    mode, sent, replier, clock = _late_mode(4, 2)
+    for i in range(2):
+        _verdict(mode, i, Outcome.TIMEOUT)  # fill the window
+    mode.flush()
+    clock[0] = 100.1
+    _installed_late(mode, 0)
+    _installed_late(mode, 1)
+    assert replier.sent == []  # the window is full
+    for i in (2, 3):
+        _verdict(mode, i)  # on time, paced
+    mode.on_answers([Answer(RESPONSE, 0), Answer(RESPONSE, 1)], clock[0])
+    assert _accepted(sent) == [0, 1, 2, 3] and replier.sent == []  # held ones first
+    mode.on_answers([Answer(RESPONSE, 2)], clock[0])
+    assert replier.sent == [_init(0)]
+    clock[0] = 100.0 + modes.LATE_WITHIN + 0.01  # the client sends a new initiation soon
+    mode.on_answers([Answer(RESPONSE, 3)], clock[0])
+    assert replier.sent == [_init(0)]
+    s = mode.stats()
+    assert s["late_reinjected"] == 1 and s["late_missed"] == 1
+    clock[0] += modes.ECHO_WITHIN
+    mode.tick(clock[0])
+    assert mode._echoes == {}  # the copy never came back: forgotten
+
+
+def test_a_late_install_without_a_raw_socket_or_too_old_is_counted_missed() -> None:
+    mode, sent, clock = _mode(1, 8)  # no replier (cookies_unavailable)
+    mode2, _, replier, clock2 = _late_mode(1, 8)
+    for m in (mode, mode2):
+        _verdict(m, 0, Outcome.TIMEOUT)
+    clock2[0] = 100.0 + modes.LATE_WITHIN + 0.1
+    for m in (mode, mode2):
+        _installed_late(m, 0)
+    assert replier.sent == []
+    assert mode.stats()["late_missed"] == mode2.stats()["late_missed"] == 1

@@ -320,6 +320,7 @@ class _Knock:
     opened: Opened
     verified: Verified | None = None
     worker: int = -1  # the verify worker that opened it (-1: opened in the loop's process)
+    failed_open: object = None  # the ticket of its fail-open verdict, if it had one
 
 
 class _Stage(enum.Enum):
@@ -1008,8 +1009,9 @@ class Policy:
                 k.ticket = None
             elif outcome is Outcome.INSTALLED:
                 # the verdict went out before the install finished (fail-open); the loop may
-                # still complete the handshake (replay, invert)
-                out.append(Verdict(None, Outcome.INSTALLED, k.knock, peer.public_key))
+                # still complete the handshake (replay, invert; hold re-injects)
+                out.append(Verdict(None, Outcome.INSTALLED, k.knock, peer.public_key,
+                                   had=k.failed_open))  # fmt: skip
         self._forget(p)
 
     # -- the sweep ------------------------------------------------------------------------
@@ -1405,7 +1407,7 @@ class Policy:
                 age_ms=round((now - k.knock.received_at) * 1000),
             )
         self._verdict(out, k.ticket, outcome, k.knock)
-        k.ticket = None
+        k.failed_open, k.ticket = k.ticket, None
 
     def _drop_knock(self, out: list[Effect], p: _Pending, k: _Knock, outcome: Outcome,
                     name: str | None) -> None:  # fmt: skip

@@ -216,7 +216,8 @@ class Verify:
 class Verdict:
     """The knock's outcome, for the completion mode: hold gives the kernel its verdict
     (`ticket` is the held packet; None when it already had one), replay and invert act on
-    an install."""
+    an install. An install of a knock that had its (fail-open) verdict before comes with
+    `had`, the ticket that verdict went with (hold: the packet, maybe still paced)."""
 
     where: ClassVar[str] = LOOP
     what: ClassVar[str] = "verdict"
@@ -225,6 +226,7 @@ class Verdict:
     knock: Knock
     key: PublicKey | None = None  # for installs
     reply: bytes | None = None  # a cookie reply to send to the knock's source
+    had: object = None
 
 
 Effect = (

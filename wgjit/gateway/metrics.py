@@ -174,6 +174,15 @@ class _Snapshot(Collector):
             "wgjit_releases_unanswered", "Hold mode: releases the device did not answer in time",
             value=float(s.get("release_unanswered", 0)),
         )  # fmt: skip
+        late = CounterMetricFamily(
+            "wgjit_late_installs",
+            "Hold mode: installs that finished after their initiation had left the queue "
+            "(fail-open, hold limit): re-injected, or missed (too old: the client retries)",
+            labels=["completion"],
+        )
+        for label, key in (("reinjected", "late_reinjected"), ("missed", "late_missed")):
+            late.add_metric([label], float(s.get(key, 0)))
+        yield late
         hooks = CounterMetricFamily(
             "wgjit_hooks", "Install/evict hook runs, by result", labels=["result"]
         )

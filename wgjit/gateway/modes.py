@@ -1,7 +1,8 @@
 """Completion modes: where knocks come from and what a verdict does, one object per mode.
 
 - `HoldMode`: initiations wait in an NFQUEUE (our own iptables rules, removed on exit); the
-  verdict releases or drops each; the queue releases any packet held for 1 s by itself.
+  verdict releases or drops each; the queue releases any packet held for 1 s by itself. An
+  install that finishes after its initiation was released re-injects it, as replay does.
 - `ReplayMode`: AF_PACKET copies; an install re-injects the captured initiation.
 - `InvertMode`: AF_PACKET copies; an install makes the device initiate back, `invert_delay`
   after the knock (so the device is done with the client's own initiation first).
@@ -36,6 +37,13 @@ from wgjit.gateway.pace import ReleaseWindow, sender_index
 MODES = ("auto", "hold", "replay", "invert", "none")
 # releases a paced hold mode sends at once: below wireguard-go's under-load mark (128 waiting)
 RELEASE_BURST: Final = 64
+# hold mode re-injects a late install's initiation only this soon after it came: 5 s after its
+# initiation a client sends a new one (a new sender index) and drops answers to the old one
+LATE_WITHIN: Final = 4.0
+# how long a re-injected copy is expected back through the queue (it goes through `lo` at
+# once), and how many may wait or be expected at a time (each was authenticated and installed)
+ECHO_WITHIN: Final = 2.0
+ECHO_MAX: Final = 65536
 
 
 class ModeError(RuntimeError):
@@ -167,7 +175,15 @@ class HoldMode(Mode):
 
     Held packets are released in the order their verdicts came; drops are not paced (the
     device never sees them). The queue's 1 s release still applies: a paced release that
-    reaches it goes then (counted as released late), whatever the window says."""
+    reaches it goes then (counted as released late), whatever the window says.
+
+    Late installs: a knock whose install outlasts its hold (the knock budget's fail-open
+    verdict, or the queue's 1 s limit: a slow store, a herd) reached the device before the
+    peer did, and the device ignored it. Once the install is done, its initiation is
+    re-injected (`replier`, as replay mode does) if it is younger than LATE_WITHIN, behind the
+    held releases and paced like them; so the client is answered when its peer is installed,
+    not 5 s later. The copy comes back through the queue and is released as is: `_echoes`
+    knows its bytes."""
 
     name = "hold"
 
@@ -193,6 +209,10 @@ class HoldMode(Mode):
         self.paced = 0  # releases that waited for the pace
         self.paced_max = 0  # the most that waited at once
         self.late = 0  # paced releases that waited until the queue's hold limit
+        self._late: collections.deque[Knock] = collections.deque()  # late installs to re-inject
+        self._echoes: dict[bytes, float] = {}  # re-injected payload -> until when expected back
+        self.reinjected = 0  # late installs' initiations re-injected
+        self.late_missed = 0  # late installs not re-injected (too old, or it failed)
 
     @property
     def pacing(self) -> bool:
@@ -207,11 +227,30 @@ class HoldMode(Mode):
         return [(self.answers.fileno(), self.device_answers)]
 
     def read(self) -> Batch:
-        return [(h.knock, h) for h in self.queue.recv_batch()]
+        held = self.queue.recv_batch()
+        echoes = self._echoes
+        if not echoes:
+            return [(h.knock, h) for h in held]
+        out: Batch = []
+        for h in held:
+            if echoes.pop(h.knock.payload, None) is None:
+                out.append((h.knock, h))
+            else:
+                self.queue.verdict(h, True)  # our own re-injection: already judged
+        if len(out) < len(held):
+            self.queue.flush()
+        return out
 
     def verdict(self, v: Verdict) -> None:
         self._answer(v, self.log)
         held = v.ticket
+        if v.outcome is Outcome.INSTALLED:
+            # installed after its initiation left the queue (a fail-open verdict, or the
+            # queue's hold limit): the device ignored it. One still paced goes on its own.
+            before = v.had if held is None else held
+            if isinstance(before, Held) and not self.queue.holds(before):
+                self._late_install(v.knock)
+                return
         if not isinstance(held, Held):
             return
         accept = v.outcome.accepts
@@ -241,6 +280,33 @@ class HoldMode(Mode):
         if self.window is not None:
             self.window.release(sender_index(held.knock.payload), now, forced=forced)
 
+    def _late_install(self, knock: Knock) -> None:
+        now = self.clock()
+        if (
+            self.replier is None
+            or now - knock.received_at > LATE_WITHIN
+            or len(self._echoes) + len(self._late) >= ECHO_MAX
+        ):
+            self.late_missed += 1
+        elif self._paced or self._late or not self._may_release(now):
+            self._late.append(knock)
+        else:
+            self._reinject(knock, now)
+
+    def _reinject(self, knock: Knock, now: float) -> None:
+        assert self.replier is not None
+        self._echoes[knock.payload] = now + ECHO_WITHIN
+        try:
+            self.replier.send(knock)
+        except OSError as e:
+            del self._echoes[knock.payload]
+            self.late_missed += 1
+            self.log.debug("reinject_failed", error=str(e))
+            return
+        self.reinjected += 1
+        if self.window is not None:
+            self.window.release(sender_index(knock.payload), now)
+
     def device_answers(self) -> None:
         """The answer socket is readable: read what the device sent."""
         assert self.answers is not None
@@ -258,7 +324,7 @@ class HoldMode(Mode):
             return
         for a in answers:
             window.answer(a.receiver, a.kind == COOKIE_REPLY, now)
-        if self._paced:
+        if self._paced or self._late:
             self._drain(now)
             self.queue.flush()
 
@@ -272,14 +338,23 @@ class HoldMode(Mode):
                 self._released(held, now)
                 self.queue.verdict(held, True)
             else:
-                break
+                return
+        late = self._late  # after the held ones: they have the queue's hold limit
+        while late:
+            if now - late[0].received_at > LATE_WITHIN:
+                late.popleft()
+                self.late_missed += 1
+            elif self._may_release(now):
+                self._reinject(late.popleft(), now)
+            else:
+                return
 
     def flush(self) -> None:
         self.queue.flush()
 
     def next_deadline(self) -> float | None:
         deadline = self.queue.next_deadline()
-        if self._paced:
+        if self._paced or self._late:
             now = self.clock()
             due: float | None = now
             if self.window is not None and self.window.room(now) <= 0:
@@ -298,6 +373,12 @@ class HoldMode(Mode):
         if self.window is not None:
             self.window.expire(now)
         self._drain(now)
+        echoes = self._echoes
+        while echoes:  # in the order they were sent: the oldest first
+            payload, until = next(iter(echoes.items()))
+            if until > now:
+                break
+            del echoes[payload]  # never came back (or bypassed the queue)
         late = 0
         due = self.queue.next_deadline()
         if self._paced and due is not None and due <= now:
@@ -325,6 +406,8 @@ class HoldMode(Mode):
             **self.queue.stats(),
             "queue_paced": self.paced,
             "queue_paced_max": self.paced_max,
+            "late_reinjected": self.reinjected,
+            "late_missed": self.late_missed,
         }
         out["queue_expired"] += self.late  # released at the hold limit, by the queue or here
         if self.window is not None:
