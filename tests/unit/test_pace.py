@@ -11,6 +11,7 @@ import pytest
 
 from tests.unit.test_gateway_core import knock
 from tests.unit.test_hold_replay import _Dummy, _queue_with, _refuse, _verdicts
+from wgjit.addr import Endpoint
 from wgjit.capture import nfqueue as nq
 from wgjit.capture.afpacket import CaptureError
 from wgjit.capture.answers import COOKIE_REPLY, RESPONSE, Answer
@@ -348,12 +349,16 @@ def test_a_late_install_reinjects_its_initiation_and_lets_the_copy_through() -> 
     _installed_late(mode, 0)
     assert replier.sent == [_init(0)]
     assert mode.stats()["late_reinjected"] == 1
-    # the copy comes back through the queue: released as is, never judged again
+    # the copy comes back through the queue: released as is, never judged again; the same
+    # bytes from another source (someone racing it to move the peer's endpoint) are judged
     echo = knock(_init(0), 101.5)
     stranger = knock(_init(1), 101.5)
-    mode.queue._held.update({7: 101.5, 8: 101.5})
-    mode.queue.recv_batch = lambda: [nq.Held(echo, 7), nq.Held(stranger, 8)]  # type: ignore[method-assign]
-    assert mode.read() == [(stranger, nq.Held(stranger, 8))]
+    racer = knock(_init(0), 101.5, Endpoint.parse("198.18.0.66:40000"))
+    mode.queue._held.update({6: 101.5, 7: 101.5, 8: 101.5})
+    mode.queue.recv_batch = lambda: [  # type: ignore[method-assign]
+        nq.Held(racer, 6), nq.Held(echo, 7), nq.Held(stranger, 8)
+    ]
+    assert mode.read() == [(racer, nq.Held(racer, 6)), (stranger, nq.Held(stranger, 8))]
     assert (nq.NF_ACCEPT, 7) in _verdicts(sent, range(9))
     mode.queue.recv_batch = lambda: [nq.Held(echo, 9)]  # type: ignore[method-assign]
     mode.queue._held[9] = 101.6

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Final
 
+from wgjit.addr import Endpoint
 from wgjit.capture.afpacket import CaptureError, PacketCapture
 from wgjit.capture.answers import COOKIE_REPLY, Answer, AnswerCapture
 from wgjit.capture.iptables import QueueRules, RuleError
@@ -183,7 +184,8 @@ class HoldMode(Mode):
     re-injected (`replier`, as replay mode does) if it is younger than LATE_WITHIN, behind the
     held releases and paced like them; so the client is answered when its peer is installed,
     not 5 s later. The copy comes back through the queue and is released as is: `_echoes`
-    knows its bytes."""
+    knows its bytes and source (the same bytes from another source are judged: a duplicate,
+    dropped, so nobody can race our copy to point the peer's endpoint elsewhere)."""
 
     name = "hold"
 
@@ -210,7 +212,8 @@ class HoldMode(Mode):
         self.paced_max = 0  # the most that waited at once
         self.late = 0  # paced releases that waited until the queue's hold limit
         self._late: collections.deque[Knock] = collections.deque()  # late installs to re-inject
-        self._echoes: dict[bytes, float] = {}  # re-injected payload -> until when expected back
+        # re-injected payload -> (its source, until when expected back through the queue)
+        self._echoes: dict[bytes, tuple[Endpoint, float]] = {}
         self.reinjected = 0  # late installs' initiations re-injected
         self.late_missed = 0  # late installs not re-injected (too old, or it failed)
 
@@ -233,10 +236,13 @@ class HoldMode(Mode):
             return [(h.knock, h) for h in held]
         out: Batch = []
         for h in held:
-            if echoes.pop(h.knock.payload, None) is None:
-                out.append((h.knock, h))
-            else:
+            k = h.knock
+            echo = echoes.get(k.payload)
+            if echo is not None and echo[0] == k.source:
+                del echoes[k.payload]
                 self.queue.verdict(h, True)  # our own re-injection: already judged
+            else:  # (the same bytes from elsewhere: judged, a duplicate)
+                out.append((k, h))
         if len(out) < len(held):
             self.queue.flush()
         return out
@@ -295,7 +301,7 @@ class HoldMode(Mode):
 
     def _reinject(self, knock: Knock, now: float) -> None:
         assert self.replier is not None
-        self._echoes[knock.payload] = now + ECHO_WITHIN
+        self._echoes[knock.payload] = (knock.source, now + ECHO_WITHIN)
         try:
             self.replier.send(knock)
         except OSError as e:
@@ -375,7 +381,7 @@ class HoldMode(Mode):
         self._drain(now)
         echoes = self._echoes
         while echoes:  # in the order they were sent: the oldest first
-            payload, until = next(iter(echoes.items()))
+            payload, (_, until) = next(iter(echoes.items()))
             if until > now:
                 break
             del echoes[payload]  # never came back (or bypassed the queue)
