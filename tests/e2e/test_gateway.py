@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -334,6 +336,73 @@ def test_cookie_round_with_a_stock_client(lab: Lab, store_url: str) -> None:
         assert int(stats.get("cookie", "0")) >= 1 and stats.get("installed") == "1", stats
     finally:
         assert g.stop() == 0, "gateway did not stop cleanly:\n" + "\n".join(g.lines[-20:])
+
+
+WRITE_LOCK_S = 2.0  # past the knock budget (0.8 s), within busy_timeout and max_install_age
+RETRY_MS = 5000  # a client's own next initiation
+
+
+@contextlib.contextmanager
+def store_write_locked(store_url: str, seconds: float) -> Iterator[None]:
+    """Another process's write transaction on the SQLite store (an import, a long `sqlite3`
+    session) for `seconds` from when it got the lock: reads go on, writes wait for it."""
+    locked, stop = threading.Event(), threading.Event()
+    error: list[BaseException] = []
+
+    def hold() -> None:
+        try:
+            conn = sqlite3.connect(store_url.removeprefix("sqlite:///"), isolation_level=None)
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                locked.set()
+                stop.wait(seconds)
+                conn.execute("ROLLBACK")
+            finally:
+                conn.close()
+        except BaseException as e:
+            error.append(e)
+            locked.set()
+
+    t = threading.Thread(target=hold, daemon=True)
+    t.start()
+    locked.wait(10)
+    try:
+        assert not error, f"could not take the store's write lock: {error[0]!r}"
+        yield
+    finally:
+        stop.set()
+        t.join(10)
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_peer_installed_after_its_hold_is_answered_then(lab: Lab, store_url: str,
+                                                          v6: bool) -> None:  # fmt: skip
+    """The store is slow to admit bob (its write lock is busy for 2 s): his held initiation
+    goes on to the device at the knock budget, and the device ignores it (no such peer yet).
+    Once bob is installed the gateway sends that initiation to the device again, as replay
+    mode does, so his first ping is answered then, not at his client's 5 s retry."""
+    gw = gw_host(lab)
+    bob = lab.clients[3] if v6 else lab.clients[1]
+    add(store_url, "bob", bob)
+    g = lab.start_gateway(store_url, "--mode", "hold")
+    try:
+        bob.connect_to(gw, v6=v6)
+        with store_write_locked(store_url, WRITE_LOCK_S):
+            rtt = bob.ping(gw.tunnel_ip, timeout=RETRY_MS / 1000)
+        g.wait_event("install", peer="bob")
+        g.proc.send_signal(signal.SIGUSR1)
+        stats = g.wait_event("stats")
+    finally:
+        assert g.stop() == 0, "gateway did not stop cleanly:\n" + "\n".join(g.lines[-20:])
+    print(f"\nbob's first ping across a {WRITE_LOCK_S:g} s store write lock: {rtt} ms")
+    assert [e for e in g.events("fail_open") if e.get("key") == bob.public_key.short()], (
+        "bob's initiation did not go on to the device before his install"
+    )
+    assert (stats.get("late_reinjected"), stats.get("late_missed")) == ("1", "0"), stats
+    # answered once the lock was gone (the gateway waited for it), before any retry
+    assert rtt is not None and WRITE_LOCK_S * 1000 * 0.75 <= rtt < RETRY_MS - 500, (
+        f"bob's first ping: {rtt} ms"
+    )
 
 
 # -- completion modes ------------------------------------------------------------------------
