@@ -183,6 +183,16 @@ def test_stalled_store_lets_new_keys_through_at_once(loop: Loop) -> None:
     kb2 = knock(initiation(b, loop.gw_key, 1e9 + 1), loop.clock.t)
     loop.knock(kb2)
     assert loop.outcome(kb2) is None
+    # bob's look-up is the oldest still running now, and it is what stalls
+    c = loop.peer("carmen")  # (peer() numbers addresses by name length)
+    loop.clock.t += 1.0
+    kc = knock(initiation(c, loop.gw_key, 1e9), loop.clock.t)
+    loop.knock(kc)
+    assert loop.outcome(kc) is None
+    loop.clock.t += 1.5
+    kc2 = knock(initiation(loop.peer("dave"), loop.gw_key, 1e9), loop.clock.t)
+    loop.knock(kc2)
+    assert loop.outcome(kc2) == Outcome.STORE_UNAVAILABLE
 
 
 def test_failed_lookup_fails_open_and_caches_nothing(loop: Loop) -> None:

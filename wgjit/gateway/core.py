@@ -563,9 +563,12 @@ class Policy:
         return self._write_marks()
 
     def store_stalled(self, now: float) -> bool:
-        """A store call has been running for longer than `store_stall_after`."""
-        limit = self.config.store_stall_after
-        return any(now - t > limit for t in self._store_calls.values())
+        """A store call has been running for longer than `store_stall_after`. Asked for every
+        knock of a key not pending yet, so in O(1): calls are kept in the order they started
+        (each leaves when its answer comes), so the first is the oldest still running."""
+        for started in self._store_calls.values():
+            return now - started > self.config.store_stall_after
+        return False
 
     @property
     def sweeping(self) -> bool:
