@@ -120,6 +120,15 @@ class GatewayMetrics:
         return self._snapshot()
 
 
+def _by_label(s: Mapping[str, Any], name: str, doc: str, label: str, **keys: str
+              ) -> CounterMetricFamily:  # fmt: skip
+    """A counter family with one `label` value per keyword: label value=the stats key."""
+    family = CounterMetricFamily(name, doc, labels=[label])
+    for value, key in keys.items():
+        family.add_metric([value], float(s.get(key, 0)))
+    return family
+
+
 class _Snapshot(Collector):
     """Counters and gauges read from the loop's stats at scrape time."""
 
@@ -151,44 +160,31 @@ class _Snapshot(Collector):
             "was seen before: judged from memory, no X25519",
             value=float(s.get("repeated_bodies", 0)),
         )  # fmt: skip
-        held = CounterMetricFamily(
-            "wgjit_held_packets", "Held initiations by how they left the queue",
-            labels=["verdict"],
+        yield _by_label(
+            s, "wgjit_held_packets", "Held initiations by how they left the queue", "verdict",
+            accept="queue_accepted", drop="queue_dropped", released_late="queue_expired",
+            malformed="queue_malformed",
         )  # fmt: skip
-        for label, key in (
-            ("accept", "queue_accepted"), ("drop", "queue_dropped"),
-            ("released_late", "queue_expired"), ("malformed", "queue_malformed"),
-        ):  # fmt: skip
-            held.add_metric([label], float(s.get(key, 0)))
-        yield held
-        device = CounterMetricFamily(
-            "wgjit_device_answers",
+        yield _by_label(
+            s, "wgjit_device_answers",
             "Hold mode: the device's answers to released initiations, seen leaving (a cookie "
             "reply: the device passed its own under-load mark, and the release window backs off)",
-            labels=["kind"],
-        )
-        for label, key in (("response", "device_answers"), ("cookie_reply", "device_cookies")):
-            device.add_metric([label], float(s.get(key, 0)))
-        yield device
+            "kind", response="device_answers", cookie_reply="device_cookies",
+        )  # fmt: skip
         yield CounterMetricFamily(
             "wgjit_releases_unanswered", "Hold mode: releases the device did not answer in time",
             value=float(s.get("release_unanswered", 0)),
         )  # fmt: skip
-        late = CounterMetricFamily(
-            "wgjit_late_installs",
+        yield _by_label(
+            s, "wgjit_late_installs",
             "Hold mode: installs that finished after their initiation had left the queue "
             "(fail-open, hold limit): re-injected, or missed (too old: the client retries)",
-            labels=["completion"],
-        )
-        for label, key in (("reinjected", "late_reinjected"), ("missed", "late_missed")):
-            late.add_metric([label], float(s.get(key, 0)))
-        yield late
-        hooks = CounterMetricFamily(
-            "wgjit_hooks", "Install/evict hook runs, by result", labels=["result"]
-        )
-        for result in ("run", "failed", "timed_out", "dropped"):
-            hooks.add_metric([result], float(s.get(f"hooks_{result}", 0)))
-        yield hooks
+            "completion", reinjected="late_reinjected", missed="late_missed",
+        )  # fmt: skip
+        yield _by_label(
+            s, "wgjit_hooks", "Install/evict hook runs, by result", "result",
+            **{r: f"hooks_{r}" for r in ("run", "failed", "timed_out", "dropped")},
+        )  # fmt: skip
         for name, key, doc in (
             ("wgjit_peers_installed", "installed_now", "Peers on the device now"),
             ("wgjit_knocks_pending", "pending", "Knocks waiting for the store or the device"),
