@@ -44,8 +44,8 @@ COUNTERS = ("installed", "already_installed", "cookie", "rate_limited", "timeout
             "loop_max_stall_ms", "installed_now", "stale", "queue_paced", "under_load",
             "verify_backlog", "queue_paced_max", "release_window", "release_inflight_max",
             "release_timeout_ms", "device_answers", "device_cookies", "release_unanswered",
-            "release_late_answers", "release_backoffs", "late_reinjected",
-            "late_missed")  # fmt: skip
+            "release_late_answers", "release_backoffs", "reinjected",
+            "reinject_missed", "device_cookies_resent")  # fmt: skip
 
 
 def loadgen(gw: Host, tmp: Path, *args: str) -> dict[str, Any]:

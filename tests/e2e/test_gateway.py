@@ -398,7 +398,7 @@ def test_peer_installed_after_its_hold_is_answered_then(lab: Lab, store_url: str
     assert [e for e in g.events("fail_open") if e.get("key") == bob.public_key.short()], (
         "bob's initiation did not go on to the device before his install"
     )
-    assert (stats.get("late_reinjected"), stats.get("late_missed")) == ("1", "0"), stats
+    assert (stats.get("reinjected"), stats.get("reinject_missed")) == ("1", "0"), stats
     # answered once the lock was gone (the gateway waited for it), before any retry
     assert rtt is not None and WRITE_LOCK_S * 1000 * 0.75 <= rtt < RETRY_MS - 500, (
         f"bob's first ping: {rtt} ms"

@@ -17,7 +17,8 @@ def test_scrape_reads_the_loops_stats() -> None:
                      "worker_lost": 2, "under_load": 1, "repeated_bodies": 9,
                      "device_answers": 9, "device_cookies": 1,
                      "release_window": 32, "release_inflight": 6,
-                     "late_reinjected": 5, "late_missed": 1})  # fmt: skip
+                     "reinjected": 5, "reinject_missed": 1,
+                     "device_cookies_resent": 3})  # fmt: skip
     m.on_event("evict", {"reason": "idle"})
     m.on_event("install", {"took_ms": 2.5})
     m.store_call("lookup", 0.002, None)
@@ -38,8 +39,9 @@ def test_scrape_reads_the_loops_stats() -> None:
         "wgjit_release_window 32.0",
         "wgjit_releases_in_flight 6.0",
         "wgjit_releases_unanswered_total 0.0",
-        'wgjit_late_installs_total{completion="reinjected"} 5.0',
-        'wgjit_late_installs_total{completion="missed"} 1.0',
+        'wgjit_reinjections_total{result="sent"} 5.0',
+        'wgjit_reinjections_total{result="missed"} 1.0',
+        "wgjit_device_cookies_resent_total 3.0",
         'wgjit_held_packets_total{verdict="accept"} 7.0',
         'wgjit_hooks_total{result="run"} 3.0',
         'wgjit_hooks_total{result="timed_out"} 1.0',

@@ -348,7 +348,7 @@ def test_a_late_install_reinjects_its_initiation_and_lets_the_copy_through() -> 
     clock[0] = 101.5  # the install finishes 1.5 s after the knock: the device ignored it
     _installed_late(mode, 0)
     assert replier.sent == [_init(0)]
-    assert mode.stats()["late_reinjected"] == 1
+    assert mode.stats()["reinjected"] == 1
     # the copy comes back through the queue: released as is, never judged again; the same
     # bytes from another source (someone racing it to move the peer's endpoint) are judged
     echo = knock(_init(0), 101.5)
@@ -383,34 +383,74 @@ def test_a_fail_open_release_still_paced_is_not_reinjected_too() -> None:
     assert _accepted(sent) == [0, 1]  # 2 waits for the window
     clock[0] = 100.9
     _installed_late(mode, 2)  # its packet is still held: it goes to the installed peer itself
-    assert replier.sent == [] and mode.stats()["late_missed"] == 0
+    assert replier.sent == [] and mode.stats()["reinject_missed"] == 0
     mode.on_answers([Answer(RESPONSE, 0)], clock[0])
     assert _accepted(sent) == [0, 1, 2]
 
 
-def test_late_reinjections_wait_behind_held_releases_and_age_out() -> None:
-    mode, sent, replier, clock = _late_mode(4, 2)
+def _held_at(mode: modes.HoldMode, i: int, at: float) -> None:
+    """Knock `i`, queued at `at`, judged INSTALLED in time (paced if the window is full)."""
+    k = knock(_init(i), at)
+    mode.queue._held[i] = at
+    mode.verdict(Verdict(nq.Held(k, i), Outcome.INSTALLED, k))
+
+
+def test_what_waits_for_the_window_goes_oldest_first_and_ages_out() -> None:
+    mode, sent, replier, clock = _late_mode(5, 2)
     for i in range(2):
-        _verdict(mode, i, Outcome.TIMEOUT)  # fill the window
+        _verdict(mode, i, Outcome.TIMEOUT)  # knocks of 100.0 fill the window
     mode.flush()
-    clock[0] = 100.1
+    clock[0] = 100.2  # (before the window's first timeout)
     _installed_late(mode, 0)
     _installed_late(mode, 1)
-    assert replier.sent == []  # the window is full
-    for i in (2, 3):
-        _verdict(mode, i)  # on time, paced
-    mode.on_answers([Answer(RESPONSE, 0), Answer(RESPONSE, 1)], clock[0])
-    assert _accepted(sent) == [0, 1, 2, 3] and replier.sent == []  # held ones first
-    mode.on_answers([Answer(RESPONSE, 2)], clock[0])
-    assert replier.sent == [_init(0)]
-    clock[0] = 100.0 + modes.LATE_WITHIN + 0.01  # the client sends a new initiation soon
-    mode.on_answers([Answer(RESPONSE, 3)], clock[0])
-    assert replier.sent == [_init(0)]
+    _held_at(mode, 2, 100.05)  # a younger knock, on time: paced
+    del mode.queue._held[4]  # knock 4 of 100.15 left the queue before its install
+    k4 = knock(_init(4), 100.15)
+    mode.verdict(Verdict(None, Outcome.INSTALLED, k4, had=nq.Held(k4, 4)))
+    assert replier.sent == [] and _accepted(sent) == [0, 1]  # the window is full
+    mode.on_answers([Answer(RESPONSE, 0)], clock[0])
+    assert replier.sent == [_init(0)]  # the oldest first
+    mode.on_answers([Answer(RESPONSE, 1)], clock[0])
+    assert replier.sent == [_init(0), _init(1)]
+    mode.on_answers([Answer(RESPONSE, 0)], clock[0])
+    assert _accepted(sent) == [0, 1, 2] and len(replier.sent) == 2  # 100.05 before 100.15
+    clock[0] = 100.15 + modes.LATE_WITHIN + 0.01  # knock 4's client sends a new one soon
+    mode.on_answers([Answer(RESPONSE, 1)], clock[0])
+    assert len(replier.sent) == 2
     s = mode.stats()
-    assert s["late_reinjected"] == 1 and s["late_missed"] == 1
+    assert s["reinjected"] == 2 and s["reinject_missed"] == 1
     clock[0] += modes.ECHO_WITHIN
     mode.tick(clock[0])
-    assert mode._echoes == {}  # the copy never came back: forgotten
+    assert mode._echoes == {}  # the copies never came back: forgotten
+
+
+def _cookie(mode: modes.HoldMode, i: int, at: float) -> None:
+    mode.on_answers([Answer(COOKIE_REPLY, i)], at)
+
+
+def test_a_release_the_device_cookies_is_sent_again_up_to_a_limit() -> None:
+    mode, sent, replier, clock = _late_mode(3, 8)
+    _held_at(mode, 0, 100.0)  # released at once
+    _verdict(mode, 1, Outcome.TIMEOUT)  # fail-open: the device does not have this peer
+    mode.flush()
+    assert _accepted(sent) == [0, 1]
+    clock[0] = 100.01
+    _cookie(mode, 1, clock[0])  # nothing to gain by sending it again
+    assert replier.sent == []
+    for n in range(modes.MAX_RESENDS):
+        _cookie(mode, 0, clock[0])  # the device was past its mark: the peer is installed
+        assert replier.sent == [_init(0)] * (n + 1), n
+        clock[0] += 0.01
+    _cookie(mode, 0, clock[0])  # enough: its client retries
+    assert len(replier.sent) == modes.MAX_RESENDS
+    s = mode.stats()
+    assert s["device_cookies_resent"] == modes.MAX_RESENDS and s["reinject_missed"] == 1
+    # a response ends it; a cookie for an index nobody released changes nothing
+    _held_at(mode, 2, clock[0])
+    mode.on_answers([Answer(RESPONSE, 2)], clock[0])
+    _cookie(mode, 2, clock[0])
+    _cookie(mode, 77, clock[0])
+    assert len(replier.sent) == modes.MAX_RESENDS and mode._installed_releases == {}
 
 
 def test_a_late_install_without_a_raw_socket_or_too_old_is_counted_missed() -> None:
@@ -422,4 +462,4 @@ def test_a_late_install_without_a_raw_socket_or_too_old_is_counted_missed() -> N
     for m in (mode, mode2):
         _installed_late(m, 0)
     assert replier.sent == []
-    assert mode.stats()["late_missed"] == mode2.stats()["late_missed"] == 1
+    assert mode.stats()["reinject_missed"] == mode2.stats()["reinject_missed"] == 1

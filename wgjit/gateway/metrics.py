@@ -176,10 +176,16 @@ class _Snapshot(Collector):
             value=float(s.get("release_unanswered", 0)),
         )  # fmt: skip
         yield _by_label(
-            s, "wgjit_late_installs",
-            "Hold mode: installs that finished after their initiation had left the queue "
-            "(fail-open, hold limit): re-injected, or missed (too old: the client retries)",
-            "completion", reinjected="late_reinjected", missed="late_missed",
+            s, "wgjit_reinjections",
+            "Hold mode: installed peers' initiations sent to the device again (an install that "
+            "finished after its initiation left the queue, a release the device cookied): sent, "
+            "or missed (too old or re-sent enough: the client retries)",
+            "result", sent="reinjected", missed="reinject_missed",
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "wgjit_device_cookies_resent", "Hold mode: releases of installed peers' "
+            "initiations the device answered with a cookie reply, queued to be sent again",
+            value=float(s.get("device_cookies_resent", 0)),
         )  # fmt: skip
         yield _by_label(
             s, "wgjit_hooks", "Install/evict hook runs, by result", "result",

@@ -45,6 +45,14 @@ LATE_WITHIN: Final = 4.0
 # once), and how many may wait or be expected at a time (each was authenticated and installed)
 ECHO_WITHIN: Final = 2.0
 ECHO_MAX: Final = 65536
+# releases of installed peers' initiations kept by sender index (the newest this many), so that
+# one the device answers with a cookie reply can be sent again, at most this many times
+RESEND_MEMORY: Final = 16384
+MAX_RESENDS: Final = 3
+
+
+# a release with this verdict reaches a device that has the peer
+_ON_DEVICE = frozenset({Outcome.INSTALLED, Outcome.ALREADY_INSTALLED})
 
 
 class ModeError(RuntimeError):
@@ -185,7 +193,18 @@ class HoldMode(Mode):
     held releases and paced like them; so the client is answered when its peer is installed,
     not 5 s later. The copy comes back through the queue and is released as is: `_echoes`
     knows its bytes and source (the same bytes from another source are judged: a duplicate,
-    dropped, so nobody can race our copy to point the peer's endpoint elsewhere)."""
+    dropped, so nobody can race our copy to point the peer's endpoint elsewhere).
+
+    Device cookies: a release of an installed peer's initiation that the device answers with
+    a cookie reply (it was past its own under-load mark; a release at the queue's hold limit
+    goes whatever the window says) is sent again the same way: the client keeps its handshake
+    state when it gets a cookie, so an answer to that initiation still completes it, where the
+    cookie alone would make it wait for its 5 s retry. Cookied again, it is sent again, up to
+    MAX_RESENDS times while younger than LATE_WITHIN; the window, which a cookie halves, paces
+    that as everything else.
+
+    What waits for the window goes in the order the knocks came, the oldest first: a held
+    release, a late install or a cookied release."""
 
     name = "hold"
 
@@ -214,8 +233,14 @@ class HoldMode(Mode):
         self._late: collections.deque[Knock] = collections.deque()  # late installs to re-inject
         # re-injected payload -> (its source, until when expected back through the queue)
         self._echoes: dict[bytes, tuple[Endpoint, float]] = {}
-        self.reinjected = 0  # late installs' initiations re-injected
-        self.late_missed = 0  # late installs not re-injected (too old, or it failed)
+        # sender index -> (the knock, times re-sent) of installed peers' releases
+        self._installed_releases: collections.OrderedDict[int, tuple[Knock, int]] = (
+            collections.OrderedDict()
+        )
+        self._resends: dict[bytes, int] = {}  # payload -> times re-sent, while waiting
+        self.reinjected = 0  # initiations re-injected (late installs, device cookies)
+        self.reinject_missed = 0  # not re-injected (too old, or it failed)
+        self.cookie_resends = 0  # releases the device cookied, to be re-injected
 
     @property
     def pacing(self) -> bool:
@@ -259,6 +284,8 @@ class HoldMode(Mode):
                 return
         if not isinstance(held, Held):
             return
+        if v.outcome in _ON_DEVICE and self.window is not None:
+            self._remember(held.knock)
         accept = v.outcome.accepts
         if accept and self.pacing:
             if self._paced or not self._may_release(self.clock()):
@@ -286,14 +313,25 @@ class HoldMode(Mode):
         if self.window is not None:
             self.window.release(sender_index(held.knock.payload), now, forced=forced)
 
+    def _remember(self, knock: Knock, resends: int = 0) -> None:
+        """A release of an installed peer's initiation, in case the device cookies it."""
+        releases = self._installed_releases
+        index = sender_index(knock.payload)
+        releases.pop(index, None)
+        releases[index] = (knock, resends)
+        if len(releases) > RESEND_MEMORY:
+            releases.popitem(last=False)
+
     def _late_install(self, knock: Knock) -> None:
+        """Send `knock` to the device again once the window lets it (too old: missed)."""
         now = self.clock()
         if (
             self.replier is None
             or now - knock.received_at > LATE_WITHIN
             or len(self._echoes) + len(self._late) >= ECHO_MAX
         ):
-            self.late_missed += 1
+            self._resends.pop(knock.payload, None)
+            self.reinject_missed += 1
         elif self._paced or self._late or not self._may_release(now):
             self._late.append(knock)
         else:
@@ -301,17 +339,19 @@ class HoldMode(Mode):
 
     def _reinject(self, knock: Knock, now: float) -> None:
         assert self.replier is not None
+        resent = self._resends.pop(knock.payload, None)
         self._echoes[knock.payload] = (knock.source, now + ECHO_WITHIN)
         try:
             self.replier.send(knock)
         except OSError as e:
             del self._echoes[knock.payload]
-            self.late_missed += 1
+            self.reinject_missed += 1
             self.log.debug("reinject_failed", error=str(e))
             return
         self.reinjected += 1
         if self.window is not None:
             self.window.release(sender_index(knock.payload), now)
+            self._remember(knock, resent or 0)  # the peer is installed: if cookied, again
 
     def device_answers(self) -> None:
         """The answer socket is readable: read what the device sent."""
@@ -328,32 +368,41 @@ class HoldMode(Mode):
         window = self.window
         if window is None:
             return
+        releases = self._installed_releases
         for a in answers:
-            window.answer(a.receiver, a.kind == COOKIE_REPLY, now)
+            cookie = a.kind == COOKIE_REPLY
+            ours = window.answer(a.receiver, cookie, now)
+            release = releases.pop(a.receiver, None) if releases else None
+            if cookie and ours and release is not None:
+                knock, resent = release
+                if resent >= MAX_RESENDS:
+                    self.reinject_missed += 1
+                else:
+                    self.cookie_resends += 1
+                    self._resends[knock.payload] = resent + 1
+                    self._late_install(knock)
         if self._paced or self._late:
             self._drain(now)
             self.queue.flush()
 
     def _drain(self, now: float) -> None:
-        paced = self._paced
-        while paced:
-            if not self.queue.holds(paced[0]):
+        """Send what waits for the window, the oldest knock first: a held release, or a
+        re-injection (a late install, a cookied release)."""
+        paced, late = self._paced, self._late
+        while True:
+            while paced and not self.queue.holds(paced[0]):
                 paced.popleft()  # released by the queue's 1 s limit meanwhile
-            elif self._may_release(now):
+            while late and now - late[0].received_at > LATE_WITHIN:
+                self._resends.pop(late.popleft().payload, None)
+                self.reinject_missed += 1
+            if not (paced or late) or not self._may_release(now):
+                return
+            if late and (not paced or late[0].received_at < paced[0].knock.received_at):
+                self._reinject(late.popleft(), now)
+            else:
                 held = paced.popleft()
                 self._released(held, now)
                 self.queue.verdict(held, True)
-            else:
-                return
-        late = self._late  # after the held ones: they have the queue's hold limit
-        while late:
-            if now - late[0].received_at > LATE_WITHIN:
-                late.popleft()
-                self.late_missed += 1
-            elif self._may_release(now):
-                self._reinject(late.popleft(), now)
-            else:
-                return
 
     def flush(self) -> None:
         self.queue.flush()
@@ -412,8 +461,9 @@ class HoldMode(Mode):
             **self.queue.stats(),
             "queue_paced": self.paced,
             "queue_paced_max": self.paced_max,
-            "late_reinjected": self.reinjected,
-            "late_missed": self.late_missed,
+            "reinjected": self.reinjected,
+            "reinject_missed": self.reinject_missed,
+            "device_cookies_resent": self.cookie_resends,
         }
         out["queue_expired"] += self.late  # released at the hold limit, by the queue or here
         if self.window is not None:
