@@ -463,3 +463,12 @@ def test_a_late_install_without_a_raw_socket_or_too_old_is_counted_missed() -> N
         _installed_late(m, 0)
     assert replier.sent == []
     assert mode.stats()["reinject_missed"] == mode2.stats()["reinject_missed"] == 1
+
+
+def test_releases_never_answered_are_forgotten_once_too_old_to_send_again() -> None:
+    mode, sent, replier, clock = _late_mode(3, 8)
+    _held_at(mode, 0, 100.0)  # a rekey the device never answers (a copy it ignores)
+    _held_at(mode, 1, 100.5)
+    assert list(mode._installed_releases) == [0, 1]
+    _held_at(mode, 2, 100.0 + modes.LATE_WITHIN + 0.1)  # every installed peer's rekey passes
+    assert list(mode._installed_releases) == [1, 2]

@@ -189,11 +189,11 @@ class HoldMode(Mode):
     Late installs: a knock whose install outlasts its hold (the knock budget's fail-open
     verdict, or the queue's 1 s limit: a slow store, a herd) reached the device before the
     peer did, and the device ignored it. Once the install is done, its initiation is
-    re-injected (`replier`, as replay mode does) if it is younger than LATE_WITHIN, behind the
-    held releases and paced like them; so the client is answered when its peer is installed,
-    not 5 s later. The copy comes back through the queue and is released as is: `_echoes`
-    knows its bytes and source (the same bytes from another source are judged: a duplicate,
-    dropped, so nobody can race our copy to point the peer's endpoint elsewhere).
+    re-injected (`replier`, as replay mode does) if it is younger than LATE_WITHIN, paced like
+    the held releases; so the client is answered when its peer is installed, not 5 s later.
+    The copy comes back through the queue and is released as is: `_echoes` knows its bytes
+    and source (the same bytes from another source are judged: a duplicate, dropped, so
+    nobody can race our copy to point the peer's endpoint elsewhere).
 
     Device cookies: a release of an installed peer's initiation that the device answers with
     a cookie reply (it was past its own under-load mark; a release at the queue's hold limit
@@ -230,7 +230,8 @@ class HoldMode(Mode):
         self.paced = 0  # releases that waited for the pace
         self.paced_max = 0  # the most that waited at once
         self.late = 0  # paced releases that waited until the queue's hold limit
-        self._late: collections.deque[Knock] = collections.deque()  # late installs to re-inject
+        # re-injections waiting for the window (late installs, cookied releases)
+        self._late: collections.deque[Knock] = collections.deque()
         # re-injected payload -> (its source, until when expected back through the queue)
         self._echoes: dict[bytes, tuple[Endpoint, float]] = {}
         # sender index -> (the knock, times re-sent) of installed peers' releases
@@ -239,7 +240,7 @@ class HoldMode(Mode):
         )
         self._resends: dict[bytes, int] = {}  # payload -> times re-sent, while waiting
         self.reinjected = 0  # initiations re-injected (late installs, device cookies)
-        self.reinject_missed = 0  # not re-injected (too old, or it failed)
+        self.reinject_missed = 0  # not re-injected (too old, re-sent enough, or it failed)
         self.cookie_resends = 0  # releases the device cookied, to be re-injected
 
     @property
@@ -314,12 +315,18 @@ class HoldMode(Mode):
             self.window.release(sender_index(held.knock.payload), now, forced=forced)
 
     def _remember(self, knock: Knock, resends: int = 0) -> None:
-        """A release of an installed peer's initiation, in case the device cookies it."""
+        """A release of an installed peer's initiation, in case the device cookies it. Kept
+        until the device answers it, or it is too old to be sent again (a release the device
+        never answers is forgotten then: rekeys of every installed peer pass here)."""
         releases = self._installed_releases
         index = sender_index(knock.payload)
         releases.pop(index, None)
         releases[index] = (knock, resends)
-        if len(releases) > RESEND_MEMORY:
+        too_old = knock.received_at - LATE_WITHIN
+        while releases:
+            oldest, _ = next(iter(releases.values()))
+            if oldest.received_at >= too_old and len(releases) <= RESEND_MEMORY:
+                break
             releases.popitem(last=False)
 
     def _late_install(self, knock: Knock) -> None:
