@@ -143,23 +143,6 @@ class _Snapshot(Collector):
         for o in Outcome:
             knocks.add_metric([o.value], float(s.get(o.value, 0)))
         yield knocks
-        yield CounterMetricFamily(
-            "wgjit_installs", "Peers installed on the device", value=float(s.get("installs", 0))
-        )
-        yield CounterMetricFamily(
-            "wgjit_cookie_replies", "Cookie replies sent under load",
-            value=float(s.get("cookie", 0)),
-        )  # fmt: skip
-        yield CounterMetricFamily(
-            "wgjit_under_load", "Times the gateway went under load (queue delay or a spent "
-            "admission budget): cookie replies and per-source limits for a second",
-            value=float(s.get("under_load", 0)),
-        )  # fmt: skip
-        yield CounterMetricFamily(
-            "wgjit_repeated_bodies", "Initiations whose body (ephemeral, static, timestamp) "
-            "was seen before: judged from memory, no X25519",
-            value=float(s.get("repeated_bodies", 0)),
-        )  # fmt: skip
         yield _by_label(
             s, "wgjit_held_packets", "Held initiations by how they left the queue", "verdict",
             accept="queue_accepted", drop="queue_dropped", released_late="queue_expired",
@@ -171,10 +154,6 @@ class _Snapshot(Collector):
             "reply: the device passed its own under-load mark, and the release window backs off)",
             "kind", response="device_answers", cookie_reply="device_cookies",
         )  # fmt: skip
-        yield CounterMetricFamily(
-            "wgjit_releases_unanswered", "Hold mode: releases the device did not answer in time",
-            value=float(s.get("release_unanswered", 0)),
-        )  # fmt: skip
         yield _by_label(
             s, "wgjit_reinjections",
             "Hold mode: installed peers' initiations sent to the device again (an install that "
@@ -182,15 +161,26 @@ class _Snapshot(Collector):
             "or missed (too old or re-sent enough: the client retries)",
             "result", sent="reinjected", missed="reinject_missed",
         )  # fmt: skip
-        yield CounterMetricFamily(
-            "wgjit_device_cookies_resent", "Hold mode: releases of installed peers' "
-            "initiations the device answered with a cookie reply, queued to be sent again",
-            value=float(s.get("device_cookies_resent", 0)),
-        )  # fmt: skip
         yield _by_label(
             s, "wgjit_hooks", "Install/evict hook runs, by result", "result",
             **{r: f"hooks_{r}" for r in ("run", "failed", "timed_out", "dropped")},
         )  # fmt: skip
+        for name, key, doc in (
+            ("wgjit_installs", "installs", "Peers installed on the device"),
+            ("wgjit_cookie_replies", "cookie", "Cookie replies sent under load"),
+            ("wgjit_under_load", "under_load", "Times the gateway went under load (queue delay "
+             "or a spent admission budget): cookie replies and per-source limits for a second"),
+            ("wgjit_repeated_bodies", "repeated_bodies", "Initiations whose body (ephemeral, "
+             "static, timestamp) was seen before: judged from memory, no X25519"),
+            ("wgjit_releases_unanswered", "release_unanswered",
+             "Hold mode: releases the device did not answer in time"),
+            ("wgjit_device_cookies_resent", "device_cookies_resent", "Hold mode: releases of "
+             "installed peers' initiations the device answered with a cookie reply, queued to "
+             "be sent again"),
+            ("wgjit_verify_worker_restarts", "verify_worker_restarts",
+             "Verify workers replaced (died or hung)"),
+        ):  # fmt: skip
+            yield CounterMetricFamily(name, doc, value=float(s.get(key, 0)))
         for name, key, doc in (
             ("wgjit_peers_installed", "installed_now", "Peers on the device now"),
             ("wgjit_knocks_pending", "pending", "Knocks waiting for the store or the device"),
@@ -204,10 +194,6 @@ class _Snapshot(Collector):
              "Hold mode: released initiations the device has not answered yet"),
         ):  # fmt: skip
             yield GaugeMetricFamily(name, doc, value=float(s.get(key, 0)))
-        yield CounterMetricFamily(
-            "wgjit_verify_worker_restarts", "Verify workers replaced (died or hung)",
-            value=float(s.get("verify_worker_restarts", 0)),
-        )  # fmt: skip
         yield GaugeMetricFamily(
             "wgjit_loop_max_stall_seconds", "The longest single step of the packet loop",
             value=float(s.get("loop_max_stall_ms", 0)) / 1000,
