@@ -230,15 +230,15 @@ class HoldMode(Mode):
         self.paced = 0  # releases that waited for the pace
         self.paced_max = 0  # the most that waited at once
         self.late = 0  # paced releases that waited until the queue's hold limit
-        # re-injections waiting for the window (late installs, cookied releases)
-        self._late: collections.deque[Knock] = collections.deque()
+        # re-injections waiting for the window (late installs, cookied releases): the knock,
+        # and how many times it was re-sent before
+        self._late: collections.deque[tuple[Knock, int]] = collections.deque()
         # re-injected payload -> (its source, until when expected back through the queue)
         self._echoes: dict[bytes, tuple[Endpoint, float]] = {}
         # sender index -> (the knock, times re-sent) of installed peers' releases
         self._installed_releases: collections.OrderedDict[int, tuple[Knock, int]] = (
             collections.OrderedDict()
         )
-        self._resends: dict[bytes, int] = {}  # payload -> times re-sent, while waiting
         self.reinjected = 0  # initiations re-injected (late installs, device cookies)
         self.reinject_missed = 0  # not re-injected (too old, re-sent enough, or it failed)
         self.cookie_resends = 0  # releases the device cookied, to be re-injected
@@ -285,7 +285,7 @@ class HoldMode(Mode):
                 return
         if not isinstance(held, Held):
             return
-        if v.outcome in _ON_DEVICE and self.window is not None:
+        if v.outcome in _ON_DEVICE and self.window is not None and self.replier is not None:
             self._remember(held.knock)
         accept = v.outcome.accepts
         if accept and self.pacing:
@@ -329,24 +329,23 @@ class HoldMode(Mode):
                 break
             releases.popitem(last=False)
 
-    def _late_install(self, knock: Knock) -> None:
-        """Send `knock` to the device again once the window lets it (too old: missed)."""
+    def _late_install(self, knock: Knock, resent: int = 0) -> None:
+        """Send `knock` to the device again once the window lets it (too old: missed);
+        `resent`: times it was re-sent already."""
         now = self.clock()
         if (
             self.replier is None
             or now - knock.received_at > LATE_WITHIN
             or len(self._echoes) + len(self._late) >= ECHO_MAX
         ):
-            self._resends.pop(knock.payload, None)
             self.reinject_missed += 1
         elif self._paced or self._late or not self._may_release(now):
-            self._late.append(knock)
+            self._late.append((knock, resent))
         else:
-            self._reinject(knock, now)
+            self._reinject(knock, resent, now)
 
-    def _reinject(self, knock: Knock, now: float) -> None:
+    def _reinject(self, knock: Knock, resent: int, now: float) -> None:
         assert self.replier is not None
-        resent = self._resends.pop(knock.payload, None)
         self._echoes[knock.payload] = (knock.source, now + ECHO_WITHIN)
         try:
             self.replier.send(knock)
@@ -358,7 +357,7 @@ class HoldMode(Mode):
         self.reinjected += 1
         if self.window is not None:
             self.window.release(sender_index(knock.payload), now)
-            self._remember(knock, resent or 0)  # the peer is installed: if cookied, again
+            self._remember(knock, resent)  # the peer is installed: if cookied, again
 
     def device_answers(self) -> None:
         """The answer socket is readable: read what the device sent."""
@@ -386,8 +385,7 @@ class HoldMode(Mode):
                     self.reinject_missed += 1
                 else:
                     self.cookie_resends += 1
-                    self._resends[knock.payload] = resent + 1
-                    self._late_install(knock)
+                    self._late_install(knock, resent + 1)
         if self._paced or self._late:
             self._drain(now)
             self.queue.flush()
@@ -399,13 +397,13 @@ class HoldMode(Mode):
         while True:
             while paced and not self.queue.holds(paced[0]):
                 paced.popleft()  # released by the queue's 1 s limit meanwhile
-            while late and now - late[0].received_at > LATE_WITHIN:
-                self._resends.pop(late.popleft().payload, None)
+            while late and now - late[0][0].received_at > LATE_WITHIN:
+                late.popleft()
                 self.reinject_missed += 1
             if not (paced or late) or not self._may_release(now):
                 return
-            if late and (not paced or late[0].received_at < paced[0].knock.received_at):
-                self._reinject(late.popleft(), now)
+            if late and (not paced or late[0][0].received_at < paced[0].knock.received_at):
+                self._reinject(*late.popleft(), now)
             else:
                 held = paced.popleft()
                 self._released(held, now)
