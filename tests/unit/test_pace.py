@@ -428,6 +428,14 @@ def _cookie(mode: modes.HoldMode, i: int, at: float) -> None:
     mode.on_answers([Answer(COOKIE_REPLY, i)], at)
 
 
+def _echo_back(mode: modes.HoldMode, i: int, packet_id: int) -> None:
+    """The re-sent copy of knock `i` comes back through the queue (and passes unjudged)."""
+    echo = knock(_init(i), 100.0)
+    mode.queue._held[packet_id] = 100.0
+    mode.queue.recv_batch = lambda: [nq.Held(echo, packet_id)]  # type: ignore[method-assign]
+    assert mode.read() == []
+
+
 def test_a_release_the_device_cookies_is_sent_again_up_to_a_limit() -> None:
     mode, sent, replier, clock = _late_mode(3, 8)
     _held_at(mode, 0, 100.0)  # released at once
@@ -440,6 +448,7 @@ def test_a_release_the_device_cookies_is_sent_again_up_to_a_limit() -> None:
     for n in range(modes.MAX_RESENDS):
         _cookie(mode, 0, clock[0])  # the device was past its mark: the peer is installed
         assert replier.sent == [_init(0)] * (n + 1), n
+        _echo_back(mode, 0, 100 + n)  # and on to the device, which may cookie it again
         clock[0] += 0.01
     _cookie(mode, 0, clock[0])  # enough: its client retries
     assert len(replier.sent) == modes.MAX_RESENDS
@@ -472,3 +481,15 @@ def test_releases_never_answered_are_forgotten_once_too_old_to_send_again() -> N
     assert list(mode._installed_releases) == [0, 1]
     _held_at(mode, 2, 100.0 + modes.LATE_WITHIN + 0.1)  # every installed peer's rekey passes
     assert list(mode._installed_releases) == [1, 2]
+
+
+def test_a_cookie_seen_twice_is_re_sent_once() -> None:
+    """The answer watch sees a frame on a bridge and on its port: the second copy of a cookie
+    must not send the initiation again while the first copy's re-send is on its way (its
+    copy back through the queue would be judged a duplicate and dropped)."""
+    mode, sent, replier, clock = _late_mode(1, 8)
+    _held_at(mode, 0, 100.0)
+    mode.flush()
+    mode.on_answers([Answer(COOKIE_REPLY, 0), Answer(COOKIE_REPLY, 0)], 100.01)
+    assert replier.sent == [_init(0)] and mode.stats()["device_cookies_resent"] == 1
+    assert list(mode._echoes) == [_init(0)]

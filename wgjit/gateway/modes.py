@@ -381,7 +381,11 @@ class HoldMode(Mode):
             release = releases.pop(a.receiver, None) if releases else None
             if cookie and ours and release is not None:
                 knock, resent = release
-                if resent >= MAX_RESENDS:
+                if knock.payload in self._echoes:
+                    # a second copy of this cookie (seen on a bridge and on its port), after
+                    # the first one's re-send took the same index: that copy is on its way
+                    releases[a.receiver] = release
+                elif resent >= MAX_RESENDS:
                     self.reinject_missed += 1
                 else:
                     self.cookie_resends += 1
