@@ -417,9 +417,10 @@ class Lab:
         *args: str,
         echo: Callable[[str], None] | None = None,
         gateway: Host | None = None,
+        until: str = "ready",
     ) -> GatewayProcess:
         """Run `wgjit gateway` (this Python's wgjit) in a gateway's namespace (the first's
-        unless `gateway` says which)."""
+        unless `gateway` says which), and wait for its event `until`."""
         gw = gateway or self.gateway
         if gw is None:
             raise LabError("add_gateway() first")
@@ -436,7 +437,7 @@ class Lab:
         g = GatewayProcess(proc, echo=echo)
         g.start_reader()
         # a deadline, not a wait: under qemu TCG (tests/kernel) a start takes 15-25 s
-        g.wait_event("ready", timeout=60)
+        g.wait_event(until, timeout=60)
         return g
 
     def reset(self) -> Host:

@@ -435,6 +435,16 @@ def own_rules(gw: Host) -> list[str]:
     ]
 
 
+def test_stopped_while_starting_leaves_nothing_behind(lab: Lab, store_url: str) -> None:
+    # a supervisor's SIGTERM that lands between reconcile and the loop (while the capture is
+    # set up): a clean stop, not the signal's default death with the queue rules left live
+    gw = gw_host(lab)
+    g = lab.start_gateway(store_url, "--mode", "hold", until="reconcile")
+    assert g.stop() == 0, "\n".join(g.lines[-20:])
+    assert g.events("stopping")[-1]["reason"] == "SIGTERM"
+    assert own_rules(gw) == []
+
+
 def test_hold_rules_survive_crash_without_duplicates(lab: Lab, store_url: str) -> None:
     gw = gw_host(lab)
     alice = lab.clients[0]

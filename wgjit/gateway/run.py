@@ -134,7 +134,8 @@ def serve(
     policy = Policy(
         Responder(state.private_key), config, log, wall=time.time, ignore_ifindex=ifindex
     )
-    with contextlib.ExitStack() as stack:  # closed in reverse: capture first, metrics last
+    with contextlib.ExitStack() as stack:  # closed in reverse: capture first, signals last
+        signals = stack.enter_context(_Signals())
         pool = None
         if config.workers > 1:
             # started first: their interpreters start while the gateway reconciles
@@ -162,6 +163,9 @@ def serve(
         del effects
         if policy.refused_start:
             raise GatewayError(policy.refused_start)
+        if signals.stop_reason:  # asked to stop while reconciling: no capture to set up
+            log.info("stopping", reason=signals.stop_reason)
+            return 0
         reconcile_ms = round((time.monotonic() - started) * 1000)
         if pool is not None:
             try:
@@ -220,8 +224,64 @@ def serve(
             metrics.watch(loop.stats)
             metrics.ready = True
         sd_notify(f"READY=1\nSTATUS=serving {device.name}, {len(policy.installed)} installed")
-        loop.run()
+        loop.run(signals)
     return 0
+
+
+class _Signals:
+    """SIGTERM, SIGINT and SIGHUP ask for a clean stop; SIGUSR1 for a stats line. Caught from
+    the start of start-up, not only once the loop runs: a signal's default action would kill
+    the gateway with its queue rules and workers left behind, and a supervisor may stop a
+    gateway that has just started. A stop asked for before the loop runs ends it as soon as
+    it starts (or, during reconcile, before the capture is set up)."""
+
+    def __init__(self) -> None:
+        self.stop_reason = ""
+        self._dump = False
+        self._stop: Callable[[], None] | None = None
+        self._r, self._w = socket.socketpair()
+        self._r.setblocking(False)
+        self._w.setblocking(False)
+        self._old_wakeup = -1
+        self._old: dict[int, object] = {}
+
+    def __enter__(self) -> _Signals:
+        self._old_wakeup = signal.set_wakeup_fd(self._w.fileno())
+        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+            self._old[s] = signal.signal(s, self._on_signal)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.set_wakeup_fd(self._old_wakeup)
+        for s, h in self._old.items():
+            signal.signal(s, h)  # type: ignore[arg-type]
+        self._r.close()
+        self._w.close()
+
+    def fileno(self) -> int:
+        """Readable after any of the signals (the wake-up fd): the loop's select returns."""
+        return self._r.fileno()
+
+    def on_stop(self, stop: Callable[[], None]) -> None:
+        """Call `stop` on a stop signal; at once if one came already."""
+        self._stop = stop
+        if self.stop_reason:
+            stop()
+
+    def take_dump(self) -> bool:
+        """Whether SIGUSR1 came since the last call (and drain the wake-up bytes)."""
+        with contextlib.suppress(BlockingIOError):
+            self._r.recv(4096)
+        dump, self._dump = self._dump, False
+        return dump
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGUSR1:
+            self._dump = True
+            return
+        self.stop_reason = signal.Signals(signum).name
+        if self._stop is not None:
+            self._stop()
 
 
 def measured_admission_rate(key: PrivateKey, workers: int, seconds: float = 0.02) -> float:
@@ -278,8 +338,6 @@ class _Loop:
         self._store_fd: int | None = None
         self._installs: list[Install] = []
         self._admits: list[Admit] = []
-        self._stop_reason = ""
-        self._dump = False
 
     # -- effects --------------------------------------------------------------------------
 
@@ -529,23 +587,13 @@ class _Loop:
 
     # -- running --------------------------------------------------------------------------
 
-    def run(self) -> None:
-        wake_r, wake_w = socket.socketpair()
-        wake_r.setblocking(False)
-        wake_w.setblocking(False)
-        old_wakeup = signal.set_wakeup_fd(wake_w.fileno())
-        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
-        old_handlers = {s: signal.signal(s, self._on_signal) for s in signals}
-
+    def run(self, signals: _Signals) -> None:
         def on_wake() -> None:
-            with contextlib.suppress(BlockingIOError):
-                wake_r.recv(4096)
-            if self._dump:
-                self._dump = False
+            if signals.take_dump():
                 self.log.info("stats", **self.stats())
 
         try:
-            self.reactor.add_reader(wake_r.fileno(), on_wake)
+            self.reactor.add_reader(signals.fileno(), on_wake)
             self.reactor.add_reader(self.mode.fileno(), self._on_knocks)
             for fd, on_readable in self.mode.readers():
                 self.reactor.add_reader(fd, on_readable)
@@ -556,15 +604,11 @@ class _Loop:
                 self.reactor.call_at(time.monotonic() + POOL_CHECK_INTERVAL, self._check_pool)
             self._freeze_gc()
             self.apply([])  # nothing yet; the first tick starts the timers' work
+            signals.on_stop(self.reactor.stop)
             self.reactor.run()
-            self.log.info("stopping", reason=self._stop_reason, **self.stats())
+            self.log.info("stopping", reason=signals.stop_reason, **self.stats())
         finally:
-            signal.set_wakeup_fd(old_wakeup)
-            for s, h in old_handlers.items():
-                signal.signal(s, h)
-            self.reactor.remove_reader(wake_r.fileno())
-            wake_r.close()
-            wake_w.close()
+            self.reactor.remove_reader(signals.fileno())
             for e in self.policy.shutdown():
                 self.submit(e)
             if not self.workers.close(SHUTDOWN_WAIT):
@@ -575,13 +619,6 @@ class _Loop:
         gc.freeze()
         memory.trim()  # what a sweep's snapshot or a batch of look-ups left in malloc's heaps
         self.reactor.call_at(time.monotonic() + GC_FREEZE_INTERVAL, self._freeze_gc)
-
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        if signum == signal.SIGUSR1:
-            self._dump = True
-        else:
-            self._stop_reason = signal.Signals(signum).name
-            self.reactor.stop()
 
     def stats(self) -> dict[str, object]:
         p = self.policy
