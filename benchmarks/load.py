@@ -45,7 +45,7 @@ COUNTERS = ("installed", "already_installed", "cookie", "rate_limited", "timeout
             "verify_backlog", "queue_paced_max", "release_window", "release_inflight_max",
             "release_timeout_ms", "device_answers", "device_cookies", "release_unanswered",
             "release_late_answers", "release_backoffs", "reinjected",
-            "reinject_missed", "device_cookies_resent")  # fmt: skip
+            "reinject_missed", "device_cookies_resent", "running_late")  # fmt: skip
 
 
 def loadgen(gw: Host, tmp: Path, *args: str) -> dict[str, Any]:
@@ -73,6 +73,85 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+class CpuWatch:
+    """Who had the CPUs while a herd was answered. Every 0.1 s: the machine's busy share
+    (/proc/stat), the CPU time of the gateway, its verify workers, wireguard-go and the load
+    generator (/proc/PID/stat), and the gateway's loop thread's time on a CPU and runnable
+    but waiting for one (/proc/PID/task/PID/schedstat). `summary()` covers `window` seconds
+    from when the gateway (plain: wireguard-go) starts working on the herd's first knocks."""
+
+    TICK = 0.1
+    GROUPS = ("gateway", "verify workers", "wireguard-go", "load generator")
+
+    def __init__(self, ifname: str, gateway_pid: int | None, window: float = 1.0) -> None:
+        self.ifname, self.pid, self.window = ifname, gateway_pid, window
+        self.samples: list[tuple[float, list[int], dict[str, float], tuple[int, ...]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _groups(self) -> dict[str, float]:
+        hz = os.sysconf("SC_CLK_TCK")
+        out = dict.fromkeys(self.GROUPS, 0.0)
+        for d in Path("/proc").iterdir():
+            try:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                stat = (d / "stat").read_text()
+            except (OSError, NotADirectoryError):
+                continue
+            if d.name == str(self.pid):
+                group = "gateway"
+            elif "wgjit.gateway.pool" in cmd:
+                group = "verify workers"
+            elif "wireguard-go" in cmd and self.ifname in cmd:
+                group = "wireguard-go"
+            elif "benchmarks.loadgen" in cmd:
+                group = "load generator"
+            else:
+                continue
+            f = stat[stat.rindex(")") + 2 :].split()
+            out[group] += (int(f[11]) + int(f[12])) / hz
+        return out
+
+    def _run(self) -> None:
+        loop = f"/proc/{self.pid}/task/{self.pid}/schedstat"
+        while not self._stop.wait(self.TICK):
+            cpu = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+            try:
+                sched = tuple(map(int, Path(loop).read_text().split()[:2])) if self.pid else ()
+            except OSError:
+                return
+            self.samples.append((time.monotonic(), cpu, self._groups(), sched))
+
+    def summary(self) -> str:
+        self._stop.set()
+        self._thread.join()
+        s = self.samples
+
+        def working(i: int) -> bool:  # over 30 % of a CPU in the tick up to sample i
+            if self.pid:
+                return s[i][3][0] - s[i - 1][3][0] > 0.3 * self.TICK * 1e9
+            return s[i][2]["wireguard-go"] - s[i - 1][2]["wireguard-go"] > 0.3 * self.TICK
+
+        start = next((i for i in range(1, len(s)) if working(i)), None)
+        if start is None:
+            return "CPU: the herd never reached the device"
+        a = s[start - 1]
+        b = next((x for x in s[start:] if x[0] - a[0] >= self.window), s[-1])
+        secs = b[0] - a[0]
+        ticks = [y - x for x, y in zip(a[1], b[1], strict=True)]
+        ncpu = os.cpu_count() or 1
+        busy = ncpu * 100 * (1 - (ticks[3] + ticks[4]) / sum(ticks))  # not idle or iowait
+        groups = ", ".join(f"{k} {100 * (b[2][k] - a[2][k]) / secs:.0f} %" for k in self.GROUPS)
+        out = (f"CPU over the herd's first {secs:.1f} s: the machine {busy:.0f} % of "
+               f"{ncpu * 100} % (softirq {ncpu * 100 * ticks[6] / sum(ticks):.0f} %); {groups}")
+        if self.pid:
+            run, wait = ((y - x) / 1e7 / secs for x, y in zip(a[3], b[3], strict=True))
+            out += (f"; the loop thread on a CPU {run:.0f} % of the time, runnable but "
+                    f"waiting for a CPU {wait:.0f} %")  # fmt: skip
+        return out
 
 
 def clear_device(gw: Host, tmp: Path) -> None:
@@ -202,9 +281,11 @@ def main() -> None:
                     args.profile.mkdir(parents=True, exist_ok=True)
                     spy = profile(g.proc.pid, args.profile / f"herd-{tag}.txt", 15)
                 rss0 = rss_mb(g.proc.pid)
+                cpu = CpuWatch(gw.ifname, g.proc.pid)
                 r = loadgen(gw, tmp, "--keys", str(keys), "--clients", str(args.herd),
                             "--spread", "1")  # fmt: skip
                 s = stats(g)
+                notes.append(f"herd JIT {tag}: {cpu.summary()}")
                 notes.append(f"herd JIT {tag}: gateway RSS "
                              f"{rss0:.0f} -> {rss_mb(g.proc.pid):.0f} MB; {nfqueue_stats(gw)}; "
                              f"loadgen sent {r['sent']}, received {r['received']}, answered by "
@@ -222,8 +303,10 @@ def main() -> None:
             if "plain" not in skip:
                 clear_device(gw, tmp)
                 took = preinstall_all(gw, keys, tmp)
+                cpu = CpuWatch(gw.ifname, None)
                 r = loadgen(gw, tmp, "--keys", str(keys), "--clients", str(args.herd),
                             "--spread", "1")  # fmt: skip
+                notes.append(f"plain round {rnd}: {cpu.summary()}")
                 notes.append(f"plain round {rnd}: pre-installing took {took:.1f} s; "
                              f"loadgen received {r['received']}, answered by attempt "
                              f"{r['answered_by_attempt']}")  # fmt: skip
