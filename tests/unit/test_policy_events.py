@@ -4,6 +4,7 @@ fail, or never come. No threads: the test plays the loop and decides when result
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import pytest
@@ -265,13 +266,14 @@ def test_peer_installed_during_a_sweep_is_not_forgotten(loop: Loop) -> None:
 def test_under_load_a_knock_without_mac2_gets_a_cookie_and_no_dh(tmp_path: Path) -> None:
     loop = Loop(tmp_path)
     loop.policy.cookies = CookieChecker(loop.gw_key.public_key())
+    junk(loop, 16)  # a flood: what cookie replies spare
     a = loop.peer("alice")
     pkt = initiation(a, loop.gw_key, 1e9)
     # not under load: straight to the look-up
     k0 = knock(pkt, loop.clock.t)
     loop.knock(k0)
     assert loop.outcome(k0) is None
-    # a knock that waited 300 ms in the kernel's queue means load
+    # a knock that waited 300 ms in the kernel's queue amid that flood means load
     k = knock(initiation(a, loop.gw_key, 1e9 + 1), loop.clock.t - 0.3)
     loop.knock(k)
     assert loop.outcome(k) == Outcome.COOKIE and not Outcome.COOKIE.accepts
@@ -308,6 +310,90 @@ def test_a_sign_of_load_from_the_mode_cookies_new_senders(tmp_path: Path) -> Non
     k2 = knock(initiation(loop.peer("bob"), loop.gw_key, 1e9), loop.clock.t)
     loop.knock(k2)
     assert loop.outcome(k2) is None  # on to its look-up
+
+
+def install_herd(loop: Loop, n: int) -> None:
+    """`n` stored peers knock at once and are installed (INSTALLED verdicts)."""
+    keys = [PrivateKey.generate() for _ in range(n)]
+    for i, c in enumerate(keys):
+        loop.store.add_peer(f"herd-{i}", c.public_key(), parse_networks(f"100.66.0.{i + 1}/32"))
+    ks = [knock(initiation(c, loop.gw_key, 1e9), loop.clock.t) for c in keys]
+    loop.take(loop.policy.on_knocks([(k, k) for k in ks], loop.clock.t))
+    loop.answer(Lookup)
+    for kind in (Admit, Install):  # one a peer (the loop batches them)
+        while any(isinstance(e, kind) for e in loop.pending):
+            loop.answer(kind)
+    assert [loop.outcome(k) for k in ks] == [Outcome.INSTALLED] * n
+
+
+def junk(loop: Loop, n: int) -> None:
+    """`n` knocks of unknown keys from as many addresses, each refused after an X25519 and a
+    look-up."""
+    before = loop.policy.counters[Outcome.UNKNOWN]
+    for i in range(n):
+        src = Endpoint.parse(f"198.51.100.{i + 1}:4000")
+        loop.knock(knock(initiation(PrivateKey.generate(), loop.gw_key, 1e9), loop.clock.t, src))
+        loop.answer(Lookup)  # not in the store
+    assert loop.policy.counters[Outcome.UNKNOWN] == before + n
+
+
+def late_knock(loop: Loop) -> Knock:
+    """A new peer's knock that waited 300 ms in the kernel's queue."""
+    c, n = PrivateKey.generate(), len(loop.verdicts)
+    nets = parse_networks(f"100.67.{n // 250}.{n % 250 + 1}/32")
+    loop.store.add_peer(f"late-{n}", c.public_key(), nets)
+    k = knock(initiation(c, loop.gw_key, 1e9), loop.clock.t - 0.3)
+    loop.knock(k)
+    return k
+
+
+def test_late_knocks_amid_a_herd_are_load(tmp_path: Path) -> None:
+    """Knocks running late while new peers are being installed: load, as in WireGuard. The
+    cookies spread a failover herd over its clients' retries."""
+    loop = Loop(tmp_path)
+    loop.policy.cookies = CookieChecker(loop.gw_key.public_key())
+    install_herd(loop, 16)
+    assert loop.outcome(late_knock(loop)) == Outcome.COOKIE
+    assert [e["sign"] for e in events(loop.out, "under_load")] == ["queue_delay"]
+
+
+def test_late_knocks_amid_a_flood_of_made_up_keys_are_load(tmp_path: Path) -> None:
+    """Knocks refused after an X25519 and a look-up: late knocks mean load, new senders get
+    cookies, and load lasts while knocks run late, though its cookies and limits keep the
+    made-up keys from being counted any more."""
+    loop = Loop(tmp_path)
+    loop.policy.cookies = CookieChecker(loop.gw_key.public_key())
+    junk(loop, 16)
+    assert loop.outcome(late_knock(loop)) == Outcome.COOKIE
+    assert [e["sign"] for e in events(loop.out, "under_load")] == ["queue_delay"]
+    for _ in range(5):  # the count of the flood ages out after one to two seconds
+        loop.clock.t += 0.9
+        assert loop.outcome(late_knock(loop)) == Outcome.COOKIE
+    loop.clock.t += 1.1  # a second after the last sign, load is over
+    assert loop.outcome(late_knock(loop)) is None
+    assert len(events(loop.out, "under_load")) == 1 and events(loop.out, "running_late")
+
+
+@pytest.mark.parametrize("sign", ["queue_delay", "release_delay"])
+def test_late_knocks_amid_cheap_junk_are_not_load(tmp_path: Path, sign: str) -> None:
+    """Cookies spare X25519s and look-ups: knocks running late while the loop drops cheap
+    junk (bad mac1, replays), after a flood that ended seconds ago and with a few installs
+    (fewer than 16), are no sign of load. A real client is not sent to its 5 s retry."""
+    loop = Loop(tmp_path)
+    loop.policy.cookies = CookieChecker(loop.gw_key.public_key())
+    junk(loop, 20)
+    loop.clock.t += 5  # only the last one to two seconds count
+    for _ in range(30):
+        loop.knock(knock(b"\x01\0\0\0" + os.urandom(144), loop.clock.t))
+    assert loop.policy.counters[Outcome.BAD_MAC1] == 30
+    install_herd(loop, 15)
+    if sign == "release_delay":
+        loop.policy.note_late(loop.clock.t, sign)
+    assert loop.outcome(late_knock(loop)) is None  # on to its look-up, no cookie
+    assert not events(loop.out, "under_load")
+    late = events(loop.out, "running_late")
+    assert [(e["sign"], e["judged_at_cost"]) for e in late] == [(sign, "15")]
+    assert loop.policy.counters["running_late"] == 1
 
 
 def test_under_load_ipv6_senders_share_a_limit_per_64(tmp_path: Path) -> None:

@@ -58,6 +58,7 @@ from wgjit.gateway.effects import (
     Verify,
 )
 from wgjit.gateway.limits import LRU, KeyedRateLimiter, SeenFilter, TokenBucket, TTLSet
+from wgjit.gateway.outcome import COSTLY as _COSTLY
 from wgjit.gateway.outcome import QUIET as _QUIET
 from wgjit.gateway.outcome import Outcome
 from wgjit.handshake import (
@@ -88,6 +89,10 @@ DEFAULT_MAX_INSTALL_AGE = 3.0
 DEFAULT_MAX_CLOCK_SKEW = 3600.0
 # messages.h UNDER_LOAD_AFTER_TIME: load lasts this long after its last sign
 UNDER_LOAD_FOR = 1.0
+# A late knock means load only if LOAD_WORK_MIN knocks were judged at a cost (outcome.COSTLY)
+# over the last one to two seconds (LOAD_WINDOW apart), or the gateway is under load already
+LOAD_WINDOW = 1.0
+LOAD_WORK_MIN = 16
 # The admission budget (GatewayConfig.global_rate) when none was set or measured: knocks per
 # second that may cost an X25519 or a store look-up
 FALLBACK_GLOBAL_RATE = 5000.0
@@ -373,6 +378,9 @@ class Policy:
         )
         self._reject_log = TokenBucket(20.0, 50.0)  # bound log volume under attack
         self._load_until = float("-inf")
+        self._late_until = float("-inf")
+        # (costly knocks judged, when) as counted at two moments LOAD_WINDOW apart
+        self._tally = self._tally_before = (0, float("-inf"))
         self._reply = b""
         self._error_log = TokenBucket(5.0, 20.0)
         self._fail_log = TokenBucket(20.0, 50.0)
@@ -467,6 +475,8 @@ class Policy:
         """Captured knocks (each with the loop's ticket for its verdict)."""
         out: list[Effect] = []
         lookups: list[PublicKey] = []
+        if now - self._tally[1] >= LOAD_WINDOW:
+            self._roll_tally(now)
         for knock, ticket in batch:
             try:
                 outcome = self._knock(knock, ticket, now, lookups, out)
@@ -1458,15 +1468,43 @@ class Policy:
     def _under_load(self, knock: Knock, now: float) -> bool:
         """Load lasts UNDER_LOAD_FOR after its last sign (as in WireGuard): a knock that
         waited in the kernel's queue longer than load_delay, i.e. the loop cannot judge
-        knocks as fast as they come; or a spent admission budget (see _knock). Knocks
-        waiting for the store or the device are no sign: a failover herd waits there in
-        order, and cookies would cost each client 5 s."""
+        knocks as fast as they come, while it does costly work (see note_late); or a spent
+        admission budget (see _knock). Knocks waiting for the store or the device are no
+        sign: a failover herd waits there in order, and cookies would cost each client 5 s."""
         c = self.config
         if c.testing_always_under_load:
             self.note_load(now, "testing")
         elif now - knock.received_at > c.load_delay:
-            self.note_load(now, "queue_delay")
+            self.note_late(now, "queue_delay")
         return now < self._load_until
+
+    def _roll_tally(self, now: float) -> None:
+        tally = (sum(self.counters[o] for o in _COSTLY), now)
+        # after a quiet spell the count starts afresh: a flood then is a flood at once
+        fresh = now - self._tally[1] >= 2 * LOAD_WINDOW
+        self._tally_before = tally if fresh else self._tally
+        self._tally = tally
+
+    def note_late(self, now: float, sign: str) -> None:
+        """Knocks wait too long: in the kernel's queue (the loop is behind), or judged and
+        waiting for the device (hold mode's releases). A sign of load only if knocks are
+        being judged at a cost (an X25519 and a look-up: new peers installed, keys refused)
+        lately, which is what cookie replies spare: a flood of made-up keys, or a failover
+        herd, which cookies spread over its clients' retries (held all in order instead,
+        a 10 000 herd outgrew the install pipeline: docs/benchmarks.md). Not when the loop
+        is late with cheap junk only (replays, bad mac1: dropped before any X25519 anyway),
+        where cookies would spare nothing and cost each real client its 5 s retry. Once
+        under load the gateway stays so while knocks run late: its cookies and limits keep
+        the costly knocks from being counted."""
+        work = sum(self.counters[o] for o in _COSTLY) - self._tally_before[0]
+        if now < self._load_until or work >= LOAD_WORK_MIN:
+            self.note_load(now, sign)
+            return
+        if now >= self._late_until:
+            self.counters["running_late"] += 1
+            self.log.info("running_late", sign=sign, judged_at_cost=work,
+                          pending=self._pending_knocks)  # fmt: skip
+        self._late_until = now + UNDER_LOAD_FOR
 
     def note_load(self, now: float, sign: str) -> None:
         """A sign of load (also from outside the policy: hold mode's releases waiting long for

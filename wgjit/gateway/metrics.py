@@ -170,6 +170,9 @@ class _Snapshot(Collector):
             ("wgjit_cookie_replies", "cookie", "Cookie replies sent under load"),
             ("wgjit_under_load", "under_load", "Times the gateway went under load (queue delay "
              "or a spent admission budget): cookie replies and per-source limits for a second"),
+            ("wgjit_running_late", "running_late", "Times knocks ran late while few were "
+             "judged at a cost (cheap junk: replays, bad mac1): no cookie replies, which would "
+             "spare nothing"),
             ("wgjit_repeated_bodies", "repeated_bodies", "Initiations whose body (ephemeral, "
              "static, timestamp) was seen before: judged from memory, no X25519"),
             ("wgjit_releases_unanswered", "release_unanswered",

@@ -59,6 +59,19 @@ ACCEPTS = frozenset(
         Outcome.WORKER_LOST,
     }
 )
+# knocks judged with an X25519 and a store look-up: the work cookie replies spare
+COSTLY = frozenset(
+    {
+        Outcome.INSTALLED,
+        Outcome.UNKNOWN,
+        Outcome.FORGED,
+        Outcome.BAD_STATIC,
+        Outcome.REVOKED,
+        Outcome.DISABLED,
+        Outcome.EXPIRED,
+        Outcome.FUTURE,
+    }
+)
 # outcomes that are normal or too frequent for a line each at info level
 QUIET = frozenset(
     {

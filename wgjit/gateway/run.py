@@ -558,7 +558,7 @@ class _Loop:
                 # judged knocks wait for the device: judging more now only makes them wait
                 # past the hold limit (released at once then, pushing the device past its
                 # mark); new senders get cookies, as if the queue itself were late
-                self.policy.note_load(now, "release_delay")
+                self.policy.note_late(now, "release_delay")
             self.apply(self.policy.on_knocks(batch, now))
 
     def next_deadline(self) -> float:
