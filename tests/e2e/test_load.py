@@ -297,6 +297,33 @@ def test_cookie_round(lab: Lab, store_url: str, tmp_path: Path,
     assert int(s["installed_now"]) == 21, s
 
 
+def test_late_knocks_get_cookies_only_while_knocks_cost_work(
+    lab: Lab, store_url: str, tmp_path: Path, gateway_factory: list[GatewayProcess]
+) -> None:
+    """With --load-delay 10 us every knock is late. A stock client knocking when nothing
+    costly goes on (no installs, no refused keys) is no sign of load: no cookie reply, so its
+    first initiation is answered (a cookie would cost it its 5 s retry). Then 400 made-up
+    keys, each new: once about 16 are refused after an X25519 and a look-up, late knocks mean
+    load and the rest get cookie replies, with no X25519."""
+    c = lab.clients[0]
+    add_client(store_url, c, "client-0")
+    g = lab.start_gateway(store_url, "--mode", "hold", "--load-delay", "0.00001")
+    gateway_factory.append(g)
+    gw = gw_host(lab)
+    assert c.ping(gw.tunnel_ip, timeout=4) is not None
+    s = stats(g)
+    assert "cookie" not in s and "under_load" not in s and int(s["running_late"]) >= 1, s
+    r = loadgen(lab, tmp_path, "--flood", "unknown", "--flood-pool", "400",
+                "--flood-rate", "200", "--flood-seconds", "2")  # fmt: skip
+    s = stats(g)
+    print(f"\n{r}\n{s}")
+    assert [e["sign"] for e in g.events("under_load")] == ["queue_delay"], s
+    assert int(s["unknown"]) < 400 and int(s["cookie"]) > 0, s  # ~16 judged at a cost
+    received = r["received"]
+    assert isinstance(received, dict) and received.get("cookie_reply_to_flood"), r
+    assert set(gw.peers()) == {c.public_key.b64()}, "only the client installed"
+
+
 def test_a_flood_of_fresh_bodies_spends_the_budget_then_gets_cookies(
     lab: Lab, store_url: str, tmp_path: Path, gateway_factory: list[GatewayProcess]
 ) -> None:
