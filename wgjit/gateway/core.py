@@ -1496,6 +1496,8 @@ class Policy:
         where cookies would spare nothing and cost each real client its 5 s retry. Once
         under load the gateway stays so while knocks run late: its cookies and limits keep
         the costly knocks from being counted."""
+        if now - self._tally[1] >= LOAD_WINDOW:
+            self._roll_tally(now)
         work = sum(self.counters[o] for o in _COSTLY) - self._tally_before[0]
         if now < self._load_until or work >= LOAD_WORK_MIN:
             self.note_load(now, sign)
