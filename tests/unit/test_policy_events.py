@@ -89,7 +89,8 @@ class Loop:
 
     def peer(self, name: str) -> PrivateKey:
         c = PrivateKey.generate()
-        self.store.add_peer(name, c.public_key(), parse_networks(f"100.65.0.{len(name)}/32"))
+        n = self._peers = getattr(self, "_peers", 0) + 1  # one address each
+        self.store.add_peer(name, c.public_key(), parse_networks(f"100.64.{n // 250}.{n % 250}/32"))
         return c
 
 
@@ -185,7 +186,7 @@ def test_stalled_store_lets_new_keys_through_at_once(loop: Loop) -> None:
     loop.knock(kb2)
     assert loop.outcome(kb2) is None
     # bob's look-up is the oldest still running now, and it is what stalls
-    c = loop.peer("carmen")  # (peer() numbers addresses by name length)
+    c = loop.peer("carmen")
     loop.clock.t += 1.0
     kc = knock(initiation(c, loop.gw_key, 1e9), loop.clock.t)
     loop.knock(kc)
@@ -314,9 +315,7 @@ def test_a_sign_of_load_from_the_mode_cookies_new_senders(tmp_path: Path) -> Non
 
 def install_herd(loop: Loop, n: int) -> None:
     """`n` stored peers knock at once and are installed (INSTALLED verdicts)."""
-    keys = [PrivateKey.generate() for _ in range(n)]
-    for i, c in enumerate(keys):
-        loop.store.add_peer(f"herd-{i}", c.public_key(), parse_networks(f"100.66.0.{i + 1}/32"))
+    keys = [loop.peer(f"herd-{i}") for i in range(n)]
     ks = [knock(initiation(c, loop.gw_key, 1e9), loop.clock.t) for c in keys]
     loop.take(loop.policy.on_knocks([(k, k) for k in ks], loop.clock.t))
     loop.answer(Lookup)
@@ -339,9 +338,7 @@ def junk(loop: Loop, n: int) -> None:
 
 def late_knock(loop: Loop) -> Knock:
     """A new peer's knock that waited 300 ms in the kernel's queue."""
-    c, n = PrivateKey.generate(), len(loop.verdicts)
-    nets = parse_networks(f"100.67.{n // 250}.{n % 250 + 1}/32")
-    loop.store.add_peer(f"late-{n}", c.public_key(), nets)
+    c = loop.peer(f"late-{len(loop.verdicts)}")
     k = knock(initiation(c, loop.gw_key, 1e9), loop.clock.t - 0.3)
     loop.knock(k)
     return k

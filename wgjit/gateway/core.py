@@ -475,8 +475,7 @@ class Policy:
         """Captured knocks (each with the loop's ticket for its verdict)."""
         out: list[Effect] = []
         lookups: list[PublicKey] = []
-        if now - self._tally[1] >= LOAD_WINDOW:
-            self._roll_tally(now)
+        self._roll_tally(now)
         for knock, ticket in batch:
             try:
                 outcome = self._knock(knock, ticket, now, lookups, out)
@@ -1479,6 +1478,9 @@ class Policy:
         return now < self._load_until
 
     def _roll_tally(self, now: float) -> None:
+        """Once per LOAD_WINDOW: the count of costly knocks then, and the one before."""
+        if now - self._tally[1] < LOAD_WINDOW:
+            return
         tally = (sum(self.counters[o] for o in _COSTLY), now)
         # after a quiet spell the count starts afresh: a flood then is a flood at once
         fresh = now - self._tally[1] >= 2 * LOAD_WINDOW
@@ -1496,10 +1498,10 @@ class Policy:
         where cookies would spare nothing and cost each real client its 5 s retry. Once
         under load the gateway stays so while knocks run late: its cookies and limits keep
         the costly knocks from being counted."""
-        if now - self._tally[1] >= LOAD_WINDOW:
-            self._roll_tally(now)
-        work = sum(self.counters[o] for o in _COSTLY) - self._tally_before[0]
-        if now < self._load_until or work >= LOAD_WORK_MIN:
+        self._roll_tally(now)
+        loaded = now < self._load_until  # then no count to take, on every late knock
+        work = 0 if loaded else sum(self.counters[o] for o in _COSTLY) - self._tally_before[0]
+        if loaded or work >= LOAD_WORK_MIN:
             self.note_load(now, sign)
             return
         if now >= self._late_until:
