@@ -274,6 +274,19 @@ _ADVANCE_SQL: Final = (
     "UPDATE peers SET handshake_hwm = ?, last_seen = ?"
     " WHERE public_key = ? AND (handshake_hwm IS NULL OR handshake_hwm < ?)"
 )
+
+
+def _advance_many_sql(n: int) -> str:
+    """_ADVANCE_SQL for n (public_key, timestamp, seen_at) rows in one statement, returning the
+    keys whose mark moved forward. The keys must be distinct (UPDATE ... FROM takes one
+    matching row per peer, unspecified which)."""
+    values = ", ".join(["(?, ?, ?)"] * n)
+    return (
+        "UPDATE peers SET handshake_hwm = v.column2, last_seen = v.column3"
+        f" FROM (VALUES {values}) AS v WHERE peers.public_key = v.column1"
+        " AND (peers.handshake_hwm IS NULL OR peers.handshake_hwm < v.column2)"
+        " RETURNING public_key"
+    )
 # record_traffic: one statement per chunk of rows (key, rx, tx, handshake, endpoint); the
 # marks list is appended per chunk. A handshake only moves forward (max() of SQLite is NULL
 # if either is, hence the coalesces); the endpoint is kept when the row has none.
@@ -386,7 +399,7 @@ class SQLiteStore(Closing):
             rconn.execute("PRAGMA query_only = ON")
             # the most keys one IN (...) may carry: SQLite's variable limit, less the others
             self._chunk = max(1, min(MANY_CHUNK, rconn.getlimit(_VARIABLE_LIMIT) - 2))
-            # record_traffic binds five variables a row
+            # record_traffic binds five variables a row, admit_many three
             self._rows_chunk = max(1, min(MANY_CHUNK, conn.getlimit(_VARIABLE_LIMIT) // 5))
         except sqlite3.Error as e:
             conn.close()
@@ -855,20 +868,13 @@ class SQLiteStore(Closing):
     ) -> dict[PublicKey, str | None]:
         hss = newest_handshakes(handshakes)
         admitted: dict[PublicKey, str | None] = {}
-        for i in range(0, len(hss), self._chunk):
-            chunk = hss[i : i + self._chunk]
+        for i in range(0, len(hss), self._rows_chunk):
+            chunk = hss[i : i + self._rows_chunk]
             with self._write(f"admit {len(hss)} handshakes") as conn:
-                fresh = [
-                    h.public_key
-                    for h in chunk
-                    if conn.execute(
-                        _ADVANCE_SQL,
-                        (_timestamp(h), h.seen_at, h.public_key.raw, _timestamp(h)),
-                    ).rowcount == 1
-                ]  # fmt: skip
-                if not fresh:
+                params = [v for h in chunk for v in (h.public_key.raw, _timestamp(h), h.seen_at)]
+                keys = [r[0] for r in conn.execute(_advance_many_sql(len(chunk)), params)]
+                if not keys:
                     continue
-                keys = [k.raw for k in fresh]
                 held = dict(
                     conn.execute(
                         "SELECT public_key, gateway_id FROM peer_claims"
@@ -877,9 +883,10 @@ class SQLiteStore(Closing):
                     ).fetchall()
                 )
                 _claim_chunk(conn, keys, gateway_id)
-            for k in fresh:
-                previous = held.get(k.raw)
-                admitted[k] = None if previous is None else str(previous)
+            by_raw = {h.public_key.raw: h.public_key for h in chunk}
+            for k in keys:
+                previous = held.get(k)
+                admitted[by_raw[k]] = None if previous is None else str(previous)
         return admitted
 
     def release(self, public_keys: Iterable[PublicKey], gateway_id: str) -> None:
