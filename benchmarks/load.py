@@ -182,6 +182,18 @@ def nfqueue_stats(gw: Host) -> str:
             f"{text[6]}; backlog drops (softnet_stat, all CPUs) so far {softnet_drops()}")
 
 
+def queued(gw: Host) -> int:
+    """Packets the gateway's queue has taken so far (the kernel's id sequence); what it did
+    not take while full passed to the device (fail-open)."""
+    text = gw.run("cat", "/proc/net/netfilter/nfnetlink_queue").split()
+    return int(text[7]) if len(text) > 7 else 0
+
+
+def loop_cpu(pid: int) -> float:
+    """Seconds the gateway's loop (main) thread has run on a CPU."""
+    return int(Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()[0]) / 1e9
+
+
 def softnet_drops() -> int:
     """Packets the kernel dropped because a CPU's input backlog was full (veth delivers
     through it): the second column of /proc/net/softnet_stat, summed."""
@@ -375,6 +387,7 @@ def flood(lab: Lab, gw: Host, clients: list[Any], url: str, tmp: Path, keys: Pat
     wait_for("the flood to reach the gateway", lambda: sum(
         int(stats(g).get(k, 0)) for k in ("bad_mac1", "unknown", "forged", "replay")
     ) > 0, timeout=120, interval=0.1)  # fmt: skip
+    busy0, queued0, t0 = loop_cpu(pid), queued(gw), time.monotonic()
     time.sleep(1.0)
     rtts: dict[int, float | None] = {}
 
@@ -389,8 +402,12 @@ def flood(lab: Lab, gw: Host, clients: list[Any], url: str, tmp: Path, keys: Pat
         time.sleep(0.2)
     for t in threads:
         t.join()
+    busy, n, took = loop_cpu(pid) - busy0, queued(gw) - queued0, time.monotonic() - t0
     th.join()
     rss1 = rss_mb(pid)
+    args.notes.append(f"flood {kind} round {rnd}: while clients connected ({took:.1f} s), the "
+                      f"loop thread ran {busy:.2f} s on a CPU for {n} queued packets "
+                      f"({n / took:.0f}/s, {1e6 * busy / max(n, 1):.1f} µs each)")  # fmt: skip
     s = stats(g)
     args.notes.append(f"flood {kind} round {rnd}: {nfqueue_stats(gw)}; loadgen sent "
                       f"{result.get('sent')}, received {result.get('received')}")  # fmt: skip

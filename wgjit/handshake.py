@@ -302,9 +302,13 @@ class Responder:
 
     def check_mac1(self, packet: bytes) -> None:
         """Cheap pre-filter (no DH): raises Malformed or BadMac1 unless mac1 is for this key."""
-        packet = _check_header(packet)
-        if not self._mac1_ok(packet):
+        if not self.mac1_ok(packet):
             raise BadMac1("mac1 does not match this gateway's key")
+
+    def mac1_ok(self, packet: bytes) -> bool:
+        """check_mac1() as a bool: a flood of garbage comes here, and raising is its dearest
+        part. Still raises Malformed for what is not an initiation at all."""
+        return self._mac1_ok(_check_header(packet))
 
     def verify(self, packet: bytes) -> Verified:
         """Authenticate an initiation; at most two X25519 operations, one for a cached peer."""

@@ -328,6 +328,31 @@ def test_hold_time_counts_from_when_the_kernel_queued_the_packet() -> None:
     assert deadline is not None and deadline <= after + 0.45
 
 
+def test_a_lone_packet_and_one_among_other_messages_read_the_same() -> None:
+    """recv_batch() parses the usual datagram (one queued packet) in place and any other
+    shape with parse_messages(): both give the same knocks; junk is dropped and counted."""
+    payload = build_datagram(SRC, DST, b"\x01\x00\x00\x00" + bytes(144))
+    ack = struct.pack("=IHHII", 36, nq.NLMSG_ERROR, 0, 5, 0) + struct.pack("=i", 0) + bytes(16)
+    lone, among = packet_message(5, 1, 7, payload), packet_message(5, 2, 7, payload) + ack
+    junk = packet_message(5, 3, 7, build_datagram(SRC, DST, b"\x02" + bytes(147)))  # a response
+    cut = packet_message(5, 4, 7, payload)[:-8]  # shorter than its own length field
+    reads = [lone, among, junk, cut, packet_message(5, 5, 7, payload)[:20]]
+    q, sock = _queue_with({})
+
+    def recv(n: int) -> bytes:
+        if not reads:
+            raise BlockingIOError
+        return reads.pop(0)
+
+    sock.recv = recv  # type: ignore[attr-defined]
+    held = q.recv_batch()
+    assert [h.packet_id for h in held] == [1, 2]
+    for h in held:
+        assert (h.knock.source, h.knock.destination, h.knock.ifindex) == (SRC, DST, 7)
+        assert h.knock.payload == payload[28:]
+    assert q.malformed == 1 and _verdicts(sock.sent) == [(nq.NF_DROP, 3)]
+
+
 def test_verdicts_are_sent_together_and_once() -> None:
     q, sock = _queue_with({7: 0.0, 8: 0.0})
     k = knock(bytes(148), 0.0)

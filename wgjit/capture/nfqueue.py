@@ -81,6 +81,8 @@ MAX_STAMP_AGE = 10.0
 
 _NLMSGHDR = struct.Struct("=IHHII")  # length, type, flags, seq, pid (host order)
 _NFGENMSG = struct.Struct("!BBH")  # family, version, res_id (queue number, big-endian)
+_NLMSG_START = struct.Struct("=IH")  # a netlink message's length and type
+_PACKET_ATTRS = _NLMSGHDR.size + _NFGENMSG.size  # where a lone message's attributes start
 _NLATTR = struct.Struct("=HH")  # length, type
 _NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
 _PACKET_HDR = struct.Struct("!IHB")  # packet_id, hw_protocol, hook
@@ -172,6 +174,31 @@ class NetlinkError:
     code: int
 
 
+_PACKET_KIND = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET
+
+
+def _packet_attrs(data: bytes, at: int, end: int) -> tuple[int, int, float | None, bytes]:
+    """A NFQNL_MSG_PACKET's attributes, walked in place from `at` to `end` (this runs for
+    every packet of a flood): (packet id or -1 if none, in-interface, timestamp, payload)."""
+    packet_id, ifindex, ts, payload = -1, 0, None, b""
+    while at + 4 <= end:
+        alen, akind = _NLATTR.unpack_from(data, at)
+        if alen < 4 or at + alen > end:
+            break
+        akind &= _NLA_TYPE_MASK
+        if akind == NFQA_PAYLOAD:
+            payload = data[at + 4 : at + alen]
+        elif akind == NFQA_PACKET_HDR and alen >= 4 + _PACKET_HDR.size:
+            packet_id = _PACKET_HDR.unpack_from(data, at + 4)[0]
+        elif akind == NFQA_IFINDEX_INDEV and alen == 8:
+            ifindex = _U32.unpack_from(data, at + 4)[0]
+        elif akind == NFQA_TIMESTAMP and alen == 4 + _TIMESTAMP.size:
+            sec, usec = _TIMESTAMP.unpack_from(data, at + 4)
+            ts = sec + usec / 1e6
+        at += (alen + 3) & ~3
+    return packet_id, ifindex, ts, payload
+
+
 def parse_messages(data: bytes) -> Iterator[QueuedPacket | NetlinkError]:
     """The queued packets and errors/acks in one datagram read from the socket.
 
@@ -188,35 +215,18 @@ def parse_messages(data: bytes) -> Iterator[QueuedPacket | NetlinkError]:
         if kind == NLMSG_ERROR and end - body >= 4:
             (code,) = struct.unpack_from("=i", data, body)
             yield NetlinkError(seq, code)
-        elif kind == (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET and end - body >= _NFGENMSG.size:
-            # the attributes walked in place (this runs for every packet of a flood)
-            _family, _version, queue = _NFGENMSG.unpack_from(data, body)
-            packet_id, ifindex, ts, payload = -1, 0, None, b""
-            at = body + _NFGENMSG.size
-            while at + 4 <= end:
-                alen, akind = _NLATTR.unpack_from(data, at)
-                if alen < 4 or at + alen > end:
-                    break
-                akind &= _NLA_TYPE_MASK
-                if akind == NFQA_PAYLOAD:
-                    payload = data[at + 4 : at + alen]
-                elif akind == NFQA_PACKET_HDR and alen >= 4 + _PACKET_HDR.size:
-                    packet_id = _PACKET_HDR.unpack_from(data, at + 4)[0]
-                elif akind == NFQA_IFINDEX_INDEV and alen == 8:
-                    ifindex = _U32.unpack_from(data, at + 4)[0]
-                elif akind == NFQA_TIMESTAMP and alen == 4 + _TIMESTAMP.size:
-                    sec, usec = _TIMESTAMP.unpack_from(data, at + 4)
-                    ts = sec + usec / 1e6
-                at += (alen + 3) & ~3
+        elif kind == _PACKET_KIND and end - body >= _NFGENMSG.size:
+            packet_id, ifindex, ts, payload = _packet_attrs(data, body + _NFGENMSG.size, end)
             if packet_id >= 0:
-                yield QueuedPacket(queue, packet_id, ifindex, payload, ts)
+                yield QueuedPacket(_NFGENMSG.unpack_from(data, body)[2], packet_id, ifindex,
+                                   payload, ts)  # fmt: skip
         pos += _align(length)
 
 
 # -- the socket ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)  # not frozen, as Knock: one per packet
 class Held:
     """A knock the kernel is holding until `NfQueue.verdict(held, ...)`."""
 
@@ -343,24 +353,32 @@ class NfQueue(Closing):
             reads += 1
             now = time.monotonic()
             wall = time.time()
+            n = len(data)
+            if n >= _PACKET_ATTRS and _NLMSG_START.unpack_from(data) == (n, _PACKET_KIND):
+                # the usual datagram: one queued packet, parsed without parse_messages' objects
+                packet_id, ifindex, ts, payload = _packet_attrs(data, _PACKET_ATTRS, n)
+                if packet_id >= 0:
+                    self._take(packet_id, ifindex, ts, payload, now, wall, out)
+                continue
             for m in parse_messages(data):
-                if not isinstance(m, QueuedPacket):
-                    continue
-                queued = now
-                if m.timestamp is not None and 0.0 <= wall - m.timestamp <= MAX_STAMP_AGE:
-                    queued = now - (wall - m.timestamp)
-                knock = parse_knock(
-                    m.payload, ifindex=m.ifindex, received_at=queued, port=self.port
-                )
-                if knock is None:
-                    self.malformed += 1
-                    self._verdict(m.packet_id, False)
-                    continue
-                self._held[m.packet_id] = queued
-                out.append(Held(knock, m.packet_id))
+                if isinstance(m, QueuedPacket):
+                    self._take(m.packet_id, m.ifindex, m.timestamp, m.payload, now, wall, out)
         if self._out:
             self.flush()
         return out
+
+    def _take(self, packet_id: int, ifindex: int, stamp: float | None, payload: bytes,
+              now: float, wall: float, out: list[Held]) -> None:  # fmt: skip
+        queued = now
+        if stamp is not None and 0.0 <= wall - stamp <= MAX_STAMP_AGE:
+            queued = now - (wall - stamp)
+        knock = parse_knock(payload, ifindex=ifindex, received_at=queued, port=self.port)
+        if knock is None:
+            self.malformed += 1
+            self._verdict(packet_id, False)
+            return
+        self._held[packet_id] = queued
+        out.append(Held(knock, packet_id))
 
     def verdict(self, held: Held, accept: bool) -> None:
         """Queue the verdict for `held`; sent by the next `flush()`. Once per packet."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from dataclasses import dataclass
 
 from wgjit.addr import Endpoint, IPAddress
 from wgjit.capture.bpf import (
@@ -20,15 +19,64 @@ from wgjit.capture.bpf import (
 INITIATION_PREFIX = b"\x01\x00\x00\x00"
 
 
-@dataclass(frozen=True, slots=True)
 class Knock:
-    """One captured handshake initiation (unauthenticated: anyone can send one)."""
+    """One captured handshake initiation (unauthenticated: anyone can send one).
 
-    source: Endpoint
-    destination: Endpoint
-    payload: bytes  # the 148-byte WireGuard message
-    ifindex: int  # interface it arrived on (0 if unknown)
-    received_at: float  # time.monotonic() when it was read
+    `source` is made when first asked for: a flood of garbage or of replays is judged on the
+    payload alone, and making the address object was a tenth of the loop's work per packet.
+    A plain slotted class for that (and no frozen dataclass's per-field object.__setattr__);
+    it compares and hashes by value all the same, and nothing changes one."""
+
+    __slots__ = ("_source", "_source_raw", "destination", "ifindex", "payload", "received_at")
+
+    def __init__(
+        self,
+        source: Endpoint | None,
+        destination: Endpoint,
+        payload: bytes,  # the 148-byte WireGuard message
+        ifindex: int,  # interface it arrived on (0 if unknown)
+        received_at: float,  # time.monotonic() when it was read
+        source_raw: tuple[bytes, int] | None = None,  # (address bytes, port), if source is None
+    ) -> None:
+        if source is None and source_raw is None:
+            raise ValueError("a knock needs its source")
+        self._source = source
+        self._source_raw = source_raw
+        self.destination = destination
+        self.payload = payload
+        self.ifindex = ifindex
+        self.received_at = received_at
+
+    @property
+    def source(self) -> Endpoint:
+        s = self._source
+        if s is None:
+            raw, port = self._source_raw  # type: ignore[misc]
+            s = self._source = Endpoint(_address(raw), port)
+        return s
+
+    @property
+    def source_address(self) -> bytes:
+        """The source address, packed (4 or 16 bytes), without making `source`."""
+        if self._source_raw is not None:
+            return self._source_raw[0]
+        return self.source.host.packed
+
+    def _key(self) -> tuple[object, ...]:
+        return (self.source, self.destination, self.payload, self.ifindex, self.received_at)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Knock):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (f"Knock(source={self.source!r}, destination={self.destination!r}, "
+                f"payload={self.payload!r}, ifindex={self.ifindex!r}, "
+                f"received_at={self.received_at!r})")  # fmt: skip
 
 
 def parse_knock(
@@ -68,7 +116,7 @@ def parse_knock(
         if len(_destinations) >= 256:  # the host's own addresses, so few; bounded anyway
             _destinations.clear()
         destination = _destinations[dst_raw, dport] = Endpoint(_address(dst_raw), dport)
-    return Knock(Endpoint(_address(src_raw), sport), destination, payload, ifindex, received_at)
+    return Knock(None, destination, payload, ifindex, received_at, (src_raw, sport))
 
 
 # (address bytes, port) -> Endpoint: every knock goes to one of a few, made once each

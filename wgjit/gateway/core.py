@@ -279,13 +279,10 @@ class Installed:
     swept: int = 0
 
 
-def _source_key(source: Endpoint) -> object:
+def _source_key(knock: Knock) -> bytes:
     """What per-source limits count by: an IPv4 address, or an IPv6 /64 (one host's share;
     anyone can have a /64 of addresses, as in the kernel's ratelimiter)."""
-    host = source.host
-    if host.version == 6:
-        return host.packed[:8]
-    return host
+    return knock.source_address[:8]
 
 
 def _account(key: PublicKey, inst: Installed, st: PeerStats, since: float) -> Traffic | None:
@@ -373,7 +370,7 @@ class Policy:
         # ephemeral key and encrypted static -> (claimed key, C, H, verify worker) or
         # BAD_STATIC (see OPENS)
         self._opens: LRU[bytes, tuple[PublicKey, bytes, bytes, int] | Outcome] = LRU(OPENS)
-        self._per_source: KeyedRateLimiter[object] = KeyedRateLimiter(
+        self._per_source: KeyedRateLimiter[bytes] = KeyedRateLimiter(
             c.per_source_rate, c.per_source_burst
         )
         self._reject_log = TokenBucket(20.0, 50.0)  # bound log volume under attack
@@ -605,7 +602,8 @@ class Policy:
         payload = knock.payload
         # garbage and other gateways' packets cost one BLAKE2s and nothing else
         try:
-            self.responder.check_mac1(payload)
+            if not self.responder.mac1_ok(payload):
+                return Outcome.BAD_MAC1
         except HandshakeError as e:
             return Outcome(e.reason)
         # a copy of an earlier initiation (see SEEN_BODIES), or one whose static key is
@@ -622,7 +620,7 @@ class Policy:
             # logged (at a bounded rate) with the key if its static was opened lately
             key = prior[0] if isinstance(prior, tuple) else None
             inst = self.installed.get(key) if key is not None else None
-            self._reject(Outcome.REPLAY, knock.source, key, inst.name if inst else None)
+            self._reject(Outcome.REPLAY, knock, key, inst.name if inst else None)
             return Outcome.REPLAY
         opened: Opened | None = None
         worker = -1
@@ -639,7 +637,7 @@ class Policy:
             # /64 for IPv6), checked first so that one flooding address costs a dict look-up,
             # not a cookie reply each; and no DH for a sender that has not shown (mac2) it
             # receives at its address: it gets a cookie reply
-            if not self._per_source.allow(_source_key(knock.source), now):
+            if not self._per_source.allow(_source_key(knock), now):
                 return Outcome.RATE_LIMITED
             if self.cookies is not None and not self.cookies.mac2_ok(payload, knock.source, now):
                 self._reply = self.cookies.reply(payload, knock.source, now)
@@ -657,7 +655,7 @@ class Policy:
         try:
             opened = self.responder.open_static(payload, mac1_checked=True)
         except HandshakeError as e:
-            self._reject(Outcome(e.reason), knock.source)
+            self._reject(Outcome(e.reason), knock)
             return Outcome(e.reason)
         return self._opened(knock, ticket, opened, None, now, lookups, out)
 
@@ -693,7 +691,7 @@ class Policy:
         if isinstance(result, HandshakeError):
             key = job.opened.public_key if job.opened is not None else None
             inst = self.installed.get(key) if key is not None else None
-            self._reject(Outcome(result.reason), knock.source, key,
+            self._reject(Outcome(result.reason), knock, key,
                          inst.name if inst is not None else None)  # fmt: skip
             return Outcome(result.reason)
         verified: Verified | None = None
@@ -723,13 +721,13 @@ class Policy:
                 try:
                     verified = self.responder.authenticate(opened)
                 except HandshakeError as e:
-                    self._reject(Outcome(e.reason), knock.source, key, inst.name)
+                    self._reject(Outcome(e.reason), knock, key, inst.name)
                     return Outcome(e.reason)
             if self._future(verified, knock.source, inst.name):
                 return Outcome.FUTURE
             if inst.seen is not None and verified.timestamp.raw <= inst.seen:
                 # the device would refuse it too, after its own X25519
-                self._reject(Outcome.REPLAY, knock.source, key, inst.name)
+                self._reject(Outcome.REPLAY, knock, key, inst.name)
                 return Outcome.REPLAY
             self._note_handshake(key, inst, verified)
             return Outcome.ALREADY_INSTALLED
@@ -760,7 +758,7 @@ class Policy:
                 try:
                     k.verified = self.responder.authenticate(opened)
                 except HandshakeError as e:
-                    self._reject(Outcome(e.reason), knock.source, key, p.peer.name)
+                    self._reject(Outcome(e.reason), knock, key, p.peer.name)
                     return Outcome(e.reason)
             if self._future(k.verified, knock.source, p.peer.name):
                 return Outcome.FUTURE
@@ -910,7 +908,7 @@ class Policy:
                 outcome = Outcome.ALREADY_INSTALLED
         elif isinstance(result, HandshakeError):
             outcome = Outcome(result.reason)
-            self._reject(outcome, k.knock.source, key, inst.name if inst else None)
+            self._reject(outcome, k.knock, key, inst.name if inst else None)
         elif isinstance(result, Outcome):
             outcome = result
         else:
@@ -1425,7 +1423,7 @@ class Policy:
                     name: str | None) -> None:  # fmt: skip
         p.knocks.remove(k)
         self._pending_knocks -= 1
-        self._reject(outcome, k.knock.source, p.key, name)
+        self._reject(outcome, k.knock, p.key, name)
         if k.ticket is not None:
             self._verdict(out, k.ticket, outcome, k.knock)
             k.ticket = None  # its budget has nothing left to time out
@@ -1436,7 +1434,7 @@ class Policy:
                 name: str | None = None, count: bool = True) -> None:  # fmt: skip
         """Every knock of `p` gets `outcome` (those still without a verdict); `p` is done."""
         if outcome is not Outcome.TIMEOUT:
-            self._reject(outcome, p.knocks[0].knock.source if p.knocks else None, p.key, name)
+            self._reject(outcome, p.knocks[0].knock if p.knocks else None, p.key, name)
         for k in p.knocks:
             if k.ticket is not None:
                 self._verdict(out, k.ticket, outcome, k.knock)
@@ -1613,7 +1611,7 @@ class Policy:
     def _reject(
         self,
         reason: Outcome,
-        source: Endpoint | None,
+        knock: Knock | None,
         key: PublicKey | None = None,
         name: str | None = None,
     ) -> None:
@@ -1625,7 +1623,7 @@ class Policy:
                 reason=reason.value,
                 peer=name,
                 key=key.short() if key else None,
-                source=str(source) if source else None,
+                source=str(knock.source) if knock else None,
             )
 
     def _error(self, event: str, error: Exception, **fields: object) -> None:

@@ -212,7 +212,7 @@ class Verify:
     waiter: object = None  # the policy's own note, back with the result
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@dataclass(slots=True, eq=False)  # not frozen, as Knock: one per knock
 class Verdict:
     """The knock's outcome, for the completion mode: hold gives the kernel its verdict
     (`ticket` is the held packet; None when it already had one), replay and invert act on
