@@ -54,6 +54,10 @@ def test_config_and_verdict_messages_layout() -> None:
     assert struct.unpack_from("=HH", v, 4) == (0x0301, 0x01)  # verdict, request, no ack
     assert v[20:32] == struct.pack("=HH", 12, 2) + struct.pack("!II", 1, 0x01020304)
     assert nq.verdict_message(3, 9, accept=False)[24:28] == bytes(4)  # NF_DROP
+    for accept in (True, False):  # what flush() sends: a cached head and the id
+        assert nq._verdict_head(3, accept) + bytes([1, 2, 3, 4]) == nq.verdict_message(
+            3, 0x01020304, accept
+        )
     assert len(nq.params_attr(256)) == 12  # 4 + 5 bytes, padded to 4
 
 

@@ -102,6 +102,7 @@ class SeenFilter:
         self._mask = bits - 1
         self._shift = bits.bit_length() - 1
         assert self._shift * self.PROBES <= 256  # probes from one 32-byte digest
+        self._shifts = tuple(range(0, self._shift * self.PROBES, self._shift))
         # private anonymous mappings: a page costs memory only once a bit in it is set, and
         # MADV_DONTNEED gives it back as zeros
         self._new = mmap.mmap(-1, bits >> 3, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -113,20 +114,22 @@ class SeenFilter:
         h = self._hash.copy()
         h.update(data)
         v = int.from_bytes(h.digest(), "little")
-        mask, shift, new, old = self._mask, self._shift, self._new, self._old
-        probes = []
-        in_new = in_old = True
-        for _ in range(self.PROBES):
-            i = v & mask
-            v >>= shift
-            byte, bit = i >> 3, 1 << (i & 7)
-            probes.append((byte, bit))
-            in_new = in_new and bool(new[byte] & bit)
-            in_old = in_old and bool(old[byte] & bit)
-        if in_new:
+        mask = self._mask
+        probes = [(v >> s) & mask for s in self._shifts]
+        new = self._new
+        for i in probes:  # a flood of copies ends here: every probe set in the newer filter
+            if not new[i >> 3] >> (i & 7) & 1:
+                break
+        else:
             return True
-        for byte, bit in probes:  # new, or only in the older filter: (re-)added, counted
+        # new, or only in the older filter: (re-)added, counted
+        old = self._old
+        in_old = True
+        for i in probes:
+            byte, bit = i >> 3, 1 << (i & 7)
             new[byte] |= bit
+            if in_old and not old[byte] & bit:
+                in_old = False
         self._added += 1
         if self._added >= self.capacity:
             self._old, self._new = new, old
