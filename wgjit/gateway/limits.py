@@ -92,9 +92,13 @@ class SeenFilter:
     older is cleared, so at least the last `capacity` additions are always remembered. False
     positives: about 0.07 % per full filter (0.14 % with both full), far fewer before; never
     a false negative within `capacity` additions. The probes come from a BLAKE2s keyed with
-    a secret, so nobody can make two strings that share their probes on purpose."""
+    a secret, so nobody can make two strings that share their probes on purpose. The newest
+    RECENT additions are also kept exactly (see RECENT)."""
 
     PROBES = 7
+    # the newest additions are also kept exactly, in a dict (Python's keyed SipHash): a flood
+    # that resends a few bodies is answered from it for ~0.3 us, not the filters' ~5 us
+    RECENT = 4096
 
     def __init__(self, capacity: int, key: bytes | None = None) -> None:
         bits = 1 << max(10, (capacity * 16 - 1).bit_length())
@@ -103,6 +107,8 @@ class SeenFilter:
         self._shift = bits.bit_length() - 1
         assert self._shift * self.PROBES <= 256  # probes from one 32-byte digest
         self._shifts = tuple(range(0, self._shift * self.PROBES, self._shift))
+        self._recent: dict[bytes, None] = {}
+        self._recent_max = min(self.RECENT, capacity)
         # private anonymous mappings: a page costs memory only once a bit in it is set, and
         # MADV_DONTNEED gives it back as zeros
         self._new = mmap.mmap(-1, bits >> 3, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -111,6 +117,12 @@ class SeenFilter:
         self._hash = hashlib.blake2s(key=key or os.urandom(16))
 
     def seen(self, data: bytes) -> bool:
+        recent = self._recent
+        if data in recent:
+            return True
+        recent[data] = None
+        if len(recent) > self._recent_max:
+            del recent[next(iter(recent))]
         h = self._hash.copy()
         h.update(data)
         v = int.from_bytes(h.digest(), "little")
