@@ -44,7 +44,7 @@ COUNTERS = ("installed", "already_installed", "cookie", "rate_limited", "timeout
             "loop_max_stall_ms", "installed_now", "stale", "queue_paced", "under_load",
             "verify_backlog", "queue_paced_max", "release_window", "release_inflight_max",
             "release_timeout_ms", "device_answers", "device_cookies", "release_unanswered",
-            "release_late_answers", "release_backoffs", "reinjected",
+            "release_late_answers", "release_backoffs", "reinjected", "source_limited",
             "reinject_missed", "device_cookies_resent", "running_late")  # fmt: skip
 
 

@@ -39,8 +39,10 @@ from wgjit.gateway.core import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_CLOCK_SKEW,
     DEFAULT_RELEASE_WINDOW,
+    DEFAULT_SOURCE_LIMIT,
     DEFAULT_SWEEP_INTERVAL,
     FALLBACK_RELEASE_RATE,
+    MAX_SOURCE_LIMIT,
     MAX_WORKERS,
     ConfigError,
     GatewayConfig,
@@ -772,6 +774,7 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
         release_rate=args.release_rate,
         global_rate=args.admission_rate,
         release_window=args.release_window,
+        source_limit=args.source_limit,
         workers=args.workers,
     )
     try:
@@ -1128,6 +1131,12 @@ def build_parser() -> _Parser:
                     help="hold mode: also hand the device at most this many initiations a "
                          "second, in bursts of 64 (0: no cap, the default); the only pace with "
                          "--release-window 0")  # fmt: skip
+    gw.add_argument("--source-limit", type=_int_range("--source-limit", 0, MAX_SOURCE_LIMIT),
+                    default=DEFAULT_SOURCE_LIMIT, metavar="PER_SECOND",
+                    help="hold mode: the kernel drops what one source (an IPv4 address, an "
+                         "IPv6 /64) sends beyond this many initiations a second, before they "
+                         "are queued, so a flood from one address costs the gateway nothing "
+                         f"(0: no limit; default {DEFAULT_SOURCE_LIMIT})")  # fmt: skip
     gw.add_argument("--admission-rate", type=_rate("--admission-rate"), default=0.0,
                     metavar="PER_SECOND",
                     help="initiations a second that may cost an X25519 or a store look-up; "

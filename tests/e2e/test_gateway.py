@@ -457,11 +457,13 @@ def test_hold_rules_survive_crash_without_duplicates(lab: Lab, store_url: str) -
     assert own_rules(gw) == []
     g = lab.start_gateway(store_url, "--mode", "hold")
     rules = own_rules(gw)
-    assert len(rules) == 2 and all("--queue-bypass" in r for r in rules), rules
+    # per family: the per-source limit (--source-limit, on by default) above the queue rule
+    assert [r.split()[-1] for r in rules] == ["DROP", "--queue-bypass"] * 2, rules
+    assert all("--hashlimit-above 1000/sec" in r for r in rules[::2]), rules
     assert alice.ping(gw.tunnel_ip, timeout=4) is not None
     g.proc.kill()  # a crash: no cleanup
     g.proc.wait()
-    assert len(own_rules(gw)) == 2
+    assert len(own_rules(gw)) == 4
 
     # --queue-bypass: with nobody on the queue an installed peer still handshakes (a fresh
     # session per try: a lost first initiation would otherwise wait for the 5 s retry)
@@ -472,8 +474,8 @@ def test_hold_rules_survive_crash_without_duplicates(lab: Lab, store_url: str) -
     wait_for("a handshake through the bypassed queue", reconnects, timeout=10, interval=0.05)
     g = lab.start_gateway(store_url, "--mode", "hold")
     try:
-        assert g.wait_event("stale_rules_removed")["count"] == "2"
-        assert len(own_rules(gw)) == 2, own_rules(gw)
+        assert g.wait_event("stale_rules_removed")["count"] == "4"
+        assert len(own_rules(gw)) == 4, own_rules(gw)
         alice.connect_to(gw)
         assert alice.ping(gw.tunnel_ip, timeout=4) is not None
     finally:

@@ -264,6 +264,11 @@ def test_short_timers_need_explicit_testing_flag() -> None:
     ).validate()
     assert any("never use in production" in w for w in warnings)
     assert GatewayConfig().validate() == []
+    with pytest.raises(ConfigError, match="--source-limit must be 0"):
+        GatewayConfig(source_limit=-1).validate()
+    [low] = GatewayConfig(source_limit=20).validate()
+    assert low.startswith("--source-limit 20 is low: clients behind one address")
+    assert GatewayConfig(source_limit=0).validate() == []
 
 
 def test_forged_initiation_refused_and_does_not_poison_the_victim(env: Env) -> None:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from tests.unit.test_gateway_core import DST, SRC, initiation, knock
 from wgjit.addr import Endpoint
 from wgjit.capture import nfqueue as nq
-from wgjit.capture.iptables import QueueRules, own_rules, rule_spec
+from wgjit.capture.iptables import QueueRules, limit_spec, limited_packets, own_rules, rule_spec
 from wgjit.capture.packet import Knock, parse_knock
 from wgjit.capture.replay import build_datagram, internet_checksum
 from wgjit.events import EventLog, parse_logfmt
@@ -185,6 +185,58 @@ def test_rules_installed_once_removed_and_never_duplicated_after_a_crash() -> No
     assert ipt.rules["iptables"][-1] == other
     assert all("wgjit-hold wg0" not in r for rs in ipt.rules.values() for r in rs)
     assert [len(r) for r in ipt.rules.values()] == [2, 1]
+
+
+def test_limit_rule_drops_what_one_source_sends_beyond_the_limit() -> None:
+    for ipv6, mask in ((False, "32"), (True, "64")):
+        queue = rule_spec(51820, 7, "wg0", ipv6=ipv6)
+        limit = limit_spec(51820, 7, "wg0", 1000, ipv6=ipv6)
+        assert limit[:8] == queue[:8]  # the same initiations: protocol, port, u32
+        assert limit[-2:] == ["-j", "DROP"] and "wgjit-hold wg0" in limit
+        for flag, value in (("--hashlimit-above", "1000/sec"), ("--hashlimit-burst", "1000"),
+                            ("--hashlimit-mode", "srcip"), ("--hashlimit-srcmask", mask),
+                            ("--hashlimit-name", "wgjit-7")):  # fmt: skip
+            assert limit[limit.index(flag) + 1] == value
+    with pytest.raises(ValueError):
+        limit_spec(51820, 7, "wg0", 0, ipv6=False)
+
+
+def test_limit_rules_go_above_the_queue_rules_and_leave_with_them() -> None:
+    ipt = FakeIptables()
+    rules = QueueRules(51820, 51820, "wg0", source_limit=500, run=ipt)
+    rules.install()
+    for tool in ("iptables", "ip6tables"):
+        assert [r[-1] for r in ipt.rules[tool]] == ["DROP", "--queue-bypass"]
+    assert rules.limit_error is None
+    again = QueueRules(51820, 51820, "wg0", source_limit=500, run=ipt)  # after a crash
+    again.install()
+    assert again.removed_stale == 4 and [len(r) for r in ipt.rules.values()] == [2, 2]
+    again.remove()
+    assert ipt.rules == {"iptables": [], "ip6tables": []}
+
+
+def test_a_kernel_without_hashlimit_keeps_the_queue_rules() -> None:
+    ipt = FakeIptables()
+
+    def no_hashlimit(argv: list[str]) -> subprocess.CompletedProcess[str]:
+        if "hashlimit" in argv:
+            return subprocess.CompletedProcess(argv, 2, "", "Couldn't load match `hashlimit'")
+        return ipt(argv)
+
+    rules = QueueRules(51820, 51820, "wg0", source_limit=500, run=no_hashlimit)
+    rules.install()
+    assert rules.limit_error == "iptables: Couldn't load match `hashlimit'"
+    assert [[r[-1] for r in rs] for rs in ipt.rules.values()] == [["--queue-bypass"]] * 2
+
+
+def test_limited_packets_sums_this_interfaces_drop_rules() -> None:
+    listing = """-P INPUT ACCEPT -c 5 300
+-A INPUT -p udp -m hashlimit --hashlimit-above 1000/sec -m comment --comment "wgjit-hold wg0" -c 1234 5678 -j DROP
+-A INPUT -p udp -m comment --comment "wgjit-hold wg0" -c 99 9 -j NFQUEUE --queue-num 7 --queue-bypass
+-A INPUT -p udp -m hashlimit --hashlimit-above 10/sec -m comment --comment "wgjit-hold wg1" -c 7 7 -j DROP
+"""  # noqa: E501
+    assert limited_packets(listing, "wg0") == 1234
+    assert limited_packets(listing, "wg2") == 0
 
 
 # -- the verdicts the policy's outcomes call for -------------------------------------------------

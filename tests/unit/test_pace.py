@@ -266,7 +266,8 @@ def test_open_hold_mode_with_a_window_or_falls_back_to_the_rate(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(modes, "NfQueue", _Dummy)
-    rules = type("Rules", (_Dummy,), {"install": _no, "remove": _no, "removed_stale": 0})
+    rules = type("Rules", (_Dummy,), {"install": _no, "remove": _no, "removed_stale": 0,
+                                      "limit_error": None})
     monkeypatch.setattr(modes, "QueueRules", rules)
     monkeypatch.setattr(modes, "Reinjector", _Dummy)
     monkeypatch.setattr(modes, "AnswerCapture", _Answers)

@@ -1,9 +1,11 @@
 """The gateway's own NFQUEUE rules: one for iptables (IPv4), one for ip6tables (IPv6).
 
 `rule_spec()` builds the rule (sans-IO). `QueueRules` inserts it at the top of the INPUT chain
-and deletes it again, through the iptables commands. Each rule carries a comment naming the
-gateway's interface, so a gateway restarted after a crash first deletes whatever rules a
-previous run on the same interface left (never duplicates them) and never touches other rules.
+and deletes it again, through the iptables commands; with a source limit, a hashlimit rule
+above it drops what one address sends beyond the limit (`limit_spec()`) before it is queued.
+Each rule carries a comment naming the gateway's interface, so a gateway restarted after a
+crash first deletes whatever rules a previous run on the same interface left (never duplicates
+them) and never touches other rules.
 
 The rule queues only UDP datagrams to the listen port whose payload is exactly 148 bytes and
 starts with 01 00 00 00 (a handshake initiation), with `--queue-bypass`: while nothing listens
@@ -19,10 +21,12 @@ import contextlib
 import shlex
 import shutil
 import subprocess
+import threading
 from collections.abc import Callable
 
 COMMENT_PREFIX = "wgjit-hold"
 CHAIN = "INPUT"
+MAX_SOURCE_LIMIT = 1_000_000  # hashlimit's own ceiling for a rate a second
 
 # u32 programs (see iptables-extensions(8), u32): words are read big-endian at byte offsets.
 # IPv4: fragment offset and MF flag zero; UDP length (at IHL+4) 156 = 8 + 148; first payload
@@ -54,6 +58,36 @@ def rule_spec(port: int, queue_num: int, interface: str, *, ipv6: bool) -> list[
     ]  # fmt: skip
 
 
+def limit_spec(port: int, queue_num: int, interface: str, limit: int, *, ipv6: bool
+               ) -> list[str]:  # fmt: skip
+    """The rule above the queue's that drops, in the kernel, what one source (an IPv4
+    address, an IPv6 /64) sends beyond `limit` initiations a second (a second's worth may
+    come at once): a flood from one address then costs the gateway nothing."""
+    if not 0 < limit <= MAX_SOURCE_LIMIT:
+        raise ValueError(f"source limit {limit} is not in 1..{MAX_SOURCE_LIMIT}")
+    queue = rule_spec(port, queue_num, interface, ipv6=ipv6)
+    match = queue[: queue.index("-m", queue.index("--u32"))]  # protocol, port, u32
+    return [
+        *match,
+        "-m", "hashlimit", "--hashlimit-above", f"{limit}/sec", "--hashlimit-burst", str(limit),
+        "--hashlimit-mode", "srcip", "--hashlimit-srcmask", "64" if ipv6 else "32",
+        "--hashlimit-name", f"wgjit-{queue_num}",
+        "-m", "comment", "--comment", comment(interface),
+        "-j", "DROP",
+    ]  # fmt: skip
+
+
+def limited_packets(listing: str, interface: str) -> int:
+    """What this interface's limit rules dropped, from `iptables -S CHAIN -v` output (its
+    rules carry `-c PACKETS BYTES`)."""
+    total = 0
+    for rest in own_rules(listing, interface):
+        if rest[-2:] == ["-j", "DROP"] and "-c" in rest:
+            with contextlib.suppress(ValueError, IndexError):
+                total += int(rest[rest.index("-c") + 1])
+    return total
+
+
 def own_rules(listing: str, interface: str) -> list[list[str]]:
     """The rules in `iptables -S CHAIN` output that carry this interface's comment, each as
     the argument list that follows `-A CHAIN` (ready for `-D CHAIN`)."""
@@ -78,15 +112,21 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
 
 
 class QueueRules:
-    """Installs the IPv4 and IPv6 rules in this network namespace; `remove()` deletes them."""
+    """Installs the IPv4 and IPv6 rules in this network namespace; `remove()` deletes them.
+    With a `source_limit`, a limit rule goes above each queue rule (see limit_spec); if the
+    kernel cannot have one (no xt_hashlimit), `limit_error` says why and the queue rules
+    stand alone."""
 
-    def __init__(self, port: int, queue_num: int, interface: str, *, run: Runner = _run) -> None:
+    def __init__(self, port: int, queue_num: int, interface: str, *, source_limit: int = 0,
+                 run: Runner = _run) -> None:  # fmt: skip
         self.port = port
         self.queue_num = queue_num
         self.interface = interface
+        self.source_limit = source_limit
         self._run = run
-        self.installed: list[str] = []  # commands whose rule is in place
+        self.installed: list[list[str]] = []  # [tool, *spec] of each rule in place
         self.removed_stale = 0
+        self.limit_error: str | None = None
 
     def _tool(self, ipv6: bool) -> str:
         name = "ip6tables" if ipv6 else "iptables"
@@ -104,10 +144,27 @@ class QueueRules:
                 p = self._run([tool, "-w", "-I", CHAIN, "1", *spec])
                 if p.returncode != 0:
                     raise RuleError(f"{tool} could not insert the NFQUEUE rule: {p.stderr.strip()}")
-                self.installed.append(tool)
+                self.installed.append([tool, *spec])
+                if self.source_limit and self.limit_error is None:
+                    limit = limit_spec(self.port, self.queue_num, self.interface,
+                                       self.source_limit, ipv6=ipv6)  # fmt: skip
+                    p = self._run([tool, "-w", "-I", CHAIN, "1", *limit])
+                    if p.returncode == 0:
+                        self.installed.append([tool, *limit])
+                    else:
+                        self.limit_error = f"{tool}: {p.stderr.strip() or 'failed'}"
         except BaseException:
             self.remove()
             raise
+
+    def limited(self) -> int:
+        """Initiations the limit rules have dropped so far (runs the iptables commands)."""
+        total = 0
+        for tool in {r[0] for r in self.installed if r[-1] == "DROP"}:
+            p = self._run([tool, "-w", "-S", CHAIN, "-v"])
+            if p.returncode == 0:
+                total += limited_packets(p.stdout, self.interface)
+        return total
 
     def _remove_own(self, tool: str, ipv6: bool) -> int:
         """Delete every rule of this interface in the chain; returns how many."""
@@ -127,10 +184,31 @@ class QueueRules:
         return removed
 
     def remove(self) -> None:
-        """Delete the rules `install()` inserted (one command per family); never raises.
-        Rules a crashed run left are the next `install()`'s business."""
-        for tool in self.installed:
-            spec = rule_spec(self.port, self.queue_num, self.interface, ipv6=tool == "ip6tables")
+        """Delete the rules `install()` inserted (one command each); never raises. Rules a
+        crashed run left are the next `install()`'s business."""
+        for tool, *spec in reversed(self.installed):
             with contextlib.suppress(OSError):
                 self._run([tool, "-w", "-D", CHAIN, *spec])
         self.installed.clear()
+
+
+class LimitCounter:
+    """What the limit rules dropped, read every `interval` seconds on a daemon thread (the
+    iptables commands fork: the loop must not wait for them). `value`: the last reading."""
+
+    def __init__(self, rules: QueueRules, interval: float = 5.0) -> None:
+        self.value = 0
+        self._rules = rules
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._count, name="wgjit-limits", daemon=True)
+        self._thread.start()
+
+    def _count(self) -> None:
+        while not self._stop.wait(self._interval):
+            with contextlib.suppress(OSError):
+                self.value = self._rules.limited()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(self._interval)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from wgjit.addr import Endpoint, IPNetwork
+from wgjit.capture.iptables import MAX_SOURCE_LIMIT as MAX_SOURCE_LIMIT
 from wgjit.capture.packet import Knock
 from wgjit.cookie import CookieChecker
 from wgjit.device import PeerStats, StatsDump
@@ -141,6 +142,10 @@ COMPLETIONS = ("hold", "replay", "invert", "none")
 
 # hold mode: released initiations the device has not answered yet, at most (see modes.HoldMode)
 DEFAULT_RELEASE_WINDOW = 64
+# hold mode's per-source limit in the kernel, initiations a second: far above what one address
+# of real clients sends (a stock client sends one per peer every 2 minutes, retries 5 s apart;
+# 1 000/s is 120 000 clients behind one address), far below a flood
+DEFAULT_SOURCE_LIMIT = 1000
 # hold mode's pace when it cannot watch the device's answers (releases per second)
 FALLBACK_RELEASE_RATE = 6000.0
 
@@ -185,6 +190,9 @@ class GatewayConfig:
     # ... and hands it at most this many per second (0: no cap; without a window's answer
     # watch, 0 means modes.FALLBACK_RELEASE_RATE)
     release_rate: float = 0.0
+    # hold mode: the kernel drops what one source (an IPv4 address, an IPv6 /64) sends beyond
+    # this many initiations a second, before they are queued (0: no limit)
+    source_limit: int = DEFAULT_SOURCE_LIMIT
     testing_always_under_load: bool = False
     knock_budget: float = DEFAULT_KNOCK_BUDGET
     max_install_age: float = DEFAULT_MAX_INSTALL_AGE
@@ -232,6 +240,17 @@ class GatewayConfig:
             raise ConfigError(
                 f"--workers must be 0 to {MAX_WORKERS} (0 or 1: verify in the loop's process), "
                 f"got {self.workers}"
+            )
+        if not 0 <= self.source_limit <= MAX_SOURCE_LIMIT:
+            raise ConfigError(
+                f"--source-limit must be 0 (no limit) to {MAX_SOURCE_LIMIT} initiations a "
+                f"second, got {self.source_limit}"
+            )
+        if 0 < self.source_limit < 100:
+            warnings.append(
+                f"--source-limit {self.source_limit} is low: clients behind one address (a "
+                "carrier-grade NAT, an office) share it; the default is "
+                f"{DEFAULT_SOURCE_LIMIT}"
             )
         if not (self.per_source_rate > 0 and self.global_burst >= 0):
             raise ConfigError("rate limits must be positive")

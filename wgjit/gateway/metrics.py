@@ -180,6 +180,9 @@ class _Snapshot(Collector):
             ("wgjit_device_cookies_resent", "device_cookies_resent", "Hold mode: releases of "
              "installed peers' initiations the device answered with a cookie reply, queued to "
              "be sent again"),
+            ("wgjit_source_limited", "source_limited", "Hold mode: initiations the kernel "
+             "dropped before queueing them: their source (an IPv4 address, an IPv6 /64) sent "
+             "more than --source-limit a second (read every 5 s)"),
             ("wgjit_verify_worker_restarts", "verify_worker_restarts",
              "Verify workers replaced (died or hung)"),
         ):  # fmt: skip

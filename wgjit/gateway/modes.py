@@ -24,7 +24,7 @@ from typing import Final
 from wgjit.addr import Endpoint
 from wgjit.capture.afpacket import CaptureError, PacketCapture
 from wgjit.capture.answers import COOKIE_REPLY, Answer, AnswerCapture
-from wgjit.capture.iptables import QueueRules, RuleError
+from wgjit.capture.iptables import LimitCounter, QueueRules, RuleError
 from wgjit.capture.nfqueue import Held, NfQueue, QueueError
 from wgjit.capture.packet import Knock
 from wgjit.capture.replay import Reinjector, ReplayError
@@ -218,8 +218,10 @@ class HoldMode(Mode):
         window: ReleaseWindow | None = None,
         answers: AnswerCapture | None = None,
         clock: Callable[[], float] | None = None,
+        limits: LimitCounter | None = None,
     ) -> None:
         self.queue = queue
+        self.limits = limits  # what the kernel's per-source limit dropped
         self.log = log
         self.replier = replier
         self.clock = clock if clock is not None else time.monotonic
@@ -468,6 +470,7 @@ class HoldMode(Mode):
     def stats(self) -> dict[str, int]:
         out = {
             **self.queue.stats(),
+            "source_limited": self.limits.value if self.limits is not None else 0,
             "queue_paced": self.paced,
             "queue_paced_max": self.paced_max,
             "reinjected": self.reinjected,
@@ -494,18 +497,21 @@ def open_mode(
     log: EventLog,
     release_rate: float = 0.0,
     release_window: int = 0,
+    source_limit: int = 0,
 ) -> Mode:
     """Open what `mode` needs (closed by `stack`); for `auto`, the first of hold, replay,
     invert that works. Raises ModeError when an explicitly requested mode cannot work.
 
     Hold mode paces releases by a window of `release_window` unanswered (0: none), capped at
-    `release_rate` a second (0: no cap). If the device's answers cannot be watched, it warns
-    once and paces at `release_rate`, or FALLBACK_RELEASE_RATE if that is 0."""
+    `release_rate` a second (0: no cap), and has the kernel drop what one source sends beyond
+    `source_limit` initiations a second (0: no limit; warns if the kernel cannot). If the
+    device's answers cannot be watched, it warns once and paces at `release_rate`, or
+    FALLBACK_RELEASE_RATE if that is 0."""
     if mode in ("auto", "hold"):
         qnum = port if queue_num is None else queue_num
         try:
             queue = NfQueue(qnum, port)
-            rules = QueueRules(port, qnum, ifname)
+            rules = QueueRules(port, qnum, ifname, source_limit=source_limit)
             try:
                 rules.install()  # removes what it inserted if it fails half way
             except BaseException:
@@ -515,6 +521,12 @@ def open_mode(
             stack.callback(rules.remove)  # runs before the queue is closed
             if rules.removed_stale:
                 log.warning("stale_rules_removed", count=rules.removed_stale)
+            limits = None
+            if rules.limit_error is not None:
+                log.warning("source_limit_unavailable", reason=rules.limit_error)
+            elif source_limit:
+                limits = LimitCounter(rules)
+                stack.callback(limits.close)  # runs before the rules are removed
             replier = None
             try:
                 replier = Reinjector()
@@ -531,7 +543,8 @@ def open_mode(
                     release_rate = release_rate or FALLBACK_RELEASE_RATE
                     log.warning("release_window_unavailable", reason=str(e),
                                 release_rate=release_rate)  # fmt: skip
-            return HoldMode(queue, log, replier, release_rate, window=window, answers=answers)
+            return HoldMode(queue, log, replier, release_rate, window=window, answers=answers,
+                            limits=limits)  # fmt: skip
         except (QueueError, RuleError, OSError) as e:
             if mode == "hold":
                 raise ModeError(f"--mode hold: {e}") from None

@@ -197,6 +197,7 @@ def serve(
                 log=log,
                 release_rate=config.release_rate,
                 release_window=config.release_window,
+                source_limit=config.source_limit,
             )
         except ModeError as e:
             raise GatewayError(str(e)) from None
@@ -210,6 +211,7 @@ def serve(
             mode=loop.mode.name,
             release_window=getattr(getattr(loop.mode, "window", None), "size", None),
             queue=getattr(getattr(loop.mode, "queue", None), "queue_num", None),
+            source_limit=config.source_limit if getattr(loop.mode, "limits", None) else None,
             idle_timeout=config.idle_timeout,
             sweep_interval=config.sweep_interval,
             capture="nfqueue" if loop.mode.name == "hold" else capture_interface or "all",
