@@ -16,7 +16,7 @@ from wgjit.capture.packet import Knock
 from wgjit.cookie import CookieChecker, add_mac2, open_cookie_reply
 from wgjit.device import PeerState
 from wgjit.events import EventLog
-from wgjit.gateway.core import GatewayConfig, Policy
+from wgjit.gateway.core import LOAD_WORK_MIN, GatewayConfig, Policy
 from wgjit.gateway.effects import (
     Admit,
     Effect,
@@ -355,18 +355,35 @@ def test_late_knocks_amid_a_herd_are_load(tmp_path: Path) -> None:
 
 
 def test_late_knocks_amid_a_flood_of_made_up_keys_are_load(tmp_path: Path) -> None:
-    """Knocks refused after an X25519 and a look-up: late knocks mean load, new senders get
-    cookies, and load lasts while knocks run late, though its cookies and limits keep the
-    made-up keys from being counted any more."""
+    """Knocks refused after an X25519 and a look-up: late knocks mean load, and new senders
+    get cookies. Load lasts while the flood's new keys get cookies (what their X25519s
+    became); once the flood goes on with copies only, dropped before any of that, it is
+    not load any more, though knocks still run late."""
     loop = Loop(tmp_path)
     loop.policy.cookies = CookieChecker(loop.gw_key.public_key())
     junk(loop, 16)
+    copy = knock(initiation(PrivateKey.generate(), loop.gw_key, 1e9), loop.clock.t)
+    loop.knock(copy)
+    loop.answer(Lookup)
     assert loop.outcome(late_knock(loop)) == Outcome.COOKIE
     assert [e["sign"] for e in events(loop.out, "under_load")] == ["queue_delay"]
-    for _ in range(5):  # the count of the flood ages out after one to two seconds
+    for step in range(5):  # the count of the first refusals ages out after one to two seconds
         loop.clock.t += 0.9
+        for i in range(LOAD_WORK_MIN):
+            src = Endpoint.parse(f"203.0.113.{i + 1}:{5000 + step}")
+            k = knock(initiation(PrivateKey.generate(), loop.gw_key, 1e9), loop.clock.t, src)
+            loop.knock(k)
+            assert loop.outcome(k) == Outcome.COOKIE
         assert loop.outcome(late_knock(loop)) == Outcome.COOKIE
-    loop.clock.t += 1.1  # a second after the last sign, load is over
+    for _ in range(4):  # copies, late as well: nothing they cost is spared by load
+        loop.clock.t += 0.9
+        for _ in range(50):
+            k = knock(copy.payload, loop.clock.t - 0.3)
+            loop.knock(k)
+            assert loop.outcome(k) in (Outcome.DUPLICATE, Outcome.REPLAY)
+        # (copies are dropped before any sign is read; hold mode's releases still wait)
+        loop.policy.note_late(loop.clock.t, "release_delay")
+    # load ended a second after the last sign that came amid work: no cookie, on to its look-up
     assert loop.outcome(late_knock(loop)) is None
     assert len(events(loop.out, "under_load")) == 1 and events(loop.out, "running_late")
 

@@ -59,9 +59,8 @@ from wgjit.gateway.effects import (
     Verify,
 )
 from wgjit.gateway.limits import LRU, KeyedRateLimiter, SeenFilter, TokenBucket, TTLSet
-from wgjit.gateway.outcome import COSTLY as _COSTLY
+from wgjit.gateway.outcome import COSTLY, SPARED, Outcome
 from wgjit.gateway.outcome import QUIET as _QUIET
-from wgjit.gateway.outcome import Outcome
 from wgjit.handshake import (
     OFF_EPHEMERAL,
     OFF_MAC1,
@@ -90,10 +89,12 @@ DEFAULT_MAX_INSTALL_AGE = 3.0
 DEFAULT_MAX_CLOCK_SKEW = 3600.0
 # messages.h UNDER_LOAD_AFTER_TIME: load lasts this long after its last sign
 UNDER_LOAD_FOR = 1.0
-# A late knock means load only if LOAD_WORK_MIN knocks were judged at a cost (outcome.COSTLY)
-# over the last one to two seconds (LOAD_WINDOW apart), or the gateway is under load already
+# A late knock means load only if LOAD_WORK_MIN knocks were judged at a cost (outcome.COSTLY),
+# or turned away by load before that cost (outcome.SPARED), over the last one to two seconds
+# (LOAD_WINDOW apart)
 LOAD_WINDOW = 1.0
 LOAD_WORK_MIN = 16
+_AT_COST = COSTLY | SPARED
 # The admission budget (GatewayConfig.global_rate) when none was set or measured: knocks per
 # second that may cost an X25519 or a store look-up
 FALLBACK_GLOBAL_RATE = 5000.0
@@ -1498,7 +1499,7 @@ class Policy:
         """Once per LOAD_WINDOW: the count of costly knocks then, and the one before."""
         if now - self._tally[1] < LOAD_WINDOW:
             return
-        tally = (sum(self.counters[o] for o in _COSTLY), now)
+        tally = (sum(self.counters[o] for o in _AT_COST), now)
         # after a quiet spell the count starts afresh: a flood then is a flood at once
         fresh = now - self._tally[1] >= 2 * LOAD_WINDOW
         self._tally_before = tally if fresh else self._tally
@@ -1512,13 +1513,13 @@ class Policy:
         herd, which cookies spread over its clients' retries (held all in order instead,
         a 10 000 herd outgrew the install pipeline: docs/benchmarks.md). Not when the loop
         is late with cheap junk only (replays, bad mac1: dropped before any X25519 anyway),
-        where cookies would spare nothing and cost each real client its 5 s retry. Once
-        under load the gateway stays so while knocks run late: its cookies and limits keep
-        the costly knocks from being counted."""
+        where cookies would spare nothing and cost each real client its 5 s retry. Knocks
+        that load turned away before their X25519 (cookie replies, rate limits) count too:
+        a flood of made-up keys stays load while its knocks get cookies, and one that goes
+        on with copies only (dropped before any of that) stops being load."""
         self._roll_tally(now)
-        loaded = now < self._load_until  # then no count to take, on every late knock
-        work = 0 if loaded else sum(self.counters[o] for o in _COSTLY) - self._tally_before[0]
-        if loaded or work >= LOAD_WORK_MIN:
+        work = sum(self.counters[o] for o in _AT_COST) - self._tally_before[0]
+        if work >= LOAD_WORK_MIN:
             self.note_load(now, sign)
             return
         if now >= self._late_until:

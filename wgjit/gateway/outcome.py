@@ -72,6 +72,9 @@ COSTLY = frozenset(
         Outcome.FUTURE,
     }
 )
+# knocks that load turned away before any X25519 (cookie replies, rate limits): while under
+# load they stand for the costly knocks they would have been
+SPARED = frozenset({Outcome.COOKIE, Outcome.RATE_LIMITED})
 # outcomes that are normal or too frequent for a line each at info level
 QUIET = frozenset(
     {
