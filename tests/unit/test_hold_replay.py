@@ -318,9 +318,19 @@ class _FakeNetlink:
         pass
 
 
-def _queue_with(held: dict[int, float]) -> tuple[nq.NfQueue, _FakeNetlink]:
+def _queue_with(held: dict[int, float], reads: list[bytes] | None = None
+                ) -> tuple[nq.NfQueue, _FakeNetlink]:  # fmt: skip
+    """A queue holding `held` (packet id -> when read) whose socket reads `reads`, in order."""
     q = object.__new__(nq.NfQueue)
     sock = _FakeNetlink()
+    if reads is not None:
+
+        def recv(n: int) -> bytes:
+            if not reads:
+                raise BlockingIOError
+            return reads.pop(0)
+
+        sock.recv = recv  # type: ignore[attr-defined]
     q.queue_num, q.port, q.hold_timeout = 5, 51820, 1.0
     q.malformed = q.expired = q.accepted = q.dropped = q.overruns = q.batched = 0
     q._held, q._out, q._seq, q._sock = dict(held), [], 0, sock  # type: ignore[assignment]
@@ -365,15 +375,7 @@ def test_hold_time_counts_from_when_the_kernel_queued_the_packet() -> None:
     wall = _time.time()
     late = packet_message(5, 1, 7, payload, (int(wall - 0.6), int((wall - 0.6) % 1 * 1e6)))
     future = packet_message(5, 2, 7, payload, (int(wall + 3600), 0))
-    q, sock = _queue_with({})
-    reads = [late, future]
-
-    def recv(n: int) -> bytes:
-        if not reads:
-            raise BlockingIOError
-        return reads.pop(0)
-
-    sock.recv = recv  # type: ignore[attr-defined]
+    q, sock = _queue_with({}, [late, future])
     before = _time.monotonic()
     held = q.recv_batch()
     after = _time.monotonic()
@@ -392,15 +394,7 @@ def test_a_lone_packet_and_one_among_other_messages_read_the_same() -> None:
     lone, among = packet_message(5, 1, 7, payload), packet_message(5, 2, 7, payload) + ack
     junk = packet_message(5, 3, 7, build_datagram(SRC, DST, b"\x02" + bytes(147)))  # a response
     cut = packet_message(5, 4, 7, payload)[:-8]  # shorter than its own length field
-    reads = [lone, among, junk, cut, packet_message(5, 5, 7, payload)[:20]]
-    q, sock = _queue_with({})
-
-    def recv(n: int) -> bytes:
-        if not reads:
-            raise BlockingIOError
-        return reads.pop(0)
-
-    sock.recv = recv  # type: ignore[attr-defined]
+    q, sock = _queue_with({}, [lone, among, junk, cut, packet_message(5, 5, 7, payload)[:20]])
     held = q.recv_batch()
     assert [h.packet_id for h in held] == [1, 2]
     for h in held:

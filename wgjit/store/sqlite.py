@@ -287,6 +287,8 @@ def _advance_many_sql(n: int) -> str:
         " AND (peers.handshake_hwm IS NULL OR peers.handshake_hwm < v.column2)"
         " RETURNING public_key"
     )
+
+
 # record_traffic: one statement per chunk of rows (key, rx, tx, handshake, endpoint); the
 # marks list is appended per chunk. A handshake only moves forward (max() of SQLite is NULL
 # if either is, hence the coalesces); the endpoint is kept when the row has none.
