@@ -46,13 +46,21 @@ def comment(interface: str) -> str:
     return f"{COMMENT_PREFIX} {interface}"
 
 
-def rule_spec(port: int, queue_num: int, interface: str, *, ipv6: bool) -> list[str]:
-    """The rule's match and target, as iptables arguments after `-I CHAIN`."""
+def _initiations(port: int, *, ipv6: bool) -> list[str]:
+    """The match both rules share: handshake initiations to `port` (protocol, port, u32)."""
+    return ["-p", "udp", "--dport", str(port), "-m", "u32", "--u32", U32_V6 if ipv6 else U32_V4]
+
+
+def _check_ids(port: int, queue_num: int) -> None:
     if not 0 < port <= 0xFFFF or not 0 <= queue_num <= 0xFFFF:
         raise ValueError(f"bad port {port} or queue number {queue_num}")
+
+
+def rule_spec(port: int, queue_num: int, interface: str, *, ipv6: bool) -> list[str]:
+    """The rule's match and target, as iptables arguments after `-I CHAIN`."""
+    _check_ids(port, queue_num)
     return [
-        "-p", "udp", "--dport", str(port),
-        "-m", "u32", "--u32", U32_V6 if ipv6 else U32_V4,
+        *_initiations(port, ipv6=ipv6),
         "-m", "comment", "--comment", comment(interface),
         "-j", "NFQUEUE", "--queue-num", str(queue_num), "--queue-bypass",
     ]  # fmt: skip
@@ -65,10 +73,9 @@ def limit_spec(port: int, queue_num: int, interface: str, limit: int, *, ipv6: b
     come at once): a flood from one address then costs the gateway nothing."""
     if not 0 < limit <= MAX_SOURCE_LIMIT:
         raise ValueError(f"source limit {limit} is not in 1..{MAX_SOURCE_LIMIT}")
-    queue = rule_spec(port, queue_num, interface, ipv6=ipv6)
-    match = queue[: queue.index("-m", queue.index("--u32"))]  # protocol, port, u32
+    _check_ids(port, queue_num)
     return [
-        *match,
+        *_initiations(port, ipv6=ipv6),
         "-m", "hashlimit", "--hashlimit-above", f"{limit}/sec", "--hashlimit-burst", str(limit),
         "--hashlimit-mode", "srcip", "--hashlimit-srcmask", "64" if ipv6 else "32",
         "--hashlimit-name", f"wgjit-{queue_num}",

@@ -1496,7 +1496,8 @@ class Policy:
         return now < self._load_until
 
     def _roll_tally(self, now: float) -> None:
-        """Once per LOAD_WINDOW: the count of costly knocks then, and the one before."""
+        """Once per LOAD_WINDOW: the count of knocks at cost (costly or spared) then, and
+        the one before."""
         if now - self._tally[1] < LOAD_WINDOW:
             return
         tally = (sum(self.counters[o] for o in _AT_COST), now)
